@@ -1,0 +1,33 @@
+"""Where converted zoo weights are cached, and how weight packages are found without importing them."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+CACHE_ENV = "ATTNSCOPE_CACHE"
+
+
+class MissingWeightsError(RuntimeError):
+    """A zoo model's weight package is not installed."""
+
+
+def cache_dir() -> Path:
+    """Cache root: `$ATTNSCOPE_CACHE`, else `~/.cache/attnscope`."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attnscope"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_file(module: str, relpath: str, pip_install: str) -> Path:
+    """Path of `relpath` inside installed package `module`, located without importing it.
+
+    `pip_install` is the command that installs the package; it is quoted in the error."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingWeightsError(f"weight package `{module}` is not installed; run: {pip_install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.exists():
+        raise MissingWeightsError(f"`{path}` is missing from package `{module}`; reinstall it: {pip_install}")
+    return path
