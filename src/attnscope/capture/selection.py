@@ -1,0 +1,104 @@
+"""What to capture: streams, layers, heads, and query/key positions by index or token role."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.sites import Site
+from ..core.tokens import TokenMap
+
+Positions = None | int | slice | str | list  # None = all; str = a role or "last"; list of ints or roles
+
+
+def _as_list(value, n: int, what: str) -> list[int]:
+    """Resolve an int / list / slice / None against range(n), with negative indices; raise if out of range."""
+    if value is None:
+        return list(range(n))
+    if isinstance(value, slice):
+        return list(range(n))[value]
+    items = [value] if isinstance(value, int) else list(value)
+    out = []
+    for i in items:
+        if not isinstance(i, int) or not -n <= i < n:
+            raise IndexError(f"{what} {i!r} is out of range: there are {n} (use 0..{n - 1} or negative indices)")
+        out.append(i % n)
+    return sorted(set(out))
+
+
+@dataclass
+class Selection:
+    streams: str | list[str] | None = None
+    layers: int | list[int] | slice | dict | None = None
+    heads: int | list[int] | slice | None = None
+    queries: Positions = None
+    keys: Positions = None
+
+    def sites(self, sites: dict) -> dict:
+        """The selected subset of a module→Site map, validating every part of the selection."""
+        streams: dict[str, int] = {}
+        for site in sites.values():
+            streams[site.stream] = max(streams.get(site.stream, 0), site.layer + 1)
+        wanted = list(streams) if self.streams is None else [self.streams] if isinstance(self.streams, str) else list(self.streams)
+        unknown = [s for s in wanted if s not in streams]
+        if unknown:
+            raise ValueError(f"unknown stream(s) {unknown}; this model has {sorted(streams)}")
+        layers = {}
+        for stream in wanted:
+            spec = self.layers.get(stream) if isinstance(self.layers, dict) else self.layers
+            if isinstance(self.layers, dict) and stream not in self.layers:
+                continue
+            layers[stream] = set(_as_list(spec, streams[stream], f"layer of stream '{stream}'"))
+        chosen = {m: s for m, s in sites.items() if s.stream in layers and s.layer in layers[s.stream]}
+        for site in chosen.values():
+            self.head_indices(site)
+        self._check_positions(self.queries, "queries")
+        self._check_positions(self.keys, "keys")
+        return chosen
+
+    def head_indices(self, site: Site) -> list[int]:
+        return _as_list(self.heads, site.num_heads, f"head of {site.stream} layer {site.layer}")
+
+    @staticmethod
+    def _check_positions(value, what: str) -> None:
+        items = [value] if isinstance(value, (str, int)) else value if isinstance(value, list) else []
+        for item in items:
+            if isinstance(item, str):
+                TokenMap.unknown(0).positions(item)  # raises on an unknown role
+            elif not isinstance(item, int):
+                raise TypeError(f"{what} entries must be ints or role names; got {item!r}")
+
+    def to_dict(self) -> dict:
+        def plain(v):
+            if isinstance(v, slice):
+                return {"slice": [v.start, v.stop, v.step]}
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return {k: plain(getattr(self, k)) for k in ("streams", "layers", "heads", "queries", "keys")}
+
+
+def resolve_positions(spec: Positions, tmaps: list[TokenMap] | None, length: int, what: str) -> list[int] | None:
+    """Absolute positions in a sequence of `length` chosen by `spec`; None means all.
+
+    Role names need token maps; with a batch, every row must give the same positions."""
+    if spec is None:
+        return None
+    if isinstance(spec, slice):
+        return list(range(length))[spec]
+    items = [spec] if isinstance(spec, (str, int)) else list(spec)
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, int):
+            if -length <= item < length:
+                out.add(item % length)
+            continue
+        if item == "last":
+            out.add(length - 1)
+            continue
+        if not tmaps:
+            raise ValueError(f"{what}={item!r} needs token roles, which this input has none of; select by index instead")
+        per_row = [tuple(p for p in t.positions(item) if p < length) for t in tmaps]
+        if len(set(per_row)) > 1:
+            raise ValueError(f"{what}={item!r} falls on different positions across the batch; capture rows one at a time or select by index")
+        out.update(per_row[0])
+    return sorted(out)

@@ -1,0 +1,147 @@
+"""`attnscope.capture`: record attention rows during any forward or generate call, backend untouched."""
+from __future__ import annotations
+
+import torch
+
+from .. import __version__
+from ..core.dispatch import AttentionCall, attach
+from ..core.probs import attention_probs
+from ..core.sites import NoAttentionError
+from ..models.wrapped import Model
+from .selection import Selection, resolve_positions
+from .trace import Record, Run, Trace
+
+_open_captures: set[int] = set()
+
+
+def as_model(model) -> Model:
+    return model if isinstance(model, Model) else Model(model)
+
+
+class capture:
+    """Context manager that records attention probabilities into a `Trace`.
+
+    >>> with attnscope.capture(model, streams="text", layers=[0, -1], queries="last") as trace:
+    ...     model(**model.encode("Attention is all you need"))
+    >>> trace.attention("text", 5, head=0)        # [batch, queries, keys]
+
+    Selections: `streams` (names), `layers` (ints, slice, or {stream: layers}), `heads`, `queries`/`keys`
+    (positions, slices, or token roles such as "last", "image", "generated", "text"). Only modules in the
+    selection compute anything beyond the original backend. `offload=True` moves each captured tensor to
+    the CPU as soon as it is computed; `dtype` is the stored precision."""
+
+    def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
+                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256):
+        self.model = as_model(model)
+        self.selection = Selection(streams, layers, heads, queries, keys)
+        self.offload, self.dtype, self.chunk = offload, dtype, chunk
+        self.trace = Trace()
+        self._attachment = None
+        self._hooks = []
+
+    # --- context -----------------------------------------------------------------------------------------
+    def __enter__(self) -> Trace:
+        hf = self.model.hf
+        if id(hf) in _open_captures:
+            raise RuntimeError("a capture is already open on this model; nested captures on one model are not supported")
+        chosen = self.selection.sites(self.model.sites)  # validates before anything is touched
+        self._heads = {m: torch.tensor(self.selection.head_indices(s)) for m, s in chosen.items()}
+        self._calls_this_forward = 0
+        try:
+            self._hooks = [hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                           hf.register_forward_hook(self._after_forward, with_kwargs=True)]
+            self._attachment = attach(hf, {m: (s, self._record) for m, s in chosen.items()})
+            _open_captures.add(id(hf))
+        except BaseException:
+            self._close()
+            raise
+        self.trace.provenance = {
+            "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
+            "backend": {s.stream: getattr(m.config, "_attn_implementation_internal", None) for m, s in chosen.items()},
+            "dtype": str(self.dtype).removeprefix("torch."), "model_dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
+            "selection": self.selection.to_dict(), "inputs": [],
+        }
+        self.trace.provenance["backend"] = {k: v.removeprefix("attnscope_") if v else v
+                                            for k, v in self.trace.provenance["backend"].items()}
+        return self.trace
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+        if exc[0] is None and self.trace.runs:
+            self.trace.provenance["weights"] = self.model.fingerprint
+
+    def _close(self) -> None:
+        if self._attachment is not None:
+            self._attachment.detach()
+            self._attachment = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        _open_captures.discard(id(self.model.hf))
+
+    # --- hooks -------------------------------------------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        inputs = self.model.bind(args, kwargs)
+        cache = inputs.get("past_key_values")
+        continuing = cache is not None and self.trace.runs and cache.get_seq_length() > 0
+        if continuing:
+            run = self.trace.runs[-1]
+            run.steps += 1
+            self._extend_tokens(run, inputs.get("input_ids"))
+        else:
+            run = Run(tokens=self.model.token_maps(inputs))
+            self.trace.runs.append(run)
+            self._note_inputs(run)
+        self._calls_this_forward = 0
+        return None
+
+    def _after_forward(self, module, args, kwargs, output):
+        run = self.trace.runs[-1]
+        if run.steps == 0 and self._calls_this_forward == 0 and self._heads:
+            raise NoAttentionError(
+                f"{type(module).__name__} ran without calling the attention function of any selected module; its "
+                "attention does not go through transformers' AttentionInterface for these inputs. Pass "
+                "`attention_modules=` to attnscope.load/wrap, or select other streams"
+            )
+        return None
+
+    def _extend_tokens(self, run: Run, input_ids) -> None:
+        for stream in ("language", "text"):
+            maps = run.tokens.get(stream)
+            if not maps or input_ids is None:
+                continue
+            tok = self.model.tokenizer
+            for tmap, ids in zip(maps, input_ids.tolist()):
+                for tid in ids:
+                    tmap.append(tok.convert_ids_to_tokens(tid) if tok is not None else str(tid))
+
+    def _note_inputs(self, run: Run) -> None:
+        for stream, maps in run.tokens.items():
+            if stream in ("language", "text") and maps and self.model.tokenizer is not None:
+                self.trace.provenance["inputs"].append("".join(maps[0].tokens)[:2000])
+
+    # --- the recorder called from the attention function ------------------------------------------------
+    def _record(self, call: AttentionCall, output) -> None:
+        self._calls_this_forward += 1
+        run = self.trace.runs[-1] if self.trace.runs else None
+        if run is None:  # an inner module called directly, outside the wrapped forward
+            run = Run()
+            self.trace.runs.append(run)
+        site = call.site
+        q_len, kv_len = call.query.shape[2], call.key.shape[2]
+        offset = kv_len - q_len
+        tmaps = run.tokens.get(site.stream)
+        queries = resolve_positions(self.selection.queries, tmaps, kv_len, "queries")
+        rows = list(range(q_len)) if queries is None else [p - offset for p in queries if p >= offset]
+        if not rows:
+            return
+        keys = resolve_positions(self.selection.keys, tmaps, kv_len, "keys")
+        probs = attention_probs(
+            call.module, call.query, call.key, call.attention_mask, call.kwargs, heads=self._heads[call.module],
+            rows=torch.tensor(rows), keys=None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
+        ).to(self.dtype)
+        if self.offload:
+            probs = probs.to("cpu", non_blocking=True)
+        entries = run.records.setdefault((site.stream, site.layer), [])
+        part = sum(1 for r in entries if r.step == run.steps)
+        entries.append(Record(probs, self._heads[call.module].tolist(), [r + offset for r in rows], keys, run.steps, part))

@@ -1,0 +1,158 @@
+"""Trace: captured attention tensors, token roles and provenance; saved as safetensors with JSON metadata."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..core.tokens import TokenMap
+
+FORMAT = "attnscope.trace/1"
+
+
+class TraceFileError(ValueError):
+    """A file that is not a valid attnscope trace."""
+
+
+@dataclass
+class Record:
+    """Probabilities [batch, heads, queries, keys] from one attention call.
+
+    `queries`/`keys` are absolute sequence positions (keys None = all keys of that step), `step` counts
+    forward calls within a run (0 = prefill), `part` counts repeated calls of one module within a step."""
+
+    probs: torch.Tensor
+    heads: list[int]
+    queries: list[int]
+    keys: list[int] | None
+    step: int = 0
+    part: int = 0
+
+    def meta(self) -> dict:
+        return {"heads": self.heads, "queries": self.queries, "keys": self.keys, "step": self.step, "part": self.part,
+                "shape": list(self.probs.shape), "dtype": str(self.probs.dtype).removeprefix("torch.")}
+
+
+@dataclass
+class Run:
+    """One sequence: a forward pass, or a prefill plus the decode steps of `generate`."""
+
+    tokens: dict[str, list[TokenMap]] = field(default_factory=dict)
+    records: dict[tuple[str, int], list[Record]] = field(default_factory=dict)
+    steps: int = 0
+
+
+@dataclass
+class Trace:
+    runs: list[Run] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        keys = sorted({k for r in self.runs for k in r.records})
+        streams = sorted({s for s, _ in keys})
+        return f"Trace(runs={len(self.runs)}, streams={streams}, records={sum(len(v) for r in self.runs for v in r.records.values())})"
+
+    def run(self, run: int = -1) -> Run:
+        if not self.runs:
+            raise ValueError("the trace is empty: call the model inside the `with attnscope.capture(...)` block")
+        return self.runs[run]
+
+    def layers(self, stream: str, run: int = -1) -> list[int]:
+        return sorted(layer for s, layer in self.run(run).records if s == stream)
+
+    def tokens(self, stream: str, row: int = 0, run: int = -1) -> TokenMap:
+        """The TokenMap of `stream` for batch row `row`."""
+        maps = self.run(run).tokens.get(stream)
+        if not maps:
+            raise KeyError(f"no token roles for stream {stream!r}; have {sorted(self.run(run).tokens)}")
+        return maps[row]
+
+    def record(self, stream: str, layer: int, step: int = 0, part: int = 0, run: int = -1) -> Record:
+        entries = self.run(run).records.get((stream, layer))
+        if entries is None:
+            have = sorted(self.run(run).records)
+            raise KeyError(f"nothing captured at ({stream!r}, layer {layer}); captured: {have[:8]}{' ...' if len(have) > 8 else ''}")
+        for rec in entries:
+            if rec.step == step and rec.part == part:
+                return rec
+        raise KeyError(f"({stream!r}, layer {layer}) has no step {step} part {part}; steps: {sorted({r.step for r in entries})}")
+
+    def attention(self, stream: str, layer: int, head: int | list[int] | None = None, step: int = 0, part: int = 0,
+                  run: int = -1) -> torch.Tensor:
+        """Probabilities [batch, heads, queries, keys] at (stream, layer), optionally for chosen heads."""
+        rec = self.record(stream, layer, step, part, run)
+        if head is None:
+            return rec.probs
+        wanted = [head] if isinstance(head, int) else list(head)
+        missing = [h for h in wanted if h not in rec.heads]
+        if missing:
+            raise KeyError(f"heads {missing} were not captured at ({stream!r}, layer {layer}); captured: {rec.heads}")
+        idx = torch.tensor([rec.heads.index(h) for h in wanted])
+        probs = rec.probs.index_select(1, idx.to(rec.probs.device))
+        return probs[:, 0] if isinstance(head, int) else probs
+
+    def steps(self, stream: str, layer: int, run: int = -1) -> torch.Tensor:
+        """Rows of every step of a run stacked along queries, keys zero-padded to the final length
+        (e.g. the last-token rows of each generated token). Needs all keys captured."""
+        entries = sorted(self.run(run).records[(stream, layer)], key=lambda r: (r.step, r.part))
+        if any(r.keys is not None for r in entries):
+            raise ValueError("steps() needs every key captured; capture with keys=None")
+        width = max(r.probs.shape[-1] for r in entries)
+        return torch.cat([torch.nn.functional.pad(r.probs, (0, width - r.probs.shape[-1])) for r in entries], dim=2)
+
+    # --- files -------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write one .safetensors file: tensors plus JSON metadata (token roles, selection, provenance)."""
+        path = Path(path)
+        tensors, runs = {}, []
+        for r, run in enumerate(self.runs):
+            records = []
+            for (stream, layer), entries in run.records.items():
+                for i, rec in enumerate(entries):
+                    key = f"r{r}/{stream}/{layer}/{i}"
+                    tensors[key] = rec.probs.detach().cpu().contiguous()
+                    records.append({"key": key, "stream": stream, "layer": layer} | rec.meta())
+            runs.append({"tokens": {s: [t.to_dict() for t in maps] for s, maps in run.tokens.items()},
+                         "records": records, "steps": run.steps})
+        meta = {"format": FORMAT, "provenance": self.provenance, "runs": runs}
+        save_file(tensors, str(path), metadata={"attnscope": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        """Read a trace written by `save`, validating every tensor against its recorded shape and dtype."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("attnscope")
+                if raw is None:
+                    raise TraceFileError(f"{path} is a safetensors file but not an attnscope trace (no 'attnscope' metadata)")
+                meta = json.loads(raw)
+                if meta.get("format") != FORMAT:
+                    raise TraceFileError(f"{path}: unsupported trace format {meta.get('format')!r}; expected {FORMAT}")
+                trace = cls(provenance=meta.get("provenance", {}))
+                for run_meta in meta["runs"]:
+                    run = Run({s: [TokenMap.from_dict(t) for t in maps] for s, maps in run_meta["tokens"].items()},
+                              steps=run_meta.get("steps", 0))
+                    for rm in run_meta["records"]:
+                        tensor = f.get_tensor(rm["key"])
+                        if list(tensor.shape) != rm["shape"] or str(tensor.dtype).removeprefix("torch.") != rm["dtype"]:
+                            raise TraceFileError(f"{path}: tensor {rm['key']} is {list(tensor.shape)} {tensor.dtype}, "
+                                                 f"metadata says {rm['shape']} {rm['dtype']}")
+                        b, h, q, k = rm["shape"]
+                        if h != len(rm["heads"]) or q != len(rm["queries"]) or (rm["keys"] is not None and k != len(rm["keys"])):
+                            raise TraceFileError(f"{path}: tensor {rm['key']} does not match its heads/queries/keys")
+                        rec = Record(tensor, rm["heads"], rm["queries"], rm["keys"], rm["step"], rm["part"])
+                        run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
+                    trace.runs.append(run)
+                return trace
+        except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            if isinstance(err, TraceFileError):
+                raise
+            if isinstance(err, FileNotFoundError):
+                raise
+            raise TraceFileError(f"{path} is not a readable attnscope trace: {err}") from err

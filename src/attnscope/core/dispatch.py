@@ -1,0 +1,159 @@
+"""The one attention function attnscope registers in transformers' AttentionInterface.
+
+For every original backend B (sdpa, eager, flash_attention_2, flex_attention, ...) the name `attnscope_B` is
+registered with a dispatcher that always calls B itself, so outputs are those of B bit for bit, and with B's
+mask builder, so the mask the model prepares is the one B expects. Modules that nobody attached a handler to
+pay one dict lookup. Handlers (capture's recorders, steer's edits) are attached per module by `attach`."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .sites import Site
+
+PREFIX = "attnscope_"
+
+
+@dataclass
+class AttentionCall:
+    """What the model passed to its attention function, plus the site it came from."""
+
+    site: Site
+    module: nn.Module
+    query: object
+    key: object
+    value: object
+    attention_mask: object
+    kwargs: dict
+
+
+Handler = Callable[[AttentionCall, tuple], None]
+
+_handlers: dict[nn.Module, list[tuple[Site, Handler]]] = {}
+_registered: set[str] = set()
+_sessions: list = []
+
+
+def original_backend(backend: str, module: nn.Module) -> Callable:
+    """The attention function the model would have called for `backend`."""
+    if backend == "eager":
+        modeling = sys.modules[type(module).__module__]
+        fn = getattr(modeling, "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; load it with attn_implementation='sdpa'")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[backend]
+
+
+def _dispatcher(backend: str) -> Callable:
+    def attnscope_attention(module, query, key, value, attention_mask, **kwargs):
+        output = original_backend(backend, module)(module, query, key, value, attention_mask, **kwargs)
+        for site, handler in _handlers.get(module, ()):
+            handler(AttentionCall(site, module, query, key, value, attention_mask, kwargs), output)
+        return output
+
+    return attnscope_attention
+
+
+def _register(backend: str) -> str:
+    name = PREFIX + backend
+    if name not in _registered:
+        AttentionInterface.register(name, _dispatcher(backend))
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(backend)
+        if mask_fn is not None:
+            AttentionMaskInterface.register(name, mask_fn)
+        _registered.add(name)
+    return name
+
+
+def _unregister_all() -> None:
+    for name in _registered:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+    _registered.clear()
+
+
+def registered_names() -> list[str]:
+    """Names attnscope currently holds in the global interfaces (empty when nothing is attached)."""
+    return sorted(n for n in AttentionInterface._global_mapping if n.startswith(PREFIX))
+
+
+def _configs(model: nn.Module, sites: dict[nn.Module, Site]) -> list:
+    seen, todo, out = set(), [model.config, *(m.config for m in sites)], []
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        out.append(cfg)
+        todo.extend(getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {}))
+    return out
+
+
+class Attachment:
+    """Handlers attached to one model's sites; `detach()` removes them, and the last detach of a model restores
+    its attention implementation exactly. Several attachments may share a model (a capture inside a steer)."""
+
+    def __init__(self, model: nn.Module, handlers: dict[nn.Module, tuple[Site, Handler]]):
+        self.model = model
+        self.handlers = handlers
+
+    def detach(self) -> None:
+        if self not in _sessions:
+            return
+        for module, entry in self.handlers.items():
+            remaining = [e for e in _handlers.get(module, []) if e is not entry]
+            if remaining:
+                _handlers[module] = remaining
+            else:
+                _handlers.pop(module, None)
+        _sessions.remove(self)
+        if not any(s.model is self.model for s in _sessions):
+            for cfg, impl in _saved.pop(id(self.model), []):
+                cfg._attn_implementation_internal = impl
+        if not _sessions:
+            _unregister_all()
+
+
+_saved: dict[int, list[tuple[object, object]]] = {}
+
+
+def _switch(model: nn.Module, modules) -> None:
+    saved = []
+    try:
+        for cfg in _configs(model, modules):
+            impl = getattr(cfg, "_attn_implementation_internal", None)
+            backend = impl or "eager"
+            if backend.startswith(PREFIX):
+                raise RuntimeError("this model's attention is already routed through attnscope by another copy of it")
+            saved.append((cfg, impl))
+            cfg._attn_implementation_internal = _register(backend)
+    except BaseException:
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl
+        if not _sessions:
+            _unregister_all()
+        raise
+    _saved[id(model)] = saved
+
+
+def attach(model: nn.Module, handlers: dict[nn.Module, tuple[Site, Handler]]) -> Attachment:
+    """Route `model`'s attention through attnscope and add one handler per selected module."""
+    if not any(s.model is model for s in _sessions):
+        _switch(model, handlers)
+    attachment = Attachment(model, handlers)
+    for module, entry in handlers.items():
+        _handlers.setdefault(module, []).append(entry)
+    _sessions.append(attachment)
+    return attachment
+
+
+def attachments(model: nn.Module) -> list[Attachment]:
+    """The attachments currently open on `model`."""
+    return [s for s in _sessions if s.model is model]

@@ -1,0 +1,87 @@
+"""Recompute attention probability rows from q and k, exactly as an eager softmax would.
+
+The backend (SDPA, flash, flex) never returns probabilities; this recomputes only the rows and heads asked
+for, in query chunks, so a full [heads, Q, K] matrix exists only when it was requested."""
+from __future__ import annotations
+
+import torch
+
+
+def _scaling(module, query: torch.Tensor, kwargs: dict) -> float:
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    return query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+
+
+def _is_causal(module, kwargs: dict) -> bool:
+    flag = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", False) if flag is None else flag)
+
+
+def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Additive float mask for the chosen query rows, broadcastable to [B, h, r, K]."""
+    mask = mask[..., :kv_len]
+    if mask.shape[1] > 1:
+        mask = mask.index_select(1, heads)
+    mask = mask.index_select(2, rows) if mask.shape[2] > 1 else mask
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return mask.float()
+
+
+def attention_probs(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict,
+    heads: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Softmax probabilities [B, h, r, k] for query heads `heads`, query rows `rows` (indices into this call's
+    queries) and key columns `keys` (indices into this call's keys), in float32.
+
+    Handles scaling, boolean or additive masks, causal masking when the backend got no mask (bottom-right
+    aligned, as with a KV cache), sliding windows passed as a kwarg, logit soft-capping and GQA/MQA."""
+    batch, n_heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    device = query.device
+    heads = torch.arange(n_heads, device=device) if heads is None else heads.to(device)
+    rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
+    groups = n_heads // key.shape[1]
+    k_sel = key.index_select(1, heads // groups).float()
+    scaling = _scaling(module, query, kwargs)
+    softcap = kwargs.get("softcap")
+    window = kwargs.get("sliding_window") if attention_mask is None else None
+    causal = attention_mask is None and _is_causal(module, kwargs)
+    key_pos = torch.arange(kv_len, device=device)
+    min_value = torch.finfo(torch.float32).min
+
+    out = []
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start : start + chunk]
+        q = query.index_select(1, heads).index_select(2, r).float()
+        logits = torch.matmul(q, k_sel.transpose(-1, -2)) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        if attention_mask is not None:
+            logits = logits + _mask_rows(attention_mask, r, heads, kv_len)
+        if causal or window:
+            q_pos = (kv_len - q_len + r)[:, None]
+            allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
+            if causal:
+                allowed &= key_pos[None, :] <= q_pos
+            if window:
+                allowed &= key_pos[None, :] > q_pos - window
+            logits = logits.masked_fill(~allowed, min_value)
+        probs = torch.softmax(logits, dim=-1)
+        out.append(probs if keys is None else probs.index_select(-1, keys.to(device)))
+    if not out:
+        k = kv_len if keys is None else keys.numel()
+        return query.new_zeros(batch, heads.numel(), 0, k, dtype=torch.float32)
+    return torch.cat(out, dim=2)

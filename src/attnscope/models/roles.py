@@ -1,0 +1,88 @@
+"""Token-role builders: from model inputs to one TokenMap per stream and batch row."""
+from __future__ import annotations
+
+import torch
+
+from ..core.tokens import TokenMap
+from .spec import Spec
+
+
+def _patch_grid(config, pixel_values: torch.Tensor) -> tuple[int, int]:
+    patch = config.patch_size
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+
+
+def vision_map(config, pixel_values: torch.Tensor) -> TokenMap:
+    """CLS (+ registers) then the patch grid, for ViT, DINOv2, CLIP towers at any resolution."""
+    rows, cols = _patch_grid(config, pixel_values)
+    prefix = ("cls",) + ("register",) * int(getattr(config, "num_register_tokens", 0) or 0)
+    return TokenMap.vision(rows, cols, prefix)
+
+
+def text_maps(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[TokenMap]:
+    """Special, pad, system (inside a ChatML system turn) and text roles per position."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
+    maps = []
+    for row, ids in enumerate(input_ids.tolist()):
+        pieces = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
+        roles, turn = [], None
+        for pos, (tid, piece) in enumerate(zip(ids, pieces)):
+            if attention_mask is not None and not attention_mask[row, pos]:
+                roles.append("pad")
+            elif tid in special:
+                roles.append("special")
+                turn = None if piece == "<|im_end|>" else turn
+            else:
+                if pos > 0 and pieces[pos - 1] == "<|im_start|>":
+                    turn = piece
+                roles.append("system" if turn == "system" else "text")
+        maps.append(TokenMap(roles, [str(p) for p in pieces]))
+    return maps
+
+
+def _merge_order(rows: int, cols: int, merge: int, image: int) -> list[tuple[int, int, int]]:
+    """Qwen2-VL's vision sequence order: each merge x merge window is contiguous."""
+    return [
+        (image, rb * merge + i, cb * merge + j)
+        for rb in range(rows // merge) for cb in range(cols // merge) for i in range(merge) for j in range(merge)
+    ]
+
+
+def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[TokenMap]]:
+    """Language stream with each image's expanded token span mapped back to its grid, and the vision stream."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    language = text_maps(tokenizer, ids, mask)
+    image_id = getattr(config, "image_token_id", None)
+    if image_id is None:
+        image_id = getattr(config, "image_token_index", None)
+    pixel_values = inputs.get("pixel_values")
+    out = {"language": language}
+    if pixel_values is None:
+        return out
+    if spec.vision_order == "merge":
+        merge = config.vision_config.spatial_merge_size
+        grids = [(int(h), int(w)) for _, h, w in inputs["image_grid_thw"].tolist()]
+        lm_grids = [(h // merge, w // merge) for h, w in grids]
+        patches = [p for k, (h, w) in enumerate(grids) for p in _merge_order(h, w, merge, k)]
+        out["vision"] = [TokenMap(["image"] * len(patches), [f"patch({r},{c})" for _, r, c in patches], patches, grids)]
+    else:
+        vision = vision_map(config.vision_config, pixel_values)
+        out["vision"] = [vision] * pixel_values.shape[0]
+        keep_cls = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        lm_grids = [vision.grids[0]] * pixel_values.shape[0]
+        if keep_cls:
+            raise NotImplementedError("vision_feature_select_strategy='full' puts CLS among image tokens; not mapped yet")
+    for tmap, row_ids in zip(language, ids.tolist()):
+        positions = [i for i, t in enumerate(row_ids) if t == image_id]
+        tmap.grids, start = [], 0
+        for k, (rows, cols) in enumerate(lm_grids):
+            span = positions[start : start + rows * cols]
+            if len(span) < rows * cols:
+                break
+            for n, pos in enumerate(span):
+                tmap.roles[pos], tmap.patch[pos] = "image", (k, n // cols, n % cols)
+                tmap.tokens[pos] = f"patch({n // cols},{n % cols})"
+            tmap.grids.append((rows, cols))
+            start += rows * cols
+    return out

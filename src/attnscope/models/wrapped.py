@@ -1,0 +1,107 @@
+"""`Model`: a Hugging Face model with its processor, architecture spec, attention-site map and role builder."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ..core.sites import Site, find_sites
+from ..core.tokens import TokenMap
+from . import roles
+from .images import load_image
+from .spec import Spec, spec_for
+
+
+class Model:
+    """Callable like the wrapped model: `model(**inputs)` and `model.generate(...)` go to `model.hf`."""
+
+    def __init__(self, hf: nn.Module, tokenizer=None, image_processor=None, processor=None, name: str | None = None,
+                 spec: Spec | None = None, attention_modules: list[str] | None = None, extras: dict | None = None):
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        self.image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor", None)
+        self.processor = processor
+        self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+        self.spec = spec or spec_for(hf.config)
+        self.extras = extras or {}
+        self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules)
+        self._signature = inspect.signature(hf.forward)
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{s}: {n} layers" for s, n in self.streams.items())
+        return f"Model({self.name!r}, {type(self.hf).__name__}, {layers})"
+
+    def __call__(self, *args, **kwargs):
+        return self.hf(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.hf.generate(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def streams(self) -> dict[str, int]:
+        """Stream name → number of attention layers."""
+        out: dict[str, int] = {}
+        for site in self.sites.values():
+            out[site.stream] = max(out.get(site.stream, 0), site.layer + 1)
+        return out
+
+    def site(self, stream: str, layer: int) -> Site:
+        for site in self.sites.values():
+            if site.stream == stream and site.layer == layer:
+                return site
+        raise KeyError(f"no site ({stream}, {layer}); streams: {self.streams}")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """blake2b over parameter names, shapes and bytes: identifies the weights a trace came from."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.hf.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """Forward arguments by name, whether passed positionally or not."""
+        return dict(self._signature.bind_partial(*args, **kwargs).arguments) | kwargs.get("kwargs", {})
+
+    def encode(self, text: str | list[str] | None = None, image=None, **kwargs) -> dict:
+        """Model inputs for text and/or an image (photo name, path, PIL image or array), on the model's device."""
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or any(not t.strip() for t in texts):
+                raise ValueError("text is empty; pass at least one non-blank string")
+        if text is None and image is None:
+            raise ValueError("nothing to encode; pass text=... and/or image=...")
+        images = None if image is None else [load_image(i) for i in (image if isinstance(image, list) else [image])]
+        if self.processor is not None and images is not None and text is not None:
+            batch = self.processor(text=text, images=images, return_tensors="pt", **kwargs)
+        elif images is not None:
+            if self.image_processor is None:
+                raise ValueError(f"{self.name} takes no images; pass text=... instead")
+            batch = self.image_processor(images=images, return_tensors="pt", **kwargs)
+        else:
+            if self.tokenizer is None:
+                raise ValueError(f"{self.name} takes no text; pass image=... instead")
+            batch = self.tokenizer(text, return_tensors="pt", padding=True, **kwargs)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def token_maps(self, inputs: dict) -> dict[str, list[TokenMap]]:
+        """One TokenMap per stream and batch row for these forward inputs (unknown roles where not derivable)."""
+        kind, config = self.spec.kind, self.hf.config
+        if kind == "vlm" and inputs.get("input_ids") is not None:
+            return roles.vlm_maps(self.spec, config, self.tokenizer, inputs)
+        out: dict[str, list[TokenMap]] = {}
+        if inputs.get("pixel_values") is not None and kind in ("vision", "dual"):
+            pv = inputs["pixel_values"]
+            vision_config = getattr(config, "vision_config", config)
+            out["vision"] = [roles.vision_map(vision_config, pv)] * pv.shape[0]
+        if inputs.get("input_ids") is not None and kind in ("text", "dual"):
+            out["text"] = roles.text_maps(self.tokenizer, inputs["input_ids"], inputs.get("attention_mask"))
+        return out
