@@ -44,6 +44,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _LINEAR_SCOPE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(.+)/MatMul_output_0$")
+# The graph was exported with the older Dinov2 module names; transformers 5 names the attention projections *_proj.
+_RENAMES = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
+            ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
 
 
 class SaliencyHead(nn.Module):
@@ -128,7 +131,13 @@ def _read_onnx(onnx_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
         else:
             raise ValueError(f"unexpected unnamed initializer {name} feeding {node.op_type} -> {out}")
     backbone["embeddings.position_embeddings"] = torch.cat([backbone.pop("pos.cls"), backbone.pop("pos.patch")], dim=1)
-    return backbone, head, _graph_facts(graph)
+    return {_rename(k): v for k, v in backbone.items()}, head, _graph_facts(graph)
+
+
+def _rename(key: str) -> str:
+    for old, new in _RENAMES.items():
+        key = key.replace(old, new)
+    return key
 
 
 def convert(onnx_path: Path, out_dir: Path) -> None:

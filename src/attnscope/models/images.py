@@ -23,6 +23,8 @@ def _photo_array(name: str) -> np.ndarray:
             return np.asarray(Image.open(fh).convert("RGB"))
     import skimage.data
 
+    if name == "motorcycle_left":
+        return skimage.data.stereo_motorcycle()[0]
     return getattr(skimage.data, name)()
 
 

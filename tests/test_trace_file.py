@@ -1,0 +1,66 @@
+"""Trace files: safetensors + JSON round trip, validated on load, clear errors for corrupt or foreign files."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import attnscope
+from attnscope.capture.trace import TraceFileError
+
+
+@pytest.fixture(scope="module")
+def saved(minilm, tmp_path_factory):
+    x = minilm.encode("The quick brown fox jumps over the lazy dog.")
+    with torch.no_grad(), attnscope.capture(minilm, layers=[1, 3], heads=[2, 4], queries="last") as trace:
+        minilm(**x)
+    path = trace.save(tmp_path_factory.mktemp("trace") / "fox.safetensors")
+    return trace, path
+
+
+def test_round_trip(saved):
+    trace, path = saved
+    loaded = attnscope.Trace.load(path)
+    assert loaded.layers("text") == [1, 3]
+    for layer in (1, 3):
+        assert torch.equal(loaded.attention("text", layer), trace.attention("text", layer))
+        assert loaded.record("text", layer).heads == [2, 4]
+    assert loaded.tokens("text").roles == trace.tokens("text").roles
+    assert loaded.provenance["model"] == "minilm" and len(loaded.provenance["weights"]) == 32
+    assert loaded.provenance["backend"] == {"text": "sdpa"}
+
+
+def test_truncated_file(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(TraceFileError, match="not a readable attnscope trace"):
+        attnscope.Trace.load(bad)
+
+
+def test_foreign_safetensors(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(TraceFileError, match="not an attnscope trace"):
+        attnscope.Trace.load(path)
+
+
+def test_metadata_that_lies_about_shapes(saved, tmp_path):
+    trace, _ = saved
+    path = trace.save(tmp_path / "t.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnscope"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["runs"][0]["records"][0]["shape"][2] = 5
+    save_file(tensors, str(path), metadata={"attnscope": json.dumps(meta)})
+    with pytest.raises(TraceFileError, match="metadata says"):
+        attnscope.Trace.load(path)
+
+
+def test_pickle_is_refused(tmp_path):
+    path = tmp_path / "trace.pt"
+    torch.save({"a": 1}, path)
+    with pytest.raises(TraceFileError):
+        attnscope.Trace.load(path)
