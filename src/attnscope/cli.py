@@ -1,0 +1,72 @@
+"""Command line: thin wrappers over the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ints(text: str | None):
+    return None if text is None else [int(t) for t in text.split(",") if t.strip()]
+
+
+def cmd_models(args) -> int:
+    from .models.zoo import zoo_state
+
+    for row in zoo_state():
+        state = ("cached" if row["cached"] else "installed, converts on first load") if row["installed"] else f"missing: {row['install']}"
+        print(f"{row['name']:14} {state:34} {row['about']}")
+    return 0
+
+
+def cmd_capture(args) -> int:
+    import torch
+
+    from . import capture, load
+
+    if (args.text is None) == (args.image is None):
+        print("error: pass exactly one of --text or --image", file=sys.stderr)
+        return 2
+    model = load(args.model)
+    inputs = model.encode(text=args.text, image=args.image)
+    with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
+                                  queries=args.queries) as trace:
+        model(**inputs)
+    path = trace.save(args.out)
+    print(f"wrote {path}: {trace}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run
+
+    run(args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnscope", description="See and change what attention does.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="zoo models and their cache state").set_defaults(fn=cmd_models)
+    cap = sub.add_parser("capture", help="capture attention of one input to a .safetensors trace")
+    cap.add_argument("--model", required=True, help="zoo name or local model directory")
+    cap.add_argument("--text")
+    cap.add_argument("--image", help="photo name (chelsea, astronaut, ...) or image path")
+    cap.add_argument("--stream")
+    cap.add_argument("--layers", help="comma-separated, negative allowed: 0,-1")
+    cap.add_argument("--heads", help="comma-separated")
+    cap.add_argument("--queries", help="a role (last, cls, image, text, ...); default all")
+    cap.add_argument("--out", required=True)
+    cap.set_defaults(fn=cmd_capture)
+    demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
+    demo.add_argument("--out", default="demo-out")
+    demo.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, IndexError, KeyError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""Capture on randomly initialised tiny models of six architectures (no hub, no weights):
+GPT-2, ViT, CLIP (text + vision), LLaVA-1.5 (CLIP tower + Llama with GQA), LLaVA with a DINOv2 tower, Qwen2-VL.
+
+For each: outputs under capture are bit-identical to outputs without it (sdpa both times); captured probabilities
+equal eager `output_attentions=True` to 1e-5 for every stream, layer and part; every config's attention
+implementation is restored after the block, also when it raises; generate records one row per step; token
+roles map image patches back to their grid."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    Dinov2Config,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    ViTConfig,
+    ViTModel,
+)
+
+import attnscope
+from attnscope.core.dispatch import registered_names
+from attnscope.core.sites import NoAttentionError
+
+ATOL = 1e-5
+IMAGE, PATCH = 32, 8  # 4 x 4 patch grid for ViT, CLIP and the LLaVA towers
+GRID = IMAGE // PATCH
+IMAGE_TOKEN = 100  # LLaVA / Qwen2-VL image placeholder id (vocab 128; text ids are drawn below 100)
+QWEN_GRID = torch.tensor([[1, 4, 4], [1, 4, 6]])  # two images: 16 and 24 patches, merged 2x2 -> 4 and 6 tokens
+QWEN_PATCH, QWEN_TEMPORAL = 4, 2
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+def all_configs(config) -> dict[str, object]:
+    """The config and its sub-configs, recursively, by dotted name."""
+    out, todo = {}, [("", config)]
+    while todo:
+        name, cfg = todo.pop()
+        if cfg is None or name in out:
+            continue
+        out[name] = cfg
+        todo.extend((f"{name}.{k}".lstrip("."), getattr(cfg, k, None)) for k in getattr(cfg, "sub_configs", {}))
+    return out
+
+
+def impl_snapshot(hf) -> dict[str, object]:
+    """config._attn_implementation of the model's config, every sub-config, and every attention module's config."""
+    snap = {name: cfg._attn_implementation for name, cfg in all_configs(hf.config).items()}
+    for path, module in hf.named_modules():
+        if path and hasattr(module, "config") and hasattr(module.config, "_attn_implementation"):
+            snap[path] = module.config._attn_implementation
+    return snap
+
+
+@contextlib.contextmanager
+def eager(hf):
+    """Switch to eager for a reference pass, then back to sdpa; the switch must round-trip exactly."""
+    before = impl_snapshot(hf)
+    hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation("sdpa")
+        assert impl_snapshot(hf) == before
+
+
+@contextlib.contextmanager
+def eager_spy(modeling):
+    """Record (module, probabilities) of every call to a modeling file's `eager_attention_forward`.
+
+    Used for Qwen2-VL's vision tower, whose VisionAttention returns no weights, so `output_attentions=True`
+    gives its attention *outputs* ([seq, dim]), not probabilities."""
+    original = modeling.eager_attention_forward
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        out = original(module, query, key, value, attention_mask, *args, **kwargs)
+        calls.append((module, out[1].detach().float()))
+        return out
+
+    modeling.eager_attention_forward = spy
+    try:
+        yield calls
+    finally:
+        modeling.eager_attention_forward = original
+
+
+def _randn_image(batch=1):
+    return torch.randn(batch, 3, IMAGE, IMAGE)
+
+
+def _llava_ids(prefix=(5, 6, 7), suffix=(8, 9, 10)):
+    return torch.tensor([[1, *prefix] + [IMAGE_TOKEN] * GRID * GRID + [*suffix]])
+
+
+def _llama_text(**kw):
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+                       bos_token_id=1, eos_token_id=None, pad_token_id=0, **kw)
+
+
+# --- the architectures -------------------------------------------------------------------------------------
+class Arch:
+    """A tiny model with inputs, how to read its outputs, and its eager reference probabilities."""
+
+    generates = False
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.hf = self.build().eval()
+        self.hf.config._attn_implementation  # noqa: B018 - must be set
+        self.m = attnscope.wrap(self.hf)
+        self.inputs = self.make_inputs()
+
+    def outputs(self, out) -> list[torch.Tensor]:
+        return [out.logits]
+
+    def reference(self) -> dict[tuple[str, int, int], torch.Tensor]:
+        """(stream, layer, part) -> eager probabilities [batch, heads, queries, keys]."""
+        raise NotImplementedError
+
+
+class GPT2(Arch):
+    name, generates = "gpt2", True
+
+    def build(self):
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=1,
+                         eos_token_id=None, pad_token_id=0, attn_implementation="sdpa")
+        return GPT2LMHeadModel(cfg)
+
+    def make_inputs(self):
+        ids = torch.randint(3, 100, (1, 9))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def reference(self):
+        with eager(self.hf), torch.no_grad():
+            att = self.hf(**self.inputs, output_attentions=True).attentions
+        return {("text", i, 0): a for i, a in enumerate(att)}
+
+
+class ViT(Arch):
+    name = "vit"
+
+    def build(self):
+        cfg = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=IMAGE, patch_size=PATCH, attn_implementation="sdpa")
+        return ViTModel(cfg, add_pooling_layer=False)
+
+    def make_inputs(self):
+        return {"pixel_values": _randn_image(2)}
+
+    def outputs(self, out):
+        return [out.last_hidden_state]
+
+    def reference(self):
+        with eager(self.hf), torch.no_grad():
+            att = self.hf(**self.inputs, output_attentions=True).attentions
+        return {("vision", i, 0): a for i, a in enumerate(att)}
+
+
+class CLIP(Arch):
+    name = "clip"
+
+    def build(self):
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                    max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=IMAGE, patch_size=PATCH)
+        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16, attn_implementation="sdpa")
+        return CLIPModel(cfg)
+
+    def make_inputs(self):
+        ids = torch.randint(3, 100, (2, 7))
+        ids[:, -1] = 2  # eos, pooled by CLIP's text model
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": _randn_image(2)}
+
+    def outputs(self, out):
+        return [out.logits_per_image, out.text_embeds, out.image_embeds]
+
+    def reference(self):
+        with eager(self.hf), torch.no_grad():
+            out = self.hf(**self.inputs, output_attentions=True)
+        ref = {("text", i, 0): a for i, a in enumerate(out.text_model_output.attentions)}
+        ref |= {("vision", i, 0): a for i, a in enumerate(out.vision_model_output.attentions)}
+        return ref
+
+
+class Llava(Arch):
+    """LLaVA-1.5: CLIP vision tower (feature layer -2, CLS dropped), gelu projector, Llama with GQA."""
+
+    name, generates = "llava", True
+
+    def vision_config(self):
+        return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=IMAGE, patch_size=PATCH, projection_dim=32)
+
+    def build(self):
+        cfg = LlavaConfig(vision_config=self.vision_config(), text_config=_llama_text(), image_token_index=IMAGE_TOKEN,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+        cfg._attn_implementation = "sdpa"
+        hf = LlavaForConditionalGeneration(cfg)
+        assert cfg.text_config.num_key_value_heads < cfg.text_config.num_attention_heads
+        return hf
+
+    def make_inputs(self):
+        ids = _llava_ids()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": _randn_image(1)}
+
+    def reference(self):
+        """Language from the top model's `attentions`; vision from calling the tower directly with
+        output_attentions (the top model does not return the tower's attentions)."""
+        with eager(self.hf), torch.no_grad():
+            out = self.hf(**self.inputs, output_attentions=True)
+            tower = self.hf.model.vision_tower(self.inputs["pixel_values"], output_attentions=True)
+        ref = {("language", i, 0): a for i, a in enumerate(out.attentions)}
+        ref |= {("vision", i, 0): a for i, a in enumerate(tower.attentions)}
+        return ref
+
+
+class LlavaDinov2(Llava):
+    name, generates = "llava_dinov2", False
+
+    def vision_config(self):
+        return Dinov2Config(hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=IMAGE, patch_size=PATCH)
+
+
+class Qwen2VL(Arch):
+    name, generates = "qwen2_vl", True
+
+    def build(self):
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=QWEN_PATCH,
+                      spatial_merge_size=2, temporal_patch_size=QWEN_TEMPORAL, in_channels=3)
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+                    bos_token_id=1, eos_token_id=None, pad_token_id=0)
+        cfg = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=101,
+                            vision_start_token_id=102, vision_end_token_id=103)
+        cfg._attn_implementation = "sdpa"
+        return Qwen2VLForConditionalGeneration(cfg)
+
+    def make_inputs(self):
+        """What the processor would produce: flattened patches [sum(t*h*w), C*T*P*P] in 2x2-merge order
+        (random values, so the order is only a convention here), image_grid_thw, and input_ids with each
+        image's pad token expanded to its merged count h*w/4, framed by vision start/end tokens."""
+        merged = (QWEN_GRID.prod(-1) // 4).tolist()
+        pixel_values = torch.randn(int(QWEN_GRID.prod(-1).sum()), 3 * QWEN_TEMPORAL * QWEN_PATCH * QWEN_PATCH)
+        ids = [5, 6]
+        for n in merged:
+            ids += [102] + [IMAGE_TOKEN] * n + [103, 7]
+        ids = torch.tensor([ids + [8, 9]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values,
+                "image_grid_thw": QWEN_GRID.clone(), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+
+    def reference(self):
+        """Language from the top model's `attentions`. Vision: Qwen2-VL's VisionAttention returns no weights
+        (output_attentions on the tower gives attention outputs [seq, dim]), so the reference is what the
+        model's own eager_attention_forward returns, recorded with a spy during the eager top-model pass,
+        one call per image chunk (cu_seqlens), in call order."""
+        modeling = sys.modules[type(self.hf).__module__]
+        vision = {mod: s for mod, s in self.m.sites.items() if s.stream == "vision"}
+        with eager(self.hf), torch.no_grad(), eager_spy(modeling) as calls:
+            out = self.hf(**self.inputs, output_attentions=True)
+        ref = {("language", i, 0): a for i, a in enumerate(out.attentions)}
+        parts: dict[int, int] = {}
+        for module, probs in calls:
+            if module in vision:
+                layer = vision[module].layer
+                ref[("vision", layer, parts.get(layer, 0))] = probs
+                parts[layer] = parts.get(layer, 0) + 1
+        assert parts == {0: len(QWEN_GRID), 1: len(QWEN_GRID)}
+        return ref
+
+
+ARCHS = [GPT2, ViT, CLIP, Llava, LlavaDinov2, Qwen2VL]
+_built: dict[str, Arch] = {}
+
+
+def get(cls) -> Arch:
+    if cls.name not in _built:
+        _built[cls.name] = cls()
+    return _built[cls.name]
+
+
+@pytest.fixture(params=ARCHS, ids=lambda c: c.name)
+def arch(request):
+    return get(request.param)
+
+
+def captured(trace, run=-1) -> dict[tuple[str, int, int], torch.Tensor]:
+    return {(s, layer, r.part): r.probs for (s, layer), recs in trace.run(run).records.items() for r in recs
+            if r.step == 0}
+
+
+# --- 1. outputs bit-identical --------------------------------------------------------------------------------
+def test_outputs_bit_identical(arch):
+    with torch.no_grad():
+        plain = arch.outputs(arch.hf(**arch.inputs))
+        with attnscope.capture(arch.m) as trace:
+            inside = arch.outputs(arch.hf(**arch.inputs))
+        after = arch.outputs(arch.hf(**arch.inputs))
+    assert trace.runs and trace.run().records
+    for a, b, c in zip(plain, inside, after):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+    assert set(trace.provenance["backend"].values()) == {"sdpa"}
+
+
+# --- 2. probabilities equal eager --------------------------------------------------------------------------
+def test_probabilities_match_eager(arch):
+    ref = arch.reference()
+    with torch.no_grad(), attnscope.capture(arch.m) as trace:
+        arch.hf(**arch.inputs)
+    got = captured(trace)
+    streams = arch.m.streams
+    assert {(s, layer) for s, layer, _ in got} == {(s, i) for s, n in streams.items() for i in range(n)}
+    assert set(got) == set(ref)
+    for key, probs in got.items():
+        assert probs.dtype == torch.float32
+        assert probs.shape == ref[key].shape, key
+        torch.testing.assert_close(probs, ref[key].float(), atol=ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_qwen2_vl_vision_routes_through_interface_once_per_image():
+    """Qwen2-VL's vision attention calls the interface once per image (cu_seqlens chunk): parts 0, 1;
+    the language model once per layer; nothing bypasses the interface in a plain forward."""
+    arch = get(Qwen2VL)
+    with torch.no_grad(), attnscope.capture(arch.m) as trace:
+        arch.hf(**arch.inputs)
+    sizes = QWEN_GRID.prod(-1).tolist()
+    for layer in range(2):
+        recs = trace.run().records[("vision", layer)]
+        assert [(r.step, r.part) for r in recs] == [(0, k) for k in range(len(sizes))]
+        assert [tuple(r.probs.shape) for r in recs] == [(1, 4, n, n) for n in sizes]
+        assert [len(r.queries) for r in recs] == sizes
+        assert len(trace.run().records[("language", layer)]) == 1
+    # streams selected one at a time each see calls: no part bypasses the interface
+    for stream in ("vision", "language"):
+        with torch.no_grad(), attnscope.capture(arch.m, streams=stream) as trace:
+            arch.hf(**arch.inputs)
+        assert {s for s, _ in trace.run().records} == {stream}
+
+
+# --- 3. attention implementation restored ------------------------------------------------------------------
+def test_attn_implementation_restored(arch):
+    before = impl_snapshot(arch.hf)
+    assert set(before.values()) == {"sdpa"}
+    with torch.no_grad(), attnscope.capture(arch.m):
+        inside = impl_snapshot(arch.hf)
+        arch.hf(**arch.inputs)
+    assert all(v.startswith("attnscope_") for v in inside.values())
+    assert impl_snapshot(arch.hf) == before
+    assert registered_names() == []
+
+
+def test_attn_implementation_restored_on_exception(arch):
+    before = impl_snapshot(arch.hf)
+    with pytest.raises(ZeroDivisionError), torch.no_grad(), attnscope.capture(arch.m):
+        arch.hf(**arch.inputs)
+        1 / 0  # noqa: B018
+    assert impl_snapshot(arch.hf) == before
+    bad = dict(arch.inputs)  # an error raised inside the forward, after some attention calls where there is a tower
+    if "input_ids" in bad:
+        bad["input_ids"] = torch.where(bad["input_ids"] == IMAGE_TOKEN, IMAGE_TOKEN, bad["input_ids"] + 1000)
+    else:
+        bad["pixel_values"] = bad["pixel_values"][:, :2]
+    with pytest.raises((IndexError, ValueError, RuntimeError)), torch.no_grad(), attnscope.capture(arch.m):
+        arch.hf(**bad)
+    assert impl_snapshot(arch.hf) == before
+    assert registered_names() == []
+    with torch.no_grad():  # and the model still runs, unchanged
+        assert all(torch.equal(a, b) for a, b in zip(arch.outputs(arch.hf(**arch.inputs)),
+                                                      arch.outputs(arch.hf(**arch.inputs))))
+
+
+# --- 4. generate ---------------------------------------------------------------------------------------------
+GENERATORS = [a for a in ARCHS if a.generates]
+
+
+@pytest.mark.parametrize("cls", GENERATORS, ids=lambda c: c.name)
+def test_generate_one_record_per_step(cls):
+    arch = get(cls)
+    stream = "text" if "text" in arch.m.streams else "language"
+    prompt = arch.inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        with attnscope.capture(arch.m, streams=stream, queries="last") as trace:
+            out = arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
+        plain = arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
+        with eager(arch.hf):
+            ref = arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False, output_attentions=True,
+                                  return_dict_in_generate=True)
+    assert torch.equal(out, plain)
+    assert out.shape[1] == prompt + 3
+    # 3 new tokens take 3 forwards: prefill (step 0) and 2 decode steps; the 3rd token is never fed back
+    run = trace.run()
+    assert len(trace.runs) == 1 and run.steps == 2
+    eager_steps = ref.attentions  # per step, per layer
+    assert len(eager_steps) == 3
+    for layer in range(arch.m.streams[stream]):
+        recs = run.records[(stream, layer)]
+        assert [(r.step, r.part) for r in recs] == [(0, 0), (1, 0), (2, 0)]
+        for t, rec in enumerate(recs):
+            assert rec.probs.shape == (1, rec.probs.shape[1], 1, prompt + t)
+            assert rec.queries == [prompt + t - 1] and rec.keys is None
+            torch.testing.assert_close(rec.probs.sum(-1), torch.ones(1, rec.probs.shape[1], 1), atol=1e-5, rtol=0)
+            torch.testing.assert_close(rec.probs, eager_steps[t][layer][:, :, -1:].float(), atol=ATOL, rtol=0)
+    tmap = trace.tokens(stream)
+    assert len(tmap) == prompt + 2
+    assert tmap.roles[prompt:] == ["generated", "generated"]
+    assert "generated" not in tmap.roles[:prompt]
+    assert tmap.tokens[prompt:] == [str(t) for t in out[0, prompt : prompt + 2].tolist()]
+    if cls is Llava:  # image roles survive the decode steps
+        assert tmap.roles.count("image") == GRID * GRID
+
+
+def test_llava_generate_records_vision_once_in_the_same_run():
+    arch = get(Llava)
+    with torch.no_grad(), attnscope.capture(arch.m, queries="last") as trace:
+        arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
+    assert len(trace.runs) == 1
+    for layer in range(2):
+        assert [r.step for r in trace.run().records[("vision", layer)]] == [0]
+    assert trace.tokens("vision").roles == ["cls"] + ["image"] * GRID * GRID
+
+
+QWEN_GENERATE_BUG = (
+    "transformers>=5.2x runs Qwen2-VL's vision encoder in generate() before prefill "
+    "(GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation -> get_image_features), outside the "
+    "wrapped model's forward, and pops pixel_values/image_grid_thw; capture/session.py only hooks hf.forward"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=QWEN_GENERATE_BUG)
+def test_qwen2_vl_generate_keeps_vision_and_image_roles_in_one_run():
+    arch = get(Qwen2VL)
+    with torch.no_grad(), attnscope.capture(arch.m, queries="last") as trace:
+        arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
+    assert len(trace.runs) == 1  # today: 2, run 0 holds only the vision records and no token roles
+    assert ("vision", 0) in trace.run().records
+    assert trace.tokens("language").roles.count("image") == int((QWEN_GRID.prod(-1) // 4).sum())
+
+
+@pytest.mark.xfail(strict=True, raises=NoAttentionError, reason=QWEN_GENERATE_BUG)
+def test_qwen2_vl_generate_vision_only_selection():
+    arch = get(Qwen2VL)
+    with torch.no_grad(), attnscope.capture(arch.m, streams="vision") as trace:
+        arch.m.generate(**arch.inputs, max_new_tokens=2, do_sample=False)  # today: false NoAttentionError
+    assert len(trace.runs) == 1
+
+
+def test_qwen2_vl_generate_today():
+    """Pins today's behaviour (see QWEN_GENERATE_BUG): language rows are right, vision records land in a
+    separate token-less run created by the recorder, and the language map has no image roles."""
+    arch = get(Qwen2VL)
+    with torch.no_grad(), attnscope.capture(arch.m, queries="last") as trace:
+        arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
+    assert len(trace.runs) == 2
+    assert set(trace.runs[0].records) == {("vision", 0), ("vision", 1)} and trace.runs[0].tokens == {}
+    assert set(trace.runs[1].records) == {("language", 0), ("language", 1)}
+    assert "image" not in trace.tokens("language").roles
+
+
+# --- 5. token roles ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [Llava, LlavaDinov2], ids=lambda c: c.name)
+def test_llava_image_roles_and_key_selection(cls):
+    arch = get(cls)
+    with torch.no_grad(), attnscope.capture(arch.m) as full:
+        arch.hf(**arch.inputs)
+    with torch.no_grad(), attnscope.capture(arch.m, keys="image") as sel:
+        arch.hf(**arch.inputs)
+    tmap = full.tokens("language")
+    ids = arch.inputs["input_ids"][0].tolist()
+    image = tmap.positions("image")
+    assert len(image) == GRID * GRID == (IMAGE // PATCH) ** 2
+    assert image == [i for i, t in enumerate(ids) if t == IMAGE_TOKEN]
+    cells = [tmap.patch[i] for i in image]
+    assert sorted(cells) == [(0, r, c) for r in range(GRID) for c in range(GRID)]  # the grid, each cell once
+    assert tmap.grids == [(GRID, GRID)]
+    assert tmap.image_positions(0) == image
+    assert all(tmap.patch[i] is None for i in range(len(tmap)) if i not in image)
+    for layer in range(2):
+        rec = sel.record("language", layer)
+        assert rec.keys == image
+        torch.testing.assert_close(rec.probs, full.attention("language", layer)[..., image], atol=0, rtol=0)
+    vmap = full.tokens("vision")
+    assert vmap.roles == ["cls"] + ["image"] * GRID * GRID
+    for layer in range(2):  # keys="image" on the tower: the patches, CLS excluded
+        assert sel.record("vision", layer).keys == list(range(1, 1 + GRID * GRID))
+        torch.testing.assert_close(sel.attention("vision", layer), full.attention("vision", layer)[..., 1:],
+                                   atol=0, rtol=0)
+
+
+def test_vit_vision_map_is_cls_plus_grid():
+    arch = get(ViT)
+    with torch.no_grad(), attnscope.capture(arch.m, queries="cls", keys="image") as trace:
+        arch.hf(**arch.inputs)
+    for row in range(2):
+        tmap = trace.tokens("vision", row)
+        assert tmap.roles == ["cls"] + ["image"] * GRID * GRID
+        assert tmap.patch == [None] + [(0, i // GRID, i % GRID) for i in range(GRID * GRID)]
+        assert tmap.grids == [(GRID, GRID)]
+    rec = trace.record("vision", 1)
+    assert rec.queries == [0] and rec.keys == list(range(1, 1 + GRID * GRID))
+    assert rec.probs.shape == (2, 4, 1, GRID * GRID)
+
+
+def test_clip_maps():
+    arch = get(CLIP)
+    with torch.no_grad(), attnscope.capture(arch.m) as trace:
+        arch.hf(**arch.inputs)
+    assert trace.tokens("vision").roles == ["cls"] + ["image"] * GRID * GRID
+    assert trace.tokens("text", 1).roles == ["text"] * arch.inputs["input_ids"].shape[1]
+
+
+def test_qwen2_vl_merged_grid_roles():
+    arch = get(Qwen2VL)
+    with torch.no_grad(), attnscope.capture(arch.m) as full:
+        arch.hf(**arch.inputs)
+    with torch.no_grad(), attnscope.capture(arch.m, streams="language", keys="image") as sel:
+        arch.hf(**arch.inputs)
+    tmap = full.tokens("language")
+    ids = arch.inputs["input_ids"][0].tolist()
+    merged = [(int(h) // 2, int(w) // 2) for _, h, w in QWEN_GRID.tolist()]
+    assert tmap.grids == merged
+    image = tmap.positions("image")
+    assert image == [i for i, t in enumerate(ids) if t == IMAGE_TOKEN]
+    assert len(image) == sum(h * w for h, w in merged)
+    for k, (h, w) in enumerate(merged):
+        pos = tmap.image_positions(k)
+        assert [tmap.patch[p] for p in pos] == [(k, r, c) for r in range(h) for c in range(w)]
+    for layer in range(2):
+        rec = sel.record("language", layer)
+        assert rec.keys == image
+        torch.testing.assert_close(rec.probs, full.attention("language", layer)[..., image], atol=0, rtol=0)
+    # the vision stream: full-resolution grids, each 2x2 merge window contiguous
+    vmap = full.tokens("vision")
+    assert vmap.grids == [(int(h), int(w)) for _, h, w in QWEN_GRID.tolist()]
+    assert len(vmap) == int(QWEN_GRID.prod(-1).sum())
+    start = 0
+    for k, (_, h, w) in enumerate(QWEN_GRID.tolist()):
+        cells = vmap.patch[start : start + h * w]
+        assert sorted(cells) == [(k, r, c) for r in range(h) for c in range(w)]
+        for q in range(0, h * w, 4):  # a merge window: rows 2i,2i+1 x cols 2j,2j+1
+            (_, r0, c0), *rest = cells[q : q + 4]
+            assert r0 % 2 == 0 and c0 % 2 == 0
+            assert [(r, c) for _, r, c in rest] == [(r0, c0 + 1), (r0 + 1, c0), (r0 + 1, c0 + 1)]
+        start += h * w
+
+
+# --- padded batch ----------------------------------------------------------------------------------------------
+def _llama():
+    if "llama" not in _built:
+        torch.manual_seed(0)
+        cfg = _llama_text()
+        cfg._attn_implementation = "sdpa"
+        hf = LlamaForCausalLM(cfg).eval()
+        _built["llama"] = attnscope.wrap(hf)
+    return _built["llama"]
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_left_padded_batch_matches_eager_on_real_rows(which):
+    m = get(GPT2).m if which == "gpt2" else _llama()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (2, 8))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # row 0 left-padded by 3
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        plain = m.hf(**inputs).logits
+        with attnscope.capture(m) as trace:
+            inside = m.hf(**inputs).logits
+        with eager(m.hf):
+            ref = m.hf(**inputs, output_attentions=True).attentions
+    assert torch.equal(plain, inside)
+    tmap = trace.tokens("text", 0)
+    assert tmap.roles == ["pad"] * 3 + ["text"] * 5
+    assert trace.tokens("text", 1).roles == ["text"] * 8
+    for layer, eager_probs in enumerate(ref):
+        got = trace.attention("text", layer)
+        assert got.shape == eager_probs.shape
+        for row in range(2):
+            real = mask[row].bool()
+            torch.testing.assert_close(got[row][:, real], eager_probs[row][:, real].float(), atol=ATOL, rtol=0)
+            assert got[row][:, real][..., ~real].abs().sum() == 0  # no mass on padding
