@@ -73,10 +73,11 @@ def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[Toke
         lm_grids = [vision.grids[0]] * pixel_values.shape[0]
         if keep_cls:
             raise NotImplementedError("vision_feature_select_strategy='full' puts CLS among image tokens; not mapped yet")
+    taken = 0  # grids are listed across the batch: row r's images follow those of earlier rows (each map counts from 0)
     for tmap, row_ids in zip(language, ids.tolist()):
         positions = [i for i, t in enumerate(row_ids) if t == image_id]
         tmap.grids, start = [], 0
-        for k, (rows, cols) in enumerate(lm_grids):
+        for k, (rows, cols) in enumerate(lm_grids[taken:]):
             span = positions[start : start + rows * cols]
             if len(span) < rows * cols:
                 break
@@ -85,4 +86,5 @@ def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[Toke
                 tmap.tokens[pos] = f"patch({n // cols},{n % cols})"
             tmap.grids.append((rows, cols))
             start += rows * cols
+        taken += len(tmap.grids)
     return out

@@ -20,6 +20,8 @@ class Model:
 
     def __init__(self, hf: nn.Module, tokenizer=None, image_processor=None, processor=None, name: str | None = None,
                  spec: Spec | None = None, attention_modules: list[str] | None = None, extras: dict | None = None):
+        if not hasattr(hf, "config"):
+            raise TypeError(f"attnscope wraps transformers models (they carry a `config`); got {type(hf).__name__}")
         self.hf = hf.eval()
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor", None)
