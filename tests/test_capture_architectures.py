@@ -119,7 +119,6 @@ class Arch:
     def __init__(self):
         torch.manual_seed(0)
         self.hf = self.build().eval()
-        self.hf.config._attn_implementation  # noqa: B018 - must be set
         self.m = attnscope.wrap(self.hf)
         self.inputs = self.make_inputs()
 
@@ -206,8 +205,9 @@ class Llava(Arch):
                                 image_size=IMAGE, patch_size=PATCH, projection_dim=32)
 
     def build(self):
-        cfg = LlavaConfig(vision_config=self.vision_config(), text_config=_llama_text(), image_token_index=IMAGE_TOKEN,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+        cfg = LlavaConfig(vision_config=self.vision_config(), text_config=_llama_text(),
+                          image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
         cfg._attn_implementation = "sdpa"
         hf = LlavaForConditionalGeneration(cfg)
         assert cfg.text_config.num_key_value_heads < cfg.text_config.num_attention_heads

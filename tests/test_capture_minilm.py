@@ -45,3 +45,27 @@ def test_role_selection_equals_slicing_the_full_matrix(minilm):
     torch.testing.assert_close(sel.attention("text", 5), expected, atol=1e-6, rtol=0)
     assert sel.record("text", 5).queries == q and sel.record("text", 5).keys == k
     torch.testing.assert_close(sel.attention("text", 5, head=5), expected[:, 1], atol=1e-6, rtol=0)
+
+
+def test_grad_flag_keeps_or_detaches_the_graph(minilm):
+    x = minilm.encode("Gradients flow through captured attention.")
+    emb = minilm.hf.get_input_embeddings()(x["input_ids"]).detach().requires_grad_(True)
+    kwargs = {"inputs_embeds": emb, "attention_mask": x["attention_mask"]}
+    with attnscope.capture(minilm, layers=3) as detached:
+        minilm(**kwargs)
+    assert detached.attention("text", 3).grad_fn is None
+    with attnscope.capture(minilm, layers=3, grad=True) as kept:
+        minilm(**kwargs)
+    kept.attention("text", 3)[0, :, 0, 0].sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_half_precision_storage_on_cpu(minilm):
+    x = minilm.encode(SENTENCES[0])
+    with torch.no_grad(), attnscope.capture(minilm, layers=1) as full:
+        minilm(**x)
+    with torch.no_grad(), attnscope.capture(minilm, layers=1, dtype=torch.float16, offload=True) as half:
+        minilm(**x)
+    probs = half.attention("text", 1)
+    assert probs.dtype == torch.float16 and probs.device.type == "cpu"
+    torch.testing.assert_close(probs.float(), full.attention("text", 1), atol=1e-3, rtol=0)

@@ -28,13 +28,14 @@ class capture:
     Selections: `streams` (names), `layers` (ints, slice, or {stream: layers}), `heads`, `queries`/`keys`
     (positions, slices, or token roles such as "last", "image", "generated", "text"). Only modules in the
     selection compute anything beyond the original backend. `offload=True` moves each captured tensor to
-    the CPU as soon as it is computed; `dtype` is the stored precision."""
+    the CPU as soon as it is computed; `dtype` is the stored precision; `grad=True` keeps the captured
+    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached."""
 
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
-                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256):
+                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False):
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
-        self.offload, self.dtype, self.chunk = offload, dtype, chunk
+        self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
         self.trace = Trace()
         self._attachment = None
         self._hooks = []
@@ -136,12 +137,16 @@ class capture:
         if not rows:
             return
         keys = resolve_positions(self.selection.keys, tmaps, kv_len, "keys")
-        probs = attention_probs(
-            call.module, call.query, call.key, call.attention_mask, call.kwargs, heads=self._heads[call.module],
-            rows=torch.tensor(rows), keys=None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
-        ).to(self.dtype)
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            probs = self._probs(call, rows, keys)
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
         entries = run.records.setdefault((site.stream, site.layer), [])
         part = sum(1 for r in entries if r.step == run.steps)
         entries.append(Record(probs, self._heads[call.module].tolist(), [r + offset for r in rows], keys, run.steps, part))
+
+    def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
+        return attention_probs(
+            call.module, call.query, call.key, call.attention_mask, call.kwargs, heads=self._heads[call.module],
+            rows=torch.tensor(rows), keys=None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
+        ).to(self.dtype)

@@ -71,7 +71,14 @@ class Model:
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         """Forward arguments by name, whether passed positionally or not."""
-        return dict(self._signature.bind_partial(*args, **kwargs).arguments) | kwargs.get("kwargs", {})
+        try:
+            bound = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        except TypeError:
+            return dict(kwargs)
+        for param in self._signature.parameters.values():
+            if param.kind is param.VAR_KEYWORD and param.name in bound:
+                bound |= bound.pop(param.name)
+        return bound
 
     def encode(self, text: str | list[str] | None = None, image=None, **kwargs) -> dict:
         """Model inputs for text and/or an image (photo name, path, PIL image or array), on the model's device."""
