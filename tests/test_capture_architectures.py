@@ -31,7 +31,6 @@ from transformers import (
 
 import attnscope
 from attnscope.core.dispatch import registered_names
-from attnscope.core.sites import NoAttentionError
 
 ATOL = 1e-5
 IMAGE, PATCH = 32, 8  # 4 x 4 patch grid for ViT, CLIP and the LLaVA towers
@@ -353,6 +352,16 @@ def test_qwen2_vl_vision_routes_through_interface_once_per_image():
         assert {s for s, _ in trace.run().records} == {stream}
 
 
+def test_qwen2_vl_vision_positions_are_absolute_across_chunks():
+    arch = get(Qwen2VL)
+    first = int(QWEN_GRID[0].prod())
+    with torch.no_grad(), attnscope.capture(arch.m, streams="vision", queries=[first + 4]) as trace:
+        arch.hf(**arch.inputs)
+    rec = trace.record("vision", 0, part=1)
+    assert rec.queries == [first + 4]
+    assert trace.tokens("vision").patch[first + 4][0] == 1
+
+
 # --- 3. attention implementation restored ------------------------------------------------------------------
 def test_attn_implementation_restored(arch):
     before = impl_snapshot(arch.hf)
@@ -423,12 +432,6 @@ def test_generate_one_record_per_step(cls):
     assert tmap.tokens[prompt:] == [str(t) for t in out[0, prompt : prompt + 2].tolist()]
 
 
-VLM_GENERATE_BUG = (
-    "transformers 5.23's generate() runs a VLM's vision encoder before prefill "
-    "(GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation -> get_image_features, whenever forward "
-    "takes `mm_encoder_outputs`, as LLaVA's and Qwen2-VL's do), outside the wrapped model's forward, and pops "
-    "pixel_values/image_grid_thw from the prefill's inputs; capture/session.py only hooks hf.forward"
-)
 VLMS = [Llava, Qwen2VL]
 
 
@@ -436,48 +439,24 @@ def _image_tokens(arch) -> int:
     return int((arch.inputs["input_ids"] == IMAGE_TOKEN).sum())
 
 
-@pytest.mark.xfail(strict=True, reason=VLM_GENERATE_BUG)
 @pytest.mark.parametrize("cls", VLMS, ids=lambda c: c.name)
 def test_vlm_generate_keeps_vision_and_image_roles_in_one_run(cls):
     arch = get(cls)
     with torch.no_grad(), attnscope.capture(arch.m, queries="last") as trace:
         arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
-    assert len(trace.runs) == 1  # today: 2, run 0 holds only the vision records and no token roles
+    assert len(trace.runs) == 1
     assert {s for s, _ in trace.run().records} == {"vision", "language"}
     assert all(r.step == 0 for r in trace.run().records[("vision", 0)])
     assert trace.tokens("language").roles.count("image") == _image_tokens(arch)
     assert "vision" in trace.run().tokens
 
 
-@pytest.mark.xfail(strict=True, raises=NoAttentionError, reason=VLM_GENERATE_BUG)
 @pytest.mark.parametrize("cls", VLMS, ids=lambda c: c.name)
 def test_vlm_generate_vision_only_selection(cls):
     arch = get(cls)
     with torch.no_grad(), attnscope.capture(arch.m, streams="vision") as trace:
-        arch.m.generate(**arch.inputs, max_new_tokens=2, do_sample=False)  # today: a false NoAttentionError
-    assert len(trace.runs) == 1
-
-
-@pytest.mark.parametrize("cls", VLMS, ids=lambda c: c.name)
-def test_vlm_generate_today(cls):
-    """Pins today's behaviour (see VLM_GENERATE_BUG): the language rows are right (test above), but the
-    vision records land in a separate token-less run that the recorder opens, and the language map has no
-    image roles; after an earlier forward in the same capture they are appended to that forward's run."""
-    arch = get(cls)
-    parts = len(QWEN_GRID) if cls is Qwen2VL else 1
-    with torch.no_grad(), attnscope.capture(arch.m, queries="last") as trace:
-        arch.m.generate(**arch.inputs, max_new_tokens=3, do_sample=False)
-    assert len(trace.runs) == 2
-    assert {s for s, _ in trace.runs[0].records} == {"vision"} and trace.runs[0].tokens == {}
-    assert {s for s, _ in trace.runs[1].records} == {"language"}
-    assert "image" not in trace.tokens("language").roles
-    with torch.no_grad(), attnscope.capture(arch.m) as trace:
-        arch.hf(**arch.inputs)
         arch.m.generate(**arch.inputs, max_new_tokens=2, do_sample=False)
-    assert len(trace.runs) == 2
-    # the generate's vision calls counted as extra parts of the first forward's step 0
-    assert [(r.step, r.part) for r in trace.runs[0].records[("vision", 0)]] == [(0, k) for k in range(2 * parts)]
-    assert ("vision", 0) not in trace.runs[1].records
+    assert len(trace.runs) == 1
 
 
 # --- 5. token roles ------------------------------------------------------------------------------------------

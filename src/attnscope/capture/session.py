@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import __version__
-from ..core.dispatch import AttentionCall, attach
+from ..core.dispatch import AttentionCall, Handler, attach
 from ..core.probs import attention_probs
 from ..core.sites import NoAttentionError
 from ..models.wrapped import Model
@@ -47,11 +47,13 @@ class capture:
             raise RuntimeError("a capture is already open on this model; nested captures on one model are not supported")
         chosen = self.selection.sites(self.model.sites)  # validates before anything is touched
         self._heads = {m: torch.tensor(self.selection.head_indices(s)) for m, s in chosen.items()}
-        self._calls_this_forward = 0
+        self._calls_this_forward, self._in_forward, self._pending = 0, False, None
+        self._parts, self._bases = {}, {}
         try:
             self._hooks = [hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                           hf.register_forward_hook(self._after_forward, with_kwargs=True)]
-            self._attachment = attach(hf, {m: (s, self._record) for m, s in chosen.items()})
+                           hf.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
+            self._hooks += [m.register_forward_pre_hook(self._before_vision, with_kwargs=True) for m in self._vision_roots()]
+            self._attachment = attach(hf, {m: (s, _Recorder(self)) for m, s in chosen.items()})
             _open_captures.add(id(hf))
         except BaseException:
             self._close()
@@ -81,22 +83,51 @@ class capture:
         _open_captures.discard(id(self.model.hf))
 
     # --- hooks -------------------------------------------------------------------------------------------
+    def _vision_roots(self):
+        """Vision towers of a VLM: generate() may run them before the first forward (pre-encoding images)."""
+        if self.model.spec.kind != "vlm":
+            return []
+        return [self.model.hf.get_submodule(p) for p, s in self.model.spec.streams.items() if s == "vision"]
+
+    def _start_run(self, run: Run) -> Run:
+        self.trace.runs.append(run)
+        self._parts, self._bases = {}, {}
+        self._calls_this_forward = 0
+        return run
+
+    def _before_vision(self, module, args, kwargs):
+        if self._in_forward:
+            return None
+        pixel_values = args[0] if args else kwargs.get("pixel_values")
+        grid = kwargs.get("grid_thw", kwargs.get("image_grid_thw"))
+        self._pending = {"pixel_values": pixel_values, "image_grid_thw": grid}
+        self._start_run(Run(tokens=self.model.vision_token_maps(self._pending)))
+        return None
+
     def _before_forward(self, module, args, kwargs):
+        self._in_forward = True
         inputs = self.model.bind(args, kwargs)
         cache = inputs.get("past_key_values")
-        continuing = cache is not None and self.trace.runs and cache.get_seq_length() > 0
-        if continuing:
+        if cache is not None and self.trace.runs and cache.get_seq_length() > 0:
             run = self.trace.runs[-1]
             run.steps += 1
+            self._calls_this_forward = 0
             self._extend_tokens(run, inputs.get("input_ids"))
+            return None
+        if self._pending is not None:  # the vision tower already ran for this sequence
+            run = self.trace.runs[-1]
+            run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} | 
+                                               {k: v for k, v in inputs.items() if v is not None})
+            self._pending = None
         else:
-            run = Run(tokens=self.model.token_maps(inputs))
-            self.trace.runs.append(run)
-            self._note_inputs(run)
-        self._calls_this_forward = 0
+            run = self._start_run(Run(tokens=self.model.token_maps(inputs)))
+        self._note_inputs(run)
         return None
 
     def _after_forward(self, module, args, kwargs, output):
+        self._in_forward = False
+        if output is None:  # the forward raised; its own error is the one to see
+            return None
         run = self.trace.runs[-1]
         if run.steps == 0 and self._calls_this_forward == 0 and self._heads:
             raise NoAttentionError(
@@ -122,31 +153,50 @@ class capture:
                 self.trace.provenance["inputs"].append("".join(maps[0].tokens)[:2000])
 
     # --- the recorder called from the attention function ------------------------------------------------
-    def _record(self, call: AttentionCall, output) -> None:
+    def record(self, call: AttentionCall, output) -> None:
+        """Record the selected rows of one attention call.
+
+        A module called several times in one step (Qwen2-VL's vision tower: once per image) gets parts 0, 1, ...
+        and its calls are laid end to end, so positions stay absolute within the stream's token map."""
         self._calls_this_forward += 1
-        run = self.trace.runs[-1] if self.trace.runs else None
-        if run is None:  # an inner module called directly, outside the wrapped forward
-            run = Run()
-            self.trace.runs.append(run)
-        site = call.site
+        if not self.trace.runs:  # an inner module called directly, outside the wrapped forward
+            self._start_run(Run())
+        run = self.trace.runs[-1]
+        counter = (call.module, run.steps)
+        part, base = self._parts.get(counter, 0), self._bases.get(counter, 0)
         q_len, kv_len = call.query.shape[2], call.key.shape[2]
-        offset = kv_len - q_len
-        tmaps = run.tokens.get(site.stream)
-        queries = resolve_positions(self.selection.queries, tmaps, kv_len, "queries")
-        rows = list(range(q_len)) if queries is None else [p - offset for p in queries if p >= offset]
-        if not rows:
+        self._parts[counter], self._bases[counter] = part + 1, base + kv_len
+        tmaps = run.tokens.get(call.site.stream)
+        total = max(len(tmaps[0]) if tmaps else 0, base + kv_len)
+        q_start = base + kv_len - q_len
+        queries = resolve_positions(self.selection.queries, tmaps, total, "queries")
+        rows = list(range(q_len)) if queries is None else [p - q_start for p in queries if q_start <= p < q_start + q_len]
+        keys = resolve_positions(self.selection.keys, tmaps, total, "keys")
+        local_keys = None if keys is None else [p - base for p in keys if base <= p < base + kv_len]
+        if not rows or local_keys == []:
             return
-        keys = resolve_positions(self.selection.keys, tmaps, kv_len, "keys")
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            probs = self._probs(call, rows, keys)
+            probs = self._probs(call, rows, local_keys)
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
-        entries = run.records.setdefault((site.stream, site.layer), [])
-        part = sum(1 for r in entries if r.step == run.steps)
-        entries.append(Record(probs, self._heads[call.module].tolist(), [r + offset for r in rows], keys, run.steps, part))
+        abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
+        entries = run.records.setdefault((call.site.stream, call.site.layer), [])
+        entries.append(Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part))
 
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
+        heads = self._heads[call.module]
+        if call.probs is not None:  # an edit computed the probabilities the model really used
+            probs = call.probs.index_select(1, heads.to(call.probs.device)).index_select(2, torch.tensor(rows, device=call.probs.device))
+            return (probs if keys is None else probs[..., keys]).float().to(self.dtype)
         return attention_probs(
             call.module, call.query, call.key, call.attention_mask, call.kwargs, heads=self._heads[call.module],
             rows=torch.tensor(rows), keys=None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
         ).to(self.dtype)
+
+
+class _Recorder(Handler):
+    def __init__(self, session: capture):
+        self.session = session
+
+    def observe(self, call: AttentionCall, output) -> None:
+        self.session.record(call, output)

@@ -3,7 +3,15 @@
 For every original backend B (sdpa, eager, flash_attention_2, flex_attention, ...) the name `attnscope_B` is
 registered with a dispatcher that always calls B itself, so outputs are those of B bit for bit, and with B's
 mask builder, so the mask the model prepares is the one B expects. Modules that nobody attached a handler to
-pay one dict lookup. Handlers (capture's recorders, steer's edits) are attached per module by `attach`."""
+pay one dict lookup. Handlers (capture's recorders, steer's edits) are attached per module by `attach`.
+
+A call on a module with handlers runs, in attach order:
+  1. `handler.before(call)`   may change query/key/value/mask/kwargs (e.g. an additive logit bias as a mask);
+  2. `handler.compute(call)`  the first one that returns an output replaces the backend (for edits that must
+                              see probabilities); it may leave them in `call.probs` for later handlers;
+  3. the original backend B, unless step 2 produced the output;
+  4. `handler.after(call, output)` may change the output (e.g. scale heads);
+  5. `handler.observe(call, output)` records (capture)."""
 from __future__ import annotations
 
 import sys
@@ -22,7 +30,8 @@ PREFIX = "attnscope_"
 
 @dataclass
 class AttentionCall:
-    """What the model passed to its attention function, plus the site it came from."""
+    """What the model passed to its attention function, plus the site it came from. `probs` is set by an
+    edit that computed the full probabilities [B, H, Q, K] itself."""
 
     site: Site
     module: nn.Module
@@ -31,9 +40,24 @@ class AttentionCall:
     value: object
     attention_mask: object
     kwargs: dict
+    probs: object = None
 
 
-Handler = Callable[[AttentionCall, tuple], None]
+class Handler:
+    """Base for what capture and steer attach to a module; every hook is optional."""
+
+    def before(self, call: AttentionCall) -> None:
+        pass
+
+    def compute(self, call: AttentionCall):
+        return None
+
+    def after(self, call: AttentionCall, output: tuple) -> tuple:
+        return output
+
+    def observe(self, call: AttentionCall, output: tuple) -> None:
+        pass
+
 
 _handlers: dict[nn.Module, list[tuple[Site, Handler]]] = {}
 _registered: set[str] = set()
@@ -53,9 +77,25 @@ def original_backend(backend: str, module: nn.Module) -> Callable:
 
 def _dispatcher(backend: str) -> Callable:
     def attnscope_attention(module, query, key, value, attention_mask, **kwargs):
-        output = original_backend(backend, module)(module, query, key, value, attention_mask, **kwargs)
-        for site, handler in _handlers.get(module, ()):
-            handler(AttentionCall(site, module, query, key, value, attention_mask, kwargs), output)
+        entries = _handlers.get(module)
+        if not entries:
+            return original_backend(backend, module)(module, query, key, value, attention_mask, **kwargs)
+        call = AttentionCall(entries[0][0], module, query, key, value, attention_mask, kwargs)
+        for _, handler in entries:
+            handler.before(call)
+        output = None
+        for _, handler in entries:
+            output = handler.compute(call)
+            if output is not None:
+                break
+        if output is None:
+            output = original_backend(backend, module)(
+                module, call.query, call.key, call.value, call.attention_mask, **call.kwargs
+            )
+        for _, handler in entries:
+            output = handler.after(call, output)
+        for _, handler in entries:
+            handler.observe(call, output)
         return output
 
     return attnscope_attention

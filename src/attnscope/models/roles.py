@@ -49,6 +49,26 @@ def _merge_order(rows: int, cols: int, merge: int, image: int) -> list[tuple[int
     ]
 
 
+def _lm_grid(spec: Spec, config, grid: tuple[int, int]) -> tuple[int, int]:
+    """The grid of an image's tokens as the language model sees them (after Qwen2-VL's patch merging)."""
+    merge = config.vision_config.spatial_merge_size if spec.vision_order == "merge" else 1
+    return grid[0] // merge, grid[1] // merge
+
+
+def vision_maps(spec: Spec, config, inputs: dict) -> list[TokenMap]:
+    """The vision tower's sequences: one map per image (raster towers), or one map over all images laid end
+    to end in Qwen2-VL's merge-window order."""
+    pixel_values = inputs["pixel_values"]
+    if spec.vision_order == "merge":
+        merge = config.vision_config.spatial_merge_size
+        grids = [(int(h), int(w)) for _, h, w in inputs["image_grid_thw"].tolist()]
+        patches = [p for k, (h, w) in enumerate(grids) for p in _merge_order(h, w, merge, k)]
+        return [TokenMap(["image"] * len(patches), [f"patch({r},{c})" for _, r, c in patches], patches, grids)]
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        raise NotImplementedError("vision_feature_select_strategy='full' puts CLS among image tokens; not mapped yet")
+    return [vision_map(config.vision_config, pixel_values)] * pixel_values.shape[0]
+
+
 def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[TokenMap]]:
     """Language stream with each image's expanded token span mapped back to its grid, and the vision stream."""
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
@@ -56,23 +76,12 @@ def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[Toke
     image_id = getattr(config, "image_token_id", None)
     if image_id is None:
         image_id = getattr(config, "image_token_index", None)
-    pixel_values = inputs.get("pixel_values")
     out = {"language": language}
-    if pixel_values is None:
+    if inputs.get("pixel_values") is None:
         return out
-    if spec.vision_order == "merge":
-        merge = config.vision_config.spatial_merge_size
-        grids = [(int(h), int(w)) for _, h, w in inputs["image_grid_thw"].tolist()]
-        lm_grids = [(h // merge, w // merge) for h, w in grids]
-        patches = [p for k, (h, w) in enumerate(grids) for p in _merge_order(h, w, merge, k)]
-        out["vision"] = [TokenMap(["image"] * len(patches), [f"patch({r},{c})" for _, r, c in patches], patches, grids)]
-    else:
-        vision = vision_map(config.vision_config, pixel_values)
-        out["vision"] = [vision] * pixel_values.shape[0]
-        keep_cls = getattr(config, "vision_feature_select_strategy", "default") == "full"
-        lm_grids = [vision.grids[0]] * pixel_values.shape[0]
-        if keep_cls:
-            raise NotImplementedError("vision_feature_select_strategy='full' puts CLS among image tokens; not mapped yet")
+    out["vision"] = vision_maps(spec, config, inputs)
+    grids = out["vision"][0].grids if spec.vision_order == "merge" else [m.grids[0] for m in out["vision"]]
+    lm_grids = [_lm_grid(spec, config, g) for g in grids]
     taken = 0  # grids are listed across the batch: row r's images follow those of earlier rows (each map counts from 0)
     for tmap, row_ids in zip(language, ids.tolist()):
         positions = [i for i, t in enumerate(row_ids) if t == image_id]

@@ -101,6 +101,12 @@ class Model:
             batch = self.tokenizer(text, return_tensors="pt", padding=True, **kwargs)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def vision_token_maps(self, inputs: dict) -> dict[str, list[TokenMap]]:
+        """The vision stream's maps alone (a VLM's tower run before the language model sees the prompt)."""
+        if inputs.get("pixel_values") is None:
+            return {}
+        return {"vision": roles.vision_maps(self.spec, self.hf.config, inputs)}
+
     def token_maps(self, inputs: dict) -> dict[str, list[TokenMap]]:
         """One TokenMap per stream and batch row for these forward inputs (unknown roles where not derivable)."""
         kind, config = self.spec.kind, self.hf.config
