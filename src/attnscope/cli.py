@@ -43,6 +43,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .viz.server import Limits, serve
+
+    serve(host=args.host, port=args.port, model_dirs=args.models_dir or (),
+          limits=Limits(max_upload=args.max_upload_mb * 1024 * 1024))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .viz.report import report
+
+    if args.text is None and args.image is None:
+        print("error: pass --text and/or --image", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    path = report(args.model, text=args.text, image=args.image, out=args.out, max_new_tokens=args.new_tokens,
+                  methods=methods)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, one self-contained file)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnscope", description="See and change what attention does.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
     demo.add_argument("--out", default="demo-out")
     demo.set_defaults(fn=cmd_demo)
+    srv = sub.add_parser("serve", help="the interactive viewer: a local web app in the browser")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default loopback); any other address exposes the app to the network")
+    srv.add_argument("--port", type=int, default=8765)
+    srv.add_argument("--models-dir", action="append", metavar="DIR",
+                     help="a folder whose model directories the app offers besides the zoo (repeatable)")
+    srv.add_argument("--max-upload-mb", type=int, default=8)
+    srv.set_defaults(fn=cmd_serve)
+    rep = sub.add_parser("report", help="one input as a self-contained HTML viewer file (no network needed)")
+    rep.add_argument("--model", required=True, help="zoo name or local model directory")
+    rep.add_argument("--text")
+    rep.add_argument("--image", help="photo name (chelsea, astronaut, ...) or image path")
+    rep.add_argument("--new-tokens", type=int, default=0, help="tokens to generate greedily (language models)")
+    rep.add_argument("--methods", help="attnscope.explain methods to add beside raw attention: rollout,gradattn")
+    rep.add_argument("--out", default="attnscope-report.html")
+    rep.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

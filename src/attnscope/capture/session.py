@@ -5,7 +5,6 @@ import torch
 
 from .. import __version__
 from ..core.dispatch import AttentionCall, Handler, attach
-from ..core.probs import attention_probs
 from ..core.sites import NoAttentionError
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
@@ -184,14 +183,9 @@ class capture:
         entries.append(Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part))
 
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
-        heads = self._heads[call.module]
-        if call.probs is not None:  # an edit computed the probabilities the model really used
-            probs = call.probs.index_select(1, heads.to(call.probs.device)).index_select(2, torch.tensor(rows, device=call.probs.device))
-            return (probs if keys is None else probs[..., keys]).float().to(self.dtype)
-        return attention_probs(
-            call.module, call.query, call.key, call.attention_mask, call.kwargs, heads=self._heads[call.module],
-            rows=torch.tensor(rows), keys=None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
-        ).to(self.dtype)
+        # an edit may have computed the probabilities the model really used (call.probs or call.patches)
+        return call.probs_for(self._heads[call.module], torch.tensor(rows),
+                              None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk).float().to(self.dtype)
 
 
 class _Recorder(Handler):

@@ -56,6 +56,17 @@ class Trace:
         streams = sorted({s for s, _ in keys})
         return f"Trace(runs={len(self.runs)}, streams={streams}, records={sum(len(v) for r in self.runs for v in r.records.values())})"
 
+    def _repr_html_(self) -> str:
+        from ..viz.html import notebook_html
+
+        return notebook_html(self)
+
+    def to_html(self, path=None, **kwargs):
+        """The interactive viewer as one self-contained HTML string, written to `path` when given."""
+        from ..viz import to_html
+
+        return to_html(self, path, **kwargs)
+
     def run(self, run: int = -1) -> Run:
         if not self.runs:
             raise ValueError("the trace is empty: call the model inside the `with attnscope.capture(...)` block")

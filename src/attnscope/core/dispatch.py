@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .probs import attention_probs
 from .sites import Site
 
 PREFIX = "attnscope_"
@@ -31,7 +34,9 @@ PREFIX = "attnscope_"
 @dataclass
 class AttentionCall:
     """What the model passed to its attention function, plus the site it came from. `probs` is set by an
-    edit that computed the full probabilities [B, H, Q, K] itself."""
+    edit that computed the full probabilities [B, H, Q, K] itself; `patches` by an edit that replaced only some
+    (batch, query row, head) entries of the output with probabilities it computed: (heads [h], rows [r],
+    where [B, h, r] bool, probs [B, h, r, K]). `probs_for` gives what the model really used either way."""
 
     site: Site
     module: nn.Module
@@ -41,6 +46,31 @@ class AttentionCall:
     attention_mask: object
     kwargs: dict
     probs: object = None
+    patches: list = field(default_factory=list)
+
+    def probs_for(self, heads: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor | None = None,
+                  chunk: int = 256) -> torch.Tensor:
+        """Probabilities [B, len(heads), len(rows), keys] the model used for these heads, query rows (indices into
+        this call's queries) and key columns: `probs` if an edit set it, else recomputed from q, k and the (possibly
+        edited) mask, with any patched entries written over."""
+        if self.probs is not None:
+            out = self.probs.index_select(1, heads.to(self.probs.device)).index_select(2, rows.to(self.probs.device))
+            return out if keys is None else out.index_select(-1, keys.to(out.device))
+        if not self.patches:
+            return attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs,
+                                   heads=heads, rows=rows, keys=keys, chunk=chunk)
+        out = attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs, heads=heads,
+                              rows=rows, chunk=chunk)
+        for p_heads, p_rows, where, probs in self.patches:
+            hi = (heads[:, None] == p_heads.to(heads.device)[None, :]).nonzero()  # (index in heads, index in patch)
+            ri = (rows[:, None] == p_rows.to(rows.device)[None, :]).nonzero()
+            if hi.numel() == 0 or ri.numel() == 0:
+                continue
+            sub_where = where[:, hi[:, 1]][:, :, ri[:, 1]]
+            sub = probs[:, hi[:, 1]][:, :, ri[:, 1]].to(out.dtype)
+            block = out[:, hi[:, 0]][:, :, ri[:, 0]]
+            out[:, hi[:, 0][:, None], ri[:, 0][None, :]] = torch.where(sub_where[..., None], sub, block)
+        return out if keys is None else out.index_select(-1, keys.to(out.device))
 
 
 class Handler:
@@ -62,6 +92,18 @@ class Handler:
 _handlers: dict[nn.Module, list[tuple[Site, Handler]]] = {}
 _registered: set[str] = set()
 _sessions: list = []
+_exclusive: list = []  # while not empty, only the handlers of its last attachment run
+
+
+@contextmanager
+def exclusive(attachment: Attachment):
+    """Within the block only `attachment`'s handlers run (the others' modules call the backend untouched): for
+    the extra forwards an edit makes itself (a contrastive branch), which other sessions must not record."""
+    _exclusive.append(attachment)
+    try:
+        yield
+    finally:
+        _exclusive.pop()
 
 
 def original_backend(backend: str, module: nn.Module) -> Callable:
@@ -78,6 +120,8 @@ def original_backend(backend: str, module: nn.Module) -> Callable:
 def _dispatcher(backend: str) -> Callable:
     def attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         entries = _handlers.get(module)
+        if entries and _exclusive:
+            entries = [e for e in entries if e is _exclusive[-1].handlers.get(module)]
         if not entries:
             return original_backend(backend, module)(module, query, key, value, attention_mask, **kwargs)
         call = AttentionCall(entries[0][0], module, query, key, value, attention_mask, kwargs)

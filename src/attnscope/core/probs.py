@@ -42,9 +42,11 @@ def attention_probs(
     rows: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
     chunk: int = 256,
+    logits: bool = False,
 ) -> torch.Tensor:
     """Softmax probabilities [B, h, r, k] for query heads `heads`, query rows `rows` (indices into this call's
-    queries) and key columns `keys` (indices into this call's keys), in float32.
+    queries) and key columns `keys` (indices into this call's keys), in float32; with `logits=True` the masked
+    logits the softmax would see instead (for edits that change them before the softmax).
 
     Handles scaling, boolean or additive masks, causal masking when the backend got no mask (bottom-right
     aligned, as with a KV cache), sliding windows passed as a kwarg, logit soft-capping and GQA/MQA."""
@@ -66,11 +68,11 @@ def attention_probs(
     for start in range(0, rows.numel(), chunk):
         r = rows[start : start + chunk]
         q = query.index_select(1, heads).index_select(2, r).float()
-        logits = torch.matmul(q, k_sel.transpose(-1, -2)) * scaling
+        scores = torch.matmul(q, k_sel.transpose(-1, -2)) * scaling
         if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+            scores = torch.tanh(scores / softcap) * softcap
         if attention_mask is not None:
-            logits = logits + _mask_rows(attention_mask, r, heads, kv_len)
+            scores = scores + _mask_rows(attention_mask, r, heads, kv_len)
         if causal or window:
             q_pos = (kv_len - q_len + r)[:, None]
             allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
@@ -78,8 +80,8 @@ def attention_probs(
                 allowed &= key_pos[None, :] <= q_pos
             if window:
                 allowed &= key_pos[None, :] > q_pos - window
-            logits = logits.masked_fill(~allowed, min_value)
-        probs = torch.softmax(logits, dim=-1)
+            scores = scores.masked_fill(~allowed, min_value)
+        probs = scores if logits else torch.softmax(scores, dim=-1)
         out.append(probs if keys is None else probs.index_select(-1, keys.to(device)))
     if not out:
         k = kv_len if keys is None else keys.numel()

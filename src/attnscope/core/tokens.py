@@ -11,12 +11,14 @@ ROLES = ("cls", "register", "image", "special", "system", "text", "generated", "
 @dataclass
 class TokenMap:
     """Roles of one sequence. `patch[i]` is (image index, row, col) for image patches, else None;
-    `grids[k]` is the (rows, cols) grid of image k."""
+    `grids[k]` is the (rows, cols) grid of image k; `sinks` lists attention-sink positions (tokens with massive
+    activations or that take a large share of attention), filled by `attnscope.explain.sinks.detect_sinks`."""
 
     roles: list[str]
     tokens: list[str]
     patch: list[tuple[int, int, int] | None] = field(default_factory=list)
     grids: list[tuple[int, int]] = field(default_factory=list)
+    sinks: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.patch:
@@ -26,6 +28,8 @@ class TokenMap:
         unknown = set(self.roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown roles {sorted(unknown)}; roles are {ROLES}")
+        if any(not 0 <= i < len(self.roles) for i in self.sinks):
+            raise ValueError(f"sink positions {self.sinks} fall outside the sequence of {len(self.roles)} positions")
 
     def __len__(self) -> int:
         return len(self.roles)
@@ -75,9 +79,10 @@ class TokenMap:
         self.patch.append(None)
 
     def to_dict(self) -> dict:
-        return {"roles": self.roles, "tokens": self.tokens, "patch": self.patch, "grids": self.grids}
+        return {"roles": self.roles, "tokens": self.tokens, "patch": self.patch, "grids": self.grids, "sinks": self.sinks}
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenMap:
         patch = [tuple(p) if p is not None else None for p in data.get("patch") or []]
-        return cls(list(data["roles"]), list(data["tokens"]), patch, [tuple(g) for g in data.get("grids", [])])
+        return cls(list(data["roles"]), list(data["tokens"]), patch, [tuple(g) for g in data.get("grids", [])],
+                   [int(i) for i in data.get("sinks") or []])

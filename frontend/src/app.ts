@@ -1,0 +1,185 @@
+// The served app around the viewer: pick a model, give an image and/or a prompt, run, compare steering.
+import { ApiError, ServerSource, api } from "./source";
+import type { ViewDoc } from "./types";
+import { el } from "./util";
+import { Viewer } from "./viewer";
+
+interface Info {
+  models: { id: string; label: string; about: string; installed: boolean }[];
+  photos: string[];
+  explain: string[];
+  steer: Record<string, { doc: string; params: Record<string, number | string | boolean> }>;
+  limits: { max_upload: number; max_pixels: number; max_text: number; max_tokens: number; max_new_tokens: number };
+}
+
+interface RunAnswer {
+  rid: string;
+  model: string | null;
+  doc: ViewDoc;
+  steered?: RunAnswer;
+}
+
+export async function startApp(root: HTMLElement, base: string): Promise<void> {
+  const status = el("div", { class: "as-status", role: "status", "aria-live": "polite" });
+  const results = el("div", { class: "as-results" });
+  const say = (text: string, error = false) => {
+    status.textContent = text;
+    status.classList.toggle("as-error", error);
+  };
+  let info: Info;
+  try {
+    info = await api<Info>(`${base}/info`);
+  } catch (err) {
+    root.append(status);
+    say(`cannot reach the attnscope server: ${(err as Error).message}`, true);
+    return;
+  }
+
+  const model = el("select", { name: "model", "aria-label": "model" });
+  for (const m of info.models) {
+    model.append(el("option", { value: m.id, text: m.installed ? m.label : `${m.label} (not installed)` }));
+  }
+  const photo = el("select", { name: "photo", "aria-label": "photo" });
+  photo.append(el("option", { value: "", text: "(no photo)" }));
+  for (const p of info.photos) photo.append(el("option", { value: p, text: p }));
+  const image = el("input", { type: "file", name: "image", accept: "image/png,image/jpeg,image/webp,image/gif,image/bmp", "aria-label": "image file" });
+  const text = el("textarea", { name: "text", rows: "2", placeholder: "prompt (text models)", maxlength: String(info.limits.max_text), "aria-label": "prompt" });
+  const newTokens = el("input", { type: "number", name: "max_new_tokens", min: "0", max: String(info.limits.max_new_tokens), value: "8", "aria-label": "new tokens" });
+  const chat = el("input", { type: "checkbox", name: "chat", value: "1", "aria-label": "chat template" });
+  const steer = el("select", { name: "steer", "aria-label": "steering" });
+  steer.append(el("option", { value: "", text: "no steering" }));
+  for (const [name, m] of Object.entries(info.steer)) steer.append(el("option", { value: name, text: name, title: m.doc }));
+  const steerParams = el("span", { class: "as-steerparams" });
+  const run = el("button", { type: "submit", class: "as-run", text: "Run" });
+  const traceFile = el("input", { type: "file", name: "trace", accept: ".safetensors", "aria-label": "trace file" });
+
+  const genRow = el("label", { class: "as-gen" }, "new tokens ", newTokens, " ", chat, " chat template");
+  const steerRow = el("span", { class: "as-steer" },
+    Object.keys(info.steer).length ? el("label", {}, "steer ", steer) : el("span", { class: "as-note", text: "steering: attnscope.steer is not installed in this version" }),
+    steerParams);
+  const form = el("form", { class: "as-form" },
+    el("label", {}, "model ", model),
+    el("label", { class: "as-img" }, "image ", image, " or photo ", photo),
+    el("label", { class: "as-txt" }, "prompt ", text),
+    genRow, steerRow, run,
+    el("label", { class: "as-trace" }, "or open a trace ", traceFile));
+  root.append(el("header", { class: "as-header" }, el("h1", { text: "attnscope" }),
+    el("span", { class: "as-note", text: `methods: ${info.explain.join(", ")}` })), form, status, results);
+
+  steer.onchange = () => {
+    steerParams.replaceChildren();
+    const m = info.steer[steer.value];
+    if (!m) return;
+    for (const [k, v] of Object.entries(m.params)) {
+      const input = el("input", { name: `steer.${k}`, value: String(v), size: "5", "aria-label": k });
+      steerParams.append(el("label", {}, ` ${k} `, input));
+    }
+  };
+
+  const takes = new Map<string, { text: boolean; image: boolean; generate: boolean }>();
+  const adapt = async () => {
+    const id = model.value;
+    if (!takes.has(id)) {
+      say(`loading ${id}…`);
+      try {
+        const r = await api<{ takes: { text: boolean; image: boolean; generate: boolean } }>(`${base}/models/${encodeURIComponent(id)}`);
+        takes.set(id, r.takes);
+      } catch (err) {
+        if (model.value === id) say((err as Error).message, true);
+        return;
+      }
+    }
+    if (model.value !== id) return; // the user picked another model meanwhile: its own answer applies
+    say("");
+    const t = takes.get(id)!;
+    form.querySelector(".as-img")!.classList.toggle("as-hidden", !t.image);
+    form.querySelector(".as-txt")!.classList.toggle("as-hidden", !t.text);
+    genRow.classList.toggle("as-hidden", !t.generate);
+    steerRow.classList.toggle("as-hidden", !t.generate);
+  };
+  // until the chosen model's inputs are known, show none of the model-specific fields
+  for (const node of [form.querySelector(".as-img")!, form.querySelector(".as-txt")!, genRow, steerRow]) node.classList.add("as-hidden");
+  let adapting = adapt();
+  model.onchange = () => { adapting = adapt(); };
+
+  const show = (answer: RunAnswer) => {
+    results.replaceChildren();
+    const t0 = performance.now();
+    const methods = info.explain;
+    if (answer.steered) {
+      const pair = el("div", { class: "as-compare" });
+      results.append(pair);
+      const a = el("div", { class: "as-side" }), b = el("div", { class: "as-side" });
+      pair.append(a, b);
+      const s = answer.steered.doc.steer;
+      const label = s ? `steered: ${s.method}(${Object.entries(s.params).map(([k, v]) => `${k}=${v}`).join(", ")})` : "steered";
+      const va: Viewer = new Viewer(a, answer.doc, new ServerSource(base, answer.rid, methods), { label: "unsteered", onSelect: (sel) => void vb.follow(sel) });
+      const vb: Viewer = new Viewer(b, answer.steered.doc, new ServerSource(base, answer.steered.rid, methods), { label, onSelect: (sel) => void va.follow(sel) });
+      window.attnscope?.viewers.push(va, vb);
+    } else {
+      window.attnscope?.viewers.push(new Viewer(results, answer.doc, new ServerSource(base, answer.rid, methods)));
+    }
+    results.dataset.shownMs = (performance.now() - t0).toFixed(1);
+  };
+
+  form.onsubmit = async (ev) => {
+    ev.preventDefault();
+    await adapting;
+    if (!takes.has(model.value)) await (adapting = adapt());
+    const fd = new FormData();
+    fd.set("model", model.value);
+    if (image.files?.length) fd.set("image", image.files[0]);
+    else if (photo.value) fd.set("photo", photo.value);
+    if (text.value.trim()) fd.set("text", text.value);
+    const t = takes.get(model.value);
+    if (t?.generate) {
+      fd.set("max_new_tokens", newTokens.value || "0");
+      if (chat.checked) fd.set("chat", "1");
+      if (steer.value) {
+        fd.set("steer", steer.value);
+        const params: Record<string, string> = {};
+        steerParams.querySelectorAll("input").forEach((i) => { params[i.name.slice(6)] = i.value; });
+        fd.set("steer_params", JSON.stringify(params));
+      }
+    }
+    run.disabled = true;
+    results.dataset.state = "running";
+    const t0 = performance.now();
+    say(`running ${model.value}…`);
+    try {
+      const answer = await api<RunAnswer>(`${base}/run`, { method: "POST", body: fd });
+      say(`${model.value}: ran in ${(answer.doc.seconds ?? 0).toFixed(2)} s, answered in ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+      show(answer);
+      results.dataset.state = "done";
+    } catch (err) {
+      const busy = err instanceof ApiError && err.status === 503;
+      say(busy ? `busy: ${(err as Error).message}` : (err as Error).message, true);
+      results.dataset.state = "error";
+    } finally {
+      run.disabled = false;
+    }
+  };
+
+  // /?run=ID shows a run this server still keeps (a link to a result)
+  const linked = new URLSearchParams(location.search).get("run");
+  if (linked) {
+    say(`loading run ${linked}…`);
+    api<RunAnswer>(`${base}/runs/${encodeURIComponent(linked)}`)
+      .then((answer) => { say(`run ${linked}`); show(answer); results.dataset.state = "done"; })
+      .catch((err) => say((err as Error).message, true));
+  }
+
+  traceFile.onchange = async () => {
+    if (!traceFile.files?.length) return;
+    const fd = new FormData();
+    fd.set("trace", traceFile.files[0]);
+    say("reading trace…");
+    try {
+      const answer = await api<RunAnswer>(`${base}/trace`, { method: "POST", body: fd });
+      say(`trace ${traceFile.files[0].name}`);
+      show(answer);
+    } catch (err) {
+      say((err as Error).message, true);
+    }
+  };
+}

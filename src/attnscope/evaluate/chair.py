@@ -1,0 +1,194 @@
+"""CHAIR: caption hallucination assessment with image relevance (Rohrbach et al., "Object Hallucination in
+Image Captioning", EMNLP 2018), against exact ground truth, for any attnscope VLM.
+
+Object words in a free caption are found with an `ObjectVocabulary` (class -> words and phrases; plurals
+with -s/-es are matched too; the longest phrase wins, so "ankle boot" is one mention). Per caption the
+*set* of mentioned classes is compared with the image's ground-truth classes:
+
+* CHAIR_i = hallucinated mentions / all mentions (summed over captions);
+* CHAIR_s = captions with at least one hallucinated class / captions;
+* recall  = ground-truth classes mentioned / ground-truth classes (the coverage that a model which says
+  nothing would drive to 0 while scoring a perfect CHAIR).
+
+A class mentioned twice in one caption counts once (the set), as a hallucination or not. Intervals: 95%
+bootstrap over captions. Decoding, steering, sampling seeds and sharding work as in `pope.Generator`."""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bootstrap import bootstrap
+from .pope import Generator, method_name, shard_info
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+class ObjectVocabulary:
+    """Maps object words in text to classes. `synonyms`: {class: [word or phrase, ...]}, lower case."""
+
+    def __init__(self, synonyms: Mapping[str, Sequence[str]]):
+        if not synonyms:
+            raise ValueError("an object vocabulary needs at least one class")
+        self.classes = list(synonyms)
+        phrases: dict[str, str] = {}
+        for cls, words in synonyms.items():
+            for w in {cls, *words}:
+                w = " ".join(w.lower().split())
+                for form in (w, w + "s", w + "es"):
+                    if phrases.get(form, cls) != cls:
+                        raise ValueError(f"{form!r} names both {phrases[form]!r} and {cls!r}")
+                    phrases[form] = cls
+        self.phrases = phrases
+        alternatives = sorted(phrases, key=len, reverse=True)
+        body = "|".join(re.escape(p).replace(r"\ ", r"\s+") for p in alternatives)
+        self._re = re.compile(rf"(?<![\w-])(?:{body})(?![\w-])", re.IGNORECASE)
+
+    @classmethod
+    def scenes(cls) -> ObjectVocabulary:
+        """The scene world's 10 classes with their synonyms."""
+        from ..scenes import SYNONYMS
+
+        return cls(SYNONYMS)
+
+    def mentions(self, text: str) -> list[tuple[str, int, int]]:
+        """(class, char start, char end) of each object word or phrase, in order."""
+        return [(self.phrases[" ".join(m.group(0).lower().split())], m.start(), m.end()) for m in self._re.finditer(text)]
+
+    def objects(self, text: str) -> list[str]:
+        """The classes mentioned, once each, in order of first mention."""
+        return list(dict.fromkeys(c for c, _, _ in self.mentions(text)))
+
+
+def caption_record(caption: str, gold: Sequence[str], vocabulary: ObjectVocabulary) -> dict:
+    """Mentioned, hallucinated and covered classes of one caption."""
+    unknown = [g for g in gold if g not in vocabulary.classes]
+    if unknown:
+        raise ValueError(f"ground-truth classes {unknown} are not in the vocabulary {vocabulary.classes}")
+    mentioned = vocabulary.objects(caption)
+    gold = list(dict.fromkeys(gold))
+    return {"mentioned": mentioned, "hallucinated": [c for c in mentioned if c not in gold],
+            "covered": [c for c in gold if c in mentioned], "gold": gold}
+
+
+def chair_metrics(records: Sequence[Mapping]) -> dict:
+    """CHAIR_s, CHAIR_i, recall and counts over caption records (see `caption_record`)."""
+    n = len(records)
+    mentions = sum(len(r["mentioned"]) for r in records)
+    gold = sum(len(r["gold"]) for r in records)
+    return {"n": n, "chair_s": sum(1 for r in records if r["hallucinated"]) / n if n else float("nan"),
+            "chair_i": sum(len(r["hallucinated"]) for r in records) / mentions if mentions else 0.0,
+            "recall": sum(len(r["covered"]) for r in records) / gold if gold else float("nan"),
+            "mentions_per_caption": mentions / n if n else float("nan")}
+
+
+def chair(captions: Sequence[str], gold: Sequence[Sequence[str]], vocabulary: ObjectVocabulary | None = None,
+          boot: int = 1000, seed: int = 0) -> dict:
+    """CHAIR of given captions against given ground-truth class lists, with 95% bootstrap intervals."""
+    if len(captions) != len(gold):
+        raise ValueError(f"{len(captions)} captions but {len(gold)} ground-truth lists")
+    vocabulary = vocabulary or ObjectVocabulary.scenes()
+    records = [caption_record(c, g, vocabulary) for c, g in zip(captions, gold)]
+    m = chair_metrics(records)
+    m["ci"] = bootstrap(records, chair_metrics, n=boot, seed=seed)
+    return m
+
+
+@dataclass
+class ChairResult:
+    records: list[dict]
+    metrics: dict
+    config: dict
+
+    def save(self, path: str | Path) -> Path:
+        """JSON lines: one "caption" line per image, then a "summary" line."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as fh:
+            for r in self.records:
+                fh.write(json.dumps({"type": "caption", **r}) + "\n")
+            fh.write(json.dumps({"type": "summary", **self.metrics, "config": self.config}) + "\n")
+        return path
+
+    def table(self) -> str:
+        from .bootstrap import fmt
+
+        ci = self.metrics["ci"]
+        return ("| CHAIR_s | CHAIR_i | recall | mentions/caption | n |\n|---|---|---|---|---|\n"
+                f"| {fmt(ci['chair_s'])} | {fmt(ci['chair_i'])} | {fmt(ci['recall'])} | "
+                f"{self.metrics['mentions_per_caption']:.2f} | {self.metrics['n']} |")
+
+
+def scene_images(world=None, n: int = 200, split: str = "test") -> tuple[list[tuple[str, list[str]]], Callable]:
+    """(image id, ground-truth classes) for the first `n` scenes of `split`, and image_of(image id)."""
+    from ..scenes import SceneWorld
+    from .pope import _scene_image
+
+    world = world or SceneWorld(seed=0)
+    return ([(f"{split}-{i:06d}", list(world.classes_of(split, i))) for i in range(n)],
+            lambda image_id: _scene_image(world, image_id))
+
+
+def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of: Callable[[str], object], *,
+                   vocabulary: ObjectVocabulary | None = None, prompt: str = DEFAULT_PROMPT, steer=None,
+                   max_new_tokens: int = 64, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   seed: int = 0, out: str | Path | None = None, shard: bool = False, boot: int = 1000,
+                   progress: Callable[[int, int], None] | None = None) -> ChairResult | None:
+    """Caption each image (`prompt`) and score CHAIR_s, CHAIR_i and recall against its ground-truth classes."""
+    if not images:
+        raise ValueError("no images to caption")
+    vocabulary = vocabulary or ObjectVocabulary.scenes()
+    for image_id, gold in images:
+        unknown = [g for g in gold if g not in vocabulary.classes]
+        if unknown:
+            raise ValueError(f"image {image_id!r} has classes {unknown} outside the vocabulary {vocabulary.classes}")
+    gen = Generator(model, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
+                    seed=seed, steer=steer)
+    rank, world, barrier = shard_info() if shard else (0, 1, lambda: None)
+    if world > 1 and out is None:
+        raise ValueError("sharded evaluation writes shard files next to `out`; pass out=...")
+    mine = list(images)[rank::world]
+    rows = []
+    for i, (image_id, gold) in enumerate(mine):
+        caption, seconds, tokens = gen(image_of(image_id), prompt, key=image_id)
+        rows.append({"image_id": image_id, "caption": caption, "seconds": seconds, "new_tokens": tokens,
+                     **caption_record(caption, gold, vocabulary)})
+        if progress:
+            progress(i + 1, len(mine))
+    config = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
+              "prompt": prompt, "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature,
+              "top_p": top_p, "seed": seed, "images": len(images), "processes": world}
+    if world > 1:
+        import time
+
+        shard_path = Path(f"{out}.rank{rank}.jsonl")
+        shard_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = shard_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.rename(shard_path)
+        barrier()
+        if rank != 0:
+            return None
+        rows = []
+        for r in range(world):
+            path = Path(f"{out}.rank{r}.jsonl")
+            for _ in range(6 * 3600):
+                if path.is_file():
+                    break
+                time.sleep(1)
+            rows += [json.loads(line) for line in path.read_text().splitlines()]
+            path.unlink()
+        order = {image_id: k for k, (image_id, _) in enumerate(images)}
+        rows.sort(key=lambda r: order[r["image_id"]])
+    for r in rows:
+        r["method"] = config["method"]
+    metrics = chair_metrics(rows)
+    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=seed)
+    metrics["seconds_per_caption"] = sum(r["seconds"] for r in rows) / len(rows)
+    metrics["seconds_per_token"] = sum(r["seconds"] for r in rows) / max(1, sum(r["new_tokens"] for r in rows))
+    result = ChairResult(rows, metrics, config)
+    if out is not None:
+        result.save(out)
+    return result

@@ -1,0 +1,199 @@
+"""Lookback Lens: a hallucination detector from attention maps alone (Chuang et al., "Lookback Lens: Detecting
+and Mitigating Contextual Hallucinations in Large Language Models Using Only Attention Maps", EMNLP 2024),
+applied to a VLM's own captions with exact labels.
+
+For every generated token t and every language-model head (l, h) the *lookback ratio* is
+
+    LR[t, l, h] = A_ctx / (A_ctx + A_new)
+
+with A_ctx the mean attention from token t's query to the context (the prompt: image tokens and text, or the
+image tokens alone with `context="image"`) and A_new the mean attention to the tokens generated before t
+(LR = 1 for the first generated token, which has none). A span's feature vector is the mean of LR over the
+span's tokens: L*H numbers (30*9 = 270 for scene-vlm). A logistic regression on these vectors is the detector.
+
+Here a span is the tokens of one object word in a generated caption and its label is exact: hallucinated
+if the scene does not hold that class (`object_spans`). `evaluate_detector` trains on some captions and tests
+on others (split by image), and reports the test AUROC of the detector, of the single best head (picked on the
+training spans) and of two random baselines (random scores; the detector trained on shuffled labels).
+
+The attention is recorded with `attnscope.capture(model, streams="language", queries="last")` during
+`generate`, so a steering method can be active at the same time."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve (the probability that a random positive outscores a random negative; ties 1/2)."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    values = np.concatenate([pos, neg])[order]
+    i = 0
+    while i < len(values):  # average ranks over ties
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@dataclass
+class TracedGeneration:
+    """A generated answer with, per generated token t and head (layer, head): the mean attention to the prompt,
+    to the image tokens, to earlier generated tokens, and the attention mass on the image tokens."""
+
+    text: str
+    token_ids: list[int]
+    offsets: list[tuple[int, int]]  # char span of each generated token in `text`
+    ctx_mean: np.ndarray  # [T, L, H]
+    image_mean: np.ndarray  # [T, L, H]
+    new_mean: np.ndarray  # [T, L, H] (0 for t = 0)
+    image_mass: np.ndarray  # [T, L, H]
+    image_share: np.ndarray = field(default=None, repr=False)  # [T, L, H, n_image]: attention over image tokens, normalised
+    prompt_len: int = 0
+
+    def lookback_ratio(self, context: str = "prompt") -> np.ndarray:
+        """[T, L, H] lookback ratios with the prompt (or the image tokens only) as context."""
+        if context not in ("prompt", "image"):
+            raise ValueError(f"context is 'prompt' or 'image'; got {context!r}")
+        ctx = self.ctx_mean if context == "prompt" else self.image_mean
+        denom = ctx + self.new_mean
+        return np.where(denom > 0, ctx / np.where(denom > 0, denom, 1), 1.0)
+
+    def span_steps(self, start: int, end: int) -> list[int]:
+        """Generated-token indices whose characters overlap [start, end)."""
+        return [t for t, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
+
+
+@torch.no_grad()
+def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=None, keep_image_share: bool = False) -> TracedGeneration:
+    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`)."""
+    import attnscope
+
+    from .pope import Generator
+
+    gen = Generator(model, max_new_tokens=max_new_tokens, steer=steer)
+    inputs = model.encode(gen.prompt(text), image)
+    prompt_len = inputs["input_ids"].shape[1]
+    with gen._steer_context(), attnscope.capture(model, streams="language", queries="last") as trace:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, prompt_len:].tolist()
+    tok = model.tokenizer
+    eos = set(np.atleast_1d(model.hf.generation_config.eos_token_id or []).tolist())
+    while new and new[-1] in eos:
+        new = new[:-1]
+    tmap = trace.tokens("language")
+    image_pos = torch.tensor(tmap.positions("image"))
+    if not len(image_pos):
+        raise ValueError("the captured prompt has no image tokens; Lookback Lens on a VLM needs them")
+    run = trace.run()
+    layers = sorted(layer for (s, layer) in run.records if s == "language")
+    steps = len(new)
+    shape = (steps, len(layers), run.records[("language", layers[0])][0].probs.shape[1])
+    ctx, img, newm, mass = (np.zeros(shape, np.float32) for _ in range(4))
+    share = np.zeros(shape + (len(image_pos),), np.float32) if keep_image_share else None
+    for li, layer in enumerate(layers):
+        for rec in run.records[("language", layer)][:steps]:
+            t = rec.step
+            p = rec.probs[0, :, 0].float()  # [H, keys]
+            keys = p.shape[-1]
+            ctx[t, li] = p[:, :prompt_len].mean(-1).numpy()
+            img_p = p[:, image_pos]
+            img[t, li] = img_p.mean(-1).numpy()
+            mass[t, li] = img_p.sum(-1).numpy()
+            if keys > prompt_len:
+                newm[t, li] = p[:, prompt_len:].mean(-1).numpy()
+            if share is not None:
+                share[t, li] = (img_p / img_p.sum(-1, keepdim=True).clamp_min(1e-12)).numpy()
+    text_out, offsets = "", []
+    for k in range(steps):
+        decoded = tok.decode(new[:k + 1], skip_special_tokens=True)
+        offsets.append((len(text_out), len(decoded)))
+        text_out = decoded
+    return TracedGeneration(text_out, new, offsets, ctx, img, newm, mass, share, prompt_len)
+
+
+def object_spans(traced: TracedGeneration, gold: Sequence[str], vocabulary=None) -> list[dict]:
+    """One entry per object word in the generated text: class, hallucinated (not in `gold`), generated-token steps."""
+    from .chair import ObjectVocabulary
+
+    vocabulary = vocabulary or ObjectVocabulary.scenes()
+    out = []
+    for cls, start, end in vocabulary.mentions(traced.text):
+        steps = traced.span_steps(start, end)
+        if steps:
+            out.append({"class": cls, "hallucinated": cls not in gold, "steps": steps, "chars": (start, end)})
+    return out
+
+
+def span_features(traced: TracedGeneration, spans: Sequence[dict], context: str = "prompt") -> np.ndarray:
+    """[n_spans, L*H]: the lookback ratio averaged over each span's tokens."""
+    lr = traced.lookback_ratio(context)
+    if not spans:
+        return np.zeros((0, lr.shape[1] * lr.shape[2]), np.float32)
+    return np.stack([lr[s["steps"]].mean(0).reshape(-1) for s in spans])
+
+
+class LookbackLens:
+    """Logistic regression on standardised lookback-ratio features (scikit-learn)."""
+
+    def __init__(self, C: float = 0.1, seed: int = 0):
+        self.C, self.seed = C, seed
+        self.model = None
+
+    def fit(self, x: np.ndarray, y: Sequence[bool]) -> LookbackLens:
+        try:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+        except ImportError as err:
+            raise ImportError("LookbackLens needs scikit-learn: pip install scikit-learn") from err
+        y = np.asarray(y, bool)
+        if y.all() or not y.any():
+            raise ValueError("training spans must include both hallucinated and grounded ones")
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=2000, class_weight="balanced",
+                                                                         random_state=self.seed))
+        self.model.fit(x, y)
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Probability of hallucination per span."""
+        if self.model is None:
+            raise RuntimeError("fit the detector first")
+        return self.model.predict_proba(x)[:, 1]
+
+
+def evaluate_detector(x_train: np.ndarray, y_train: Sequence[bool], x_test: np.ndarray, y_test: Sequence[bool],
+                      groups_test: Sequence | None = None, C: float = 0.1, seed: int = 0, boot: int = 1000) -> dict:
+    """Test AUROC (95% bootstrap interval over test groups, e.g. images) of: the Lookback Lens detector; the
+    single head whose lookback ratio best separates the training spans (sign fitted on training data); random
+    scores; and the detector refitted on shuffled training labels."""
+    from .bootstrap import bootstrap
+
+    y_train, y_test = np.asarray(y_train, bool), np.asarray(y_test, bool)
+    rng = np.random.default_rng(seed)
+    lens = LookbackLens(C, seed).fit(x_train, y_train)
+    head_auc = np.array([auroc(x_train[:, j], y_train) for j in range(x_train.shape[1])])
+    best = int(np.nanargmax(np.abs(head_auc - 0.5)))
+    sign = 1.0 if head_auc[best] >= 0.5 else -1.0
+    shuffled = LookbackLens(C, seed).fit(x_train, rng.permutation(y_train))
+    scores = {"lookback_lens": lens.score(x_test), "best_single_head": sign * x_test[:, best],
+              "random_scores": rng.random(len(y_test)), "shuffled_labels": shuffled.score(x_test)}
+    items = list(range(len(y_test)))
+    groups = list(groups_test) if groups_test is not None else None
+    out = {"n_train": int(len(y_train)), "n_test": int(len(y_test)), "hallucinated_train": int(y_train.sum()),
+           "hallucinated_test": int(y_test.sum()), "best_head": {"index": best, "train_auroc": float(head_auc[best]),
+                                                                  "sign": sign}}
+    for name, s in scores.items():
+        out[name] = bootstrap(items, lambda idx, s=s: auroc(s[list(idx)], y_test[list(idx)]), groups=groups, n=boot,
+                              seed=seed)["value"]
+    return out

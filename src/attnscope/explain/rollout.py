@@ -1,0 +1,77 @@
+"""Attention rollout.
+
+Paper: "Quantifying Attention Flow in Transformers" (Abnar & Zuidema, 2020). Attention weights mix information
+across layers, so raw attention of one layer under-states where information came from; rollout multiplies the
+per-layer attention graphs, with the residual connection added as an identity.
+
+Computes, for layers l = start..L-1: Â_l = normalise_rows((1 - residual) * fuse_heads(A_l) + residual * I), then
+R = Â_{L-1} ... Â_start, and the scores are R[q, :] averaged over the target's query positions q.
+
+Defaults, and why: `residual=0.5` (the paper's 0.5 A + 0.5 I); `head_fusion="mean"` (the paper averages heads;
+"max"/"min" as in the widely used vit-explain code); `discard_ratio=0.0` (the paper discards nothing; vit-explain
+drops the lowest fraction of each fused matrix to sharpen maps - here per row, never the diagonal); `start_layer=0`;
+`sinks="keep"` ("discount" zeroes attention to detected sinks in every layer before the product - on DINOv2 the
+layer-0 sink patch otherwise dominates the map, see `sinks.py`)."""
+from __future__ import annotations
+
+import torch
+
+from . import base, engine, sinks as sinklib
+
+NAME = "rollout"
+DEFAULTS = {"head_fusion": "mean", "discard_ratio": 0.0, "residual": 0.5, "start_layer": 0, "sinks": "keep"}
+
+
+def discard_lowest(a: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the lowest `ratio` fraction of each row of [Q, K] (the diagonal is kept)."""
+    if ratio <= 0:
+        return a
+    if not 0 <= ratio < 1:
+        raise engine.MethodError(f"discard_ratio must be in [0, 1); got {ratio}")
+    k = int(a.shape[-1] * ratio)
+    if k == 0:
+        return a
+    low = a.topk(k, dim=-1, largest=False).indices
+    out = a.clone().scatter_(-1, low, 0.0)
+    eye = torch.eye(a.shape[-2], a.shape[-1], dtype=torch.bool)
+    return torch.where(eye, a, out)
+
+
+def mixed(a: torch.Tensor, residual: float) -> torch.Tensor:
+    """(1 - residual) * A + residual * I, rows renormalised: the residual-mixed attention graph of one layer."""
+    if not 0 <= residual <= 1:
+        raise engine.MethodError(f"residual must be in [0, 1]; got {residual}")
+    eye = torch.eye(a.shape[-2], a.shape[-1], dtype=a.dtype)
+    out = (1 - residual) * a + residual * eye
+    return out / out.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def layer_graphs(p, stream, head_fusion, discard_ratio, residual, start_layer, drop) -> list[torch.Tensor]:
+    """The residual-mixed per-layer matrices [N, N] used by rollout and flow."""
+    layers = p.layers(stream)
+    start = layers[start_layer % len(layers)] if layers else 0
+    out = []
+    for l in layers:
+        if l < start:
+            continue
+        a = engine.fuse_heads(p.attention(stream, l), head_fusion)[0].detach()
+        a = sinklib.discount(discard_lowest(a, discard_ratio), drop)
+        out.append(mixed(a, residual))
+    return out
+
+
+def run(model, inputs, target, stream, head_fusion="mean", discard_ratio=0.0, residual=0.5, start_layer=0, sinks="keep"):
+    sinklib.check_mode(sinks)
+    p = engine.run(model, inputs, target, streams=[stream], keep_blocks=[stream], grad=False)
+    tmap = p.tokens[stream][0]
+    report = sinklib.from_pass(p, stream)
+    drop = sinklib.discount_positions(tmap) if sinks == "discount" else []
+    graphs = layer_graphs(p, stream, head_fusion, discard_ratio, residual, start_layer, drop)
+    rolled = torch.eye(len(tmap))
+    for a in graphs:
+        rolled = a @ rolled
+    queries = p.target.queries(tmap)
+    scores = rolled[queries].mean(0)
+    params = {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "residual": residual,
+              "start_layer": start_layer, "sinks": sinks}
+    return base.make(model, inputs, p, stream, NAME, params, scores, extras={"queries": queries, "sinks": report.to_dict()})

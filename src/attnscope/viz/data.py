@@ -1,0 +1,324 @@
+"""View data: a `Trace` turned into compact arrays the viewer draws from (no server, no browser here).
+
+One `StreamView` per captured stream holds, for the stored query positions, every layer's and head's row over
+all keys as uint8 (each row scaled by its own maximum, so 0..255 covers the row; the maximum is kept as a
+float32 `scale`), plus what the overview needs: per-head metrics (normalized entropy, image ratio, sink
+mass), the attention each key receives (sinks), and pooled query × key thumbnails. The layout of one query's
+block, [layers, heads, keys], is the same in the exported HTML and in the server's answers, so the front end
+slices it without copying.
+
+Long sequences keep every row only while layers × heads × queries × keys stays under a budget; past it a
+capture selects query rows (`query_plan`): CLS/special/last/generated plus an even stride, and the viewer
+snaps a click to the nearest stored row and says so."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..capture.trace import Trace
+from ..core.tokens import ROLES, TokenMap
+
+FORMAT = "attnscope.view/1"
+# roles whose positions are always kept as query rows when a long sequence is subsampled
+FOCUS_ROLES = ("cls", "register", "special", "generated")
+DEFAULT_BUDGET = 32_000_000  # stored values (bytes) per run: layers x heads x queries x keys
+PATTERN = 32  # side of the pooled query x key thumbnails
+SINK_RATIO = 8.0  # a key is a sink when it gets on average this many times a uniform share
+SINK_SHARE = 0.3  # ... or, in some layer, this share of the attention of the rows that see it
+
+
+def b64(array: np.ndarray, deflate: bool = False) -> str:
+    raw = np.ascontiguousarray(array).tobytes()
+    return base64.b64encode(zlib.compress(raw, 6) if deflate else raw).decode("ascii")
+
+
+def quantize(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [..., K] of probabilities → (uint8 [..., K] scaled to each row's max, float32 row max [...])."""
+    scale = rows.max(axis=-1).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    return np.rint(rows / safe * 255.0).clip(0, 255).astype(np.uint8), scale
+
+
+def dequantize(u8: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return u8.astype(np.float32) / 255.0 * scale[..., None]
+
+
+def clean_token(token: str) -> str:
+    """Readable byte-level BPE and SentencePiece pieces (Ġ/▁ = space, Ċ = newline)."""
+    return token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "↵").replace("ĉ", "⇥")
+
+
+def query_plan(model, inputs: dict, budget: int = DEFAULT_BUDGET, new_tokens: int = 0):
+    """The `queries=` selection for a viewer capture: None (every row) when it fits `budget`, else a stride
+    plus the focus roles (and every generated token)."""
+    streams = model.streams
+    heads = {s: max(site.num_heads for site in model.sites.values() if site.stream == s) for s in streams}
+    lengths = [int(v.shape[-1]) for k, v in inputs.items() if k in ("input_ids",) and hasattr(v, "shape")]
+    if "pixel_values" in inputs:
+        lengths.append(_vision_length(model, inputs["pixel_values"]))
+    length = max(lengths or [1]) + new_tokens
+    per_query = sum(streams[s] * heads[s] for s in streams) * length
+    if per_query * length <= budget:
+        return None
+    keep = max(8, budget // per_query)
+    stride = max(1, math.ceil(length / keep))
+    return list(range(0, length, stride)) + ["last", *FOCUS_ROLES]
+
+
+def _vision_length(model, pixel_values) -> int:
+    config = getattr(model.hf.config, "vision_config", model.hf.config)
+    patch = getattr(config, "patch_size", 16)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    return (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch) + 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+@dataclass
+class StreamView:
+    name: str
+    tokens: TokenMap
+    layers: list[int]
+    heads: list[int]
+    queries: list[int]
+    u8: np.ndarray  # [queries, layers, heads, keys]
+    scale: np.ndarray  # [queries, layers, heads]
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layers, heads]
+    received: np.ndarray | None = None  # [keys], mean multiple of a uniform share each key receives
+    sinks: list[int] = field(default_factory=list)
+    pattern: np.ndarray | None = None  # [layers, heads, P, P] uint8
+    tail: list[str] = field(default_factory=list)  # generated tokens never fed back (no row of their own)
+
+    @property
+    def length(self) -> int:
+        return self.u8.shape[-1]
+
+    def nearest(self, query: int) -> int:
+        """The stored query row closest to `query`."""
+        idx = int(np.searchsorted(self.queries, query))
+        cands = [self.queries[i] for i in (idx - 1, idx) if 0 <= i < len(self.queries)]
+        return min(cands, key=lambda q: (abs(q - query), q))
+
+    def block(self, query: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(stored query, uint8 [layers, heads, keys], float32 scale [layers, heads]) for the row nearest `query`."""
+        q = self.nearest(query)
+        i = self.queries.index(q)
+        return q, self.u8[i], self.scale[i]
+
+    def rows(self, query: int) -> np.ndarray:
+        q, u8, scale = self.block(query)
+        return dequantize(u8, scale)
+
+    def subset(self, queries: list[int]) -> StreamView:
+        """The same view keeping only the stored rows of `queries` (summaries stay those of every row)."""
+        keep = [i for i, q in enumerate(self.queries) if q in set(queries)]
+        return StreamView(self.name, self.tokens, self.layers, self.heads, [self.queries[i] for i in keep],
+                          self.u8[keep], self.scale[keep], self.metrics, self.received, self.sinks, self.pattern, self.tail)
+
+    def export_queries(self, max_values: int) -> list[int]:
+        """Stored rows to embed in a file within `max_values` values: all if they fit; else the focus roles,
+        sinks and last row, image patches on an even 2-D lattice and other positions at an even stride."""
+        per = len(self.layers) * len(self.heads) * self.length
+        if per * len(self.queries) <= max_values:
+            return list(self.queries)
+        stored = set(self.queries)
+        t = self.tokens
+        focus = {q for q in stored if t.roles[q] in FOCUS_ROLES} | (set(self.sinks) & stored) | {max(stored)}
+        room = max(1, max_values // per - len(focus))
+        patches = [q for q in stored if t.patch[q] is not None and q not in focus]
+        other = sorted(q for q in stored if t.patch[q] is None and q not in focus)
+        share = len(patches) / max(1, len(patches) + len(other))
+        keep_p, keep_o = int(room * share), room - int(room * share)
+        chosen = set(focus)
+        if patches:
+            step = max(1, math.ceil(math.sqrt(len(patches) / max(1, keep_p))))
+            lattice = [q for q in patches if t.patch[q][1] % step == step // 2 and t.patch[q][2] % step == step // 2]
+            chosen |= set(lattice[: max(keep_p, 1)])
+        if other:
+            stride = max(1, math.ceil(len(other) / max(1, keep_o)))
+            chosen |= set(other[::stride])
+        return sorted(chosen)
+
+    def meta(self, embed_rows: bool) -> dict:
+        t = self.tokens
+        roles = [ROLES.index(r) for r in t.roles]
+        patch = [[i, *p] for i, p in enumerate(t.patch) if p is not None]
+        out = {
+            "name": self.name, "length": self.length, "layers": self.layers, "heads": self.heads,
+            "tokens": [clean_token(x) for x in t.tokens], "roles": roles, "patch": patch,
+            "grids": [list(g) for g in t.grids], "queries": self.queries, "sinks": self.sinks,
+            "tail": [clean_token(x) for x in self.tail],
+            "metrics": {k: np.round(v.astype(np.float64), 4).tolist() for k, v in self.metrics.items()},
+            "received": None if self.received is None else np.round(self.received.astype(np.float64), 3).tolist(),
+            "pattern": None if self.pattern is None else {"size": int(self.pattern.shape[-1]), "b64": b64(self.pattern)},
+        }
+        if embed_rows:
+            out["rows"] = {"encoding": "u8-deflate", "b64": b64(self.u8, deflate=True), "scale": b64(self.scale)}
+        return out
+
+
+def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None) -> list[StreamView]:
+    """One `StreamView` per stream of `trace.run(run)`, batch row `row`. `tail`: generated tokens that never got
+    a forward of their own (generate's final token), shown after the language/text stream."""
+    the_run = trace.run(run)
+    streams = sorted({s for s, _ in the_run.records})
+    views = []
+    for stream in streams:
+        layers = sorted(layer for s, layer in the_run.records if s == stream)
+        maps = the_run.tokens.get(stream)
+        length = 0
+        heads: list[int] = []
+        for layer in layers:
+            for rec in the_run.records[(stream, layer)]:
+                keys = rec.keys if rec.keys is not None else range(rec.probs.shape[-1])
+                length = max(length, (max(keys) + 1) if len(keys) else 0, max(rec.queries) + 1)
+                heads = sorted(set(heads) | set(rec.heads))
+        if maps:
+            tmap = maps[row]
+            tmap = TokenMap(list(tmap.roles), list(tmap.tokens), list(tmap.patch), list(tmap.grids))
+        else:
+            tmap = TokenMap.unknown(length)
+        if len(tmap) < length:  # positions the token map never saw (should not happen; stay drawable)
+            for _ in range(length - len(tmap)):
+                tmap.append("", "unknown")
+        length = len(tmap)
+        rows: dict[int, np.ndarray] = {}
+        for li, layer in enumerate(layers):
+            for rec in sorted(the_run.records[(stream, layer)], key=lambda r: (r.step, r.part)):
+                probs = rec.probs[row].detach().float().cpu().numpy()  # [h, q, k]
+                keys = np.asarray(rec.keys if rec.keys is not None else range(probs.shape[-1]), dtype=np.int64)
+                hidx = [heads.index(h) for h in rec.heads]
+                for qi, q in enumerate(rec.queries):
+                    block = rows.get(q)
+                    if block is None:
+                        block = rows[q] = np.zeros((len(layers), len(heads), length), np.float32)
+                    block[li][np.ix_(hidx, keys)] = probs[:, qi, :]
+        queries = sorted(rows)
+        full = np.stack([rows[q] for q in queries]) if queries else np.zeros((0, len(layers), len(heads), length), np.float32)
+        del rows
+        view = StreamView(stream, tmap, layers, heads, queries, *quantize(full),
+                          tail=list(tail or []) if stream in ("language", "text") else [])
+        _summaries(view, full)
+        views.append(view)
+    return views
+
+
+def _summaries(view: StreamView, full: np.ndarray) -> None:
+    """Head metrics, received attention, sinks and pooled thumbnails from the float rows [q, l, h, k]."""
+    if not len(view.queries):
+        return
+    nonzero = (full > 0).sum(-1)  # keys each row can see (causal rows see fewer)
+    logn = np.log(np.maximum(nonzero, 2))
+    ent = -(np.where(full > 0, full * np.log(np.where(full > 0, full, 1)), 0)).sum(-1) / logn
+    view.metrics["entropy"] = ent.mean(0)
+    # keys as multiples of the uniform share of their row; averaged where the key is visible
+    ratio = full * nonzero[..., None]
+    visible = np.arange(view.length)[None, :] <= np.asarray(view.queries)[:, None]  # [q, k] if causal
+    if (full * ~visible[:, None, None, :]).max(initial=0) > 0:  # mass on later keys: bidirectional
+        visible = np.ones_like(visible)
+    counts = np.maximum(visible.sum(0), 1)
+    # per layer: mean over heads, averaged over the queries that see the key; a sink in any layer counts
+    per_layer = (ratio.mean(axis=2) * visible[:, None, :]).sum(0) / counts  # [l, k]
+    share = (full.mean(axis=2) * visible[:, None, :]).sum(0) / counts  # [l, k] mean share of a row
+    # a sink: many times a uniform share (long sequences), or a large share outright (short ones)
+    received = np.maximum(per_layer.max(0), np.where(share.max(0) >= SINK_SHARE, SINK_RATIO, 0))
+    # a key seen by only a few stored rows (the end of a causal sequence) is not called a sink on their word
+    received = np.where(visible.sum(0) >= min(len(view.queries), max(3, len(view.queries) // 10)), received, 0)
+    view.received = received.astype(np.float32)
+    cands = [k for k in np.argsort(-received) if received[k] >= SINK_RATIO and view.tokens.roles[k] != "pad"]
+    view.sinks = sorted(int(k) for k in cands[: max(1, view.length // 50)])
+    if view.sinks:
+        view.metrics["sink mass"] = full[..., view.sinks].sum(-1).mean(0)
+    image = view.tokens.positions("image")
+    if image:
+        view.metrics["image ratio"] = full[..., image].sum(-1).mean(0)
+    view.metrics["self"] = np.stack([full[i, :, :, q] for i, q in enumerate(view.queries)]).mean(0)
+    # thumbnails stay near 128 kB whatever the model: 32x32 for up to 128 heads, smaller for more
+    size = int(np.clip(math.isqrt(131072 // max(1, full.shape[1] * full.shape[2])), 12, PATTERN))
+    view.pattern = _pattern(full, view.queries, view.length, size)
+
+
+def _pattern(full: np.ndarray, queries: list[int], length: int, size: int = PATTERN) -> np.ndarray:
+    """[l, h, P, P] uint8: attention mass from query bins to key bins (stored rows only), each head scaled to its max."""
+    p = min(size, length)
+    qbin = np.minimum(np.asarray(queries) * p // length, p - 1)
+    kbin = np.minimum(np.arange(length) * p // length, p - 1)
+    q, layers, heads, _ = full.shape
+    keyed = np.zeros((q, layers, heads, p), np.float32)
+    np.add.at(np.moveaxis(keyed, -1, 0), kbin, np.moveaxis(full, -1, 0))
+    out = np.zeros((layers, heads, p, p), np.float32)
+    count = np.zeros(p, np.float32)
+    np.add.at(np.moveaxis(out, 2, 0), qbin, keyed)
+    np.add.at(count, qbin, 1)
+    out /= np.maximum(count, 1)[None, None, :, None]
+    top = out.max(axis=(2, 3), keepdims=True)
+    return np.rint(out / np.where(top > 0, top, 1) * 255).astype(np.uint8)
+
+
+# --- images -----------------------------------------------------------------------------------------------
+def image_data_url(image: Image.Image, max_side: int = 448, fmt: str = "JPEG") -> str:
+    """A data: URL of `image` (RGB), downscaled so its longer side is at most `max_side`."""
+    image = image.convert("RGB")
+    scale = max_side / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, quality=88) if fmt == "JPEG" else image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def seen_image(pixel_values: torch.Tensor, image_processor=None, index: int = 0) -> Image.Image:
+    """The image as the model saw it (after resize and crop), from `pixel_values` [B, 3, H, W] and the
+    processor's normalization, so heat maps over the patch grid line up with it exactly."""
+    pv = pixel_values[index].detach().float().cpu()
+    mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    std = getattr(image_processor, "image_std", None) or [0.5, 0.5, 0.5]
+    pv = pv * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    arr = (pv.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+# --- the document ---------------------------------------------------------------------------------------
+def document(views: list[StreamView], images: list[Image.Image] | None = None, embed_rows: bool = True,
+             provenance: dict | None = None, title: str = "", generation: dict | None = None,
+             explanations: list[dict] | None = None, tables: list[dict] | None = None, extra: dict | None = None) -> dict:
+    """The JSON-able view document the front end reads (embedded in HTML, or returned by the server)."""
+    doc = {
+        "format": FORMAT, "title": title, "roles": list(ROLES),
+        "streams": [v.meta(embed_rows) for v in views],
+        "images": [image_data_url(im) for im in images or []],
+        "provenance": _plain(provenance or {}),
+        "generation": generation, "explanations": explanations or [], "tables": tables or [],
+    }
+    return doc | (extra or {})
+
+
+def _plain(value):
+    """JSON-safe copy of provenance (tensors and tuples turned into lists, unknown objects into strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def scores_entry(method: str, stream: str, scores, target=None, faithfulness=None, params: dict | None = None,
+                 grid=None) -> dict:
+    """An explanation as the viewer draws it: scores over a stream's positions (uint8 scaled to the max)."""
+    arr = np.asarray(torch.as_tensor(scores).detach().float().cpu().numpy(), dtype=np.float32).reshape(-1)
+    pos = np.clip(arr, 0, None)
+    u8, scale = quantize(pos[None])
+    if target is not None and not isinstance(target, int):  # e.g. attnscope.explain's target description
+        params = dict(params or {}) | {"target": target}
+        target = None
+    return {"method": method, "stream": stream, "target": target, "params": _plain(params or {}),
+            "faithfulness": _plain(faithfulness), "length": int(arr.shape[0]), "b64": b64(u8[0]),
+            "scale": float(scale[0]), "min": float(arr.min()) if arr.size else 0.0,
+            "grid": None if grid is None else list(grid)}

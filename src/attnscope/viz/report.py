@@ -1,0 +1,41 @@
+"""`attnscope report`: one input through a model, written as ONE self-contained HTML file (the viewer with its
+data inline: open it from disk, mail it, attach it to an issue; it makes no network request)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import html, integrations, runner
+
+
+def report(model, text: str | None = None, image=None, out: str | Path = "attnscope-report.html", max_new_tokens: int = 0,
+           methods: list[str] | tuple[str, ...] = (), title: str | None = None, faithfulness: bool = True,
+           max_values: int = html.EXPORT_MAX_VALUES) -> Path:
+    """Run `model` (a zoo name, a local directory or a loaded Model) on `text` and/or `image` (photo name, path,
+    PIL image), generating `max_new_tokens` for language models, and write the viewer page to `out`.
+
+    `methods`: `attnscope.explain` methods to add beside raw attention (for the CLS / last position, or the
+    last generated token), each with its faithfulness score unless `faithfulness=False`."""
+    from ..models.zoo import load
+
+    m = load(model) if isinstance(model, (str, Path)) else model
+    result = runner.run(m, text=text, image=image, max_new_tokens=max_new_tokens)
+    available = integrations.explain_methods()
+    entries = []
+    for method in methods:
+        if method == integrations.RAW:
+            continue
+        if method not in available:
+            raise ValueError(f"unknown or unavailable method {method!r}; available: {', '.join(available)}")
+        stream = result.generation["stream"] if result.generation else result.views[0].name
+        view = next(v for v in result.views if v.name == stream)
+        cls = view.tokens.positions("cls")
+        target = cls[0] if cls else view.length - 1
+        entry, expl = runner.explain_entry(m, result, method, stream, target, with_faithfulness=faithfulness)
+        entries.append(entry)
+    what = ", ".join(x for x in (str(image) if isinstance(image, (str, Path)) else ("image" if image is not None else ""),
+                                 repr(text[:40]) if text else "") if x)
+    name = title or f"attnscope: {m.name}" + (f" on {what}" if what else "")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(html.result_html(result, title=name, max_values=max_values, explanations=entries), encoding="utf-8")
+    return out

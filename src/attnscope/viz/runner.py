@@ -1,0 +1,124 @@
+"""Run a model on one input under capture and turn the trace into view data (used by the server, the
+`report` command and `viz.html.report`)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from ..capture.session import capture
+from ..capture.trace import Trace
+from ..models.images import load_image
+from . import data, integrations
+
+
+@dataclass
+class RunResult:
+    views: list[data.StreamView]
+    images: list[Image.Image]
+    provenance: dict
+    generation: dict | None = None
+    inputs: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    steer: dict | None = None
+    full_ids: torch.Tensor | None = None  # prompt + every generated token (explaining a generated word needs them)
+    explanations: dict = field(default_factory=dict)  # id -> Explanation, for faithfulness asked for afterwards
+
+    def document(self, embed_rows: bool, title: str = "", max_values: int | None = None, **extra) -> dict:
+        views = self.views
+        if embed_rows and max_values is not None:
+            views = [v.subset(v.export_queries(max_values)) for v in views]
+        return data.document(views, self.images, embed_rows=embed_rows, provenance=self.provenance, title=title,
+                             generation=self.generation, extra={"seconds": round(self.seconds, 3), "steer": self.steer} | extra)
+
+
+def can_generate(model) -> bool:
+    try:
+        return bool(model.hf.can_generate())
+    except Exception:
+        return False
+
+
+def takes(model) -> dict:
+    """What inputs the model takes: {"text": bool, "image": bool, "generate": bool}."""
+    return {"text": model.tokenizer is not None, "image": model.image_processor is not None, "generate": can_generate(model)}
+
+
+def run(model, text: str | None = None, image=None, max_new_tokens: int = 0, steer: str | None = None,
+        steer_params: dict | None = None, budget: int = data.DEFAULT_BUDGET, chat: bool = False) -> RunResult:
+    """Encode, run (or generate `max_new_tokens` greedily) under capture and build the stream views.
+
+    Every layer and head is captured; query rows are all kept when they fit `budget` values, else the focus
+    roles (CLS, specials, last, generated) and an even stride (see `data.query_plan`)."""
+    can = takes(model)
+    if text is not None and not text.strip():
+        text = None
+    if image is not None and not can["image"]:
+        raise ValueError(f"{model.name} takes no images; type a prompt instead")
+    if text is not None and not can["text"]:
+        raise ValueError(f"{model.name} takes no text; give it an image")
+    photo = None if image is None else load_image(image)
+    if chat and text is not None and getattr(model.tokenizer, "chat_template", None):
+        text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    inputs = model.encode(text=text, image=photo)
+    generate = can["generate"] and max_new_tokens > 0 and "input_ids" in inputs
+    queries = data.query_plan(model, inputs, budget, max_new_tokens if generate else 0)
+    start = time.perf_counter()
+    generation = None
+    with torch.no_grad(), integrations.steering(model, steer, steer_params), capture(model, queries=queries) as trace:
+        if generate:
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        else:
+            model(**inputs)
+    seconds = time.perf_counter() - start
+    tail = []
+    if generate:
+        n = inputs["input_ids"].shape[1]
+        new = ids[0, n:].tolist()
+        fed = trace.run().steps  # decode forwards: every generated token but the last was fed back
+        tail = model.tokenizer.convert_ids_to_tokens(new[fed:]) if len(new) > fed else []
+        generation = {"prompt_length": n, "answer": model.tokenizer.decode(new, skip_special_tokens=True),
+                      "new_tokens": len(new), "stream": "language" if "language" in model.streams else "text"}
+    images = []
+    if "pixel_values" in inputs and inputs["pixel_values"] is not None and inputs["pixel_values"].dim() == 4:
+        images = [data.seen_image(inputs["pixel_values"], model.image_processor, i) for i in range(inputs["pixel_values"].shape[0])][:1]
+    elif photo is not None:
+        images = [photo]
+    result = from_trace(trace, images=images, tail=tail)
+    result.generation, result.inputs, result.seconds = generation, inputs, seconds
+    if generate:
+        result.full_ids = ids.detach().cpu()
+    result.steer = {"method": steer, "params": steer_params or {}} if steer else None
+    return result
+
+
+def from_trace(trace: Trace, images: list[Image.Image] | None = None, tail: list[str] | None = None, run: int = -1,
+               row: int = 0) -> RunResult:
+    views = data.stream_views(trace, run=run, row=row, tail=tail)
+    return RunResult(views, list(images or []), dict(trace.provenance))
+
+
+def explain_entry(model, result: RunResult, method: str, stream: str, query: int, target: int | None = None,
+                  with_faithfulness: bool = True) -> tuple[dict, object]:
+    """Scores of `attnscope.explain(method)` as the viewer draws them. A generated word (`target`, or `query`)
+    is explained as the log-probability of that token given everything before it; anything else with the
+    method's default target (CLS embedding, next token, ...)."""
+    view = next((v for v in result.views if v.name == stream), None)
+    if view is None:
+        raise ValueError(f"no stream {stream!r} in this run")
+    pos = query if target is None else target
+    inputs, goal = result.inputs, None
+    generated = pos >= view.length or view.tokens.roles[pos] == "generated"
+    if generated and result.full_ids is not None and stream in ("text", "language"):
+        ids = result.full_ids[:, : pos + 1].to(model.device)
+        inputs = dict(result.inputs) | {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        goal = integrations.token_target(pos)
+    expl = integrations.run_explain(model, inputs, method, goal, stream)
+    scores, _ = integrations.explanation_scores(expl)
+    flat = torch.as_tensor(scores).detach().float().reshape(-1)[: view.length]
+    flat = torch.nn.functional.pad(flat, (0, view.length - flat.numel()))
+    faith = integrations.faithfulness(expl) if with_faithfulness else None
+    entry = data.scores_entry(method, stream, flat, target=pos, faithfulness=faith, params=getattr(expl, "params", None))
+    return entry, expl
