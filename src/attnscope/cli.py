@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
     demo.add_argument("--out", default="demo-out")
     demo.set_defaults(fn=cmd_demo)
+    from .explain import command as explain_command
+
+    explain_command.add_parser(sub).set_defaults(fn=explain_command.run)
     srv = sub.add_parser("serve", help="the interactive viewer: a local web app in the browser")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default loopback); any other address exposes the app to the network")
