@@ -190,7 +190,7 @@ def table(result: dict) -> list[str]:
     lines = ["| method | " + " | ".join(h for _, h, _ in keys) + " | n |", "|---" * (len(keys) + 2) + "|"]
     for method, s in summary.items():
         if not s["n"]:
-            lines.append(f"| {method} | " + " | ".join("refused" for _ in keys) + f" | 0 |")
+            lines.append(f"| {method} | " + " | ".join("refused" for _ in keys) + " | 0 |")
             continue
         cells = []
         for key, _, fmt in keys:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnscope.core.tokens import TokenMap
-from attnscope.evaluate import energy_pointing, faithfulness, pointing_game, saliency_agreement, saliency_map
+from attnscope.evaluate import energy_pointing, pointing_game, saliency_agreement, saliency_map
 from attnscope.evaluate.faithfulness import units_of
 from attnscope.explain import Explanation, explain, targets
 

@@ -124,3 +124,14 @@ def test_every_method_is_listed_and_documented():
         doc = mod.__doc__ or ""
         assert "Paper" in doc or "paper" in doc, name
         assert "Default" in doc or "default" in doc, name
+
+
+def test_demo_figures_write_pngs(dinov2, tmp_path):
+    from attnscope.explain.figures import comparison_figure, sinks_figure
+
+    path = comparison_figure(tmp_path, photos=("coffee",), methods=(("raw", {}),), model=dinov2, saliency=False)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    path, facts = sinks_figure(tmp_path / "sinks.png", photos=("coffee",), model=dinov2)
+    assert path.exists() and facts["coffee"]["sinks"]
+    assert facts["coffee"]["top_rollout_keep"] in facts["coffee"]["sinks"]
+    assert facts["coffee"]["top_rollout_discount"] not in facts["coffee"]["sinks"]

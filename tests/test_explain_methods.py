@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnscope
-from attnscope.explain import explain, flow, targets
+from attnscope.explain import explain, targets
 from attnscope.explain.flow import FlowTooLargeError
 from attnscope.explain.rollout import mixed
 from attnscope.explain.sinks import detect_sinks

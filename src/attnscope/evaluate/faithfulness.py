@@ -210,7 +210,6 @@ def faithfulness(expl, curves: tuple[str, ...] | None = None, baseline: str = "m
     if random:
         todo += [(name, random_order, True) for name in sorted({"deletion" if n == "negative" else n for n in curves})]
     results: dict = {}
-    labels_all: dict = {}
     forwards = 0
     for b, perturber in perturbers.items():
         rows: list[list[int]] = [[], list(unit_list)]

@@ -61,7 +61,7 @@ def comparison_figure(out: str | Path, photos=PHOTOS, methods=METHODS, model=Non
             from ..evaluate.agreement import saliency_map
 
             _overlay(axes[row][-1], photo, _resize(saliency_map(model, x), photo), "saliency head" if row == 0 else "")
-    fig.suptitle("dinov2-small, target: CLS embedding (projection on itself); cyan boxes: detected sinks", fontsize=8)
+    fig.suptitle("dinov2-small, target: CLS embedding (projection on itself)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -13,7 +13,6 @@ as in the paper. The model runs with its own attention backend (no attention rec
 one backward."""
 from __future__ import annotations
 
-import torch
 
 from . import base, engine, raw
 

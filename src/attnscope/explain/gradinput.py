@@ -11,7 +11,6 @@ Defaults, and why: `absolute=False` (signed, as defined; `True` gives |x ⊙ g|,
 Cost: one forward + one backward."""
 from __future__ import annotations
 
-import torch
 
 from . import base, engine
 

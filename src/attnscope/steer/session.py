@@ -206,8 +206,12 @@ class CallContext:
         if callable(spec):
             return spec(self)
         if spec == "last":
-            out = torch.zeros(self.B, self.Q, dtype=torch.bool)
-            out[:, -1] = True
+            key = ("last-row", self.B, self.Q)
+            out = self.state._masks.get(key)
+            if out is None:
+                out = torch.zeros(self.B, self.Q, dtype=torch.bool)
+                out[:, -1] = True
+                self.state._masks[key] = out
             return out
         full = self.state.position_mask(spec, self.site.stream, self.B, "queries")
         cols = None if self.pos_k is None else self.pos_k[:, self.K - self.Q:]
@@ -333,7 +337,7 @@ class _SiteHandler(Handler):
         dense = []
         for edit, heads in active:
             qm = ctx.query_mask(edit.queries)
-            rows = qm.any(0).nonzero()[:, 0]
+            rows = torch.tensor([ctx.Q - 1]) if edit.queries == "last" else qm.any(0).nonzero()[:, 0]
             if rows.numel() == 0:
                 continue
             if edit.kind == "prob" or rows.numel() * 4 < ctx.Q:
@@ -603,8 +607,9 @@ class steer:
         for e in edits:
             e.check(model)
             if "image" in getattr(e, "roles_needed", set()) and model.spec.kind == "text":
+                fix = "role=<another role>" if isinstance(e, DropTokens) else "keys=<positions or a role>"
                 raise SteerError(f"{_label(e)} acts on image tokens, but {model.name} is a text model with no image tokens; "
-                                 "pass keys=<positions or a role> to target a text span instead")
+                                 f"pass {fix} to target text tokens instead")
         drops = [e for e in edits if isinstance(e, DropTokens)]
         by_stream: dict[str, int] = {}
         for d in drops:
