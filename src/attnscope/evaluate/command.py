@@ -1,0 +1,94 @@
+"""`attnscope eval pope|chair`: object hallucination of a vision-language model on the scene world, optionally
+steered (cli.py only registers it). Under `accelerate launch --num_processes K`, `--shard` splits the questions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register `eval` on an argparse sub-parser collection."""
+    from .pope import SPLITS
+
+    p = sub.add_parser("eval", help="POPE or CHAIR object hallucination of a vision-language model on the scene world")
+    p.add_argument("benchmark", choices=["pope", "chair"])
+    p.add_argument("--model", default="scene-vlm", help="a vision-language model: zoo name or model directory "
+                                                        "(default scene-vlm)")
+    p.add_argument("--steer", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="steering method, repeatable: pai:alpha=0.5, vcd, fastv:k=2,keep=0.5")
+    p.add_argument("--n", type=int, help="POPE: questions per split (default 500); CHAIR: images (default 200)")
+    p.add_argument("--split", default=",".join(SPLITS), help=f"POPE splits, comma-separated (default {','.join(SPLITS)})")
+    p.add_argument("--scene-split", default="test", help="scene-world split the images come from (default test)")
+    p.add_argument("--new-tokens", type=int, help="answer length (default 8 for POPE, 64 for CHAIR)")
+    p.add_argument("--prompt", help="CHAIR caption prompt (default 'Describe the image.')")
+    p.add_argument("--seed", type=int, default=0, help="question sampling, decoding seeds and the bootstrap")
+    p.add_argument("--sample", action="store_true", help="sample answers (seeded per question) instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--out", help="JSON lines: one line per answer/caption, then the summary")
+    p.add_argument("--shard", action="store_true",
+                   help="under `accelerate launch`, answer every K-th question per process (needs --out)")
+    p.add_argument("--json", action="store_true", help="print the summary metrics as one JSON object")
+    p.add_argument("--progress", action="store_true", help="report progress on stderr")
+    p.set_defaults(fn=run)
+    return p
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\r{done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def pope_table(metrics: dict) -> str:
+    """Per split: accuracy, precision, recall, F1, yes-ratio and unparseable rate, each with its 95% interval."""
+    from .bootstrap import fmt
+
+    names = ("accuracy", "precision", "recall", "f1", "yes_ratio", "unparseable")
+    rows = ["| split | n | accuracy | precision | recall | F1 | yes-ratio | unparseable |", "|---" * 8 + "|"]
+    for split, m in metrics.items():
+        cells = [fmt(m["ci"][k]) if k in m["ci"] else f"{m.get(k, float('nan')):.3f}" for k in names]
+        rows.append(f"| {split} | {m['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def run(args) -> int:
+    from ..models.zoo import load
+    from . import chair, pope
+
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be at least 1; got {args.n}")
+    if args.shard and not args.out:
+        raise ValueError("--shard writes one file per process next to --out; pass --out")
+    steer = [pope.resolve_steer(spec) for spec in args.steer] or None  # SteerError before the model loads
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    bad = [s for s in splits if s not in pope.SPLITS]
+    if bad or not splits:
+        raise ValueError(f"unknown POPE splits {bad}; splits are {', '.join(pope.SPLITS)}")
+    model = load(args.model)
+    pope.Generator(model)  # NotAVisionLanguageModel now, before the questions are built
+    common = dict(steer=steer, sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                  out=args.out, shard=args.shard, boot=args.boot, progress=_progress if args.progress else None)
+    if args.new_tokens is not None:
+        common["max_new_tokens"] = args.new_tokens
+    if args.benchmark == "pope":
+        questions, image_of = pope.scene_questions(n=args.n or 500, scene_split=args.scene_split, seed=args.seed,
+                                                   splits=splits)
+        result = pope.evaluate_pope(model, questions, image_of, **common)
+    else:
+        images, image_of = chair.scene_images(n=args.n or 200, split=args.scene_split)
+        if args.prompt:
+            common["prompt"] = args.prompt
+        result = chair.evaluate_chair(model, images, image_of, **common)
+    if result is None:  # a shard other than rank 0: rank 0 merges and reports
+        return 0
+    if args.json:
+        print(json.dumps({"benchmark": args.benchmark, "config": result.config, "metrics": result.metrics}))
+    else:
+        unit = "questions" if args.benchmark == "pope" else "images"
+        print(f"{args.benchmark.upper()} on {result.config['model']}, {result.config['method']}: "
+              f"{len(result.records)} {unit}, {'sampled' if args.sample else 'greedy'}, 95% bootstrap intervals")
+        print(pope_table(result.metrics) if args.benchmark == "pope" else result.table())
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
