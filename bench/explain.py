@@ -242,7 +242,7 @@ def write(args, results, meta, total, load_start, quick, partial=()) -> None:
     lines = ["# attnscope.explain benchmark" + (" (quick run)" if quick else ""), "",
              f"Command: `{command}` (total {total:.0f} s{'; still running: ' + ', '.join(sorted(partial)) if partial else ''}).  ",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"torch {torch.__version__}, torch threads 2, no GPU. Load average (1/5/15 min) at start "
+             f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, no GPU. Load average (1/5/15 min) at start "
              f"{'/'.join(f'{v:.1f}' for v in load_start)}, now {'/'.join(f'{v:.1f}' for v in os.getloadavg())}.", "",
              "Each cell is the mean over inputs ± its standard error, with the random map's mean beside it (rand ...). "
              f"Faithfulness curves have {args.steps} steps; deletion and negative perturbation fill removed patches with the "
@@ -276,8 +276,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", help="comma-separated workloads: canvas,photos,minilm,smollm2")
     parser.add_argument("--out", default=str(RESULTS / "explain.md"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steadier ratios when other jobs share the cores)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from attnscope.models.images import PHOTOS
 
     quick = args.quick

@@ -66,11 +66,89 @@ def smollm_generation(out: Path) -> dict:
             "layer29_share_on_first_token": [round(float(r[0]), 3) for r in rows]}
 
 
+def explanations(out: Path) -> dict:
+    """Explanation methods side by side on the photos, and sink-aware rollout before/after."""
+    from .explain.figures import demo_figures
+
+    return demo_figures(out)
+
+
+def head_tables(out: Path) -> dict:
+    """Head tables: SmolLM2 (entropy, role and sink mass, ablation importance on a copied answer) and DINOv2
+    (CLS-row metrics, ablation importance on the CLS embedding), saved as CSV and as layer x head figures."""
+    from . import heads
+    from .viz.figures import metric_grid_figure
+
+    facts = {}
+    smol = load("smollm2-135m")
+    x = smol.encode("Alice lives in Paris. Bob lives in Rome. Alice lives in")
+    t = heads.table(smol, x, metrics=["entropy", "role_mass", "sink_mass", "ablation"], layers=list(range(20, 30)),
+                    target=" Paris")
+    t.save(out / "smollm2_heads.csv")
+    metric_grid_figure(t, ["entropy", "sink_mass", "ablation"], out / "smollm2_heads.png",
+                       "SmolLM2-135M layers 20-29: head entropy, sink mass, ablation importance on log p(' Paris')")
+    facts["smollm2-135m"] = {"target": t.meta.get("target"), "top_ablation": [list(h) for h in t.top("ablation", 5)]}
+    dino = load("dinov2-small")
+    x = dino.encode(image="chelsea")
+    t = heads.table(dino, x, metrics=["entropy", "role_mass", "sink_mass", "ablation"], queries="cls")
+    t.save(out / "dinov2_heads.csv")
+    metric_grid_figure(t, ["entropy", "image_ratio", "ablation"], out / "dinov2_heads.png",
+                       "DINOv2-S/14 on chelsea, CLS row: head entropy, image ratio, ablation importance on the CLS embedding")
+    facts["dinov2-small"] = {"target": t.meta.get("target"), "top_ablation": [list(h) for h in t.top("ablation", 5)]}
+    print(t.to_text(sort="ablation", k=8))
+    return facts
+
+
+def steering(out: Path) -> dict:
+    """SmolLM2: amplifying attention to one fact's span (PAI-style, layers 20-29) raises the answer copied from it."""
+    from .steer import PAI, steer
+
+    model = load("smollm2-135m")
+    prompt = "Alice lives in Paris. Bob lives in Rome. Bob lives in"
+    x = model.encode(prompt)
+    ids = x["input_ids"][0].tolist()
+    facts = {"prompt": prompt}
+    for word in (" Paris", " Rome"):
+        token = model.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+        span = [i for i, t in enumerate(ids) if t == token]
+        probs = {}
+        for alpha in (0.0, 0.5, 1.0, 2.0):
+            with torch.no_grad(), steer(model, PAI(alpha=alpha, keys=span, layers=range(20, 30))):
+                logits = model.hf(**x).logits[0, -1]
+            probs[alpha] = round(float(logits.softmax(-1)[token]), 4)
+        facts[f"p({word.strip()}) with its span amplified, by alpha"] = probs
+    return facts
+
+
+def scene_vlm(out: Path) -> dict:
+    """The trained scene-vlm: captions and yes/no answers on held-out scenes, with exact ground truth."""
+    from .evaluate.pope import Generator
+    from .models import scene_vlm as svlm
+    from .scenes import SceneWorld, caption_scores, question
+
+    if not (svlm.WEIGHTS_DIR / svlm.WEIGHTS_FILE).is_file():
+        return {"skipped": f"no trained weights; run {svlm.TRAIN_SCRIPT}"}
+    model, world = load("scene-vlm"), SceneWorld(seed=0)
+    ask = Generator(model, max_new_tokens=48)
+    rows = []
+    for i in range(4):
+        scene = world.scene("test", i)
+        caption = ask(scene.image, "Describe the image.")[0]
+        present = scene.objects[0].cls
+        rows.append({"truth": scene.caption(), "caption": caption,
+                     "class_f1": round(caption_scores(caption, scene)["class"]["f1"], 3),
+                     question(present): ask(scene.image, question(present))[0]})
+        scene.image.save(out / f"scene_test_{i}.png")
+    return {"scenes": rows}
+
+
 def run(out: str | Path = "demo-out") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for name, job in (("dinov2-small", dinov2_photos), ("minilm", minilm_heads), ("smollm2-135m", smollm_generation)):
+    jobs = (("dinov2-small", dinov2_photos), ("minilm", minilm_heads), ("smollm2-135m", smollm_generation),
+            ("explain", explanations), ("heads", head_tables), ("steer", steering), ("scene-vlm", scene_vlm))
+    for name, job in jobs:
         start = time.perf_counter()
         summary[name] = job(out) | {"seconds": round(time.perf_counter() - start, 1)}
         print(f"{name}: done in {summary[name]['seconds']} s")

@@ -84,3 +84,28 @@ def generation_figure(rows: torch.Tensor, tokens: list[str], n_prompt: int, path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def metric_grid_figure(table, metrics: list[str], path: Path, title: str) -> Path:
+    """One layers × heads heat map per metric of a `heads.HeadTable` (its first stream)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    stream = table.rows[0][0]
+    layers = sorted({layer for s, layer, _ in table.rows if s == stream})
+    for ax, name in zip(axes[0], metrics):
+        grid = table.grid(name, stream)[layers].float().numpy()
+        if np.nanmin(grid) < 0:  # signed (importance): diverging colours centred on 0
+            lim = float(np.nanmax(np.abs(grid)))
+            im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        else:
+            im = ax.imshow(grid, cmap="magma", aspect="auto")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6)
+        ax.tick_params(labelsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
