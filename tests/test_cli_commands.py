@@ -153,3 +153,34 @@ def test_eval_chair_steered_on_scene_vlm(scene, use, capsys):
     assert {"chair_s", "chair_i", "recall"} <= set(doc["metrics"]["ci"])
     assert main(["eval", "pope", "--model", "scene-vlm", "--split", "random,sideways"]) == 2
     assert "unknown POPE splits ['sideways']" in capsys.readouterr().err
+
+
+def test_accelerate_launch_on_two_processes_equals_one_process(scene, use, tmp_path, capsys):
+    """`accelerate launch --num_processes 2 ... --shard`: two real CPU processes answer half the questions each,
+    rank 0 merges them, and the merged records equal a one-process run's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if launcher is None:
+        pytest.skip("accelerate is not installed (pip install attnscope[eval])")
+    args = ["eval", "pope", "--model", "scene-vlm", "--n", "4", "--boot", "50"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attnscope.cli", *args,
+                          "--shard", "--out", str(tmp_path / "sharded.jsonl")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    use("scene-vlm", scene)
+    assert main([*args, "--out", str(tmp_path / "single.jsonl")]) == 0
+    capsys.readouterr()
+
+    def answers(name):
+        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        return sorted((r["split"], r["image_id"], r["object"], r["answer"]) for r in rows if r["type"] == "answer")
+
+    sharded, single = answers("sharded.jsonl"), answers("single.jsonl")
+    assert len(single) == 12 and sharded == single
+    assert sorted(p.name for p in tmp_path.iterdir() if "rank" in p.name) == []  # shard files merged away
