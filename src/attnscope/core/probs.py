@@ -64,15 +64,18 @@ def attention_probs(
     key_pos = torch.arange(kv_len, device=device)
     min_value = torch.finfo(torch.float32).min
 
-    out = []
-    for start in range(0, rows.numel(), chunk):
+    q_all = query.index_select(1, heads)
+    n_keys = kv_len if keys is None else keys.numel()
+    keys = None if keys is None else keys.to(device)
+    out = torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32, device=device)
+    for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
-        q = query.index_select(1, heads).index_select(2, r).float()
-        scores = torch.matmul(q, k_sel.transpose(-1, -2)) * scaling
+        q = q_all.index_select(2, r).float()
+        scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
         if attention_mask is not None:
-            scores = scores + _mask_rows(attention_mask, r, heads, kv_len)
+            scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
         if causal or window:
             q_pos = (kv_len - q_len + r)[:, None]
             allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
@@ -80,10 +83,7 @@ def attention_probs(
                 allowed &= key_pos[None, :] <= q_pos
             if window:
                 allowed &= key_pos[None, :] > q_pos - window
-            scores = scores.masked_fill(~allowed, min_value)
+            scores = scores.masked_fill_(~allowed, min_value)
         probs = scores if logits else torch.softmax(scores, dim=-1)
-        out.append(probs if keys is None else probs.index_select(-1, keys.to(device)))
-    if not out:
-        k = kv_len if keys is None else keys.numel()
-        return query.new_zeros(batch, heads.numel(), 0, k, dtype=torch.float32)
-    return torch.cat(out, dim=2)
+        out[:, :, start : start + r.numel()] = probs if keys is None else probs.index_select(-1, keys)
+    return out
