@@ -171,13 +171,31 @@ def collate(packs: list[dict]) -> dict:
 
 def exchanges_for(scene_classes: list[str], rng: random.Random, stage: int, n_questions: int) -> list[tuple[str, str]]:
     out = [(CAPTION_PROMPT, None)]
-    if stage == 2:
+    if n_questions:
         present = list(scene_classes)
         absent = [c for c in CLASSES if c not in present]
         k = min(n_questions // 2, len(present))
         out += [(question(c), YES) for c in rng.sample(present, k)]
         out += [(question(c), NO) for c in rng.sample(absent, min(k if k else 1, len(absent)))]
     rng.shuffle(out)
+    return out
+
+
+def cell_labels(world: SceneWorld, split: str, n: int, grid: int, cover: float = 0.2) -> torch.Tensor:
+    """[n, grid*grid] class index of the object covering the most of each image-token cell (at least `cover` of
+    it), else len(CLASSES) (background): the exact ground truth the grounding loss reads."""
+    out = torch.full((n, grid * grid), len(CLASSES), dtype=torch.long)
+    for i in range(n):
+        scene = world.scene(split, i)
+        lm = scene.label_map()
+        cell = lm.shape[0] // grid
+        blocks = lm[:grid * cell, :grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+        best = np.full(grid * grid, cover)
+        for k, obj in enumerate(scene.objects):
+            share = (blocks == k).mean(1)
+            better = share >= best
+            out[i, torch.from_numpy(better)] = CLASSES.index(obj.cls)
+            best = np.maximum(best, share)
     return out
 
 
@@ -192,8 +210,26 @@ class Trainer:
         self.projector = model.hf.model.multi_modal_projector
         self.image_id = model.hf.config.image_token_id
         self.yes, self.no = model.tokenizer.convert_tokens_to_ids(YES), model.tokenizer.convert_tokens_to_ids(NO)
+        # grounding readout: the word embedding of each class name (its first token after a space) and of "nothing"
+        words = [f" {c}" for c in CLASSES] + [" nothing"]
+        ids = [model.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError(f"class words share first tokens: {dict(zip(words, ids))}")
+        self.ground_ids = torch.tensor(ids)
+        self.ground_weight = 0.0
 
-    def loss(self, batch: dict, features: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def grounding(self, img: torch.Tensor, labels: torch.Tensor, temperature: float = 10.0) -> tuple[torch.Tensor, int]:
+        """Cross-entropy of each image token's cosine similarity to the class words' embeddings against the class
+        of the object under it: image tokens that read, to the language model, like the words for what they show."""
+        words = F.normalize(self.embed.weight[self.ground_ids].float(), dim=-1)
+        logits = F.normalize(img.float(), dim=-1) @ words.T * temperature
+        logits, labels = logits.flatten(0, 1), labels.flatten()
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        obj = labels < len(CLASSES)  # most cells are background: object cells weigh 1, background cells 0.25 together
+        loss = ce[obj].mean() + 0.25 * ce[~obj].mean() if obj.any() else 0.25 * ce.mean()
+        return loss, float((logits[obj].argmax(-1) == labels[obj]).float().mean()) if obj.any() else 0.0
+
+    def loss(self, batch: dict, features: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         ids = batch["ids"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             emb = self.embed(ids)
@@ -211,8 +247,13 @@ class Trainer:
             loss = F.cross_entropy(logits, targets)
         pred = logits.argmax(-1)
         yn = (targets == self.yes) | (targets == self.no)
-        return loss, {"tokens": int(sel.sum()), "correct": int((pred == targets).sum()),
-                      "yn": int(yn.sum()), "yn_correct": int((pred[yn] == targets[yn]).sum())}
+        info = {"tokens": int(sel.sum()), "correct": int((pred == targets).sum()),
+                "yn": int(yn.sum()), "yn_correct": int((pred[yn] == targets[yn]).sum())}
+        if self.ground_weight and labels is not None:
+            g, g_acc = self.grounding(img, labels)
+            loss = loss + self.ground_weight * g
+            info |= {"ground": g_acc}
+        return loss, info
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -223,7 +264,7 @@ def schedule(step: int, total: int, warmup: int) -> float:
 
 
 def run_stage(stage: int, trainer: Trainer, packer: Packer, classes: list[list[str]], feats: torch.Tensor,
-              params: list[dict], steps: int, args, seed: int) -> list[float]:
+              params: list[dict], steps: int, args, seed: int, labels: torch.Tensor | None = None) -> list[float]:
     opt = torch.optim.AdamW(params, weight_decay=0.0, betas=(0.9, 0.98))
     base_lrs = [g["lr"] for g in params]
     trainable = [p for g in params for p in g["params"]]
@@ -238,12 +279,12 @@ def run_stage(stage: int, trainer: Trainer, packer: Packer, classes: list[list[s
         rng = random.Random(seed * 1_000_003 + stage * 10_007 + step)
         packs = []
         for i in idx:
-            ex = exchanges_for(classes[i], rng, stage, args.questions)
+            ex = exchanges_for(classes[i], rng, stage, args.questions if stage == 2 else args.stage1_questions)
             packs.append(packer.pack([(q, a if a is not None else args.captions[i]) for q, a in ex]))
         batch = collate(packs)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * schedule(step, steps, warmup)
-        loss, info = trainer.loss(batch, feats[idx])
+        loss, info = trainer.loss(batch, feats[idx], None if labels is None else labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -254,6 +295,7 @@ def run_stage(stage: int, trainer: Trainer, packer: Packer, classes: list[list[s
         if step % 10 == 0 or step == steps - 1:
             el = time.time() - t0
             qa = f", yes/no acc (last 10 steps) {yn[0] / yn[1]:.2f}" if yn[1] else ""
+            qa += f", grounding acc on object cells {info['ground']:.2f}" if "ground" in info else ""
             log(f"stage {stage} step {step + 1}/{steps} loss {loss.item():.3f} (ema {ema:.3f}) token acc "
                 f"{info['correct'] / info['tokens']:.2f}{qa} | {el / (step + 1):.2f}s/step, {el / 60:.1f} min")
             yn = [0, 0]
@@ -298,10 +340,14 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--questions", type=int, default=6, help="yes/no questions per scene in stage 2 (half yes, half no)")
+    ap.add_argument("--stage1-questions", type=int, default=4, help="yes/no questions per scene in stage 1")
+    ap.add_argument("--ground", type=float, default=1.0,
+                    help="weight of the grounding loss (image tokens -> class-word embeddings of the object under them)")
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--loss-weighting", choices=("exchange", "token"), default="exchange",
                     help="exchange: each answer (caption or yes/no) weighs the same; token: each answer token does")
-    ap.add_argument("--stage1-steps", type=int, default=100)
-    ap.add_argument("--stage2-steps", type=int, default=330)
+    ap.add_argument("--stage1-steps", type=int, default=200)
+    ap.add_argument("--stage2-steps", type=int, default=300)
     ap.add_argument("--lr1", type=float, default=1e-3, help="projector, stage 1")
     ap.add_argument("--lr2", type=float, default=3e-4, help="projector, stage 2")
     ap.add_argument("--lr-lora", type=float, default=5e-4)
@@ -328,13 +374,18 @@ def main(argv=None) -> int:
     classes = [list(world.classes_of("train", i)) for i in range(args.scenes)]
     args.captions = [world.scene("train", i).caption() for i in range(args.scenes)]
     packer, trainer = Packer(model), Trainer(model, args.loss_weighting)
+    trainer.ground_weight = args.ground
+    grid = int(round(hf.config.image_seq_length ** 0.5))
+    labels = cell_labels(world, "train", args.scenes, grid) if args.ground else None
+    if labels is not None:
+        log(f"grounding labels: {grid}x{grid} cells, {float((labels < len(CLASSES)).float().mean()):.2f} covered by an object")
 
     projector = hf.model.multi_modal_projector
     for p in projector.parameters():
         p.requires_grad_(True)
     t1 = time.time()
     loss1 = run_stage(1, trainer, packer, classes, feats, [{"params": list(projector.parameters()), "lr": args.lr1}],
-                      args.stage1_steps, args, args.seed)
+                      args.stage1_steps, args, args.seed, labels)
     t1 = time.time() - t1
     val1 = validate(trainer, packer, world, val_feats, args.val_scenes, model.tokenizer)
     log(f"after stage 1: {val1}")
@@ -343,12 +394,13 @@ def main(argv=None) -> int:
     stage1 = cache_dir() / "scene-vlm-train" / f"stage1-seed{args.seed}.safetensors"  # for inspection or restarts
     save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, str(stage1))
 
-    lora = scene_vlm.add_lora(hf.model.language_model)
+    targets = tuple(t for t in args.lora_targets.split(",") if t)
+    lora = scene_vlm.add_lora(hf.model.language_model, targets=targets)
     lora_params = [p for m in lora.values() for p in (m.A, m.B)]
     t2 = time.time()
     loss2 = run_stage(2, trainer, packer, classes, feats,
                       [{"params": list(projector.parameters()), "lr": args.lr2}, {"params": lora_params, "lr": args.lr_lora}],
-                      args.stage2_steps, args, args.seed)
+                      args.stage2_steps, args, args.seed, labels)
     t2 = time.time() - t2
     val2 = validate(trainer, packer, world, val_feats, args.val_scenes, model.tokenizer)
     log(f"after stage 2: {val2}")
@@ -363,7 +415,7 @@ def main(argv=None) -> int:
         "model": scene_vlm.NAME, "base": {"vision": "dinov2-small", "language": "smollm2-135m"},
         "projector": {"type": "PooledProjector", "pool": scene_vlm.POOL, "image_tokens": hf.config.image_seq_length,
                       "vision_feature_layer": hf.config.vision_feature_layer},
-        "lora": {"r": scene_vlm.LORA_RANK, "alpha": scene_vlm.LORA_ALPHA, "targets": list(scene_vlm.LORA_TARGETS)},
+        "lora": {"r": scene_vlm.LORA_RANK, "alpha": scene_vlm.LORA_ALPHA, "targets": list(targets)},
         "world": world.config(),
         "args": {k: v for k, v in vars(args).items() if k != "captions"},
         "seconds": {"features": round(t_feats, 1), "stage1": round(t1, 1), "stage2": round(t2, 1),
