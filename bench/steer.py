@@ -18,6 +18,7 @@ configurations run in a freshly shuffled order each round, after a warm-up round
 from __future__ import annotations
 
 import argparse
+import importlib
 import contextlib
 import gc
 import json
@@ -112,7 +113,7 @@ def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5
 def generation(m, n_ctx: int, new: int, warm: int, rounds: int) -> dict:
     import torch
 
-    import attnscope.steer as st
+    st = importlib.import_module("attnscope.steer")  # the package (attnscope.steer is also the context manager)
 
     x = context(m, n_ctx)
     span = list(range(100, 200))
@@ -237,7 +238,7 @@ def flops(n_tokens: list[int], d: int, kv: int, m: int) -> float:
 def prefill(m, warm: int, rounds: int, quick: bool) -> dict:
     import torch
 
-    import attnscope.steer as st
+    st = importlib.import_module("attnscope.steer")  # the package (attnscope.steer is also the context manager)
 
     vlm, image_token, _ = llava_smollm2(m)
     tok = m.tokenizer
