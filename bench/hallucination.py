@@ -97,6 +97,25 @@ def run_traces(model, args, world):
     log(f"traces: {time.time() - t:.0f}s")
 
 
+def visual_heads(model, world, k: int = 10, scenes: int = 4) -> list[tuple[int, int]]:
+    """DeCoRe's heads for a VLM: the k language-model heads that put the most attention on the image (image ratio
+    of the answer position, averaged over `scenes` training scenes and POPE questions). Masking them in DeCoRe's
+    branch removes what the answer retrieves from the image, as masking retrieval heads does for text."""
+    from attnscope import heads
+    from attnscope.evaluate.pope import Generator
+    from attnscope.scenes import question
+
+    ask, total = Generator(model), None
+    for i in range(scenes):
+        scene = world.scene("train", i)
+        x = model.encode(ask.prompt(question(scene.objects[0].cls)), scene.image)
+        t = heads.table(model, x, metrics=["role_mass"], streams="language", queries="last")
+        ratio = torch.tensor(t.column("image_ratio"))
+        total = ratio if total is None else total + ratio
+    order = torch.argsort(total, descending=True)[:k].tolist()
+    return [(t.rows[i][1], t.rows[i][2]) for i in order]
+
+
 def object_cells(scene, grid: int = 8, min_cover: float = 0.1) -> list[int]:
     """Indices (row-major on the 8x8 token grid) of image tokens whose 28x28 block is >= min_cover object pixels."""
     labels = scene.label_map() >= 0
@@ -432,7 +451,7 @@ def main(argv=None) -> int:
         for name in names:
             log(f"method {name}")
             try:
-                method = METHODS[name]()
+                method = METHODS[name](heads=visual_heads(model, world)) if name == "decore" else METHODS[name]()
                 run_pope(model, name, method, args, world)
                 run_chair(model, name, method, args, world)
             except Exception as err:  # a method that cannot run on this model is reported, not fatal

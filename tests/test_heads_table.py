@@ -78,3 +78,9 @@ def test_vhd_on_a_vlm_and_errors():
         heads.table(arch.m, two, metrics=["ablation"])
     with pytest.raises(SteerError, match="no language stream"):
         heads.vhd(attnscope.wrap(arch.hf.model.vision_tower), {"pixel_values": arch.inputs["pixel_values"]})
+
+
+def test_streams_as_a_list_equal_the_single_stream(smollm, text):
+    a = heads.table(smollm, text, metrics=["entropy"], streams=["text"], layers=[0, 1])
+    b = heads.table(smollm, text, metrics=["entropy"], streams="text", layers=[0, 1])
+    assert a.rows == b.rows and len(a) == 18 and a.column("entropy") == b.column("entropy")

@@ -50,6 +50,8 @@ def attention_metrics(model, inputs: dict, streams=None, layers=None, queries=No
                               ("roles", (roles * w[..., None]).sum((0, 2))), ("count", w.sum((0, 2)).expand(ctx.H))):
                 acc[name] = acc[name] + val if name in acc else val
 
+    if isinstance(streams, (list, tuple)):  # observe all, keep the chosen ones (the table's rows do)
+        streams = streams[0] if len(streams) == 1 else None
     edit = Observe(reduce, stream=streams if streams is not None else "*", layers=layers)
     chosen = edit.sites(model)
     by_stream: dict[str, list[int]] = {}
