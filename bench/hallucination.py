@@ -326,6 +326,15 @@ def write_report(summary: dict) -> None:
                  f"{sp['adversarial']['yes_ratio']:.3f} | {f(p['gap']['f1_gap'])} | "
                  f"{f(d.get('adversarial_f1')) if d else '—'} | {f(d.get('f1_gap')) if d else '—'} | {un:.3f} | "
                  f"{p['seconds_per_answer']:.3f}{ratio} |")
+    prior = summary.get("prior")
+    if prior:
+        fy, ch = prior["false_yes"], prior["caption_hallucinations"]
+        L += ["", "### Is the co-occurrence prior visible in the baseline?", "",
+              "False-yes rate on absent objects: " + ", ".join(f"{k} {v['rate']:.3f} (n={v['n']})" for k, v in fy.items())
+              + ". A model leaning on the training pairs would say yes more often to the adversarial ones.", ""]
+        if ch["n"]:
+            L += [f"Caption hallucinations that are the training partner of an object in the scene: {ch['partner_share']:.2f} of "
+                  f"{ch['n']}, against {ch['uniform_share']:.2f} if hallucinated classes were drawn uniformly from the absent ones.", ""]
     L += ["", "## CHAIR", "", "| method | CHAIR_s | CHAIR_i | recall | mentions/caption | s/caption token (× base) |",
           "|---|---|---|---|---|---|"]
     base_t = base["chair"]["seconds_per_token"] if base and "chair" in base else None
@@ -403,9 +412,43 @@ def summarize_all(args, world) -> dict:
             entry["error"] = recs[0]["error"] if recs else "unknown"
     order = ["baseline"] + sorted(k for k in summary["methods"] if k != "baseline")
     summary["methods"] = {k: summary["methods"][k] for k in order if k in summary["methods"]}
+    if (RAW / "pope-baseline.jsonl").is_file() and (RAW / "chair-baseline.jsonl").is_file():
+        summary["prior"] = prior_probe(world.pairs)
     if (RAW / "traces.npz").is_file():
         summary["observations"] = observations(args.boot)
     return summary
+
+
+def prior_probe(pairs) -> dict:
+    """Is the learned co-occurrence prior visible in the baseline's answers? False-yes rate on each split's absent
+    objects, and the share of caption hallucinations that are the training partner of an object in the scene,
+    against that share if hallucinations were uniform over the absent classes."""
+    from attnscope.scenes import CLASSES
+
+    partner: dict[str, set] = {}
+    for a, b in pairs:
+        partner.setdefault(a, set()).add(b)
+        partner.setdefault(b, set()).add(a)
+    out: dict = {"false_yes": {}}
+    negatives = [r for r in load_jsonl(RAW / "pope-baseline.jsonl") if r.get("type") == "answer" and not r["label"]]
+    for split in ("random", "popular", "adversarial"):
+        rs = [r for r in negatives if r["split"] == split]
+        if rs:
+            out["false_yes"][split] = {"rate": float(np.mean([r["parsed"] == "yes" for r in rs])), "n": len(rs)}
+    hal = part = 0
+    expected = 0.0
+    for r in load_jsonl(RAW / "chair-baseline.jsonl"):
+        if r.get("type") != "caption":
+            continue
+        gold = set(r["gold"])
+        partners = {q for g in gold for q in partner.get(g, ())} - gold
+        absent = len([c for c in CLASSES if c not in gold])
+        for h in r["hallucinated"]:
+            hal, part = hal + 1, part + (h in partners)
+            expected += len(partners) / max(1, absent)
+    out["caption_hallucinations"] = {"n": hal, "partner_share": part / hal if hal else None,
+                                     "uniform_share": expected / hal if hal else None}
+    return out
 
 
 SKIP_NOTES: list[str] = []
