@@ -391,7 +391,8 @@ def summarize_all(args, world) -> dict:
 
     summary = {"when": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "attnscope": attnscope.__version__,
-               "config": {"model": "DINOv2-S/14 + SmolLM2-135M, 64 image tokens, projector + LoRA r=8 trained on 3000 scenes",
+               "config": {"model": "DINOv2-S/14 + SmolLM2-135M, 64 image tokens, projector + LoRA r=8 on q/k/v/o trained on 3000 scenes with "
+                                         "captions, yes/no questions and the grounding loss (scripts/train_scene_vlm.py)",
                           "n": args.n, "chair": args.chair, "lookback": args.lookback, "pairs": [list(p) for p in world.pairs]},
                "methods": {}, "notes": list(SKIP_NOTES)}
     base_pope = load_jsonl(RAW / "pope-baseline.jsonl")
@@ -481,6 +482,16 @@ def main(argv=None) -> int:
     world = SceneWorld(seed=0)
     RAW.mkdir(parents=True, exist_ok=True)
     SKIP_NOTES.extend(f"`{k}` not run: {v}." for k, v in SKIP.items())
+    SKIP_NOTES.extend([
+        "Every method runs with its paper's defaults (`METHODS[name]()`); DeCoRe masks the 10 language-model heads "
+        "with the highest image ratio at the answer position on 4 training scenes (`visual_heads`).",
+        "M3ID equals the baseline on POPE by construction: its contrast weight starts at 0 on the first generated "
+        "token, and the yes/no answer is that token.",
+        "The pruning defaults (FastV K=2 keep 50%, PyramidDrop's stages, VTC-CLS) were set for LLaVA's 576 image "
+        "tokens; scene-vlm has 64 pooled tokens, each covering a 28x28 px cell, so dropping half of them removes "
+        "whole objects and the model answers \"No\" (the yes-ratio column).",
+        "`traces.npz` (21 MB of per-step attention summaries) is not committed; `traces.json` and the summary "
+        "JSON are. Rerun with `--force` to rebuild it."])
     if not args.report:
         model = scene_vlm.load(args.weights)
         if not args.skip_baseline:
