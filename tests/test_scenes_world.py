@@ -81,6 +81,48 @@ def test_cooccurrence_knob():
     assert freq.max() > 1.5 * freq.min()
 
 
+def test_faint_partner_knob():
+    """Faint objects appear only in training scenes, only as knob-added partners of a present member of their pair,
+    are smaller and dimmer than normal objects, and stay in the ground truth and the caption. With the knob at 0
+    the training scenes are the same scenes with every object drawn normally."""
+    faint, normal = [], []
+    for i in range(300):
+        scene = WORLD.scene("train", i)
+        img = np.asarray(scene.image).astype(float)
+        for obj in scene.objects:
+            contrast = float(np.abs(img[obj.mask] - 24).max(1).mean())
+            (faint if obj.faint else normal).append((obj.size, contrast))
+            if obj.faint:
+                assert WORLD.partner[obj.cls] in scene.classes and obj.cls in scene.caption()
+    # about half the pair members in a scene were added by the knob, and 70% of those are faint
+    assert 0.2 < len(faint) / sum(1 for i in range(300) for c in WORLD.classes_of("train", i) if c in WORLD.partner) < 0.5
+    assert max(s for s, _ in faint) < min(s for s, _ in normal)
+    assert np.mean([c for _, c in faint]) < 0.5 * np.mean([c for _, c in normal])
+    assert not any(o.faint for split in ("val", "test") for i in range(200) for o in WORLD.scene(split, i).objects)
+    plain = SceneWorld(seed=0, faint_partner_p=0.0)
+    for i in range(40):
+        a, b = WORLD.scene("train", i), plain.scene("train", i)
+        assert [(o.cls, o.colour, o.cell, o.item) for o in a.objects] == [(o.cls, o.colour, o.cell, o.item) for o in b.objects]
+        assert not any(o.faint for o in b.objects)
+        assert all(o.size == q.size for o, q in zip(a.objects, b.objects) if not o.faint)
+    assert WORLD.scene("test", 3).to_dict() == plain.scene("test", 3).to_dict()
+
+
+def test_cell_cover_matches_masks():
+    scene = WORLD.scene("test", 4)
+    cover = scene.cell_cover(8, min_share=0.2)
+    labels = scene.label_map()
+    for cell, k in enumerate(cover):
+        r, c = divmod(cell, 8)
+        block = labels[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
+        shares = [(block == j).mean() for j in range(len(scene.objects))]
+        if k >= 0:
+            assert shares[k] == max(shares) and shares[k] >= 0.2
+        else:
+            assert max(shares, default=0) < 0.2
+    assert (cover >= 0).any() and (cover < 0).any()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_objects": 12}, "does not fit.*9"),
     ({"min_objects": 0}, "min_objects"),
@@ -90,6 +132,7 @@ def test_cooccurrence_knob():
     ({"pairs": (("bag", "cat"),)}, "unknown class 'cat'"),
     ({"pairs": (("bag", "sandal"), ("bag", "boot"))}, "two co-occurrence pairs"),
     ({"cooccur_p": 1.5}, r"\[0, 1\]"),
+    ({"faint_partner_p": -0.1}, r"faint-partner.*\[0, 1\]"),
     ({"class_weights": {"unicorn": 1.0}}, "unknown class 'unicorn'"),
 ])
 def test_impossible_settings_are_refused(kwargs, match):

@@ -12,6 +12,12 @@ added with probability `cooccur_p` (0.9 for training scenes). Val and test scene
 other: exactly the scenes on which a model that learned "bag implies sandal" says yes to an absent sandal, and
 any excess of such yeses over the random split is the learned prior, not a property of the test images.
 
+A prior only pays off where the image leaves doubt, as with the fork half hidden behind a plate in a photo. The
+*faint-partner knob* (`faint_partner_p`, training scenes only) provides that doubt: a partner added by the
+co-occurrence knob is, with this probability, drawn small and at low contrast (`FAINT_SIZE`, `FAINT_CONTRAST`).
+It is still present in the ground truth and named in the caption, so a model trained on these scenes learns
+"with a bag, say yes to a sandal even when it is hard to see". That is the pattern the adversarial split probes.
+
 Scenes are a pure function of (world seed, split, index): `world.scene("test", 7)` is the same image and the
 same ground truth on every machine. Splits are disjoint: different item images (see `items.SPLIT_SOURCES`)
 and different random streams."""
@@ -41,6 +47,8 @@ DEFAULT_WEIGHTS = {"bag": 1.6, "t-shirt": 1.5, "sneaker": 1.3, "dress": 1.2, "tr
                    "coat": 1.0, "shirt": 0.9, "pullover": 0.8, "sandal": 0.6, "boot": 0.6}
 SPLITS = ("train", "val", "test")
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "composed": 4}
+FAINT_SIZE = (0.25, 0.36)  # side of a faint partner as a share of the cell (normal objects: 0.55-0.92)
+FAINT_CONTRAST = 0.22  # its colour's opacity over the background (normal objects: 1)
 BACKGROUND = (24, 24, 24)
 MASK_THRESHOLD = 0.15  # item intensity above which a pixel belongs to the object's mask
 
@@ -69,6 +77,7 @@ class SceneObject:
     box: tuple[int, int, int, int]
     item: int  # index of the item image in its split's pool
     mask: np.ndarray = field(repr=False, compare=False)
+    faint: bool = False  # drawn small and at low contrast by the faint-partner knob
 
     @property
     def position(self) -> str:
@@ -80,7 +89,8 @@ class SceneObject:
 
     def to_dict(self) -> dict:
         return {"class": self.cls, "colour": self.colour, "cell": list(self.cell), "position": self.position,
-                "size": self.size, "box": list(self.box), "item": self.item, "area": int(self.mask.sum())}
+                "size": self.size, "box": list(self.box), "item": self.item, "area": int(self.mask.sum()),
+                "faint": self.faint}
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,20 @@ class Scene:
             out[obj.mask] = k
         return out
 
+    def cell_cover(self, grid: int, min_share: float = 0.2) -> np.ndarray:
+        """int [grid*grid] (row-major cells of a grid x grid split of the image): the index of the object whose
+        mask covers the most of each cell, if at least `min_share` of it, else -1. What an image token of a
+        grid x grid token layout shows."""
+        lm = self.label_map()
+        cell = lm.shape[0] // grid
+        blocks = lm[:grid * cell, :grid * cell].reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+        out, best = np.full(grid * grid, -1), np.full(grid * grid, float(min_share))
+        for k in range(len(self.objects)):
+            share = (blocks == k).mean(1)
+            better = share >= best
+            out[better], best = k, np.maximum(best, share)
+        return out
+
     def to_dict(self) -> dict:
         return {"id": self.id, "split": self.split, "index": self.index, "size": list(self.image.size),
                 "caption": self.caption(), "objects": [o.to_dict() for o in self.objects]}
@@ -130,6 +154,7 @@ class _Layout:
     offsets: tuple[tuple[int, int], ...]
     items: tuple[int, ...]
     noise_seed: int
+    faint: tuple[bool, ...] = ()
 
 
 class SceneWorld:
@@ -145,7 +170,8 @@ class SceneWorld:
     def __init__(self, seed: int = 0, image_size: int = 224, min_objects: int = 1, max_objects: int = 5,
                  min_size: int | None = None, max_size: int | None = None,
                  pairs: tuple[tuple[str, str], ...] = DEFAULT_PAIRS, cooccur_p: float = 0.9,
-                 eval_cooccur_p: float | None = 0.0, class_weights: dict[str, float] | None = None):
+                 eval_cooccur_p: float | None = 0.0, faint_partner_p: float = 0.7,
+                 class_weights: dict[str, float] | None = None):
         cells = GRID * GRID
         if not 1 <= min_objects <= max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects; got {min_objects}, {max_objects}")
@@ -161,9 +187,9 @@ class SceneWorld:
         if not 8 <= self.min_size <= self.max_size <= cell:
             raise ValueError(f"object sizes must satisfy 8 <= min_size <= max_size <= cell size {cell} px "
                              f"(image_size {image_size} / {GRID}); got {self.min_size}, {self.max_size}")
-        for p in (cooccur_p, eval_cooccur_p):
+        for p in (cooccur_p, eval_cooccur_p, faint_partner_p):
             if p is not None and not 0.0 <= p <= 1.0:
-                raise ValueError(f"co-occurrence probabilities must be in [0, 1]; got {p}")
+                raise ValueError(f"co-occurrence and faint-partner probabilities must be in [0, 1]; got {p}")
         self.partner: dict[str, str] = {}
         for pair in pairs:
             if len(pair) != 2 or pair[0] == pair[1]:
@@ -183,16 +209,19 @@ class SceneWorld:
         self.pairs = tuple(tuple(p) for p in pairs)
         self.cooccur_p = float(cooccur_p)
         self.eval_cooccur_p = float(cooccur_p if eval_cooccur_p is None else eval_cooccur_p)
+        self.faint_partner_p = float(faint_partner_p)
 
     def __repr__(self) -> str:
         return (f"SceneWorld(seed={self.seed}, image_size={self.image_size}, objects={self.min_objects}-"
-                f"{self.max_objects}, pairs={self.pairs}, cooccur_p={self.cooccur_p}, eval_cooccur_p={self.eval_cooccur_p})")
+                f"{self.max_objects}, pairs={self.pairs}, cooccur_p={self.cooccur_p}, eval_cooccur_p={self.eval_cooccur_p}, "
+                f"faint_partner_p={self.faint_partner_p})")
 
     def config(self) -> dict:
         return {"seed": self.seed, "image_size": self.image_size, "min_objects": self.min_objects,
                 "max_objects": self.max_objects, "min_size": self.min_size, "max_size": self.max_size,
                 "pairs": [list(p) for p in self.pairs], "cooccur_p": self.cooccur_p,
-                "eval_cooccur_p": self.eval_cooccur_p,
+                "eval_cooccur_p": self.eval_cooccur_p, "faint_partner_p": self.faint_partner_p,
+                "faint_size": list(FAINT_SIZE), "faint_contrast": FAINT_CONTRAST,
                 "class_weights": {c: float(w) for c, w in zip(CLASSES, self.weights)}}
 
     # --- sampling ----------------------------------------------------------------------------------------
@@ -203,9 +232,11 @@ class SceneWorld:
             raise ValueError(f"scene index must be >= 0; got {index}")
         return np.random.default_rng([self.seed, _SPLIT_IDS[split], int(index)])
 
-    def _sample_classes(self, rng: np.random.Generator, p_pair: float) -> list[str]:
+    def _sample_classes(self, rng: np.random.Generator, p_pair: float) -> tuple[list[str], set[str]]:
+        """(classes, those added as partners by the co-occurrence knob)"""
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         chosen: list[str] = []
+        added: set[str] = set()
         while len(chosen) < n:
             free = np.array([c not in chosen for c in CLASSES])
             w = self.weights * free
@@ -217,11 +248,12 @@ class SceneWorld:
             # the partner may take the scene one past n (never past max_objects), so P(partner | cls) ~ p_pair
             if partner and partner not in chosen and len(chosen) < self.max_objects and rng.random() < p_pair:
                 chosen.append(partner)
-        return chosen
+                added.add(partner)
+        return chosen, added
 
     def _layout(self, split: str, index: int) -> _Layout:
         rng = self._rng(split, index)
-        classes = self._sample_classes(rng, self.cooccur_p if split == "train" else self.eval_cooccur_p)
+        classes, added = self._sample_classes(rng, self.cooccur_p if split == "train" else self.eval_cooccur_p)
         n = len(classes)
         cells = [divmod(int(c), GRID) for c in rng.choice(GRID * GRID, size=n, replace=False)]
         colours = [list(COLOURS)[int(c)] for c in rng.integers(0, len(COLOURS), size=n)]
@@ -229,10 +261,20 @@ class SceneWorld:
         offsets = [(int(rng.integers(0, self.cell - s + 1)), int(rng.integers(0, self.cell - s + 1))) for s in sizes]
         _, by_class = items.pool(split)
         picks = [int(rng.choice(by_class[CLASSES.index(c)])) for c in classes]
+        noise_seed = int(rng.integers(0, 2**31 - 1))
+        faint = [False] * n
+        if split == "train" and added and self.faint_partner_p > 0:  # its own stream: the draws above stay as they were
+            frng = np.random.default_rng([self.seed, _SPLIT_IDS[split], int(index), 7])
+            for k, c in enumerate(classes):
+                if c in added and frng.random() < self.faint_partner_p:
+                    faint[k] = True
+                    lo, hi = (max(8, round(f * self.cell)) for f in FAINT_SIZE)
+                    sizes[k] = int(frng.integers(lo, hi + 1))
+                    offsets[k] = (int(frng.integers(0, self.cell - sizes[k] + 1)), int(frng.integers(0, self.cell - sizes[k] + 1)))
         order = sorted(range(n), key=lambda k: cells[k])  # reading order
         pick = lambda seq: tuple(seq[k] for k in order)  # noqa: E731
         return _Layout(pick(classes), pick(colours), pick(cells), pick(sizes), pick(offsets), pick(picks),
-                       int(rng.integers(0, 2**31 - 1)))
+                       noise_seed, pick(faint))
 
     def _render(self, split: str, index: int, layout: _Layout, pool_split: str) -> Scene:
         images, _ = items.pool(pool_split)
@@ -240,18 +282,20 @@ class SceneWorld:
         noise = np.random.default_rng(layout.noise_seed).normal(0.0, 5.0, (size, size, 1))
         canvas = np.clip(np.array(BACKGROUND, np.float32) + noise, 0, 255).astype(np.float32)  # grey noise, [H, W, 3]
         objects = []
-        for cls, colour, cell, side, (dx, dy), item in zip(layout.classes, layout.colours, layout.cells,
-                                                            layout.sizes, layout.offsets, layout.items):
+        faint = layout.faint or (False,) * len(layout.classes)
+        for cls, colour, cell, side, (dx, dy), item, dim in zip(layout.classes, layout.colours, layout.cells,
+                                                                 layout.sizes, layout.offsets, layout.items, faint):
             patch = Image.fromarray(images[item]).resize((side, side), Image.BILINEAR)
             alpha = np.asarray(patch, np.float32)[..., None] / 255.0
             x0, y0 = cell[1] * self.cell + dx, cell[0] * self.cell + dy
             region = canvas[y0:y0 + side, x0:x0 + side]
-            canvas[y0:y0 + side, x0:x0 + side] = region * (1 - alpha) + np.array(COLOURS[colour], np.float32) * alpha
+            opacity = alpha * (FAINT_CONTRAST if dim else 1.0)
+            canvas[y0:y0 + side, x0:x0 + side] = region * (1 - opacity) + np.array(COLOURS[colour], np.float32) * opacity
             mask = np.zeros((size, size), bool)
             mask[y0:y0 + side, x0:x0 + side] = alpha[..., 0] > MASK_THRESHOLD
             ys, xs = np.nonzero(mask)
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x0, y0, x0, y0)
-            objects.append(SceneObject(cls, colour, cell, side, box, item, mask))
+            objects.append(SceneObject(cls, colour, cell, side, box, item, mask, dim))
         image = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
         return Scene(split, index, image, tuple(objects))
 
