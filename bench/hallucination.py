@@ -289,7 +289,7 @@ def write_report(summary: dict) -> None:
     L += ["## Setup", "",
           f"* Model: `scene-vlm` ({cfg['model']}).",
           f"* Scenes: `SceneWorld(seed=0)` test split (co-occurrence knob 0 at test; 0.9 in training for the pairs "
-          f"{', '.join('-'.join(p) for p in cfg['pairs'])}, with 70% of the added partners drawn small and faint, "
+          f"{', '.join('-'.join(p) for p in cfg['pairs'])}, with 60% of the added partners drawn small and so faint that they are barely distinguishable from the background noise, "
           "so that the prior pays off in training where the image leaves doubt). Every test object is drawn normally.",
           f"* POPE: {cfg['n']} questions per split (3 yes + 3 no per image where possible; adversarial negatives ranked "
           "by training co-occurrence with the present classes, popular by training frequency); strict parsing.",

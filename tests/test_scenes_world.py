@@ -94,7 +94,7 @@ def test_faint_partner_knob():
             (faint if obj.faint else normal).append((obj.size, contrast))
             if obj.faint:
                 assert WORLD.partner[obj.cls] in scene.classes and obj.cls in scene.caption()
-    # about half the pair members in a scene were added by the knob, and 70% of those are faint
+    # about half the pair members in a scene were added by the knob, and 60% of those are faint
     assert 0.2 < len(faint) / sum(1 for i in range(300) for c in WORLD.classes_of("train", i) if c in WORLD.partner) < 0.5
     assert max(s for s, _ in faint) < min(s for s, _ in normal)
     assert np.mean([c for _, c in faint]) < 0.5 * np.mean([c for _, c in normal])
