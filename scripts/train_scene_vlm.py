@@ -6,8 +6,8 @@
 
 Recipe (Liu et al., "Improved Baselines with Visual Instruction Tuning" (LLaVA-1.5), 2023, scaled down):
 
-1. Scenes: `--scenes` training scenes of `SceneWorld(seed=--world-seed)`: co-occurrence knob at 0.9, and half of
-   the partners it adds drawn small and faint (the faint-partner knob, 0.6), so the pairs' prior pays off.
+1. Scenes: `--scenes` training scenes of `SceneWorld(seed=--world-seed)`: co-occurrence knob at 0.9, and
+   60% of the partners it adds drawn small and barely visible (the faint-partner knob), so the pairs' prior pays off.
 2. The DINOv2 tower is frozen, so its features (penultimate layer, CLS dropped: what LLaVA's
    `vision_feature_layer=-2`, strategy "default" selects) are computed once for all scenes and cached as
    safetensors. They are computed under bfloat16 autocast (3.6x faster than float32 on this CPU; relative

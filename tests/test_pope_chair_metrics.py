@@ -100,6 +100,9 @@ def test_chair_vocabulary_and_metrics():
     good = caption_record("a bag and a boot", ["bag", "boot"], vocab)
     m = chair_metrics([r, good])
     assert m["chair_s"] == 0.5 and m["chair_i"] == pytest.approx(2 / 5) and m["recall"] == pytest.approx(3 / 4)
+    assert m["no_object_share"] == 0.0
+    silent = chair_metrics([r, caption_record("No", ["bag"], vocab)])  # a caption that names nothing
+    assert silent["chair_s"] == 0.5 and silent["no_object_share"] == 0.5
     out = chair(["a bag", "a coat"], [["bag"], ["bag"]], boot=200)
     assert out["chair_i"] == 0.5 and out["ci"]["chair_s"]["low"] <= 0.5 <= out["ci"]["chair_s"]["high"]
     with pytest.raises(ValueError, match="not in the vocabulary"):

@@ -74,14 +74,19 @@ def caption_record(caption: str, gold: Sequence[str], vocabulary: ObjectVocabula
 
 
 def chair_metrics(records: Sequence[Mapping]) -> dict:
-    """CHAIR_s, CHAIR_i, recall and counts over caption records (see `caption_record`)."""
+    """CHAIR_s, CHAIR_i, recall and counts over caption records (see `caption_record`).
+
+    `no_object_share` is the share of captions that name no object at all: a method that stops describing
+    (answers "No" to "Describe the image.") scores CHAIR_s 0 without having stopped hallucinating.
+    """
     n = len(records)
     mentions = sum(len(r["mentioned"]) for r in records)
     gold = sum(len(r["gold"]) for r in records)
     return {"n": n, "chair_s": sum(1 for r in records if r["hallucinated"]) / n if n else float("nan"),
             "chair_i": sum(len(r["hallucinated"]) for r in records) / mentions if mentions else 0.0,
             "recall": sum(len(r["covered"]) for r in records) / gold if gold else float("nan"),
-            "mentions_per_caption": mentions / n if n else float("nan")}
+            "mentions_per_caption": mentions / n if n else float("nan"),
+            "no_object_share": sum(1 for r in records if not r["mentioned"]) / n if n else float("nan")}
 
 
 def chair(captions: Sequence[str], gold: Sequence[Sequence[str]], vocabulary: ObjectVocabulary | None = None,
@@ -116,9 +121,10 @@ class ChairResult:
         from .bootstrap import fmt
 
         ci = self.metrics["ci"]
-        return ("| CHAIR_s | CHAIR_i | recall | mentions/caption | n |\n|---|---|---|---|---|\n"
+        return ("| CHAIR_s | CHAIR_i | recall | mentions/caption | captions naming no object | n |\n"
+                "|---|---|---|---|---|---|\n"
                 f"| {fmt(ci['chair_s'])} | {fmt(ci['chair_i'])} | {fmt(ci['recall'])} | "
-                f"{self.metrics['mentions_per_caption']:.2f} | {self.metrics['n']} |")
+                f"{self.metrics['mentions_per_caption']:.2f} | {self.metrics['no_object_share']:.2f} | {self.metrics['n']} |")
 
 
 def scene_images(world=None, n: int = 200, split: str = "test") -> tuple[list[tuple[str, list[str]]], Callable]:
