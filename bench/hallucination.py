@@ -171,12 +171,9 @@ def chair_summary(records: list[dict], boot: int) -> dict:
 
 def caption_accuracy(records: list[dict], world, boot: int) -> dict:
     from attnscope.evaluate.bootstrap import bootstrap
-    from attnscope.scenes import caption_scores
+    from attnscope.scenes import Scene, caption_scores
 
-    scores = []
-    for r in records:
-        split, idx = r["image_id"].rsplit("-", 1)
-        scores.append(caption_scores(r["caption"], world.scene(split, int(idx))))
+    scores = [caption_scores(r["caption"], world.scene(*Scene.parse_id(r["image_id"]))) for r in records]
     metric = lambda ss: {"exact": float(np.mean([s["exact"] for s in ss])),  # noqa: E731
                          **{f"{lvl}_f1": float(np.mean([s[lvl]["f1"] for s in ss])) for lvl in ("class", "class_colour", "triple")},
                          "count_correct": float(np.mean([s["n_pred"] == s["n_gold"] for s in ss]))}
@@ -442,22 +439,19 @@ def summarize_all(args, world) -> dict:
     order = ["baseline"] + sorted(k for k in summary["methods"] if k != "baseline")
     summary["methods"] = {k: summary["methods"][k] for k in order if k in summary["methods"]}
     if (RAW / "pope-baseline.jsonl").is_file() and (RAW / "chair-baseline.jsonl").is_file():
-        summary["prior"] = prior_probe(world.pairs)
+        summary["prior"] = prior_probe(world)
     if (RAW / "traces.npz").is_file():
         summary["observations"] = observations(args.boot)
     return summary
 
 
-def prior_probe(pairs) -> dict:
+def prior_probe(world) -> dict:
     """Is the learned co-occurrence prior visible in the baseline's answers? False-yes rate on each split's absent
     objects, and the share of caption hallucinations that are the training partner of an object in the scene,
     against that share if hallucinations were uniform over the absent classes."""
-    from attnscope.scenes import CLASSES
+    from attnscope.scenes import CLASSES, Scene
 
-    partner: dict[str, set] = {}
-    for a, b in pairs:
-        partner.setdefault(a, set()).add(b)
-        partner.setdefault(b, set()).add(a)
+    partner = world.partner  # class -> its training partner (each class is in at most one pair)
     out: dict = {"false_yes": {}}
     negatives = [r for r in load_jsonl(RAW / "pope-baseline.jsonl") if r.get("type") == "answer" and not r["label"]]
     for split in ("random", "popular", "adversarial"):
@@ -465,13 +459,10 @@ def prior_probe(pairs) -> dict:
         if rs:
             out["false_yes"][split] = {"rate": float(np.mean([r["parsed"] == "yes" for r in rs])), "n": len(rs)}
     # the same answers pooled over splits, split by whether the absent object's training partner is in the scene
-    from attnscope.scenes import SceneWorld
-
-    world = SceneWorld(seed=0)
     by_case: dict[bool, list[bool]] = {True: [], False: []}
     for r in negatives:
-        present = world.classes_of("test", int(r["image_id"].rsplit("-", 1)[1]))
-        by_case[bool(partner.get(r["object"], set()) & set(present))].append(r["parsed"] == "yes")
+        present = world.classes_of(*Scene.parse_id(r["image_id"]))
+        by_case[partner.get(r["object"]) in present].append(r["parsed"] == "yes")
     out["false_yes_by_partner"] = {("partner_present" if k else "partner_absent"): {"rate": float(np.mean(v)), "n": len(v)}
                                    for k, v in by_case.items() if v}
     hal = part = 0
@@ -480,7 +471,7 @@ def prior_probe(pairs) -> dict:
         if r.get("type") != "caption":
             continue
         gold = set(r["gold"])
-        partners = {q for g in gold for q in partner.get(g, ())} - gold
+        partners = {partner[g] for g in gold if g in partner} - gold
         absent = len([c for c in CLASSES if c not in gold])
         for h in r["hallucinated"]:
             hal, part = hal + 1, part + (h in partners)

@@ -164,8 +164,9 @@ class _Until:
 
 
 def _scene_image(world, image_id: str):
-    split, index = image_id.rsplit("-", 1)
-    return world.scene(split, int(index)).image
+    from ..scenes import Scene
+
+    return world.scene(*Scene.parse_id(image_id)).image
 
 
 # --- generation --------------------------------------------------------------------------------------------------

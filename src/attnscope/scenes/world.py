@@ -106,6 +106,12 @@ class Scene:
     def id(self) -> str:
         return f"{self.split}-{self.index:06d}"
 
+    @staticmethod
+    def parse_id(image_id: str) -> tuple[str, int]:
+        """(split, index) of a scene id: the inverse of `Scene.id`."""
+        split, index = image_id.rsplit("-", 1)
+        return split, int(index)
+
     @property
     def classes(self) -> list[str]:
         return [o.cls for o in self.objects]
@@ -154,7 +160,7 @@ class _Layout:
     offsets: tuple[tuple[int, int], ...]
     items: tuple[int, ...]
     noise_seed: int
-    faint: tuple[bool, ...] = ()
+    faint: tuple[bool, ...]
 
 
 class SceneWorld:
@@ -265,10 +271,10 @@ class SceneWorld:
         faint = [False] * n
         if split == "train" and added and self.faint_partner_p > 0:  # its own stream: the draws above stay as they were
             frng = np.random.default_rng([self.seed, _SPLIT_IDS[split], int(index), 7])
+            lo, hi = (max(8, round(f * self.cell)) for f in FAINT_SIZE)
             for k, c in enumerate(classes):
                 if c in added and frng.random() < self.faint_partner_p:
                     faint[k] = True
-                    lo, hi = (max(8, round(f * self.cell)) for f in FAINT_SIZE)
                     sizes[k] = int(frng.integers(lo, hi + 1))
                     offsets[k] = (int(frng.integers(0, self.cell - sizes[k] + 1)), int(frng.integers(0, self.cell - sizes[k] + 1)))
         order = sorted(range(n), key=lambda k: cells[k])  # reading order
@@ -282,9 +288,8 @@ class SceneWorld:
         noise = np.random.default_rng(layout.noise_seed).normal(0.0, 5.0, (size, size, 1))
         canvas = np.clip(np.array(BACKGROUND, np.float32) + noise, 0, 255).astype(np.float32)  # grey noise, [H, W, 3]
         objects = []
-        faint = layout.faint or (False,) * len(layout.classes)
         for cls, colour, cell, side, (dx, dy), item, dim in zip(layout.classes, layout.colours, layout.cells,
-                                                                 layout.sizes, layout.offsets, layout.items, faint):
+                                                                 layout.sizes, layout.offsets, layout.items, layout.faint):
             patch = Image.fromarray(images[item]).resize((side, side), Image.BILINEAR)
             alpha = np.asarray(patch, np.float32)[..., None] / 255.0
             x0, y0 = cell[1] * self.cell + dx, cell[0] * self.cell + dy
@@ -349,7 +354,7 @@ class SceneWorld:
                         for *_, s in specs)
         picks = tuple(int(rng.choice(by_class[CLASSES.index(s[0])])) for s in specs)
         layout = _Layout(tuple(s[0] for s in specs), tuple(s[1] for s in specs), tuple(s[2] for s in specs),
-                         tuple(s[3] for s in specs), offsets, picks, int(rng.integers(0, 2**31 - 1)))
+                         tuple(s[3] for s in specs), offsets, picks, int(rng.integers(0, 2**31 - 1)), (False,) * len(specs))
         scene = self._render(split, index, layout, split)
         return Scene("composed", index, scene.image, scene.objects)
 
