@@ -239,6 +239,7 @@ def prefill(m, warm: int, rounds: int, quick: bool) -> dict:
     import torch
 
     st = importlib.import_module("attnscope.steer")  # the package (attnscope.steer is also the context manager)
+    from attnscope.core import seam
 
     vlm, image_token, _ = llava_smollm2(m)
     tok = m.tokenizer
@@ -263,7 +264,7 @@ def prefill(m, warm: int, rounds: int, quick: bool) -> dict:
             if cfg is None:
                 continue
             out = run(cfg)
-            lens = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+            lens = [layer.keys.shape[-2] for layer in seam.output_cache(out).layers]
             checks[name] = {"cache_len_layer0_1": lens[:2], "cache_len_layer2_plus": sorted(set(lens[2:])),
                             "last_logits_max_abs_diff_vs_unpruned": float((out.logits - base.logits).abs().max()),
                             "same_next_token": bool(out.logits[0, -1].argmax() == base.logits[0, -1].argmax())}

@@ -12,6 +12,7 @@ from tiny_models import IMAGE_TOKEN, Llava, LlavaDinov2, _llama_text, get
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import attnscope
+from attnscope.core import seam
 from attnscope.core.dispatch import registered_names
 from attnscope.steer import (
     PAI,
@@ -107,7 +108,7 @@ def test_fastv_equals_masking_the_dropped_keys(cls):
     dropped = [p for p in image if p not in kept]
     assert len(dropped) == len(image) // 2
     prompt = arch.inputs["input_ids"].shape[1]
-    cache = pruned.past_key_values
+    cache = seam.output_cache(pruned)
     assert cache.layers[0].keys.shape[-2] == prompt + NEW - 1
     assert cache.layers[1].keys.shape[-2] == prompt + NEW - 1 - len(dropped)  # gone from the cache after layer K
     assert kept[-NEW + 1:] == list(range(prompt, prompt + NEW - 1))  # generated tokens keep their positions
@@ -139,7 +140,7 @@ def test_vtc_cls_drops_before_the_language_model_by_tower_cls_attention(cls):
     dropped = [p for p in image if p not in kept]
     assert len(dropped) == len(image) - len(image) // 4
     prompt = arch.inputs["input_ids"].shape[1]
-    cache = pruned.past_key_values
+    cache = seam.output_cache(pruned)
     assert all(layer.keys.shape[-2] == prompt + NEW - 1 - len(dropped) for layer in cache.layers)
     # the kept patches are those the tower's CLS attends to most, at the layer the projector reads
     n = arch.m.streams["vision"]
@@ -158,7 +159,7 @@ def test_pyramid_and_user_schedule_drop_in_stages():
     prompt = arch.inputs["input_ids"].shape[1]
     with steer(arch.m, PyramidDrop(stages=4, ratio=0.5)) as session:
         out = gen(arch)
-    lengths = [layer.keys.shape[-2] - (NEW - 1) for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[-2] - (NEW - 1) for layer in seam.output_cache(out).layers]
     assert lengths == [prompt, prompt - 8, prompt - 12, prompt - 14]  # 16 image tokens -> 16, 8, 4, 2
     kept = {k[1]: set(v[0].tolist()) for k, v in session.state.kept.items()}
     assert kept[3] <= kept[2] <= kept[1]

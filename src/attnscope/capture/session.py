@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import __version__
+from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach
 from ..core.sites import NoAttentionError
 from ..models.wrapped import Model
@@ -59,7 +60,7 @@ class capture:
             raise
         self.trace.provenance = {
             "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
-            "backend": {s.stream: getattr(m.config, "_attn_implementation_internal", None) for m, s in chosen.items()},
+            "backend": {s.stream: seam.get_implementation(m.config) for m, s in chosen.items()},
             "dtype": str(self.dtype).removeprefix("torch."), "model_dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
             "selection": self.selection.to_dict(), "inputs": [],
         }
@@ -106,13 +107,13 @@ class capture:
     def _before_forward(self, module, args, kwargs):
         self._in_forward = True
         inputs = self.model.bind(args, kwargs)
-        cache = inputs.get("past_key_values")
-        if cache is not None and self.trace.runs and cache.get_seq_length() > 0:
+        if self.trace.runs and seam.is_decode_step(inputs):
             run = self.trace.runs[-1]
             run.steps += 1
             self._calls_this_forward = 0
-            self._extend_tokens(run, inputs.get("input_ids"))
+            self._extend_tokens(run, inputs.get(seam.INPUT_IDS))
             return None
+        inputs = seam.without_cache(inputs)
         if self._pending is not None:  # the vision tower already ran for this sequence
             run = self.trace.runs[-1]
             run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} | 

@@ -14,17 +14,14 @@ A call on a module with handlers runs, in attach order:
   5. `handler.observe(call, output)` records (capture)."""
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import seam
 from .probs import attention_probs
 from .sites import Site
 
@@ -108,13 +105,7 @@ def exclusive(attachment: Attachment):
 
 def original_backend(backend: str, module: nn.Module) -> Callable:
     """The attention function the model would have called for `backend`."""
-    if backend == "eager":
-        modeling = sys.modules[type(module).__module__]
-        fn = getattr(modeling, "eager_attention_forward", None)
-        if fn is None:
-            raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; load it with attn_implementation='sdpa'")
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[backend]
+    return seam.backend_function(backend, module)
 
 
 def _dispatcher(backend: str) -> Callable:
@@ -148,24 +139,20 @@ def _dispatcher(backend: str) -> Callable:
 def _register(backend: str) -> str:
     name = PREFIX + backend
     if name not in _registered:
-        AttentionInterface.register(name, _dispatcher(backend))
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(backend)
-        if mask_fn is not None:
-            AttentionMaskInterface.register(name, mask_fn)
+        seam.register_attention(name, _dispatcher(backend), mask_like=backend)
         _registered.add(name)
     return name
 
 
 def _unregister_all() -> None:
     for name in _registered:
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)
+        seam.unregister_attention(name)
     _registered.clear()
 
 
 def registered_names() -> list[str]:
     """Names attnscope currently holds in the global interfaces (empty when nothing is attached)."""
-    return sorted(n for n in AttentionInterface._global_mapping if n.startswith(PREFIX))
+    return sorted(n for n in seam.registered_attention() if n.startswith(PREFIX))
 
 
 def _configs(model: nn.Module, sites: dict[nn.Module, Site]) -> list:
@@ -176,7 +163,7 @@ def _configs(model: nn.Module, sites: dict[nn.Module, Site]) -> list:
             continue
         seen.add(id(cfg))
         out.append(cfg)
-        todo.extend(getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {}))
+        todo.extend(seam.sub_configs(cfg))
     return out
 
 
@@ -200,7 +187,7 @@ class Attachment:
         _sessions.remove(self)
         if not any(s.model is self.model for s in _sessions):
             for cfg, impl in _saved.pop(id(self.model), []):
-                cfg._attn_implementation_internal = impl
+                seam.set_implementation(cfg, impl)
         if not _sessions:
             _unregister_all()
 
@@ -212,15 +199,15 @@ def _switch(model: nn.Module, modules) -> None:
     saved = []
     try:
         for cfg in _configs(model, modules):
-            impl = getattr(cfg, "_attn_implementation_internal", None)
+            impl = seam.get_implementation(cfg)
             backend = impl or "eager"
             if backend.startswith(PREFIX):
                 raise RuntimeError("this model's attention is already routed through attnscope by another copy of it")
             saved.append((cfg, impl))
-            cfg._attn_implementation_internal = _register(backend)
+            seam.set_implementation(cfg, _register(backend))
     except BaseException:
         for cfg, impl in saved:
-            cfg._attn_implementation_internal = impl
+            seam.set_implementation(cfg, impl)
         if not _sessions:
             _unregister_all()
         raise

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import seam
+
 
 class NoAttentionError(RuntimeError):
     """A model with no module that routes attention through transformers' AttentionInterface."""
@@ -29,7 +31,7 @@ def _routes_through_interface(module: nn.Module) -> bool:
     return (
         type(module).__name__.endswith("Attention")
         and modeling is not None
-        and hasattr(modeling, "ALL_ATTENTION_FUNCTIONS")
+        and seam.uses_attention_interface(modeling)
         and hasattr(module, "config")
     )
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..core import seam
 from ..steer.edits import SteerError
 
 
@@ -57,7 +58,6 @@ def make_target(model, inputs: dict, target=None) -> Target:
     mask = inputs.get("attention_mask")
     if mask is not None and not bool(mask[:, -1].all()):
         raise SteerError("the prompt must end with a real token (left padding or none)")
-    keeps = "logits_to_keep" in model._signature.parameters
     if target is None or isinstance(target, int):
         if target is None:
             with torch.no_grad():
@@ -68,7 +68,7 @@ def make_target(model, inputs: dict, target=None) -> Target:
             return out.logits[:, -1].float().log_softmax(-1)[:, token]
 
         name = model.tokenizer.convert_ids_to_tokens(token) if model.tokenizer is not None else str(token)
-        run = dict(inputs, logits_to_keep=1) if keeps else dict(inputs)  # only the last position's logits are read
+        run = seam.keep_logits(model.hf, inputs, 1)  # only the last position's logits are read
         return Target(run, token_logprob, f"log p({name!r}) at the last position")
     if isinstance(target, str):
         if model.tokenizer is None:
@@ -79,8 +79,7 @@ def make_target(model, inputs: dict, target=None) -> Target:
         full["input_ids"] = torch.cat([ids, answer], 1)
         if mask is not None:
             full["attention_mask"] = torch.cat([mask, torch.ones_like(answer)], 1)
-        if keeps:
-            full["logits_to_keep"] = n + 1
+        full = seam.keep_logits(model.hf, full, n + 1)
 
         def answer_logprob(out):
             logp = out.logits[:, -n - 1: -1].float().log_softmax(-1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, exclusive
 from ..core.probs import attention_probs
 from ..core.tokens import ROLES, TokenMap
@@ -486,7 +487,7 @@ def remove_positions(model: Model, inputs: dict, drop, state: SeqState | None = 
     full = dict(inputs)
     if state is not None:
         full = {**{k: v for k, v in state.pixels.items() if v is not None}, **{k: v for k, v in full.items() if v is not None}}
-    maps = model.token_maps({k: v for k, v in full.items() if k != "past_key_values"})
+    maps = model.token_maps(seam.without_cache(full))
     stream = lm_stream(model)
     tmaps = maps.get(stream)
     items = drop if isinstance(drop, (list, tuple, range)) else [drop]
@@ -513,7 +514,7 @@ def remove_positions(model: Model, inputs: dict, drop, state: SeqState | None = 
     for b, (r, m) in enumerate(zip(rows, masks)):
         new_ids[b, width - r.numel():] = r
         new_mask[b, width - m.numel():] = m
-    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "position_ids", "mm_encoder_outputs")}
+    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", seam.POSITION_IDS, "mm_encoder_outputs")}
     out["input_ids"], out["attention_mask"] = new_ids, new_mask
     if "image" in [i for i in items if isinstance(i, str)]:
         for k in ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids"):
@@ -522,7 +523,7 @@ def remove_positions(model: Model, inputs: dict, drop, state: SeqState | None = 
 
 
 _FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids",
-                 "token_type_ids", "position_ids")
+                 "token_type_ids", seam.POSITION_IDS)
 
 
 class _BranchRun:
@@ -536,32 +537,30 @@ class _BranchRun:
         self.last_pos = None
 
     def prefill(self, inputs: dict) -> torch.Tensor:
-        from transformers import DynamicCache
-
         hf = self.session.model.hf
         kw = {k: v for k, v in inputs.items() if k in _FORWARD_KEYS and v is not None}
         mask = kw.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(kw["input_ids"])
             kw["attention_mask"] = mask
-        if "position_ids" in inputs and inputs["position_ids"] is not None and inputs["position_ids"].ndim == 2:
-            kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        elif "position_ids" in kw:
-            kw.pop("position_ids")
-        self.cache = DynamicCache(config=hf.config)
+        pid = inputs.get(seam.POSITION_IDS)
+        if pid is not None and pid.ndim == 2:
+            kw[seam.POSITION_IDS] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        else:
+            kw.pop(seam.POSITION_IDS, None)
+        self.cache = seam.new_cache(hf.config)
         self.mask = mask
         self.last_pos = (mask.long().sum(-1, keepdim=True) - 1).clamp_min(0)
         self.state = SeqState(self.name)
-        logits = self.session.run_forward(self.state, kw, past_key_values=self.cache, use_cache=True)
-        return logits
+        return self.session.run_forward(self.state, seam.cache_inputs(hf, self.cache, **kw))
 
     def step(self, new_ids: torch.Tensor) -> torch.Tensor:
         q = new_ids.shape[1]
         self.mask = torch.cat([self.mask, torch.ones(self.mask.shape[0], q, dtype=self.mask.dtype, device=self.mask.device)], 1)
         pos = self.last_pos + torch.arange(1, q + 1, device=self.last_pos.device)[None, :]
         self.last_pos = pos[:, -1:]
-        kw = {"input_ids": new_ids, "attention_mask": self.mask, "position_ids": pos}
-        return self.session.run_forward(self.state, kw, past_key_values=self.cache, use_cache=True)
+        kw = {"input_ids": new_ids, "attention_mask": self.mask, seam.POSITION_IDS: pos}
+        return self.session.run_forward(self.state, seam.cache_inputs(self.session.model.hf, self.cache, **kw))
 
 
 # --- the context manager ---------------------------------------------------------------------------------------
@@ -840,7 +839,7 @@ class steer:
                 idx = torch.searchsorted(base.contiguous(), new.contiguous()).to(hidden.device)
                 hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
             st.kept[(stream, layer)] = new
-            kwargs = _slice_kwargs(kwargs, new, L)
+            kwargs = seam.slice_block_kwargs(kwargs, new, L)
             return hidden, kwargs, True
         kept = st.kept.get((stream, layer))
         mask = kwargs.get("attention_mask")
@@ -859,10 +858,9 @@ class steer:
             if kept is None or not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] != st.length(stream):
                 return None
             kwargs = dict(kwargs, attention_mask=mask.gather(1, kept.to(mask.device)))
-            if kwargs.get("position_ids") is None:
-                q = (kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
-                L = st.length(stream)
-                kwargs["position_ids"] = torch.arange(L - q, L, device=mask.device)[None, :]
+            if kwargs.get(seam.POSITION_IDS) is None:
+                q, L = seam.query_length(kwargs), st.length(stream)
+                kwargs[seam.POSITION_IDS] = torch.arange(L - q, L, device=mask.device)[None, :]
             return args, kwargs
         return hook
 
@@ -934,10 +932,8 @@ class steer:
         """Track a forward: a new sequence (prefill) or the next decode step of the current one. `state` is a
         branch's or an observation pass's own state; without it the main sequence's state is used."""
         st = state if state is not None else self.state
-        cache = inputs.get("past_key_values")
-        if st is not None and not st.from_vision and st.codes and cache is not None and _cache_len(cache) > 0:
-            ids = inputs.get("input_ids")
-            q = ids.shape[1] if ids is not None else inputs["inputs_embeds"].shape[1]
+        if st is not None and not st.from_vision and st.codes and seam.is_decode_step(inputs):
+            q = seam.query_length(inputs)
             for stream in ("language", "text"):
                 st.extend(stream, q)
             st.step += 1
@@ -948,7 +944,7 @@ class steer:
             st = SeqState()  # a new main sequence (unless the vision tower already started it)
         if state is None:
             self.state = st
-        full = {k: v for k, v in inputs.items() if v is not None and k != "past_key_values"}
+        full = seam.without_cache(inputs)
         if self.model.spec.kind == "vlm" and full.get("pixel_values") is None:
             full |= {k: v for k, v in st.pixels.items() if v is not None}
         elif full.get("pixel_values") is not None:
@@ -1021,9 +1017,7 @@ class steer:
         self._busy = True
         try:
             self.begin({**inputs, **extra}, state=state)
-            kw = dict(inputs, **extra)
-            if "logits_to_keep" in self.model._signature.parameters:
-                kw.setdefault("logits_to_keep", 1)
+            kw = seam.keep_logits(hf, dict(inputs, **extra), 1, override=False)
             ctx = exclusive(self._attachment) if self._attachment is not None else _null()
             with torch.no_grad(), ctx:
                 out = hf.forward(**kw)
@@ -1054,13 +1048,6 @@ def _raise(err):
     raise err
 
 
-def _cache_len(cache) -> int:
-    try:
-        return int(cache.get_seq_length())
-    except Exception:  # noqa: BLE001 - caches of other shapes
-        return 0
-
-
 def _label(edit) -> str:
     return getattr(edit, "method", None) or type(edit).__name__
 
@@ -1070,27 +1057,3 @@ def _bind_observer(edit, heads):
         if edit.applies(ctx.state.branch):
             edit.observe(ctx, call, output, heads)
     return observe
-
-
-def _slice_kwargs(kwargs: dict, kept: torch.Tensor, L: int) -> dict:
-    """Position embeddings, masks and position ids of a full-length prefill, cut to the kept positions."""
-    B, n = kept.shape
-    out = dict(kwargs)
-    pe = kwargs.get("position_embeddings")
-    if isinstance(pe, tuple) and pe and isinstance(pe[0], torch.Tensor) and pe[0].ndim == 3 and pe[0].shape[1] == L:
-        out["position_embeddings"] = tuple(t.expand(B, -1, -1).gather(1, kept.to(t.device)[..., None].expand(-1, -1, t.shape[-1]))
-                                           for t in pe)
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
-        idx = kept.to(mask.device)
-        if mask.shape[2] == L:
-            mask = mask.expand(B, -1, -1, -1).gather(2, idx[:, None, :, None].expand(-1, mask.shape[1], -1, L))
-        mask = mask.expand(B, -1, -1, -1).gather(3, idx[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
-        out["attention_mask"] = mask
-    pid = kwargs.get("position_ids")
-    if isinstance(pid, torch.Tensor) and pid.ndim == 2 and pid.shape[1] == L:
-        out["position_ids"] = pid.expand(B, -1).gather(1, kept.to(pid.device))
-    cp = kwargs.get("cache_position")
-    if isinstance(cp, torch.Tensor) and cp.ndim == 1 and cp.shape[0] == L:
-        out["cache_position"] = torch.arange(n, device=cp.device) + cp[0]
-    return out
