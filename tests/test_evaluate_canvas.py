@@ -8,12 +8,6 @@ from attnscope.evaluate import energy_pointing, pointing_game
 from attnscope.evaluate.canvas import CANVAS, CLASSES, WEIGHTS, canvas_dataset, load_canvas_classifier, make_canvas
 from attnscope.explain import ClassLogit, explain
 
-try:
-    from attnscope.evaluate.canvas import data_dir
-
-    data_dir()
-except FileNotFoundError as err:  # the Debian package dataset-fashion-mnist is not installed
-    pytest.skip(str(err), allow_module_level=True)
 
 
 def test_canvases_are_deterministic_and_masks_are_the_item():

@@ -7,10 +7,12 @@ import pytest
 
 from attnscope.scenes import CELL_NAMES, CLASSES, COLOURS, SceneWorld, caption_scores, parse_caption, question
 from attnscope.scenes import items
+from conftest import needs_train_images
 
 WORLD = SceneWorld(seed=0)
 
 
+@needs_train_images
 def test_same_seed_same_scene_other_seed_other_scene():
     a, b = WORLD.scene("train", 3), SceneWorld(seed=0).scene("train", 3)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
@@ -19,6 +21,7 @@ def test_same_seed_same_scene_other_seed_other_scene():
     assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
 
 
+@needs_train_images
 def test_splits_disjoint_in_items_and_streams():
     """No item image is shared between splits (the pools are disjoint index ranges), and scene i of one split
     is not scene i of another."""
@@ -81,6 +84,7 @@ def test_cooccurrence_knob():
     assert freq.max() > 1.5 * freq.min()
 
 
+@needs_train_images
 def test_faint_partner_knob():
     """Faint objects appear only in training scenes, only as knob-added partners of a present member of their pair,
     are smaller and dimmer than normal objects, and stay in the ground truth and the caption. With the knob at 0
@@ -177,14 +181,21 @@ def test_compose_and_captions_round_trip():
     assert [p["class"] for p in parse_caption("a red t-shirt top left")] == ["t-shirt"]
 
 
-def test_missing_dataset_names_the_fix(monkeypatch, tmp_path):
+def test_bundled_test_split_serves_eval_scenes_and_missing_train_images_name_the_fix(monkeypatch, tmp_path):
+    """Without the full set (an empty folder first, no Debian package): val/test scenes render from the bundled
+    test split, training layouts need only the bundled labels, and rendering a training scene names the fix."""
+    from attnscope.data import fashion_mnist
+
+    with_full = WORLD.scene("val", 3)
     monkeypatch.setenv(items.FASHION_MNIST_ENV, str(tmp_path))
-    items._part.cache_clear()
-    items.pool.cache_clear()
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "absent")
+    items.clear()
     try:
+        bundled = SceneWorld(seed=0).scene("val", 3)
+        assert np.array_equal(np.asarray(bundled.image), np.asarray(with_full.image))
+        assert SceneWorld(seed=0).classes_of("train", 5) == WORLD.classes_of("train", 5)
         with pytest.raises(FileNotFoundError, match="apt-get .*dataset-fashion-mnist"):
             SceneWorld(seed=0).scene("train", 0)
     finally:
-        monkeypatch.delenv(items.FASHION_MNIST_ENV)
-        items._part.cache_clear()
-        items.pool.cache_clear()
+        monkeypatch.undo()
+        items.clear()

@@ -14,13 +14,10 @@ Canvas (defaults chosen for a 16x16 DINOv2 patch grid):
   - mask: resized item intensity > 30 (of 255), the pixels that belong to the item;
   - grey replicated to RGB, so the standard DINOv2 processor applies unchanged.
 
-The dataset files come from the Debian package `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`);
-set `ATTNSCOPE_FASHION_MNIST` to another folder holding the four idx `.gz` files."""
+The test split ships with attnscope; training reads the full set (`attnscope.data.fashion_mnist`)."""
 from __future__ import annotations
 
-import gzip
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,40 +26,21 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
+from ..data import fashion_mnist as fmnist
+
 CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-DATA_ENV = "ATTNSCOPE_FASHION_MNIST"
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 CANVAS = 224
 ITEM = (56, 84)
 MASK_THRESHOLD = 30
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "canvas_fmnist_head.safetensors"
 
 
-def data_dir() -> Path:
-    path = Path(os.environ.get(DATA_ENV) or DEBIAN_DIR)
-    if not (path / "t10k-images-idx3-ubyte.gz").is_file():
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {path}; install it with `apt-get install dataset-fashion-mnist` "
-            f"or set {DATA_ENV} to a folder with the four idx .gz files"
-        )
-    return path
-
-
-def _idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    dims = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
 def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 28, 28] uint8, labels [N] uint8) of split "train" (60k) or "test" (10k)."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
+    part = {"train": "train", "test": "t10k"}.get(split)
+    if part is None:
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    root = data_dir()
-    return _idx(root / f"{prefix}-images-idx3-ubyte.gz"), _idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    return fmnist.load(part, "images"), fmnist.load(part, "labels")
 
 
 @dataclass

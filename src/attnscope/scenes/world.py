@@ -265,8 +265,8 @@ class SceneWorld:
         colours = [list(COLOURS)[int(c)] for c in rng.integers(0, len(COLOURS), size=n)]
         sizes = [int(s) for s in rng.integers(self.min_size, self.max_size + 1, size=n)]
         offsets = [(int(rng.integers(0, self.cell - s + 1)), int(rng.integers(0, self.cell - s + 1))) for s in sizes]
-        _, by_class = items.pool(split)
-        picks = [int(rng.choice(by_class[CLASSES.index(c)])) for c in classes]
+        per_class = items.by_class(split)
+        picks = [int(rng.choice(per_class[CLASSES.index(c)])) for c in classes]
         noise_seed = int(rng.integers(0, 2**31 - 1))
         faint = [False] * n
         if split == "train" and added and self.faint_partner_p > 0:  # its own stream: the draws above stay as they were
@@ -283,7 +283,7 @@ class SceneWorld:
                        noise_seed, pick(faint))
 
     def _render(self, split: str, index: int, layout: _Layout, pool_split: str) -> Scene:
-        images, _ = items.pool(pool_split)
+        images = items.images(pool_split)
         size = self.image_size
         noise = np.random.default_rng(layout.noise_seed).normal(0.0, 5.0, (size, size, 1))
         canvas = np.clip(np.array(BACKGROUND, np.float32) + noise, 0, 255).astype(np.float32)  # grey noise, [H, W, 3]
@@ -326,7 +326,7 @@ class SceneWorld:
             raise ValueError(f"{len(objects)} objects do not fit: the {GRID}x{GRID} layout holds {GRID * GRID}, "
                              "one per cell")
         rng = np.random.default_rng([self.seed, _SPLIT_IDS["composed"], int(index)])
-        _, by_class = items.pool(split)
+        per_class = items.by_class(split)
         specs = []
         for obj in objects:
             d = dict(obj) if isinstance(obj, dict) else dict(zip(("class", "colour", "position"), obj))
@@ -352,7 +352,7 @@ class SceneWorld:
         specs.sort(key=lambda s: s[2])
         offsets = tuple((int(rng.integers(0, self.cell - s + 1)), int(rng.integers(0, self.cell - s + 1)))
                         for *_, s in specs)
-        picks = tuple(int(rng.choice(by_class[CLASSES.index(s[0])])) for s in specs)
+        picks = tuple(int(rng.choice(per_class[CLASSES.index(s[0])])) for s in specs)
         layout = _Layout(tuple(s[0] for s in specs), tuple(s[1] for s in specs), tuple(s[2] for s in specs),
                          tuple(s[3] for s in specs), offsets, picks, int(rng.integers(0, 2**31 - 1)), (False,) * len(specs))
         scene = self._render(split, index, layout, split)
