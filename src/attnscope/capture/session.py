@@ -6,7 +6,10 @@ import torch
 from .. import __version__
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach
+from ..core.ledger import Ledger
+from ..core.tokens import CACHED_STREAMS, TokenMap
 from ..core.sites import NoAttentionError
+from ..models.roles import TokenMapError, fit_vision_maps
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
 from .trace import Record, Run, Trace
@@ -49,6 +52,7 @@ class capture:
         self._heads = {m: torch.tensor(self.selection.head_indices(s)) for m, s in chosen.items()}
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._parts, self._bases = {}, {}
+        self._ledger = Ledger(on_reorder=self._reorder)
         try:
             self._hooks = [hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                            hf.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
@@ -74,6 +78,8 @@ class capture:
             self.trace.provenance["weights"] = self.model.fingerprint
 
     def _close(self) -> None:
+        if getattr(self, "_ledger", None) is not None:
+            self._ledger.close()
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None
@@ -107,22 +113,43 @@ class capture:
     def _before_forward(self, module, args, kwargs):
         self._in_forward = True
         inputs = self.model.bind(args, kwargs)
-        if self.trace.runs and seam.is_decode_step(inputs):
+        begin = self._ledger.begin(inputs)
+        if not begin.new and self.trace.runs:  # the next decode step of the sequence in flight
             run = self.trace.runs[-1]
             run.steps += 1
             self._calls_this_forward = 0
             self._extend_tokens(run, inputs.get(seam.INPUT_IDS))
+            self._note_length(run)
             return None
         inputs = seam.without_cache(inputs)
         if self._pending is not None:  # the vision tower already ran for this sequence
             run = self.trace.runs[-1]
-            run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} | 
+            run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} |
                                                {k: v for k, v in inputs.items() if v is not None})
             self._pending = None
         else:
             run = self._start_run(Run(tokens=self.model.token_maps(inputs)))
+        if begin.prefix:  # a cache filled before this block: those positions exist, their roles are unknown
+            run.prefix = begin.prefix
+            for stream in CACHED_STREAMS:
+                if run.tokens.get(stream):
+                    run.tokens[stream] = [TokenMap.unknown(begin.prefix).concat(t) for t in run.tokens[stream]]
+        self._note_length(run)
         self._note_inputs(run)
         return None
+
+    @staticmethod
+    def _note_length(run: Run) -> None:
+        maps = next((run.tokens[s] for s in CACHED_STREAMS if run.tokens.get(s)), None)
+        if maps:
+            run.lengths.append(len(maps[0]))
+
+    def _reorder(self, beam_idx) -> None:
+        """Beam search reordered the cache: each row's token maps now continue the beam it was given."""
+        if not self.trace.runs:
+            return
+        run = self.trace.runs[-1]
+        run.reorder(beam_idx.tolist(), CACHED_STREAMS)
 
     def _after_forward(self, module, args, kwargs, output):
         self._in_forward = False
@@ -138,7 +165,7 @@ class capture:
         return None
 
     def _extend_tokens(self, run: Run, input_ids) -> None:
-        for stream in ("language", "text"):
+        for stream in CACHED_STREAMS:
             maps = run.tokens.get(stream)
             if not maps or input_ids is None:
                 continue
@@ -149,7 +176,7 @@ class capture:
 
     def _note_inputs(self, run: Run) -> None:
         for stream, maps in run.tokens.items():
-            if stream in ("language", "text") and maps and self.model.tokenizer is not None:
+            if stream in CACHED_STREAMS and maps and self.model.tokenizer is not None:
                 self.trace.provenance["inputs"].append("".join(maps[0].tokens)[:2000])
 
     # --- the recorder called from the attention function ------------------------------------------------
@@ -162,13 +189,25 @@ class capture:
         if not self.trace.runs:  # an inner module called directly, outside the wrapped forward
             self._start_run(Run())
         run = self.trace.runs[-1]
-        counter = (call.module, run.steps)
-        part, base = self._parts.get(counter, 0), self._bases.get(counter, 0)
         q_len, kv_len = call.query.shape[2], call.key.shape[2]
-        self._parts[counter], self._bases[counter] = part + 1, base + kv_len
         tmaps = run.tokens.get(call.site.stream)
-        total = max(len(tmaps[0]) if tmaps else 0, base + kv_len)
-        q_start = base + kv_len - q_len
+        where = f"{call.site.stream} layer {call.site.layer}: "
+        if call.site.stream in CACHED_STREAMS and self._ledger.length:  # positions from the ledger: windows, crops and prefix caches
+            q_start, base = self._ledger.placed(q_len, kv_len, where)
+            total = self._ledger.length
+            part = 0
+        else:  # no cache: a module called several times in one step lays its calls end to end
+            counter = (call.module, run.steps)
+            part, base = self._parts.get(counter, 0), self._bases.get(counter, 0)
+            self._parts[counter], self._bases[counter] = part + 1, base + kv_len
+            total = base + kv_len
+            q_start = total - q_len
+        if tmaps and part == 0 and call.site.stream not in CACHED_STREAMS and len(tmaps[0]) != kv_len:
+            tmaps = run.tokens[call.site.stream] = fit_vision_maps(tmaps, kv_len, self.model, where)
+        if tmaps and (len(tmaps[0]) < total or call.site.stream in CACHED_STREAMS and len(tmaps[0]) != total):
+            raise TokenMapError(f"{where}the token map has {len(tmaps[0])} entries but the call sees {total} positions; "
+                                "attnscope will not label keys with a shifted map")
+        total = max(len(tmaps[0]) if tmaps else 0, total)
         queries = resolve_positions(self.selection.queries, tmaps, total, "queries")
         rows = list(range(q_len)) if queries is None else [p - q_start for p in queries if q_start <= p < q_start + q_len]
         keys = resolve_positions(self.selection.keys, tmaps, total, "keys")

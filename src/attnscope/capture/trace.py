@@ -39,11 +39,38 @@ class Record:
 
 @dataclass
 class Run:
-    """One sequence: a forward pass, or a prefill plus the decode steps of `generate`."""
+    """One sequence: a forward pass, or a prefill plus the decode steps of `generate`.
+
+    `prefix` counts positions a cache held before the capture saw the sequence (role "unknown"). Under beam
+    search the rows change beams between steps: `eras` keeps the maps as they were before each reorder, as
+    (last step they label, maps), and `lengths` the map length at each step, so `maps_at(step)` labels that
+    step's rows."""
 
     tokens: dict[str, list[TokenMap]] = field(default_factory=dict)
     records: dict[tuple[str, int], list[Record]] = field(default_factory=dict)
     steps: int = 0
+    prefix: int = 0
+    eras: list[tuple[int, dict[str, list[TokenMap]]]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def reorder(self, rows: list[int], streams) -> None:
+        """Row i now continues the sequence of row rows[i] (a beam reorder before the next step)."""
+        self.eras.append((self.steps, {s: [t.copy() for t in maps] for s, maps in self.tokens.items() if s in streams}))
+        for stream in streams:
+            maps = self.tokens.get(stream)
+            if maps:
+                self.tokens[stream] = [maps[i].copy() for i in rows]
+
+    def maps_at(self, stream: str, step: int | None = None) -> list[TokenMap] | None:
+        """The maps labelling `stream`'s rows and keys at decode step `step` (None: after the last step)."""
+        current = self.tokens.get(stream)
+        if step is None or not current:
+            return current
+        if not 0 <= step <= self.steps:
+            raise KeyError(f"step {step} is outside this run's steps 0..{self.steps}")
+        maps = next((m[stream] for last, m in self.eras if step <= last and stream in m), current)
+        n = self.lengths[step] if step < len(self.lengths) else len(maps[0])
+        return [t.head(n) for t in maps]
 
 
 @dataclass
@@ -75,9 +102,10 @@ class Trace:
     def layers(self, stream: str, run: int = -1) -> list[int]:
         return sorted(layer for s, layer in self.run(run).records if s == stream)
 
-    def tokens(self, stream: str, row: int = 0, run: int = -1) -> TokenMap:
-        """The TokenMap of `stream` for batch row `row`."""
-        maps = self.run(run).tokens.get(stream)
+    def tokens(self, stream: str, row: int = 0, run: int = -1, step: int | None = None) -> TokenMap:
+        """The TokenMap of `stream` for batch row `row`; with `step`, the map that labels that decode step's rows
+        (it differs from the final one only under beam search, where rows change beams between steps)."""
+        maps = self.run(run).maps_at(stream, step)
         if not maps:
             raise KeyError(f"no token roles for stream {stream!r}; have {sorted(self.run(run).tokens)}")
         return maps[row]
@@ -128,7 +156,8 @@ class Trace:
                     tensors[key] = rec.probs.detach().cpu().contiguous()
                     records.append({"key": key, "stream": stream, "layer": layer} | rec.meta())
             runs.append({"tokens": {s: [t.to_dict() for t in maps] for s, maps in run.tokens.items()},
-                         "records": records, "steps": run.steps})
+                         "records": records, "steps": run.steps, "prefix": run.prefix, "lengths": run.lengths,
+                         "eras": [[last, {s: [t.to_dict() for t in maps] for s, maps in m.items()}] for last, m in run.eras]})
         meta = {"format": FORMAT, "provenance": self.provenance, "runs": runs}
         save_file(tensors, str(path), metadata={"attnscope": json.dumps(meta)})
         return path
@@ -148,7 +177,10 @@ class Trace:
                 trace = cls(provenance=meta.get("provenance", {}))
                 for run_meta in meta["runs"]:
                     run = Run({s: [TokenMap.from_dict(t) for t in maps] for s, maps in run_meta["tokens"].items()},
-                              steps=run_meta.get("steps", 0))
+                              steps=run_meta.get("steps", 0), prefix=run_meta.get("prefix", 0),
+                              lengths=list(run_meta.get("lengths", [])),
+                              eras=[(int(last), {s: [TokenMap.from_dict(t) for t in maps] for s, maps in m.items()})
+                                    for last, m in run_meta.get("eras", [])])
                     for rm in run_meta["records"]:
                         tensor = f.get_tensor(rm["key"])
                         if list(tensor.shape) != rm["shape"] or str(tensor.dtype).removeprefix("torch.") != rm["dtype"]:

@@ -9,6 +9,7 @@ release, see docs/architecture.md, "The seam to transformers"):
 - a cache's length is `get_seq_length()`; a decode step is a forward whose cache already holds keys;
 - when attnscope calls a forward itself (contrastive branches), the cache goes in under the name the
   forward's own signature declares;
+- beam search reorders the cache between steps through `cache.reorder_cache(beam_idx)`;
 - the generate output carries the cache under the same name as the forward's keyword;
 - decoder blocks receive `attention_mask` (4-D, [B, 1|H, Q, K]), `position_ids` ([B, Q]),
   `position_embeddings` ((cos, sin), each [B, Q, D]) and, before 5.24, `cache_position` ([Q]).
@@ -82,6 +83,24 @@ def output_cache(output) -> Cache | None:
         if isinstance(value, Cache):
             return value
     return None
+
+
+def watch_reorder(cache: Cache, callback) -> callable:
+    """Call `callback(beam_idx)` whenever beam search reorders `cache` (`generate` calls `cache.reorder_cache`
+    between steps). Returns the function that stops watching; the cache object is left as it was."""
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx, *args, **kwargs):
+        out = original(beam_idx, *args, **kwargs)
+        callback(beam_idx)
+        return out
+
+    cache.reorder_cache = reorder_cache
+
+    def undo() -> None:
+        if cache.__dict__.get("reorder_cache") is reorder_cache:
+            del cache.reorder_cache
+    return undo
 
 
 def new_cache(config) -> Cache:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ROLES = ("cls", "register", "image", "special", "system", "text", "generated", "pad", "unknown")
+ROLES = ("cls", "register", "image", "special", "system", "text", "generated", "pad", "unknown", "prefix")
+# "prefix": a vision token before the patch grid that is neither CLS nor a declared register (a distillation token)
+CACHED_STREAMS = ("language", "text")  # the streams a KV cache feeds; their maps grow by one token per decode step
 
 
 @dataclass
@@ -72,6 +74,19 @@ class TokenMap:
         """Positions of image `image`'s patches in row-major grid order."""
         found = [(p[1], p[2], i) for i, p in enumerate(self.patch) if p is not None and p[0] == image]
         return [i for _, _, i in sorted(found)]
+
+    def copy(self) -> TokenMap:
+        return TokenMap(list(self.roles), list(self.tokens), list(self.patch), list(self.grids), list(self.sinks))
+
+    def concat(self, other: TokenMap) -> TokenMap:
+        """This map followed by `other` (its positions shifted; image indices kept)."""
+        n = len(self)
+        return TokenMap(self.roles + other.roles, self.tokens + other.tokens, self.patch + other.patch,
+                        self.grids + other.grids, self.sinks + [i + n for i in other.sinks])
+
+    def head(self, n: int) -> TokenMap:
+        """The first `n` positions."""
+        return TokenMap(self.roles[:n], self.tokens[:n], self.patch[:n], list(self.grids), [i for i in self.sinks if i < n])
 
     def append(self, token: str, role: str = "generated") -> None:
         self.roles.append(role)

@@ -13,11 +13,46 @@ def _patch_grid(config, pixel_values: torch.Tensor) -> tuple[int, int]:
     return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
 
 
-def vision_map(config, pixel_values: torch.Tensor) -> TokenMap:
-    """CLS (+ registers) then the patch grid, for ViT, DINOv2, CLIP towers at any resolution."""
+class TokenMapError(ValueError):
+    """A token map that does not fit the sequence it would label."""
+
+
+def has_cls(module) -> bool:
+    """Whether a vision model's embeddings learn a class token (ViT/DINOv2 `cls_token`, CLIP `class_embedding`)."""
+    return any(name.rsplit(".", 1)[-1] in ("cls_token", "class_embedding") for name, _ in module.named_parameters())
+
+
+def prefix_roles(config, n: int | None = None, cls: bool = True) -> tuple[str, ...]:
+    """Roles of the tokens before the patch grid: CLS if the embeddings have one, the registers the config
+    declares, and "prefix" for any further token (a distillation token). `n` (the count the model really
+    produced) overrides the count the config implies."""
+    declared = ("cls",) * cls + ("register",) * int(getattr(config, "num_register_tokens", 0) or 0)
+    if n is None:
+        return declared
+    return declared[:n] + ("prefix",) * max(0, n - len(declared))
+
+
+def vision_map(config, pixel_values: torch.Tensor, cls: bool = True) -> TokenMap:
+    """Prefix tokens (CLS, registers) then the patch grid, for ViT, DINOv2, CLIP, SigLIP towers at any resolution."""
     rows, cols = _patch_grid(config, pixel_values)
-    prefix = ("cls",) + ("register",) * int(getattr(config, "num_register_tokens", 0) or 0)
-    return TokenMap.vision(rows, cols, prefix)
+    return TokenMap.vision(rows, cols, prefix_roles(config, cls=cls))
+
+
+def fit_vision_maps(tmaps: list[TokenMap], kv_len: int, model, where: str = "") -> list[TokenMap]:
+    """Raster vision maps re-derived from the sequence length the embeddings really produced (`kv_len`): the
+    tokens before the patch grid are whatever the model put there, never an assumed CLS."""
+    grids = tmaps[0].grids
+    if len(grids) != 1:
+        raise TokenMapError(f"{where}the vision map of {len(tmaps[0])} positions does not fit the {kv_len} keys the "
+                            "tower produced")
+    rows, cols = grids[0]
+    n = kv_len - rows * cols
+    if n < 0:
+        raise TokenMapError(f"{where}the tower produced {kv_len} tokens, fewer than its {rows}x{cols} patch grid: "
+                            "a pooled or merged sequence attnscope does not map; pass `spec=` to attnscope.wrap")
+    config = getattr(model.hf.config, "vision_config", model.hf.config)
+    fitted = TokenMap.vision(rows, cols, prefix_roles(config, n, cls=model.vision_cls and n > 0))
+    return [fitted.copy() for _ in tmaps]
 
 
 def text_maps(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[TokenMap]:
@@ -55,7 +90,7 @@ def _lm_grid(spec: Spec, config, grid: tuple[int, int]) -> tuple[int, int]:
     return grid[0] // merge, grid[1] // merge
 
 
-def vision_maps(spec: Spec, config, inputs: dict) -> list[TokenMap]:
+def vision_maps(spec: Spec, config, inputs: dict, cls: bool = True) -> list[TokenMap]:
     """The vision tower's sequences: one map per image (raster towers), or one map over all images laid end
     to end in Qwen2-VL's merge-window order."""
     pixel_values = inputs["pixel_values"]
@@ -66,10 +101,10 @@ def vision_maps(spec: Spec, config, inputs: dict) -> list[TokenMap]:
         return [TokenMap(["image"] * len(patches), [f"patch({r},{c})" for _, r, c in patches], patches, grids)]
     if getattr(config, "vision_feature_select_strategy", "default") == "full":
         raise NotImplementedError("vision_feature_select_strategy='full' puts CLS among image tokens; not mapped yet")
-    return [vision_map(config.vision_config, pixel_values)] * pixel_values.shape[0]
+    return [vision_map(config.vision_config, pixel_values, cls=cls)] * pixel_values.shape[0]
 
 
-def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[TokenMap]]:
+def vlm_maps(spec: Spec, config, tokenizer, inputs: dict, cls: bool = True) -> dict[str, list[TokenMap]]:
     """Language stream with each image's expanded token span mapped back to its grid, and the vision stream."""
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     language = text_maps(tokenizer, ids, mask)
@@ -79,7 +114,7 @@ def vlm_maps(spec: Spec, config, tokenizer, inputs: dict) -> dict[str, list[Toke
     out = {"language": language}
     if inputs.get("pixel_values") is None:
         return out
-    out["vision"] = vision_maps(spec, config, inputs)
+    out["vision"] = vision_maps(spec, config, inputs, cls=cls)
     grids = out["vision"][0].grids if spec.vision_order == "merge" else [m.grids[0] for m in out["vision"]]
     lm_grids = [_lm_grid(spec, config, g) for g in grids]
     taken = 0  # grids are listed across the batch: row r's images follow those of earlier rows (each map counts from 0)

@@ -31,6 +31,7 @@ class Model:
         self.extras = extras or {}
         self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules)
         self._signature = inspect.signature(hf.forward)
+        self.vision_cls = roles.has_cls(hf)
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{s}: {n} layers" for s, n in self.streams.items())
@@ -105,18 +106,18 @@ class Model:
         """The vision stream's maps alone (a VLM's tower run before the language model sees the prompt)."""
         if inputs.get("pixel_values") is None:
             return {}
-        return {"vision": roles.vision_maps(self.spec, self.hf.config, inputs)}
+        return {"vision": roles.vision_maps(self.spec, self.hf.config, inputs, cls=self.vision_cls)}
 
     def token_maps(self, inputs: dict) -> dict[str, list[TokenMap]]:
         """One TokenMap per stream and batch row for these forward inputs (unknown roles where not derivable)."""
         kind, config = self.spec.kind, self.hf.config
         if kind == "vlm" and inputs.get("input_ids") is not None:
-            return roles.vlm_maps(self.spec, config, self.tokenizer, inputs)
+            return roles.vlm_maps(self.spec, config, self.tokenizer, inputs, cls=self.vision_cls)
         out: dict[str, list[TokenMap]] = {}
         if inputs.get("pixel_values") is not None and kind in ("vision", "dual"):
             pv = inputs["pixel_values"]
             vision_config = getattr(config, "vision_config", config)
-            out["vision"] = [roles.vision_map(vision_config, pv)] * pv.shape[0]
+            out["vision"] = [roles.vision_map(vision_config, pv, cls=self.vision_cls)] * pv.shape[0]
         if inputs.get("input_ids") is not None and kind in ("text", "dual"):
             out["text"] = roles.text_maps(self.tokenizer, inputs["input_ids"], inputs.get("attention_mask"))
         return out

@@ -19,8 +19,9 @@ from torch import nn
 
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, exclusive
+from ..core.ledger import Ledger
 from ..core.probs import attention_probs
-from ..core.tokens import ROLES, TokenMap
+from ..core.tokens import CACHED_STREAMS, ROLES, TokenMap
 from ..models.wrapped import Model
 from .edits import AttentionEdit, Contrast, DropTokens, Edit, HeadScale, SiteEdit, SteerError, lm_stream
 
@@ -55,6 +56,32 @@ class SeqState:
         self.version = 0
         self.from_vision = False
         self._masks: dict = {}
+        self.ledger: Ledger | None = None if branch is None else Ledger()  # a branch runs its own cache
+
+    def prepend_unknown(self, n: int) -> None:
+        """`n` positions a cache held before this block saw the sequence: their roles are unknown."""
+        for stream in CACHED_STREAMS:
+            codes = self.codes.get(stream)
+            if codes is None:
+                continue
+            self.codes[stream] = torch.cat([torch.full((codes.shape[0], n), CODE["unknown"], dtype=torch.long), codes], 1)
+            self.tmaps[stream] = [TokenMap.unknown(n).concat(t) for t in self.tmaps[stream]]
+        self._masks.clear()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search reordered the cache: row i now continues row rows[i]'s sequence."""
+        idx = rows.cpu()
+        for stream, codes in self.codes.items():
+            if codes.shape[0] == idx.numel():
+                self.codes[stream] = codes[idx]
+                self.tmaps[stream] = [self.tmaps[stream][i].copy() for i in idx.tolist()]
+        for key, kept in list(self.kept.items()):
+            self.kept[key] = kept[idx.to(kept.device)]
+        for key, found in list(self.sink.pos.items()):
+            self.sink.pos[key] = [set(found[i]) for i in idx.tolist()]
+        for key, scale in list(self.sink_scale.items()):
+            self.sink_scale[key] = scale[idx.to(scale.device)]
+        self._masks.clear()
 
     def length(self, stream: str) -> int | None:
         codes = self.codes.get(stream)
@@ -157,8 +184,13 @@ class CallContext:
         if kept is not None and kept.shape[1] != self.K:
             raise RuntimeError(f"layer {self.site.layer} holds {self.K} keys but attnscope expected {kept.shape[1]} after "
                                "dropping tokens; was the cache filled outside this steer block?")
-        self.pos_k = kept  # None: keys are positions 0..K-1
         L = state.length(self.site.stream)
+        if kept is None and L is not None and self.site.stream in CACHED_STREAMS and self.K != L:
+            if self.K > L:
+                raise SteerError(f"{self.site.stream} layer {self.site.layer} sees {self.K} keys but the sequence holds "
+                                 f"{L} tokens (a pre-allocated static cache?); use the default dynamic cache")
+            kept = torch.arange(L - self.K, L).expand(self.B, -1)  # a sliding-window or cropped cache layer
+        self.pos_k = kept  # None: keys are positions 0..K-1
         self.known = L is not None and (kept is not None or self.K <= L)
         self.patch: list = []
         self.done = False
@@ -664,6 +696,7 @@ class steer:
                 for layer in layers:
                     self._layer_plan.setdefault((stream, layer), set()).add("sink")
         self._contrasts = [e for e in self.edits if isinstance(e, Contrast)]
+        self._ledger = Ledger(on_reorder=self._reorder)
         try:
             _steered.add(id(hf))
             self._hooks.append(hf.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
@@ -682,7 +715,13 @@ class steer:
     def __exit__(self, *exc) -> None:
         self._close()
 
+    def _reorder(self, rows) -> None:
+        if self.state is not None:
+            self.state.reorder(rows)
+
     def _close(self) -> None:
+        if getattr(self, "_ledger", None) is not None:
+            self._ledger.close()
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None
@@ -932,7 +971,9 @@ class steer:
         """Track a forward: a new sequence (prefill) or the next decode step of the current one. `state` is a
         branch's or an observation pass's own state; without it the main sequence's state is used."""
         st = state if state is not None else self.state
-        if st is not None and not st.from_vision and st.codes and seam.is_decode_step(inputs):
+        ledger = state.ledger if state is not None and state.ledger is not None else self._ledger
+        placed = ledger.begin(inputs)
+        if st is not None and not st.from_vision and st.codes and not placed.new:
             q = seam.query_length(inputs)
             for stream in ("language", "text"):
                 st.extend(stream, q)
@@ -950,6 +991,8 @@ class steer:
         elif full.get("pixel_values") is not None:
             st.pixels = {"pixel_values": full.get("pixel_values"), "image_grid_thw": full.get("image_grid_thw")}
         st.set_maps(self.model.token_maps(full))
+        if placed.prefix:
+            st.prepend_unknown(placed.prefix)
         st.from_vision = False
         st.inputs = full
         st.version += 1
