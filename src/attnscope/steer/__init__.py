@@ -33,20 +33,22 @@ from .methods import (
     VTCCLS,
     DeCoRe,
     FastV,
+    FastVRerank,
     HeadMask,
     ImbalanceFix,
     KeepSchedule,
     M3ID,
     PyramidDrop,
+    generate_kwargs,
     parse,
 )
 from .processor import ContrastiveProcessor
 from .session import SeqState, remove_positions, steer
 
-__all__ = ["steer", "parse", "METHODS", "SteerError", "ContrastiveProcessor", "SeqState", "remove_positions",
+__all__ = ["steer", "parse", "generate_kwargs", "METHODS", "SteerError", "ContrastiveProcessor", "SeqState", "remove_positions",
            "LogitBias", "ScaleKeys", "MaskKeys", "Redistribute", "HeadScale", "DropTokens", "Contrast", "Observe",
            "Branch", "NoisedImage", "TransformedImage", "WithoutTokens", "SameInputs",
-           "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD", "M3ID", "RITUAL", "FastV", "PyramidDrop",
+           "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD", "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop",
            "VTCCLS", "KeepSchedule"]
 
 # `attnscope/__init__.py` exports the context manager as `attnscope.steer`, which shadows this package's name on

@@ -353,7 +353,9 @@ class DropTokens(Edit):
     `rank` chooses which tokens stay: "attention" (mean over heads of the attention from the last query row at
     layer K-1, FastV/PyramidDrop), "vision_cls" (the vision tower's CLS attention to each patch at
     `vision_layers`, averaged, VTC-CLS), or a callable `(state, stream, layer, candidates [B, L] bool) -> scores
-    [B, L]`. K = 0 drops before the first layer (the language model never sees those tokens)."""
+    [B, L]`. K = 0 drops before the first layer (the language model never sees those tokens).
+    `rerank=True` re-ranks at every decode step; each step must then be a full forward without a KV cache
+    (`generate(..., use_cache=False)`), and a cached step raises `SteerError` (FastVRerank)."""
 
     schedule: dict[int, float]
     role: str = "image"
@@ -361,6 +363,7 @@ class DropTokens(Edit):
     stream: str | None = None
     vision_layers: list[int] | None = None
     branch: str = "all"
+    rerank: bool = False
     roles_needed: set = field(default_factory=set)
 
     def __post_init__(self):
@@ -406,7 +409,8 @@ class DropTokens(Edit):
 
     def describe(self):
         return {"edit": "DropTokens", "schedule": self.schedule, "role": self.role,
-                "rank": self.rank if isinstance(self.rank, str) else "callable", "vision_layers": self.vision_layers}
+                "rank": self.rank if isinstance(self.rank, str) else "callable", "vision_layers": self.vision_layers,
+                "rerank": self.rerank}
 
 
 # --- decoding ----------------------------------------------------------------------------------------------------

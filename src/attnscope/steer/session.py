@@ -842,6 +842,10 @@ class steer:
             st.kept[(stream, layer)] = new
             kwargs = _slice_kwargs(kwargs, new, L)
             return hidden, kwargs, True
+        if drop.rerank:
+            raise SteerError(f"{_label(drop)} re-ranks the tokens at every new token without a KV cache; call "
+                             "generate(..., use_cache=False) (the method's generate_kwargs), or use FastV to keep the "
+                             "prompt's ranking in the cache")
         kept = st.kept.get((stream, layer))
         mask = kwargs.get("attention_mask")
         if kept is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
@@ -945,7 +949,9 @@ class steer:
             st.inputs = inputs
             return st
         if state is None and not (st is not None and st.from_vision):
-            st = SeqState()  # a new main sequence (unless the vision tower already started it)
+            prev, st = st, SeqState()  # a new main sequence (unless the vision tower already started it)
+            if prev is not None and inputs.get("mm_encoder_outputs") is not None:
+                st.pixels = prev.pixels  # generate without a cache re-feeds the image features it encoded once
         if state is None:
             self.state = st
         full = {k: v for k, v in inputs.items() if v is not None and k != "past_key_values"}

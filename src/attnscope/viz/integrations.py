@@ -116,6 +116,8 @@ def steer_methods() -> dict[str, dict]:
             cls = getattr(module, cls, None) or getattr(_module("attnscope.steer.methods"), cls, None)
         if cls is None or not inspect.isclass(cls):
             continue
+        if getattr(cls, "generate_kwargs", None):  # FastVRerank decodes without a KV cache; the viewer's capture needs one
+            continue
         params = {}
         try:
             for p in inspect.signature(cls).parameters.values():
