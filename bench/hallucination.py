@@ -159,9 +159,13 @@ def pope_summary(records: list[dict], base: list[dict] | None, boot: int) -> dic
 
 
 def chair_summary(records: list[dict], boot: int) -> dict:
+    """CHAIR from the stored captions, re-read with the current rule (CHAIR_i per object mention, as Rohrbach et
+    al.; records written before it counted classes once per caption)."""
     from attnscope.evaluate.bootstrap import bootstrap
-    from attnscope.evaluate.chair import chair_metrics
+    from attnscope.evaluate.chair import ObjectVocabulary, caption_record, chair_metrics
 
+    vocab = ObjectVocabulary.scenes()
+    records = [r | caption_record(r["caption"], r["gold"], vocab) for r in records]
     m = chair_metrics(records)
     m["ci"] = bootstrap(records, chair_metrics, n=boot)
     m["seconds_per_caption"] = float(np.mean([r["seconds"] for r in records]))
@@ -356,15 +360,20 @@ def write_report(summary: dict) -> None:
         if ch["n"]:
             L += [f"Caption hallucinations that are the training partner of an object in the scene: {ch['partner_share']:.2f} of "
                   f"{ch['n']}, against {ch['uniform_share']:.2f} if hallucinated classes were drawn uniformly from the absent ones.", ""]
-    L += ["", "## CHAIR", "", "| method | CHAIR_s | CHAIR_i | recall | mentions/caption | naming no object | "
-          "s/caption token (× base) |", "|---|---|---|---|---|---|---|"]
+    L += ["", "## CHAIR", "", "CHAIR_i is the paper's (Rohrbach et al., 2018): hallucinated object mentions / all object "
+          "mentions, every mention counted (a class named twice is two mentions); CHAIR_i per class counts each class "
+          "once per caption (the variant this table reported before under the name CHAIR_i). Recomputed from the "
+          "stored captions (`bench/results/hallucination/chair-*.jsonl`).", "",
+          "| method | CHAIR_s | CHAIR_i | CHAIR_i per class | recall | mentions/caption | naming no object | "
+          "s/caption token (× base) |", "|---|---|---|---|---|---|---|---|"]
     base_t = base["chair"]["seconds_per_token"] if base and "chair" in base else None
     for name, m in summary["methods"].items():
         if "chair" not in m:
             continue
         c = m["chair"]
         ratio = f" ({c['seconds_per_token'] / base_t:.2f})" if base_t else ""
-        L.append(f"| {name} | {f(c['ci']['chair_s'])} | {f(c['ci']['chair_i'])} | {f(c['ci']['recall'])} | "
+        L.append(f"| {name} | {f(c['ci']['chair_s'])} | {f(c['ci']['chair_i'])} | {f(c['ci']['chair_i_per_class'])} | "
+                 f"{f(c['ci']['recall'])} | "
                  f"{c['mentions_per_caption']:.2f} | {c['no_object_share']:.2f} | {c['seconds_per_token']:.3f}{ratio} |")
     silent = [n for n, m in summary["methods"].items() if m.get("chair", {}).get("no_object_share", 0) > 0.5]
     if silent:
@@ -442,6 +451,13 @@ def summarize_all(args, world) -> dict:
         summary["prior"] = prior_probe(world)
     if (RAW / "traces.npz").is_file():
         summary["observations"] = observations(args.boot)
+    elif (RESULTS / "hallucination.json").is_file():  # traces.npz is not committed: keep the last run's observations
+        before = json.loads((RESULTS / "hallucination.json").read_text())
+        if "observations" in before:
+            summary["observations"] = before["observations"]
+            summary["notes"].append(f"The observations section is the run of {before.get('observations_when', before['when'])} "
+                                    "(its traces.npz is not committed), carried over unchanged.")
+            summary["observations_when"] = before.get("observations_when", before["when"])
     return summary
 
 
@@ -516,6 +532,10 @@ def main(argv=None) -> int:
         "with the highest image ratio at the answer position on 4 training scenes (`visual_heads`).",
         "M3ID equals the baseline on POPE by construction: its contrast weight starts at 0 on the first generated "
         "token, and the yes/no answer is that token.",
+        "FastV has two generation forms: `fastv` ranks the image tokens once at the prompt and keeps that set in "
+        "the KV cache for every generated token (`FastV`, the fast form); `fastv_rerank` re-ranks at every new "
+        "token, recomputing the sequence without a cache (`FastVRerank`, the FastV paper's own evaluation). On POPE "
+        "(answers of up to 3 tokens) they differ only after the first answer token.",
         "The pruning defaults (FastV K=2 keep 50%, PyramidDrop's stages, VTC-CLS) were set for LLaVA's 576 image "
         "tokens; scene-vlm has 64 pooled tokens, each covering a 28x28 px cell, so dropping half of them removes "
         "whole objects and the model answers \"No\" (the yes-ratio column).",
