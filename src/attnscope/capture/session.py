@@ -8,7 +8,7 @@ from ..core.dispatch import AttentionCall, Handler, attach
 from ..core.sites import NoAttentionError
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
-from .trace import Record, Run, Trace
+from .trace import Record, Run, Trace, checksum
 
 _open_captures: set[int] = set()
 
@@ -61,7 +61,7 @@ class capture:
             "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
             "backend": {s.stream: getattr(m.config, "_attn_implementation_internal", None) for m, s in chosen.items()},
             "dtype": str(self.dtype).removeprefix("torch."), "model_dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
-            "selection": self.selection.to_dict(), "inputs": [],
+            "selection": self.selection.to_dict(), "inputs": [], "streams": dict(self.model.streams),
         }
         self.trace.provenance["backend"] = {k: v.removeprefix("attnscope_") if v else v
                                             for k, v in self.trace.provenance["backend"].items()}
@@ -113,14 +113,16 @@ class capture:
             self._calls_this_forward = 0
             self._extend_tokens(run, inputs.get("input_ids"))
             return None
+        pixels = inputs.get("pixel_values")
         if self._pending is not None:  # the vision tower already ran for this sequence
+            pixels = self._pending.get("pixel_values") if pixels is None else pixels
             run = self.trace.runs[-1]
             run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} | 
                                                {k: v for k, v in inputs.items() if v is not None})
             self._pending = None
         else:
             run = self._start_run(Run(tokens=self.model.token_maps(inputs)))
-        self._note_inputs(run)
+        self._note_inputs(run, pixels)
         return None
 
     def _after_forward(self, module, args, kwargs, output):
@@ -146,10 +148,12 @@ class capture:
                 for tid in ids:
                     tmap.append(tok.convert_ids_to_tokens(tid) if tok is not None else str(tid))
 
-    def _note_inputs(self, run: Run) -> None:
+    def _note_inputs(self, run: Run, pixels=None) -> None:
         for stream, maps in run.tokens.items():
             if stream in ("language", "text") and maps and self.model.tokenizer is not None:
                 self.trace.provenance["inputs"].append("".join(maps[0].tokens)[:2000])
+        if isinstance(pixels, torch.Tensor):  # images: their model input's shape and a checksum identify them
+            self.trace.provenance["inputs"].append(f"pixel_values {list(pixels.shape)} blake2b:{checksum(pixels)}")
 
     # --- the recorder called from the attention function ------------------------------------------------
     def record(self, call: AttentionCall, output) -> None:
