@@ -115,7 +115,7 @@ def chair(captions: Sequence[str], gold: Sequence[Sequence[str]], vocabulary: Ob
     vocabulary = vocabulary or ObjectVocabulary.scenes()
     records = [caption_record(c, g, vocabulary) for c, g in zip(captions, gold)]
     m = chair_metrics(records)
-    m["ci"] = bootstrap(records, chair_metrics, n=boot, seed=seed)
+    m["ci"] = bootstrap(records, chair_metrics, n=boot, seed=seed, unit="caption")
     return m
 
 
@@ -210,7 +210,7 @@ def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of:
     for r in rows:
         r["method"] = config["method"]
     metrics = chair_metrics(rows)
-    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=seed)
+    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=seed, unit="caption")
     metrics["seconds_per_caption"] = sum(r["seconds"] for r in rows) / len(rows)
     metrics["seconds_per_token"] = sum(r["seconds"] for r in rows) / max(1, sum(r["new_tokens"] for r in rows))
     result = ChairResult(rows, metrics, config)

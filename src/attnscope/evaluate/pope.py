@@ -348,7 +348,7 @@ def summarize(records: Sequence[dict], boot: int = 1000, seed: int = 0) -> dict:
     for split in dict.fromkeys(r["split"] for r in records):
         rs = [r for r in records if r["split"] == split]
         m = pope_metrics(rs)
-        m["ci"] = bootstrap(rs, pope_metrics, groups=[r["image_id"] for r in rs], n=boot, seed=seed)
+        m["ci"] = bootstrap(rs, pope_metrics, groups=[r["image_id"] for r in rs], n=boot, seed=seed, unit="image")
         m["ci"].pop("n", None)
         m["seconds_per_answer"] = float(np.mean([r["seconds"] for r in rs]))
         m["anchor_parse_disagreements"] = sum(1 for r in rs if (r["parsed"] or "none") != parse_pope_official(r["answer"]))
