@@ -275,7 +275,7 @@ def observations(boot: int) -> dict:
 
 # --- report ----------------------------------------------------------------------------------------------------
 def f(ci, d=3):
-    if ci is None:
+    if ci is None or ci["value"] != ci["value"]:  # missing, or NaN (undefined: e.g. CHAIR_i with no object named)
         return "n/a"
     return f"{ci['value']:.{d}f} [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
 
@@ -296,6 +296,14 @@ def gap_verdict(methods: dict) -> list[str]:
             widens.append(tag)
     return ["", "Δ gap intervals that exclude 0: narrower gap: " + (", ".join(closes) or "none") + "; wider gap: "
             + (", ".join(widens) or "none") + ". Every other method leaves the gap within the baseline's noise.", ""]
+
+
+def chair_order_note(methods: dict) -> list[str]:
+    """Report lines: the pairs of methods whose order by CHAIR_i (per mention) and by CHAIR_i per class differ."""
+    rows = {n: m["chair"] for n, m in methods.items() if "chair" in m and m["chair"]["chair_i"] == m["chair"]["chair_i"]}
+    flips = [f"{a}/{b}" for i, a in enumerate(rows) for b in list(rows)[i + 1:]
+             if (rows[a]["chair_i"] - rows[b]["chair_i"]) * (rows[a]["chair_i_per_class"] - rows[b]["chair_i_per_class"]) < 0]
+    return ["", f"Pairs of methods ordered differently by CHAIR_i and by CHAIR_i per class: {', '.join(flips) or 'none'}."]
 
 
 def write_report(summary: dict) -> None:
@@ -375,6 +383,7 @@ def write_report(summary: dict) -> None:
         L.append(f"| {name} | {f(c['ci']['chair_s'])} | {f(c['ci']['chair_i'])} | {f(c['ci']['chair_i_per_class'])} | "
                  f"{f(c['ci']['recall'])} | "
                  f"{c['mentions_per_caption']:.2f} | {c['no_object_share']:.2f} | {c['seconds_per_token']:.3f}{ratio} |")
+    L += chair_order_note(summary["methods"])
     silent = [n for n, m in summary["methods"].items() if m.get("chair", {}).get("no_object_share", 0) > 0.5]
     if silent:
         L += ["", f"{', '.join(silent)}: most captions name no object (for example \"Yes\" or \"No\" in reply to "
@@ -536,6 +545,10 @@ def main(argv=None) -> int:
         "the KV cache for every generated token (`FastV`, the fast form); `fastv_rerank` re-ranks at every new "
         "token, recomputing the sequence without a cache (`FastVRerank`, the FastV paper's own evaluation). On POPE "
         "(answers of up to 3 tokens) they differ only after the first answer token.",
+        "`fastv_rerank` was added on 2026-11-30 with the same seeds and sizes (200 POPE questions per split, 60 "
+        "captions) on the same shared CPU; the other methods' raw answers are from the 2026-11-23 run. CHAIR for every "
+        "method is recomputed from the stored captions with the paper's per-mention CHAIR_i (the report of 2026-11-23 "
+        "gave the per-class variant under that name).",
         "The pruning defaults (FastV K=2 keep 50%, PyramidDrop's stages, VTC-CLS) were set for LLaVA's 576 image "
         "tokens; scene-vlm has 64 pooled tokens, each covering a 28x28 px cell, so dropping half of them removes "
         "whole objects and the model answers \"No\" (the yes-ratio column).",
