@@ -61,6 +61,17 @@ def test_viewer_answers_a_damaged_trace_with_a_clear_400(tmp_path, text_trace):
     client = TestClient(create_app(), base_url="http://127.0.0.1", raise_server_exceptions=False)
     r = client.post("/api/trace", files={"trace": ("t.safetensors", bytes(raw), "application/octet-stream")})
     assert r.status_code == 400 and "checksum" in r.json()["error"]
+    # NaN written by the library itself (a model that produced them): checksum fine, still a clear 400
+    rec = text_trace.record("text", 0)
+    saved = rec.probs
+    rec.probs = saved.clone()
+    rec.probs[0, 0, 0, 0] = float("nan")
+    try:
+        path = text_trace.save(tmp_path / "nan.safetensors")
+    finally:
+        rec.probs = saved
+    r = client.post("/api/trace", files={"trace": ("nan.safetensors", path.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 400 and "NaN" in r.json()["error"]
 
 
 def test_trace_files_follow_the_umask(tmp_path, text_trace):

@@ -412,10 +412,14 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             path.write_bytes(raw)
             try:
                 trace = Trace.load(path)
+                bad = sorted({key for run in trace.runs for key, recs in run.records.items() for rec in recs
+                              if not bool(rec.probs.float().isfinite().all())})
+                if bad:  # written so by a model that produced them: nothing the viewer can draw (nor JSON hold)
+                    raise TraceFileError(f"the trace holds NaN or infinite probabilities at {bad[:4]}")
                 result = runner.from_trace(trace)
-            except (TraceFileError, ValueError, KeyError, TypeError) as err:
+                return state.describe(state.keep(result, None), result, None)
+            except (TraceFileError, ValueError, KeyError, TypeError, IndexError) as err:
                 raise ApiError(400, f"not a readable attnscope trace: {str(err).replace(str(path), 'upload')}") from err
-        return state.describe(state.keep(result, None), result, None)
 
     @app.get("/api/runs/{rid}")
     def run_doc(rid: str):
