@@ -159,9 +159,13 @@ def pope_summary(records: list[dict], base: list[dict] | None, boot: int) -> dic
 
 
 def chair_summary(records: list[dict], boot: int) -> dict:
+    """CHAIR from the stored captions, re-read with the current rule (CHAIR_i per object mention, as Rohrbach et
+    al.; records written before it counted classes once per caption)."""
     from attnscope.evaluate.bootstrap import bootstrap
-    from attnscope.evaluate.chair import chair_metrics
+    from attnscope.evaluate.chair import ObjectVocabulary, caption_record, chair_metrics
 
+    vocab = ObjectVocabulary.scenes()
+    records = [r | caption_record(r["caption"], r["gold"], vocab) for r in records]
     m = chair_metrics(records)
     m["ci"] = bootstrap(records, chair_metrics, n=boot)
     m["seconds_per_caption"] = float(np.mean([r["seconds"] for r in records]))
@@ -271,7 +275,7 @@ def observations(boot: int) -> dict:
 
 # --- report ----------------------------------------------------------------------------------------------------
 def f(ci, d=3):
-    if ci is None:
+    if ci is None or ci["value"] != ci["value"]:  # missing, or NaN (undefined: e.g. CHAIR_i with no object named)
         return "n/a"
     return f"{ci['value']:.{d}f} [{ci['low']:.{d}f}, {ci['high']:.{d}f}]"
 
@@ -292,6 +296,14 @@ def gap_verdict(methods: dict) -> list[str]:
             widens.append(tag)
     return ["", "Δ gap intervals that exclude 0: narrower gap: " + (", ".join(closes) or "none") + "; wider gap: "
             + (", ".join(widens) or "none") + ". Every other method leaves the gap within the baseline's noise.", ""]
+
+
+def chair_order_note(methods: dict) -> list[str]:
+    """Report lines: the pairs of methods whose order by CHAIR_i (per mention) and by CHAIR_i per class differ."""
+    rows = {n: m["chair"] for n, m in methods.items() if "chair" in m and m["chair"]["chair_i"] == m["chair"]["chair_i"]}
+    flips = [f"{a}/{b}" for i, a in enumerate(rows) for b in list(rows)[i + 1:]
+             if (rows[a]["chair_i"] - rows[b]["chair_i"]) * (rows[a]["chair_i_per_class"] - rows[b]["chair_i_per_class"]) < 0]
+    return ["", f"Pairs of methods ordered differently by CHAIR_i and by CHAIR_i per class: {', '.join(flips) or 'none'}."]
 
 
 def write_report(summary: dict) -> None:
@@ -356,16 +368,22 @@ def write_report(summary: dict) -> None:
         if ch["n"]:
             L += [f"Caption hallucinations that are the training partner of an object in the scene: {ch['partner_share']:.2f} of "
                   f"{ch['n']}, against {ch['uniform_share']:.2f} if hallucinated classes were drawn uniformly from the absent ones.", ""]
-    L += ["", "## CHAIR", "", "| method | CHAIR_s | CHAIR_i | recall | mentions/caption | naming no object | "
-          "s/caption token (× base) |", "|---|---|---|---|---|---|---|"]
+    L += ["", "## CHAIR", "", "CHAIR_i is the paper's (Rohrbach et al., 2018): hallucinated object mentions / all object "
+          "mentions, every mention counted (a class named twice is two mentions); CHAIR_i per class counts each class "
+          "once per caption (the variant this table reported before under the name CHAIR_i). Recomputed from the "
+          "stored captions (`bench/results/hallucination/chair-*.jsonl`).", "",
+          "| method | CHAIR_s | CHAIR_i | CHAIR_i per class | recall | mentions/caption | naming no object | "
+          "s/caption token (× base) |", "|---|---|---|---|---|---|---|---|"]
     base_t = base["chair"]["seconds_per_token"] if base and "chair" in base else None
     for name, m in summary["methods"].items():
         if "chair" not in m:
             continue
         c = m["chair"]
         ratio = f" ({c['seconds_per_token'] / base_t:.2f})" if base_t else ""
-        L.append(f"| {name} | {f(c['ci']['chair_s'])} | {f(c['ci']['chair_i'])} | {f(c['ci']['recall'])} | "
+        L.append(f"| {name} | {f(c['ci']['chair_s'])} | {f(c['ci']['chair_i'])} | {f(c['ci']['chair_i_per_class'])} | "
+                 f"{f(c['ci']['recall'])} | "
                  f"{c['mentions_per_caption']:.2f} | {c['no_object_share']:.2f} | {c['seconds_per_token']:.3f}{ratio} |")
+    L += chair_order_note(summary["methods"])
     silent = [n for n, m in summary["methods"].items() if m.get("chair", {}).get("no_object_share", 0) > 0.5]
     if silent:
         L += ["", f"{', '.join(silent)}: most captions name no object (for example \"Yes\" or \"No\" in reply to "
@@ -442,6 +460,13 @@ def summarize_all(args, world) -> dict:
         summary["prior"] = prior_probe(world)
     if (RAW / "traces.npz").is_file():
         summary["observations"] = observations(args.boot)
+    elif (RESULTS / "hallucination.json").is_file():  # traces.npz is not committed: keep the last run's observations
+        before = json.loads((RESULTS / "hallucination.json").read_text())
+        if "observations" in before:
+            summary["observations"] = before["observations"]
+            summary["notes"].append(f"The observations section is the run of {before.get('observations_when', before['when'])} "
+                                    "(its traces.npz is not committed), carried over unchanged.")
+            summary["observations_when"] = before.get("observations_when", before["when"])
     return summary
 
 
@@ -516,6 +541,14 @@ def main(argv=None) -> int:
         "with the highest image ratio at the answer position on 4 training scenes (`visual_heads`).",
         "M3ID equals the baseline on POPE by construction: its contrast weight starts at 0 on the first generated "
         "token, and the yes/no answer is that token.",
+        "FastV has two generation forms: `fastv` ranks the image tokens once at the prompt and keeps that set in "
+        "the KV cache for every generated token (`FastV`, the fast form); `fastv_rerank` re-ranks at every new "
+        "token, recomputing the sequence without a cache (`FastVRerank`, the FastV paper's own evaluation). On POPE "
+        "(answers of up to 3 tokens) they differ only after the first answer token.",
+        "`fastv_rerank` was added on 2026-11-30 with the same seeds and sizes (200 POPE questions per split, 60 "
+        "captions) on the same shared CPU; the other methods' raw answers are from the 2026-11-23 run. CHAIR for every "
+        "method is recomputed from the stored captions with the paper's per-mention CHAIR_i (the report of 2026-11-23 "
+        "gave the per-class variant under that name).",
         "The pruning defaults (FastV K=2 keep 50%, PyramidDrop's stages, VTC-CLS) were set for LLaVA's 576 image "
         "tokens; scene-vlm has 64 pooled tokens, each covering a 28x28 px cell, so dropping half of them removes "
         "whole objects and the model answers \"No\" (the yes-ratio column).",

@@ -8,19 +8,34 @@ import pytest
 from attnscope.evaluate.bootstrap import bootstrap
 from attnscope.evaluate.chair import ObjectVocabulary, caption_record, chair, chair_metrics
 from attnscope.evaluate.lookback import TracedGeneration, auroc, evaluate_detector
-from attnscope.evaluate.pope import build_pope, parse_anchor, parse_yes_no, pope_metrics, scene_questions
+from attnscope.evaluate.pope import (build_pope, parse_anchor, parse_pope_official, parse_yes_no, pope_metrics,
+                                    scene_questions)
 from attnscope.scenes import CLASSES, SceneWorld
 
 
-@pytest.mark.parametrize("text, strict, anchor", [
+# POPE's official rule (Li et al.'s evaluate.py): text before the first '.', commas removed, split on ' ', "no" if
+# a word is exactly No / not / no. The right-hand column is what that rule gives, worked out by hand.
+@pytest.mark.parametrize("text, strict, official", [
     ("Yes", "yes", "yes"), ("No.", "no", "no"), ("yes, there is a bag", "yes", "yes"),
     ("No, there is not.", "no", "no"), ("", None, "yes"), ("There is a bag.", None, "yes"),
-    ("Yes and no", None, "no"), ("I cannot tell", None, "yes"), ("Not sure", None, "no"),
-    ("Yesterday", None, "yes"), ("  NO  ", "no", "no"),
+    ("Yes and no", None, "no"), ("I cannot tell", None, "yes"), ("Yesterday", None, "yes"),
+    ("NO", "no", "yes"),                      # case-sensitive: "NO" is not a no-word
+    ("  NO  ", "no", "yes"),
+    ("No!", "no", "yes"),                     # "No!" is not exactly "No"
+    ("Not really.", None, "yes"),             # "Not" (capital) is not "not"
+    ("Not sure", None, "yes"),
+    ("Yes. There is no bag.", None, "yes"),   # only the first sentence is read
+    ("There is no bag", None, "no"),
+    ("I do not see one.", None, "no"),
+    ("No,there is none", "no", "yes"),        # comma removed first: "Nothere"
+    ("no\nbag", "no", "yes"),                 # split on spaces only
+    ("Yes, not a bag", "yes", "no"),
+    ("3.5 no", "no", "yes"),                   # the first '.' ends the "sentence"
 ])
-def test_strict_parsing_and_the_anchor_flaw(text, strict, anchor):
+def test_strict_parsing_and_pope_official_rule(text, strict, official):
     assert parse_yes_no(text) == strict
-    assert parse_anchor(text) == anchor  # the reference reading turns unparseable answers into yes
+    assert parse_pope_official(text) == official
+    assert parse_anchor(text) == official  # the earlier name is the same function
 
 
 CLS = ["bag", "sandal", "coat", "boot", "dress", "shirt"]
@@ -95,20 +110,48 @@ def test_chair_vocabulary_and_metrics():
     assert vocab.objects("Trousers, SANDALS, dresses; a T shirt") == ["trouser", "sandal", "dress", "t-shirt"]
     assert vocab.objects("a red bag top left") == ["bag"]  # "top" is a position here, not a t-shirt
     r = caption_record("a red bag top left, a blue sandal and another bag and a coat", ["bag", "boot"], vocab)
-    assert r == {"mentioned": ["bag", "sandal", "coat"], "hallucinated": ["sandal", "coat"], "covered": ["bag"],
+    assert r == {"mentions": ["bag", "sandal", "bag", "coat"], "hallucinated_mentions": 2,
+                 "mentioned": ["bag", "sandal", "coat"], "hallucinated": ["sandal", "coat"], "covered": ["bag"],
                  "gold": ["bag", "boot"]}
-    good = caption_record("a bag and a boot", ["bag", "boot"], vocab)
-    m = chair_metrics([r, good])
-    assert m["chair_s"] == 0.5 and m["chair_i"] == pytest.approx(2 / 5) and m["recall"] == pytest.approx(3 / 4)
-    assert m["no_object_share"] == 0.0
-    silent = chair_metrics([r, caption_record("No", ["bag"], vocab)])  # a caption that names nothing
-    assert silent["chair_s"] == 0.5 and silent["no_object_share"] == 0.5
-    out = chair(["a bag", "a coat"], [["bag"], ["bag"]], boot=200)
-    assert out["chair_i"] == 0.5 and out["ci"]["chair_s"]["low"] <= 0.5 <= out["ci"]["chair_s"]["high"]
     with pytest.raises(ValueError, match="not in the vocabulary"):
         caption_record("a cat", ["cat"], vocab)
     with pytest.raises(ValueError, match="names both"):
         ObjectVocabulary({"a": ["shoe"], "b": ["shoe"]})
+    with pytest.raises(ValueError, match="per-mention"):
+        chair_metrics([{"mentioned": ["bag"], "hallucinated": [], "covered": ["bag"], "gold": ["bag"]}])
+
+
+# A hand-made table scored by Rohrbach et al.'s rules (their chair.py): every object word is one mention;
+# CHAIR_i = hallucinated mentions / mentions over all captions; CHAIR_s = captions with a hallucinated mention /
+# captions. Counts per caption (mentions, hallucinated mentions, hallucinated?) are worked out by hand.
+CHAIR_TABLE = [
+    # caption                                                     gold               mentions  halluc.  class-level
+    ("a bag, a sandal and another sandal",                        ["bag"],            3,        2,       (2, 1)),
+    ("two coats: a red coat and a blue coat",                     ["coat", "boot"],   3,        0,       (1, 0)),
+    ("a dress",                                                   ["bag"],            1,        1,       (1, 1)),
+    ("Describe the image? No.",                                   ["bag"],            0,        0,       (0, 0)),
+    ("an ankle boot beside a boot and a bag",                     ["boot"],           3,        1,       (2, 1)),
+]
+
+
+def test_chair_per_mention_on_a_hand_made_table():
+    vocab = ObjectVocabulary.scenes()
+    records = [caption_record(c, g, vocab) for c, g, *_ in CHAIR_TABLE]
+    for r, (caption, _, mentions, halluc, (classes, halluc_classes)) in zip(records, CHAIR_TABLE):
+        assert (len(r["mentions"]), r["hallucinated_mentions"]) == (mentions, halluc), caption
+        assert (len(r["mentioned"]), len(r["hallucinated"])) == (classes, halluc_classes), caption
+    m = chair_metrics(records)
+    assert m["chair_i"] == pytest.approx(4 / 10)          # (2 + 0 + 1 + 0 + 1) / (3 + 3 + 1 + 0 + 3)
+    assert m["chair_i_per_class"] == pytest.approx(3 / 6)  # the class-once variant differs on the same captions
+    assert m["chair_s"] == pytest.approx(3 / 5)
+    assert m["recall"] == pytest.approx(3 / 6)            # gold classes mentioned: bag, coat, boot of 6
+    assert m["no_object_share"] == pytest.approx(1 / 5) and m["mentions_per_caption"] == pytest.approx(10 / 5)
+    # a caption naming nothing divides nothing by zero; when every caption names nothing, CHAIR_i is undefined
+    silent = chair_metrics([caption_record("No", ["bag"], vocab)])
+    assert silent["chair_s"] == 0.0 and np.isnan(silent["chair_i"]) and silent["no_object_share"] == 1.0
+    out = chair(["a bag", "a coat", "a coat and a coat"], [["bag"], ["bag"], ["bag"]], boot=200)
+    assert out["chair_i"] == pytest.approx(3 / 4) and out["chair_i_per_class"] == pytest.approx(2 / 3)
+    assert out["ci"]["chair_s"]["low"] <= out["chair_s"] <= out["ci"]["chair_s"]["high"]
 
 
 def test_cluster_bootstrap():

@@ -1,14 +1,14 @@
 """attnscope: capture, explain, steer and evaluate attention in pretrained transformers."""
 __version__ = "0.1.0"
 
-from .capture.session import capture
+from . import capture  # callable package: attnscope.capture(model, ...) opens a capture block
 from .capture.trace import Trace
 from .core.tokens import TokenMap
 from .models.images import load_image
 from .models.zoo import ZOO, load, wrap
 from . import heads  # noqa: E402  (attnscope.heads.table)
-from .explain import Explanation, explain  # noqa: E402
-from .steer import steer  # noqa: E402
+from . import explain, steer  # noqa: E402  callable packages: attnscope.explain(...), attnscope.steer(...)
+from .explain import Explanation  # noqa: E402
 
 __all__ = ["capture", "Trace", "TokenMap", "load", "wrap", "load_image", "ZOO", "explain", "Explanation", "steer",
            "heads", "__version__"]

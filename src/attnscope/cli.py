@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error: ...` line (exit code 2), like every other bad input."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def _ints(text: str | None):
@@ -64,8 +73,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _quiet_loading() -> None:
+    """No "Loading weights" progress bar from transformers on every command (it reads this before import)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="attnscope", description="See and change what attention does.")
+    from . import __version__
+
+    _quiet_loading()
+    parser = _Parser(prog="attnscope", description="See and change what attention does.")
+    parser.add_argument("--version", action="version", version=f"attnscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="zoo models and their cache state").set_defaults(fn=cmd_models)
     cap = sub.add_parser("capture", help="capture attention of one input to a .safetensors trace")
@@ -110,16 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the error's text holds
+        if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+            message = " ".join(err.args[0].split())  # KeyError's str() adds quotes
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the input's fault, printed as one `error: ...` line (exit code 2) instead of a traceback."""
+    """Errors that are the input's fault, printed as one `error: ...` line (exit code 2) instead of a traceback: bad
+    values, missing or unreadable files (OSError: not found, permission, a busy port), models that cannot do what
+    was asked."""
     from .evaluate.pope import NotAVisionLanguageModel
     from .steer import SteerError
 
-    return (ValueError, IndexError, KeyError, FileNotFoundError, RuntimeError, SteerError, NotAVisionLanguageModel)
+    return (ValueError, IndexError, KeyError, OSError, RuntimeError, SteerError, NotAVisionLanguageModel)
 
 
 if __name__ == "__main__":

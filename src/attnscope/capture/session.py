@@ -12,7 +12,7 @@ from ..core.sites import NoAttentionError
 from ..models.roles import TokenMapError, fit_vision_maps
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
-from .trace import Record, Run, Trace
+from .trace import Record, Run, Trace, checksum
 
 _open_captures: set[int] = set()
 
@@ -66,7 +66,7 @@ class capture:
             "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
             "backend": {s.stream: seam.get_implementation(m.config) for m, s in chosen.items()},
             "dtype": str(self.dtype).removeprefix("torch."), "model_dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
-            "selection": self.selection.to_dict(), "inputs": [],
+            "selection": self.selection.to_dict(), "inputs": [], "streams": dict(self.model.streams),
         }
         self.trace.provenance["backend"] = {k: v.removeprefix("attnscope_") if v else v
                                             for k, v in self.trace.provenance["backend"].items()}
@@ -121,8 +121,10 @@ class capture:
             self._extend_tokens(run, inputs.get(seam.INPUT_IDS))
             self._note_length(run)
             return None
+        pixels = inputs.get("pixel_values")
         inputs = seam.without_cache(inputs)
         if self._pending is not None:  # the vision tower already ran for this sequence
+            pixels = self._pending.get("pixel_values") if pixels is None else pixels
             run = self.trace.runs[-1]
             run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} |
                                                {k: v for k, v in inputs.items() if v is not None})
@@ -135,7 +137,7 @@ class capture:
                 if run.tokens.get(stream):
                     run.tokens[stream] = [TokenMap.unknown(begin.prefix).concat(t) for t in run.tokens[stream]]
         self._note_length(run)
-        self._note_inputs(run)
+        self._note_inputs(run, pixels)
         return None
 
     @staticmethod
@@ -174,10 +176,12 @@ class capture:
                 for tid in ids:
                     tmap.append(tok.convert_ids_to_tokens(tid) if tok is not None else str(tid))
 
-    def _note_inputs(self, run: Run) -> None:
+    def _note_inputs(self, run: Run, pixels=None) -> None:
         for stream, maps in run.tokens.items():
             if stream in CACHED_STREAMS and maps and self.model.tokenizer is not None:
                 self.trace.provenance["inputs"].append("".join(maps[0].tokens)[:2000])
+        if isinstance(pixels, torch.Tensor):  # images: their model input's shape and a checksum identify them
+            self.trace.provenance["inputs"].append(f"pixel_values {list(pixels.shape)} blake2b:{checksum(pixels)}")
 
     # --- the recorder called from the attention function ------------------------------------------------
     def record(self, call: AttentionCall, output) -> None:

@@ -1,13 +1,15 @@
-"""Trace: captured attention tensors, token roles and provenance; saved as safetensors with JSON metadata."""
+"""Trace: captured attention tensors, token roles and provenance; saved as safetensors with JSON metadata (with a
+blake2b checksum of every tensor, verified on load)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import TokenMap
 
@@ -16,6 +18,14 @@ FORMAT = "attnscope.trace/1"
 
 class TraceFileError(ValueError):
     """A file that is not a valid attnscope trace."""
+
+
+def checksum(tensor: torch.Tensor) -> str:
+    """blake2b (16 bytes, hex) of a tensor's dtype, shape and bytes: stored per record, checked by `Trace.load`."""
+    t = tensor.detach().cpu().contiguous()
+    digest = hashlib.blake2b(f"{t.dtype}:{tuple(t.shape)}:".encode(), digest_size=16)
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -102,6 +112,19 @@ class Trace:
     def layers(self, stream: str, run: int = -1) -> list[int]:
         return sorted(layer for s, layer in self.run(run).records if s == stream)
 
+    def layer_index(self, stream: str, layer: int, run: int = -1) -> int:
+        """`layer` as a non-negative index: a negative one counts from the stream's last layer, as in
+        `capture(layers=[0, -1])` (the stream's layer count is recorded in the provenance)."""
+        if layer >= 0:
+            return layer
+        n = (self.provenance.get("streams") or {}).get(stream)
+        if n is None:
+            raise KeyError(f"this trace does not record how many layers stream {stream!r} has (written by an older "
+                           f"attnscope, or an unknown stream); pass a layer from {self.layers(stream, run)}")
+        if layer < -n:
+            raise KeyError(f"layer {layer} is out of range: stream {stream!r} has {n} layers")
+        return n + layer
+
     def tokens(self, stream: str, row: int = 0, run: int = -1, step: int | None = None) -> TokenMap:
         """The TokenMap of `stream` for batch row `row`; with `step`, the map that labels that decode step's rows
         (it differs from the final one only under beam search, where rows change beams between steps)."""
@@ -111,6 +134,8 @@ class Trace:
         return maps[row]
 
     def record(self, stream: str, layer: int, step: int = 0, part: int = 0, run: int = -1) -> Record:
+        """The record at (stream, layer) for one step and part; a negative layer counts from the last."""
+        layer = self.layer_index(stream, layer, run)
         entries = self.run(run).records.get((stream, layer))
         if entries is None:
             have = sorted(self.run(run).records)
@@ -122,7 +147,8 @@ class Trace:
 
     def attention(self, stream: str, layer: int, head: int | list[int] | None = None, step: int = 0, part: int = 0,
                   run: int = -1) -> torch.Tensor:
-        """Probabilities [batch, heads, queries, keys] at (stream, layer), optionally for chosen heads."""
+        """Probabilities [batch, heads, queries, keys] at (stream, layer), optionally for chosen heads (an int head
+        drops the heads axis). A negative layer counts from the stream's last layer (-1 = the last)."""
         rec = self.record(stream, layer, step, part, run)
         if head is None:
             return rec.probs
@@ -137,15 +163,35 @@ class Trace:
     def steps(self, stream: str, layer: int, run: int = -1) -> torch.Tensor:
         """Rows of every step of a run stacked along queries, keys zero-padded to the final length
         (e.g. the last-token rows of each generated token). Needs all keys captured."""
+        layer = self.layer_index(stream, layer, run)
         entries = sorted(self.run(run).records[(stream, layer)], key=lambda r: (r.step, r.part))
         if any(r.keys is not None for r in entries):
             raise ValueError("steps() needs every key captured; capture with keys=None")
         width = max(r.probs.shape[-1] for r in entries)
         return torch.cat([torch.nn.functional.pad(r.probs, (0, width - r.probs.shape[-1])) for r in entries], dim=2)
 
+    # --- figures and exports --------------------------------------------------------------------------------
+    def plot(self, stream: str | None = None, layer: int = -1, head: int | str = "mean", query: int | str = "cls",
+             image=None, ax=None, step: int = 0, run: int = -1):
+        """Draw one captured head (or the mean/max over captured heads) over the image (vision or VLM streams, as
+        a heat map on the patch grid) or as a bar per token (text). See `attnscope.viz.figures.plot_trace`."""
+        from ..viz.figures import plot_trace
+
+        return plot_trace(self, stream, layer, head, query, image=image, ax=ax, step=step, run=run)
+
+    def to_bertviz(self, stream: str | None = None, run: int = -1, row: int = 0) -> dict:
+        """`{"attention": [per layer [1, heads, N, N]], "tokens": [...]}` for BertViz:
+        `bertviz.head_view(**trace.to_bertviz())` (or `model_view`). Needs every query and key captured in a
+        contiguous block of layers from 0 (`capture(model)` with the default selection). BertViz's views load
+        their scripts from a CDN (require.js, d3, jQuery); attnscope's own HTML (`to_html`) needs no network."""
+        from .export import to_bertviz
+
+        return to_bertviz(self, stream, run, row)
+
     # --- files -------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write one .safetensors file: tensors plus JSON metadata (token roles, selection, provenance)."""
+        """Write one .safetensors file: tensors plus JSON metadata (token roles, selection, provenance, a checksum
+        per tensor). The file is created with the process's umask, like any file the user writes."""
         path = Path(path)
         tensors, runs = {}, []
         for r, run in enumerate(self.runs):
@@ -154,17 +200,20 @@ class Trace:
                 for i, rec in enumerate(entries):
                     key = f"r{r}/{stream}/{layer}/{i}"
                     tensors[key] = rec.probs.detach().cpu().contiguous()
-                    records.append({"key": key, "stream": stream, "layer": layer} | rec.meta())
+                    records.append({"key": key, "stream": stream, "layer": layer} | rec.meta()
+                                   | {"blake2b": checksum(tensors[key])})
             runs.append({"tokens": {s: [t.to_dict() for t in maps] for s, maps in run.tokens.items()},
                          "records": records, "steps": run.steps, "prefix": run.prefix, "lengths": run.lengths,
                          "eras": [[last, {s: [t.to_dict() for t in maps] for s, maps in m.items()}] for last, m in run.eras]})
         meta = {"format": FORMAT, "provenance": self.provenance, "runs": runs}
-        save_file(tensors, str(path), metadata={"attnscope": json.dumps(meta)})
+        path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
-        """Read a trace written by `save`, validating every tensor against its recorded shape and dtype."""
+        """Read a trace written by `save`, validating every tensor against its recorded shape, dtype and checksum
+        (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
+        checked for finite values only)."""
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -186,6 +235,12 @@ class Trace:
                         if list(tensor.shape) != rm["shape"] or str(tensor.dtype).removeprefix("torch.") != rm["dtype"]:
                             raise TraceFileError(f"{path}: tensor {rm['key']} is {list(tensor.shape)} {tensor.dtype}, "
                                                  f"metadata says {rm['shape']} {rm['dtype']}")
+                        if "blake2b" in rm:
+                            if checksum(tensor) != rm["blake2b"]:
+                                raise TraceFileError(f"{path}: tensor {rm['key']} does not match its checksum (the file "
+                                                     "was changed or damaged after it was written)")
+                        elif not bool(torch.isfinite(tensor).all()):
+                            raise TraceFileError(f"{path}: tensor {rm['key']} holds NaN or infinite values")
                         b, h, q, k = rm["shape"]
                         if h != len(rm["heads"]) or q != len(rm["queries"]) or (rm["keys"] is not None and k != len(rm["keys"])):
                             raise TraceFileError(f"{path}: tensor {rm['key']} does not match its heads/queries/keys")

@@ -11,6 +11,7 @@ release, see docs/architecture.md, "The seam to transformers"):
   forward's own signature declares;
 - beam search reorders the cache between steps through `cache.reorder_cache(beam_idx)`;
 - the generate output carries the cache under the same name as the forward's keyword;
+- generate without a cache re-feeds a VLM's image features it encoded once as `mm_encoder_outputs` (5.23+);
 - decoder blocks receive `attention_mask` (4-D, [B, 1|H, Q, K]), `position_ids` ([B, Q]),
   `position_embeddings` ((cos, sin), each [B, Q, D]) and, before 5.24, `cache_position` ([Q]).
 
@@ -34,6 +35,7 @@ INPUT_IDS = "input_ids"
 INPUTS_EMBEDS = "inputs_embeds"
 USE_CACHE = "use_cache"
 LOGITS_TO_KEEP = "logits_to_keep"
+ENCODED_IMAGES = "mm_encoder_outputs"  # image features generate encoded once and re-feeds (no-cache generation)
 _CACHE_NAMES = ("cache", "past_key_values")
 
 

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import warnings
+
 import numpy as np
+
+MIN_UNITS = 10  # fewer resampling units than this and a percentile interval says little
+
+
+class FewUnitsWarning(UserWarning):
+    """A bootstrap interval resampled from too few units (images, captions) to mean much."""
 
 
 def bootstrap(items: Sequence, metric: Callable[[Sequence], float | dict], groups: Sequence | None = None,
-              n: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+              n: int = 1000, level: float = 0.95, seed: int = 0, min_units: int = MIN_UNITS, unit: str = "unit") -> dict:
     """Percentile bootstrap of `metric(items)`.
 
     `groups` (one key per item, e.g. the image id) makes it a cluster bootstrap: whole groups are drawn with
     replacement. `metric` returns a float or a dict of floats; the result maps each name to
     {"value", "low", "high"} (for a float metric the name is "value"). NaN replicates (a metric undefined on a
-    resample, e.g. precision with no positive predictions) are dropped."""
+    resample, e.g. precision with no positive predictions) are dropped. With fewer than `min_units` resampling
+    units (groups, or items without groups; `unit` names them in the message) a `FewUnitsWarning` says the interval
+    means little: with 2 images there are only 3 distinct resamples."""
     items = list(items)
     if not items:
         raise ValueError("nothing to bootstrap: no items")
@@ -27,6 +37,9 @@ def bootstrap(items: Sequence, metric: Callable[[Sequence], float | dict], group
     for i, k in enumerate(keys):
         clusters.setdefault(k, []).append(i)
     members = list(clusters.values())
+    if len(members) < min_units:
+        warnings.warn(f"the {level:.0%} intervals are bootstrapped over only {len(members)} {unit}(s); with fewer than "
+                      f"{min_units} resampling units they mean little: evaluate more", FewUnitsWarning, stacklevel=2)
     point = metric(items)
     as_dict = isinstance(point, dict)
     point = point if as_dict else {"value": point}

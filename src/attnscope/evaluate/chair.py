@@ -2,16 +2,20 @@
 Image Captioning", EMNLP 2018), against exact ground truth, for any attnscope VLM.
 
 Object words in a free caption are found with an `ObjectVocabulary` (class -> words and phrases; plurals
-with -s/-es are matched too; the longest phrase wins, so "ankle boot" is one mention). Per caption the
-*set* of mentioned classes is compared with the image's ground-truth classes:
+with -s/-es are matched too; the longest phrase wins, so "ankle boot" is one mention). Each mention is compared
+with the image's ground-truth classes, as in the paper and its reference code (every object word counts, so a
+hallucinated class named twice is two hallucinated mentions):
 
-* CHAIR_i = hallucinated mentions / all mentions (summed over captions);
-* CHAIR_s = captions with at least one hallucinated class / captions;
+* CHAIR_i = hallucinated object mentions / all object mentions, summed over captions (the paper's instance
+  metric; NaN when no caption names any object, since it is undefined then);
+* CHAIR_s = captions with at least one hallucinated mention / captions;
 * recall  = ground-truth classes mentioned / ground-truth classes (the coverage that a model which says
   nothing would drive to 0 while scoring a perfect CHAIR).
 
-A class mentioned twice in one caption counts once (the set), as a hallucination or not. Intervals: 95%
-bootstrap over captions. Decoding, steering, sampling seeds and sharding work as in `pope.Generator`."""
+`chair_i_per_class` is a variant under its own name: each class counts once per caption (hallucinated classes /
+mentioned classes). A caption naming no object adds nothing to either ratio's numerator or denominator (it is a
+non-hallucinated caption for CHAIR_s). Intervals: 95% bootstrap over captions. Decoding, steering, sampling
+seeds and sharding work as in `pope.Generator`."""
 from __future__ import annotations
 
 import json
@@ -63,30 +67,44 @@ class ObjectVocabulary:
 
 
 def caption_record(caption: str, gold: Sequence[str], vocabulary: ObjectVocabulary) -> dict:
-    """Mentioned, hallucinated and covered classes of one caption."""
+    """One caption against its ground truth: `mentions` (the class of every object mention, in order, repeats
+    kept), `hallucinated_mentions` (how many of them name a class not in `gold`), and the classes once each:
+    `mentioned`, `hallucinated`, `covered` (ground-truth classes mentioned), `gold`."""
     unknown = [g for g in gold if g not in vocabulary.classes]
     if unknown:
         raise ValueError(f"ground-truth classes {unknown} are not in the vocabulary {vocabulary.classes}")
-    mentioned = vocabulary.objects(caption)
+    mentions = [c for c, _, _ in vocabulary.mentions(caption)]
+    mentioned = list(dict.fromkeys(mentions))
     gold = list(dict.fromkeys(gold))
-    return {"mentioned": mentioned, "hallucinated": [c for c in mentioned if c not in gold],
+    return {"mentions": mentions, "hallucinated_mentions": sum(1 for c in mentions if c not in gold),
+            "mentioned": mentioned, "hallucinated": [c for c in mentioned if c not in gold],
             "covered": [c for c in gold if c in mentioned], "gold": gold}
 
 
 def chair_metrics(records: Sequence[Mapping]) -> dict:
-    """CHAIR_s, CHAIR_i, recall and counts over caption records (see `caption_record`).
+    """CHAIR_s, CHAIR_i (per mention, the paper's), `chair_i_per_class`, recall and counts over caption records
+    (see `caption_record`).
 
     `no_object_share` is the share of captions that name no object at all: a method that stops describing
     (answers "No" to "Describe the image.") scores CHAIR_s 0 without having stopped hallucinating.
+    `mentions_per_caption` counts every object mention (repeats included). Records without `mentions` (written
+    before CHAIR_i was per mention) raise: recompute them from their captions with `caption_record`.
     """
     n = len(records)
-    mentions = sum(len(r["mentioned"]) for r in records)
+    missing = [r.get("image_id", i) for i, r in enumerate(records) if "mentions" not in r]
+    if missing:
+        raise ValueError(f"caption records {missing[:3]} have no per-mention list ('mentions'); rebuild them with "
+                         "caption_record(caption, gold, vocabulary)")
+    mentions = sum(len(r["mentions"]) for r in records)
+    classes = sum(len(r["mentioned"]) for r in records)
     gold = sum(len(r["gold"]) for r in records)
-    return {"n": n, "chair_s": sum(1 for r in records if r["hallucinated"]) / n if n else float("nan"),
-            "chair_i": sum(len(r["hallucinated"]) for r in records) / mentions if mentions else 0.0,
-            "recall": sum(len(r["covered"]) for r in records) / gold if gold else float("nan"),
-            "mentions_per_caption": mentions / n if n else float("nan"),
-            "no_object_share": sum(1 for r in records if not r["mentioned"]) / n if n else float("nan")}
+    nan = float("nan")
+    return {"n": n, "chair_s": sum(1 for r in records if r["hallucinated"]) / n if n else nan,
+            "chair_i": sum(r["hallucinated_mentions"] for r in records) / mentions if mentions else nan,
+            "chair_i_per_class": sum(len(r["hallucinated"]) for r in records) / classes if classes else nan,
+            "recall": sum(len(r["covered"]) for r in records) / gold if gold else nan,
+            "mentions_per_caption": mentions / n if n else nan,
+            "no_object_share": sum(1 for r in records if not r["mentioned"]) / n if n else nan}
 
 
 def chair(captions: Sequence[str], gold: Sequence[Sequence[str]], vocabulary: ObjectVocabulary | None = None,
@@ -97,7 +115,7 @@ def chair(captions: Sequence[str], gold: Sequence[Sequence[str]], vocabulary: Ob
     vocabulary = vocabulary or ObjectVocabulary.scenes()
     records = [caption_record(c, g, vocabulary) for c, g in zip(captions, gold)]
     m = chair_metrics(records)
-    m["ci"] = bootstrap(records, chair_metrics, n=boot, seed=seed)
+    m["ci"] = bootstrap(records, chair_metrics, n=boot, seed=seed, unit="caption")
     return m
 
 
@@ -121,9 +139,10 @@ class ChairResult:
         from .bootstrap import fmt
 
         ci = self.metrics["ci"]
-        return ("| CHAIR_s | CHAIR_i | recall | mentions/caption | captions naming no object | n |\n"
+        na = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+        return ("| CHAIR_s | CHAIR_i (per mention) | recall | mentions/caption | captions naming no object | n |\n"
                 "|---|---|---|---|---|---|\n"
-                f"| {fmt(ci['chair_s'])} | {fmt(ci['chair_i'])} | {fmt(ci['recall'])} | "
+                f"| {fmt(ci['chair_s'])} | {fmt(ci.get('chair_i', na))} | {fmt(ci['recall'])} | "
                 f"{self.metrics['mentions_per_caption']:.2f} | {self.metrics['no_object_share']:.2f} | {self.metrics['n']} |")
 
 
@@ -191,7 +210,7 @@ def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of:
     for r in rows:
         r["method"] = config["method"]
     metrics = chair_metrics(rows)
-    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=seed)
+    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=seed, unit="caption")
     metrics["seconds_per_caption"] = sum(r["seconds"] for r in rows) / len(rows)
     metrics["seconds_per_token"] = sum(r["seconds"] for r in rows) / max(1, sum(r["new_tokens"] for r in rows))
     result = ChairResult(rows, metrics, config)

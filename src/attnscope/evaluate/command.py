@@ -53,6 +53,19 @@ def pope_table(metrics: dict) -> str:
 
 
 def run(args) -> int:
+    import warnings
+
+    from .bootstrap import FewUnitsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FewUnitsWarning)
+        rc = _run(args)
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FewUnitsWarning)):
+        print(f"warning: {message}", file=sys.stderr)
+    return rc
+
+
+def _run(args) -> int:
     from ..models.zoo import load
     from . import chair, pope
 

@@ -37,6 +37,7 @@ import torch
 from ..explain.base import blurred
 
 CURVES = ("deletion", "insertion", "negative")
+BETTER = {"deletion": "lower", "insertion": "higher", "negative": "higher"}  # which way a faithful map moves each AUC
 
 
 @dataclass
@@ -54,6 +55,14 @@ class Curve:
 
 @dataclass
 class FaithfulnessResult:
+    """Deletion / insertion / negative-perturbation AUCs of one explanation beside a random map's.
+
+    Each curve is normalised per input as (f - f_removed) / (f_clean - f_removed) (1 = the clean target value, 0 =
+    every unit removed) and summarised by its area over the removed/inserted fraction in [0, 1]. Deletion: lower is
+    better; insertion and negative: higher is better. The area leaves [0, 1] when the target moves beyond its clean
+    or fully-removed value on the way (common when f_clean - f_removed is small, e.g. a VLM's next-token log-prob):
+    `str(result)` says so. `print(result)` gives the short table; `result.curves[name]` / `to_dict()` the curves."""
+
     curves: dict[str, Curve]
     random: dict[str, Curve]
     clean: float
@@ -64,8 +73,39 @@ class FaithfulnessResult:
     degenerate: bool = False
     extras: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return self.table()
+
+    __str__ = __repr__
+
+    def table(self) -> str:
+        """A few lines: per curve its AUC, the random map's, which direction is better and whether the map beats the
+        random one, then the normalisation and any AUC outside [0, 1]."""
+        lines = [f"faithfulness over {self.units} units, {self.steps} steps ({self.baseline}); target clean "
+                 f"{self.clean:.4g}, all removed {self.removed:.4g}"]
+        outside = []
+        for name, curve in self.curves.items():
+            rnd = self.random.get(name)
+            row = f"  {name:<9} AUC {curve.auc:7.3f}"
+            if rnd is not None:
+                row += f"   random {rnd.auc:7.3f}"
+                if not (np.isnan(curve.auc) or np.isnan(rnd.auc)):
+                    beats = curve.auc < rnd.auc if BETTER[name] == "lower" else curve.auc > rnd.auc
+                    row += f"   {'beats' if beats else 'does not beat'} random"
+            lines.append(row + f"   ({BETTER[name]} is better)")
+            if not np.isnan(curve.auc) and not 0 <= curve.auc <= 1:
+                outside.append(name)
+        lines.append("  AUC of (f - f_removed) / (f_clean - f_removed) over the fraction of units; 1 = clean, 0 = all removed")
+        if self.degenerate:
+            lines.append("  note: degenerate, removing every unit does not change the target, so no curve is defined")
+        elif outside:
+            lines.append(f"  note: {', '.join(outside)} left [0, 1]: the target went beyond its clean or fully-removed value on the "
+                         f"way (span f_clean - f_removed = {self.clean - self.removed:.3g}); compare with the random map only")
+        return "\n".join(lines)
+
     def summary(self) -> dict:
-        """{curve: AUC, curve_random: AUC} for each curve computed."""
+        """{curve: AUC, curve_random: AUC} for each curve computed (deletion: lower is better; insertion and negative:
+        higher is better, see `BETTER`)."""
         out = {}
         for name, curve in self.curves.items():
             out[name] = round(curve.auc, 4)
@@ -183,7 +223,12 @@ def faithfulness(expl, curves: tuple[str, ...] | None = None, baseline: str = "m
                  units: str | None = None) -> FaithfulnessResult:
     """Deletion / insertion / negative-perturbation curves of `expl` (needs the model it came from), with the same
     curves for a seeded random order of the units when `random`. `baseline` fills removed patches for deletion and
-    negative perturbation, `insertion_baseline` is the start image of insertion."""
+    negative perturbation, `insertion_baseline` is the start image of insertion.
+
+    Normalisation: each point is (f - f_removed) / (f_clean - f_removed), the AUC is its trapezoid area over the
+    fraction of units in [0, 1]; deletion: lower is better, insertion and negative: higher is better. Values may
+    leave [0, 1] (see `FaithfulnessResult`). `units`: "image" (patches) or "text" (tokens), default by input;
+    `steps` >= 1 (ValueError otherwise); `curves` a subset of `CURVES`."""
     unit_list = units_of(expl, units)
     is_image = expl.tokens.patch[unit_list[0]] is not None
     if curves is None:

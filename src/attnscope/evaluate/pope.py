@@ -11,8 +11,10 @@ three splits over the same images and the same yes-questions:
 
 Answers are parsed strictly: the first word must be "yes" or "no" and the other word must not appear;
 anything else is *unparseable* and counted separately (it is neither a yes nor a no; it counts as wrong in
-accuracy and as a miss in recall). The reference POPE code instead reads any answer without "no"/"not" as yes,
-so an empty or off-topic answer becomes a yes (`parse_anchor` reproduces it for comparison).
+accuracy and as a miss in recall). The reference POPE code instead reads the first sentence and calls any answer
+without the exact word "No", "no" or "not" a yes, so an empty or off-topic answer becomes a yes
+(`parse_pope_official` reproduces it exactly, for comparison; `anchor_parse_disagreements` counts the answers where
+the two readings differ).
 
 Metrics per split: accuracy, precision, recall, F1 (yes is the positive class), yes-ratio, unparseable rate,
 with 95% bootstrap intervals that resample whole images. Decoding is greedy unless `sample=True` (then each
@@ -52,11 +54,18 @@ def parse_yes_no(text: str) -> str | None:
     return None if other in words else words[0]
 
 
-def parse_anchor(text: str) -> str:
-    """The reference POPE evaluation's reading: "no" if the answer has the word no/not, else "yes" (so an empty,
-    garbled or off-topic answer counts as yes). For comparison only."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return "no" if ("no" in words or "not" in words) else "yes"
+def parse_pope_official(text: str) -> str:
+    """POPE's own reading of an answer (the reference `evaluate.py` of Li et al., 2023), reproduced exactly: keep
+    the text before the first '.', remove commas, split on single spaces, and answer "no" if one of the words is
+    exactly `No`, `not` or `no` (case-sensitive: "NO" and "No!" read as yes), otherwise "yes" (so an empty,
+    garbled or off-topic answer counts as yes). attnscope scores with `parse_yes_no`; this is for comparison."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+parse_anchor = parse_pope_official  # its earlier name, kept for code that imports it
 
 
 # --- questions ---------------------------------------------------------------------------------------------------
@@ -255,6 +264,10 @@ class Generator:
                                               "processor did not insert the image")
             self._checked = True
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.sample}
+        if self.steer is not None:  # e.g. FastVRerank decodes without a KV cache
+            from ..steer import generate_kwargs
+
+            kwargs |= generate_kwargs(self.steer if isinstance(self.steer, (list, tuple)) else [self.steer])
         if self.sample:
             kwargs |= {"temperature": self.temperature, "top_p": self.top_p}
             torch.manual_seed(_stable_seed(self.seed, key, text))
@@ -335,10 +348,10 @@ def summarize(records: Sequence[dict], boot: int = 1000, seed: int = 0) -> dict:
     for split in dict.fromkeys(r["split"] for r in records):
         rs = [r for r in records if r["split"] == split]
         m = pope_metrics(rs)
-        m["ci"] = bootstrap(rs, pope_metrics, groups=[r["image_id"] for r in rs], n=boot, seed=seed)
+        m["ci"] = bootstrap(rs, pope_metrics, groups=[r["image_id"] for r in rs], n=boot, seed=seed, unit="image")
         m["ci"].pop("n", None)
         m["seconds_per_answer"] = float(np.mean([r["seconds"] for r in rs]))
-        m["anchor_parse_disagreements"] = sum(1 for r in rs if (r["parsed"] or "none") != parse_anchor(r["answer"]))
+        m["anchor_parse_disagreements"] = sum(1 for r in rs if (r["parsed"] or "none") != parse_pope_official(r["answer"]))
         out[split] = m
     return out
 

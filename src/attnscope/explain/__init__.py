@@ -4,13 +4,18 @@
 >>> e = attnscope.explain(m, image="chelsea", method="gradattn")      # CLS-embedding target by default
 >>> e.image_map().shape, e.faithfulness().summary()
 
+The package is callable: `attnscope.explain(...)` is `attnscope.explain.explain(...)`, and `import attnscope.explain
+as ex` gives the package (`ex.METHODS`, `ex.Explanation`, `ex.targets`).
+
 Methods (`METHODS`): raw, rollout, flow, gradattn, lrp (attention-based or attention-aware), and the baselines that
 do not read attention: gradinput, ig (Captum), gradcam, random. Attention-based methods take `sinks="discount"`
 for sink-aware maps (`sinks.py`). Targets live in `targets.py`; VLM token and answer-span maps in `vlm.py`."""
 from __future__ import annotations
 
 import inspect
+import sys
 import time
+import types
 
 from ..models.images import load_image
 from . import flow, gradattn, gradcam, gradinput, integrated_gradients, lrp, random_map, raw, rollout
@@ -87,6 +92,17 @@ def _display_pixels(model, inputs):
     std = np.asarray(getattr(proc, "image_std", [0.5, 0.5, 0.5]), dtype=np.float32)[:, None, None]
     return np.clip(pv.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
 
+
+class _Package(types.ModuleType):
+    """`attnscope.explain` is this package, and calling it explains: `attnscope.explain(model, image=...)` is
+    `attnscope.explain.explain(model, image=...)`."""
+
+    def __call__(self, *args, **kwargs) -> Explanation:
+        return explain(*args, **kwargs)
+
+
+__signature__ = inspect.signature(explain)
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["explain", "Explanation", "METHODS", "ATTENTION_METHODS", "MethodError", "TargetError", "Target",
            "ClassLogit", "EmbeddingSimilarity", "NextToken", "TokenLogProb", "Custom", "detect_sinks", "SinkReport"]

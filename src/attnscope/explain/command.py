@@ -29,7 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="method parameter, repeatable: --param sinks=discount --param head_fusion=max")
     p.add_argument("--size", help="image size HxW for the model input, e.g. 224x308")
-    p.add_argument("--faithfulness", action="store_true", help="also print deletion/insertion AUC with the random map")
+    p.add_argument("--faithfulness", action="store_true", help="also print deletion/insertion AUC beside the random map's, with which direction is better")
     p.add_argument("--out", required=True, help=".png, .html, .json or .safetensors")
     p.set_defaults(fn=run)
     return p
@@ -79,5 +79,5 @@ def run(args) -> int:
     print(f"wrote {path}: {e.title()} on {e.model}, target {e.target.get('name')} = {e.target_value:.4g}, "
           f"{e.seconds:.2f} s; top: {top}")
     if args.faithfulness:
-        print(json.dumps(e.faithfulness().summary()))
+        print(e.faithfulness().table())
     return 0

@@ -196,7 +196,8 @@ class Explanation:
         return f"{self.method}({params})" if params else self.method
 
     def show(self, ax=None):
-        """A matplotlib figure: the map over the photo/pixels for images, a bar per token for text."""
+        """A matplotlib figure: the map over the photo/pixels for images (with a colour bar in the method's score
+        units, and detected attention sinks boxed in cyan with a legend), a bar per token for text."""
         import matplotlib
 
         if ax is None:
@@ -212,8 +213,9 @@ class Explanation:
             heat = self.image_map(size="photo" if self.photo is not None else None)
             if background is not None:
                 ax.imshow(background)
-            h = (heat - heat.min()) / (np.ptp(heat) + 1e-12)
-            ax.imshow(h, cmap="inferno", alpha=0.55 if background is not None else 1.0)
+            im = ax.imshow(heat, cmap="inferno", alpha=0.55 if background is not None else 1.0)
+            ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"{self.method} score")
+            boxed = False
             for pos in self.tokens.sinks if hasattr(self.tokens, "sinks") else []:
                 patch = self.tokens.patch[pos]
                 if patch is not None and patch[0] == 0:
@@ -221,7 +223,11 @@ class Explanation:
                     sy = (self.photo.size[1] / self.pixel_size[0]) if self.photo is not None else 1.0
                     sx = (self.photo.size[0] / self.pixel_size[1]) if self.photo is not None else 1.0
                     ax.add_patch(matplotlib.patches.Rectangle(((patch[2]) * pw * sx, patch[1] * ph * sy), pw * sx, ph * sy,
-                                                              fill=False, ec="cyan", lw=1))
+                                                              fill=False, ec="cyan", lw=1, label=None if boxed else
+                                                              "attention sink (explain/sinks.py)"))
+                    boxed = True
+            if boxed:  # say what the cyan boxes are
+                ax.legend(loc="lower left", fontsize=6, framealpha=0.7, handlelength=1)
             ax.axis("off")
         else:
             vals = self.scores.numpy()

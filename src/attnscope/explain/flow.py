@@ -18,7 +18,8 @@ cores (dense random graphs, the worst case): 16 tokens x 6 layers 0.03 s; 65 x 1
 (default) refuses larger sequences with a message naming the alternatives (rollout; a smaller image via
 `size=`) - pass `max_tokens=None` to run anyway.
 
-Defaults: `head_fusion="mean"`, `residual=0.5`, `discard_ratio=0.0`, `sinks="keep"` (as rollout, and why)."""
+Defaults: `head_fusion="mean"`, `residual=0.5`, `discard_ratio=0.0` with `discard_over="row"`, `sinks="keep"` (as
+rollout, and why; `discard_over="matrix"` is vit-explain's convention, see `rollout.py`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 from . import base, engine, rollout, sinks as sinklib
 
 NAME = "flow"
-DEFAULTS = {"head_fusion": "mean", "residual": 0.5, "discard_ratio": 0.0, "sinks": "keep", "max_tokens": 300}
+DEFAULTS = {"head_fusion": "mean", "residual": 0.5, "discard_ratio": 0.0, "discard_over": "row", "sinks": "keep",
+            "max_tokens": 300}
 SCALE = 1_000_000
 
 
@@ -81,7 +83,8 @@ def max_flows(mats: list[np.ndarray], queries: list[int], sinks: list[int] | Non
     return out
 
 
-def run(model, inputs, target, stream, head_fusion="mean", residual=0.5, discard_ratio=0.0, sinks="keep", max_tokens=300):
+def run(model, inputs, target, stream, head_fusion="mean", residual=0.5, discard_ratio=0.0, sinks="keep", max_tokens=300,
+        discard_over="row"):
     sinklib.check_mode(sinks)
     tmap_len = len(model.token_maps(inputs)[stream][0])
     check_size(tmap_len, model.streams[stream], max_tokens)
@@ -89,9 +92,11 @@ def run(model, inputs, target, stream, head_fusion="mean", residual=0.5, discard
     tmap = p.tokens[stream][0]
     report = sinklib.from_pass(p, stream)
     drop = sinklib.discount_positions(tmap) if sinks == "discount" else []
-    mats = [a.numpy().astype(np.float64) for a in rollout.layer_graphs(p, stream, head_fusion, discard_ratio, residual, 0, drop)]
+    mats = [a.numpy().astype(np.float64) for a in rollout.layer_graphs(p, stream, head_fusion, discard_ratio, residual, 0, drop,
+                                                                                  discard_over)]
     queries = p.target.queries(tmap)
     scores = torch.from_numpy(max_flows(mats, queries)).float()
-    params = {"head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio, "sinks": sinks,
+    params = {"head_fusion": head_fusion, "residual": residual, "discard_ratio": discard_ratio,
+              "discard_over": discard_over, "sinks": sinks,
               "max_tokens": max_tokens}
     return base.make(model, inputs, p, stream, NAME, params, scores, extras={"queries": queries, "sinks": report.to_dict()})

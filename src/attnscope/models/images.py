@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000
 
@@ -42,9 +42,13 @@ def load_image(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"no image file or photo named {str(image)!r}; photos: {', '.join(PHOTOS)}")
-        with Image.open(path) as img:
-            _check_size(img)
-            image = img.copy()
+        try:
+            with Image.open(path) as img:
+                _check_size(img)
+                image = img.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:  # PIL raises these for unreadable/truncated files
+            raise ValueError(f"{str(image)!r} is not an image file PIL can read ({type(err).__name__}: {err}); "
+                             "pass a PNG/JPEG/... file or a photo name") from None
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a photo name, path, PIL image or uint8 array; got {type(image).__name__}")
     _check_size(image)

@@ -94,11 +94,14 @@ class Model:
             batch = self.processor(text=text, images=images, return_tensors="pt", **kwargs)
         elif images is not None:
             if self.image_processor is None:
-                raise ValueError(f"{self.name} takes no images; pass text=... instead")
+                raise ValueError(f"{self.name} was given no image processor, so it cannot encode images: pass text=..., "
+                                 "or wrap it with one: attnscope.wrap(hf_model, image_processor=AutoImageProcessor"
+                                 ".from_pretrained(...))")
             batch = self.image_processor(images=images, return_tensors="pt", **kwargs)
         else:
             if self.tokenizer is None:
-                raise ValueError(f"{self.name} takes no text; pass image=... instead")
+                raise ValueError(f"{self.name} was given no tokenizer, so it cannot encode text: pass image=..., or wrap "
+                                 "it with one: attnscope.wrap(hf_model, tokenizer=AutoTokenizer.from_pretrained(...))")
             batch = self.tokenizer(text, return_tensors="pt", padding=True, **kwargs)
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

@@ -3,9 +3,16 @@
     with attnscope.steer(model, PAI(alpha=0.5), FastV(k=2, keep=0.5)):
         model.generate(**inputs)
 
+The package is callable: `attnscope.steer(...)` is `attnscope.steer.steer(...)` (the context manager class), and
+`import attnscope.steer as st` gives the package with every method (`st.PAI`, `st.FastV`, ...).
+
 Primitives in `edits` (logit bias / key scaling / masking, probability redistribution, head scaling, token
 dropping, contrastive decoding); paper methods in `methods`, one file each."""
 from __future__ import annotations
+
+import inspect
+import sys
+import types
 
 from .edits import (
     Branch,
@@ -33,25 +40,33 @@ from .methods import (
     VTCCLS,
     DeCoRe,
     FastV,
+    FastVRerank,
     HeadMask,
     ImbalanceFix,
     KeepSchedule,
     M3ID,
     PyramidDrop,
+    generate_kwargs,
     parse,
 )
 from .processor import ContrastiveProcessor
 from .session import SeqState, remove_positions, steer
 
-__all__ = ["steer", "parse", "METHODS", "SteerError", "ContrastiveProcessor", "SeqState", "remove_positions",
+__all__ = ["steer", "parse", "generate_kwargs", "METHODS", "SteerError", "ContrastiveProcessor", "SeqState", "remove_positions",
            "LogitBias", "ScaleKeys", "MaskKeys", "Redistribute", "HeadScale", "DropTokens", "Contrast", "Observe",
            "Branch", "NoisedImage", "TransformedImage", "WithoutTokens", "SameInputs",
-           "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD", "M3ID", "RITUAL", "FastV", "PyramidDrop",
+           "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD", "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop",
            "VTCCLS", "KeepSchedule"]
 
-# `attnscope/__init__.py` exports the context manager as `attnscope.steer`, which shadows this package's name on
-# `attnscope`; the class carries the package's public names so `attnscope.steer.PAI(...)` works either way.
-for _name in __all__:
-    if _name != "steer":
-        setattr(steer, _name, globals()[_name])
-del _name
+
+
+class _Package(types.ModuleType):
+    """`attnscope.steer` is this package, and calling it opens a steer block: `attnscope.steer(model, PAI())` is
+    `attnscope.steer.steer(model, PAI())`, while `import attnscope.steer as st; st.PAI` reaches the package."""
+
+    def __call__(self, model, *items):
+        return steer(model, *items)
+
+
+__signature__ = inspect.signature(steer)
+sys.modules[__name__].__class__ = _Package

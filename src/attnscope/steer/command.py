@@ -48,7 +48,9 @@ def _continue(model, inputs: dict, methods: list, args) -> tuple[str, float, int
 
     from .session import steer
 
-    kwargs = {"max_new_tokens": args.new_tokens, "do_sample": args.sample}
+    from .methods import generate_kwargs
+
+    kwargs = {"max_new_tokens": args.new_tokens, "do_sample": args.sample, **generate_kwargs(methods)}
     if args.sample:
         torch.manual_seed(args.seed)
     ctx = steer(model, *methods) if methods else contextlib.nullcontext()

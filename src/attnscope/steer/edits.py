@@ -353,7 +353,9 @@ class DropTokens(Edit):
     `rank` chooses which tokens stay: "attention" (mean over heads of the attention from the last query row at
     layer K-1, FastV/PyramidDrop), "vision_cls" (the vision tower's CLS attention to each patch at
     `vision_layers`, averaged, VTC-CLS), or a callable `(state, stream, layer, candidates [B, L] bool) -> scores
-    [B, L]`. K = 0 drops before the first layer (the language model never sees those tokens)."""
+    [B, L]`. K = 0 drops before the first layer (the language model never sees those tokens).
+    `rerank=True` re-ranks at every decode step; each step must then be a full forward without a KV cache
+    (`generate(..., use_cache=False)`), and a cached step raises `SteerError` (FastVRerank)."""
 
     schedule: dict[int, float]
     role: str = "image"
@@ -361,6 +363,7 @@ class DropTokens(Edit):
     stream: str | None = None
     vision_layers: list[int] | None = None
     branch: str = "all"
+    rerank: bool = False
     roles_needed: set = field(default_factory=set)
 
     def __post_init__(self):
@@ -372,14 +375,18 @@ class DropTokens(Edit):
                 raise SteerError(f"schedule layers must be ints; got {layer!r}")
             clean[layer] = _fraction(keep, f"fraction kept at layer {layer}")
         self.schedule = dict(sorted(clean.items()))
-        keeps = list(self.schedule.values())
-        if any(b > a for a, b in zip(keeps, keeps[1:])):
-            raise SteerError(f"fractions kept must not grow with depth (dropped tokens cannot come back); got {self.schedule}")
+        if min(self.schedule) >= 0:  # negative layers (from the top) are placed and checked against a model in check()
+            self._check_order()
         if self.role not in ROLES:
             raise SteerError(f"unknown role {self.role!r}; roles are {ROLES}")
         if not (callable(self.rank) or self.rank in ("attention", "vision_cls")):
             raise SteerError(f"rank must be 'attention', 'vision_cls' or a callable; got {self.rank!r}")
         self.roles_needed = {self.role}
+
+    def _check_order(self) -> None:
+        keeps = list(self.schedule.values())
+        if any(b > a for a, b in zip(keeps, keeps[1:])):
+            raise SteerError(f"fractions kept must not grow with depth (dropped tokens cannot come back); got {self.schedule}")
 
     @property
     def identity(self) -> bool:
@@ -390,6 +397,12 @@ class DropTokens(Edit):
         if stream not in model.streams:
             raise SteerError(f"unknown stream {stream!r}; this model has {sorted(model.streams)}")
         n = model.streams[stream]
+        if min(self.schedule) < 0:  # -1 is the last layer, as everywhere in attnscope
+            placed = {(layer + n if -n <= layer < 0 else layer): keep for layer, keep in self.schedule.items()}
+            if len(placed) != len(self.schedule):
+                raise SteerError(f"the schedule {self.schedule} names one layer twice (counted from the top and the bottom)")
+            self.schedule = dict(sorted(placed.items()))
+            self._check_order()
         for layer in self.schedule:
             if not 0 <= layer < n:
                 raise SteerError(f"DropTokens: layer {layer} is beyond the {n} layers of stream '{stream}' (use 0..{n - 1})")
@@ -406,7 +419,8 @@ class DropTokens(Edit):
 
     def describe(self):
         return {"edit": "DropTokens", "schedule": self.schedule, "role": self.role,
-                "rank": self.rank if isinstance(self.rank, str) else "callable", "vision_layers": self.vision_layers}
+                "rank": self.rank if isinstance(self.rank, str) else "callable", "vision_layers": self.vision_layers,
+                "rerank": self.rerank}
 
 
 # --- decoding ----------------------------------------------------------------------------------------------------

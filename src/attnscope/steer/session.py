@@ -546,7 +546,7 @@ def remove_positions(model: Model, inputs: dict, drop, state: SeqState | None = 
     for b, (r, m) in enumerate(zip(rows, masks)):
         new_ids[b, width - r.numel():] = r
         new_mask[b, width - m.numel():] = m
-    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", seam.POSITION_IDS, "mm_encoder_outputs")}
+    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", seam.POSITION_IDS, seam.ENCODED_IMAGES)}
     out["input_ids"], out["attention_mask"] = new_ids, new_mask
     if "image" in [i for i in items if isinstance(i, str)]:
         for k in ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids"):
@@ -880,6 +880,10 @@ class steer:
             st.kept[(stream, layer)] = new
             kwargs = seam.slice_block_kwargs(kwargs, new, L)
             return hidden, kwargs, True
+        if drop.rerank:
+            raise SteerError(f"{_label(drop)} re-ranks the tokens at every new token without a KV cache; call "
+                             "generate(..., use_cache=False) (the method's generate_kwargs), or use FastV to keep the "
+                             "prompt's ranking in the cache")
         kept = st.kept.get((stream, layer))
         mask = kwargs.get("attention_mask")
         if kept is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
@@ -975,14 +979,16 @@ class steer:
         placed = ledger.begin(inputs)
         if st is not None and not st.from_vision and st.codes and not placed.new:
             q = seam.query_length(inputs)
-            for stream in ("language", "text"):
+            for stream in CACHED_STREAMS:
                 st.extend(stream, q)
             st.step += 1
             st.version += 1
             st.inputs = inputs
             return st
         if state is None and not (st is not None and st.from_vision):
-            st = SeqState()  # a new main sequence (unless the vision tower already started it)
+            prev, st = st, SeqState()  # a new main sequence (unless the vision tower already started it)
+            if prev is not None and inputs.get(seam.ENCODED_IMAGES) is not None:
+                st.pixels = prev.pixels  # generate without a cache re-feeds the image features it encoded once
         if state is None:
             self.state = st
         full = seam.without_cache(inputs)

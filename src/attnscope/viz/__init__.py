@@ -1,6 +1,7 @@
 """Showing attention: static figures (`figures`), self-contained HTML (`html`), the local viewer app (`server`).
 
 `to_html(obj, path)` writes one self-contained page for a Trace, an Explanation, a head table or a viewer run;
+`plot_trace(trace, ...)` (= `trace.plot(...)`) draws one captured head as a static figure;
 `show(obj)` displays it in Jupyter (a sandboxed iframe) or opens it in the default browser elsewhere. The server
 (FastAPI) is imported only by `attnscope serve`."""
 from __future__ import annotations
@@ -34,4 +35,12 @@ def show(obj, **kwargs):
     return path
 
 
-__all__ = ["to_html", "show"]
+def plot_trace(trace, *args, **kwargs):
+    """One captured head (or the mean over heads) over the image, or as bars over tokens: a matplotlib figure (see
+    `figures.plot_trace`; the same as `trace.plot(...)`)."""
+    from .figures import plot_trace as plot
+
+    return plot(trace, *args, **kwargs)
+
+
+__all__ = ["to_html", "show", "plot_trace"]

@@ -14,10 +14,94 @@ from PIL import Image  # noqa: E402
 from ..core.tokens import TokenMap  # noqa: E402
 
 
-def grid_map(scores: torch.Tensor, tmap: TokenMap, image: int = 0) -> np.ndarray:
-    """Scores over a sequence → (rows, cols) array over image `image`'s patch grid."""
+def grid_map(scores: torch.Tensor, tmap: TokenMap, image: int = 0, keys: list[int] | None = None) -> np.ndarray:
+    """Scores → (rows, cols) array over image `image`'s patch grid. `scores` cover the whole sequence, or only the
+    positions `keys` (a capture with `keys=` a role or positions); positions not covered are 0."""
+    if not tmap.grids:
+        raise ValueError("these tokens hold no image patch grid (a text stream?); plot them as bars instead")
+    if not 0 <= image < len(tmap.grids):
+        raise IndexError(f"image {image} is out of range: the sequence holds {len(tmap.grids)} image(s)")
+    values = scores.detach().float().cpu().numpy().reshape(-1)
+    if keys is not None or len(values) != len(tmap):
+        if keys is None or len(keys) != len(values):
+            raise ValueError(f"{len(values)} scores for a sequence of {len(tmap)} tokens; pass keys= (the positions "
+                             "the scores belong to)")
+        full = np.zeros(len(tmap), dtype=np.float32)
+        full[list(keys)] = values
+        values = full
     rows, cols = tmap.grids[image]
-    return scores.detach().float().cpu().numpy()[tmap.image_positions(image)].reshape(rows, cols)
+    return values[tmap.image_positions(image)].reshape(rows, cols)
+
+
+def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | str = "mean", query: int | str = "cls",
+                step: int = 0, run: int = -1, row: int = 0) -> tuple[np.ndarray, TokenMap, dict]:
+    """One captured attention row over the whole sequence: (scores [N] with 0 at keys not captured, the TokenMap,
+    a description). `head` is a captured head index or "mean"/"max" over the captured heads; `query` is an absolute
+    position (negative counts from the end), or "cls" / "last" / any role (its first captured position; "last":
+    the last captured query). Raises KeyError naming what was captured when the head or query is missing."""
+    streams = sorted({s for s, _ in trace.run(run).records})
+    stream = stream or (streams[0] if len(streams) == 1 else None)
+    if stream is None:
+        raise KeyError(f"the trace holds several streams {streams}; pass stream=")
+    layer = trace.layer_index(stream, layer, run)
+    rec = trace.record(stream, layer, step, 0, run)
+    tmap = trace.tokens(stream, row, run)
+    if query == "last":
+        q = rec.queries[-1]
+    elif isinstance(query, str):
+        wanted = [p for p in tmap.positions(query) if p in rec.queries]
+        if not wanted:
+            raise KeyError(f"no captured query has the role {query!r}; captured query positions: {rec.queries[:12]}")
+        q = wanted[0]
+    else:
+        q = query % len(tmap) if query < 0 else query
+    if q not in rec.queries:
+        raise KeyError(f"query {q} was not captured at ({stream!r}, layer {layer}); captured: {rec.queries[:12]}")
+    probs = rec.probs[row, :, rec.queries.index(q)].float()  # [heads, K]
+    if head in ("mean", "max"):
+        values = probs.mean(0) if head == "mean" else probs.max(0).values
+    else:
+        if head not in rec.heads:
+            raise KeyError(f"head {head} was not captured at ({stream!r}, layer {layer}); captured: {rec.heads}")
+        values = probs[rec.heads.index(head)]
+    full = np.zeros(len(tmap), dtype=np.float32)
+    keys = list(range(values.shape[0])) if rec.keys is None else rec.keys
+    full[keys] = values.cpu().numpy()
+    return full, tmap, {"stream": stream, "layer": layer, "head": head, "query": q, "step": step}
+
+
+def plot_trace(trace, stream: str | None = None, layer: int = -1, head: int | str = "mean", query: int | str = "cls",
+               image=None, ax=None, step: int = 0, run: int = -1, image_index: int = 0):
+    """Draw one captured attention row (`head_scores`): over the image's patch grid (a heat map on `image` if given:
+    a photo name, path, PIL image or array, stretched to the grid; else the grid alone) with a colour bar in
+    attention probability, or as a bar per token for streams without an image grid. Returns the figure."""
+    scores, tmap, info = head_scores(trace, stream, layer, head, query, step, run)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.6, 4.0) if tmap.grids else (max(6, 0.35 * len(tmap)), 3.2))
+    label = (f"{info['stream']} layer {info['layer']}, head {info['head']}, from {_label(tmap.tokens[info['query']])} "
+             f"(position {info['query']})")
+    if tmap.grids:
+        heat = grid_map(torch.from_numpy(scores), tmap, image_index)
+        if image is not None:
+            from ..models.images import load_image
+
+            photo = load_image(image)
+            ax.imshow(photo)
+            im = ax.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, photo.size[0], photo.size[1], 0),
+                           interpolation="bilinear")
+        else:
+            im = ax.imshow(heat, cmap="inferno")
+        ax.axis("off")
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
+    else:
+        ax.bar(range(len(scores)), scores, color="#48c")
+        ax.set_xticks(range(len(scores)), [_label(t) for t in tmap.tokens], rotation=90, fontsize=7)
+        ax.set_ylabel("attention probability", fontsize=7)
+    ax.set_title(label, fontsize=7)
+    if fig is not None:
+        fig.tight_layout()
+    return ax.figure
 
 
 def _label(token: str) -> str:

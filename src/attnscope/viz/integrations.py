@@ -100,7 +100,8 @@ def faithfulness(expl):
 
 # --- steering -----------------------------------------------------------------------------------------
 def steer_methods() -> dict[str, dict]:
-    """Steering methods of `attnscope.steer` as {name: {"doc": first docstring line, "params": {name: default}}}."""
+    """Steering methods of `attnscope.steer` as {name: {"doc": the class docstring's summary paragraph, "params":
+    {name: default}}}."""
     module = _module("attnscope.steer")
     if module is None or not callable(getattr(module, "steer", None) or _top("steer")):
         return {}
@@ -116,6 +117,8 @@ def steer_methods() -> dict[str, dict]:
             cls = getattr(module, cls, None) or getattr(_module("attnscope.steer.methods"), cls, None)
         if cls is None or not inspect.isclass(cls):
             continue
+        if getattr(cls, "generate_kwargs", None):  # FastVRerank decodes without a KV cache; the viewer's capture needs one
+            continue
         params = {}
         try:
             for p in inspect.signature(cls).parameters.values():
@@ -123,8 +126,8 @@ def steer_methods() -> dict[str, dict]:
                     params[p.name] = p.default
         except (TypeError, ValueError):
             pass
-        doc = (inspect.getdoc(cls) or "").strip().splitlines()
-        out[name] = {"doc": doc[0] if doc else "", "params": params, "apply": _applier(cls)}
+        doc = " ".join((inspect.getdoc(cls) or "").strip().split("\n\n")[0].split())  # the summary paragraph
+        out[name] = {"doc": doc, "params": params, "apply": _applier(cls)}
     return out
 
 

@@ -7,6 +7,16 @@ from pathlib import Path
 from . import html, integrations, runner
 
 
+def shorten(text: str, limit: int = 48) -> str:
+    """`text` on one line, cut at a word boundary to at most `limit` characters (with "…" when cut)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,.;:") + "…"
+
+
 def report(model, text: str | None = None, image=None, out: str | Path = "attnscope-report.html", max_new_tokens: int = 0,
            methods: list[str] | tuple[str, ...] = (), title: str | None = None, faithfulness: bool = True,
            max_values: int = html.EXPORT_MAX_VALUES) -> Path:
@@ -32,8 +42,10 @@ def report(model, text: str | None = None, image=None, out: str | Path = "attnsc
         target = cls[0] if cls else view.length - 1
         entry, expl = runner.explain_entry(m, result, method, stream, target, with_faithfulness=faithfulness)
         entries.append(entry)
+    if isinstance(image, (str, Path)):  # where the image came from, beside the trace's checksum of its pixels
+        result.provenance["inputs"] = [f"image: {image}", *result.provenance.get("inputs", [])]
     what = ", ".join(x for x in (str(image) if isinstance(image, (str, Path)) else ("image" if image is not None else ""),
-                                 repr(text[:40]) if text else "") if x)
+                                 repr(shorten(text)) if text else "") if x)
     name = title or f"attnscope: {m.name}" + (f" on {what}" if what else "")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -412,10 +412,14 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             path.write_bytes(raw)
             try:
                 trace = Trace.load(path)
+                bad = sorted({key for run in trace.runs for key, recs in run.records.items() for rec in recs
+                              if not bool(rec.probs.float().isfinite().all())})
+                if bad:  # written so by a model that produced them: nothing the viewer can draw (nor JSON hold)
+                    raise TraceFileError(f"the trace holds NaN or infinite probabilities at {bad[:4]}")
                 result = runner.from_trace(trace)
-            except (TraceFileError, ValueError, KeyError, TypeError) as err:
+                return state.describe(state.keep(result, None), result, None)
+            except (TraceFileError, ValueError, KeyError, TypeError, IndexError) as err:
                 raise ApiError(400, f"not a readable attnscope trace: {str(err).replace(str(path), 'upload')}") from err
-        return state.describe(state.keep(result, None), result, None)
 
     @app.get("/api/runs/{rid}")
     def run_doc(rid: str):
@@ -505,15 +509,54 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765, model_dirs=(), limits: Limits | None = None, log_level: str = "info") -> None:
-    """Run the viewer until interrupted. A non-loopback `host` exposes it to the network: on purpose only."""
-    import uvicorn
+class ServeError(RuntimeError):
+    """The viewer cannot start (the address is taken or cannot be bound)."""
 
+
+def bind(host: str, port: int):
+    """A listening socket on (host, port), bound before anything is printed: a busy port fails here, clearly."""
+    import errno
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise ServeError(f"cannot resolve host {host!r}: {err.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ServeError(f"port {port} on {host} is already in use (another attnscope serve?); stop it or pass "
+                             "--port N") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(host: str = "127.0.0.1", port: int = 8765, model_dirs=(), limits: Limits | None = None, log_level: str = "info",
+          stop_timeout: float = 2.0) -> None:
+    """Run the viewer until interrupted (Ctrl+C or SIGTERM). A non-loopback `host` exposes it to the network: on
+    purpose only. The port is bound before the URL is printed (`ServeError` if it is taken); on a stop signal,
+    requests still running get `stop_timeout` seconds, then the server exits without waiting for a model that is
+    still computing."""
+    import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the server log for every model load
     if is_loopback(host):
         hosts = ["127.0.0.1", "localhost", "[::1]", "::1"]
     else:
         log.warning("serving on %s: anyone who can reach this address can run models here", host)
         hosts = ["*"]
-    app = create_app(model_dirs, limits, allowed_hosts=hosts)
-    print(f"attnscope viewer on http://{host if ':' not in host else f'[{host}]'}:{port}/  (Ctrl+C stops it)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = bind(host, port)
+    try:
+        app = create_app(model_dirs, limits, allowed_hosts=hosts)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=stop_timeout))
+        print(f"attnscope viewer on http://{host if ':' not in host else f'[{host}]'}:{port}/  (Ctrl+C stops it)", flush=True)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

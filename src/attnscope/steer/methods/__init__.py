@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..edits import SteerError
 from .decore import DeCoRe
-from .fastv import FastV
+from ._base import generate_kwargs
+from .fastv import FastV, FastVRerank
 from .head_scale import HeadMask
 from .imbalance import ImbalanceFix
 from .m3id import M3ID
@@ -17,7 +18,7 @@ from .vcd import VCD
 from .vhr import VHR
 from .vtc_cls import VTCCLS
 
-METHODS = {cls.name: cls for cls in (PAI, VAR, VHR, ImbalanceFix, HeadMask, DeCoRe, VCD, M3ID, RITUAL, FastV,
+METHODS = {cls.name: cls for cls in (PAI, VAR, VHR, ImbalanceFix, HeadMask, DeCoRe, VCD, M3ID, RITUAL, FastV, FastVRerank,
                                       PyramidDrop, VTCCLS, KeepSchedule)}
 
 
@@ -58,5 +59,5 @@ def parse(spec: str):
         raise SteerError(f"{cls.__name__}: {err}") from err
 
 
-__all__ = ["METHODS", "parse", "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD", "M3ID", "RITUAL",
-           "FastV", "PyramidDrop", "VTCCLS", "KeepSchedule"]
+__all__ = ["METHODS", "parse", "generate_kwargs", "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD",
+           "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop", "VTCCLS", "KeepSchedule"]

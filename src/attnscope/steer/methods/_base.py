@@ -10,6 +10,7 @@ class Method:
 
     name = "method"
     paper = ""
+    generate_kwargs: dict = {}  # what `generate` must be called with for this method (FastVRerank: no KV cache)
 
     def params(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -25,6 +26,17 @@ class Method:
         for e in edits:
             e.method = type(self).__name__
         return edits
+
+
+def generate_kwargs(items) -> dict:
+    """The `generate` keyword arguments the given methods need (merged; conflicting values raise SteerError)."""
+    out: dict = {}
+    for item in items or ():
+        for key, value in getattr(item, "generate_kwargs", {}).items():
+            if key in out and out[key] != value:
+                raise SteerError(f"the methods need conflicting generate arguments: {key}={out[key]!r} and {value!r}")
+            out[key] = value
+    return out
 
 
 def default_layers(model, stream: str | None, layers, start: int = 0, end: int | None = None) -> list[int]:

@@ -21,6 +21,20 @@ from ._base import Method, parse_heads
 
 
 class DeCoRe(Method):
+    """DeCoRe: contrast the next-token logits with a branch whose chosen (retrieval) heads are masked, weighted by
+    the base model's entropy (Gema et al., "Decoding by Contrasting Retrieval Heads to Mitigate Hallucinations",
+    2024).
+
+    Each step: l = (1 + w) * l_base - w * l_masked with w = alpha * H(p_base) / log|V| (or alpha when
+    `entropy=False`), then tokens with p_base < beta * max p_base are dropped.
+
+    Parameters:
+        heads: [(layer, head), ...] or "10.3+12.5": heads masked in the branch; required.
+        alpha: float >= 0, default 1.0 (0 is the identity). beta: float in [0, 1], default 0.1 (plausibility
+            cutoff). entropy: bool, default True (entropy-guided weight).
+
+    Raises `SteerError` without heads or for alpha/beta out of range. Costs a second forward per token."""
+
     name = "decore"
     paper = "DeCoRe: Decoding by Contrasting Retrieval Heads (Gema et al., 2024)"
 

@@ -13,6 +13,19 @@ from ._base import Method, parse_heads
 
 
 class HeadMask(Method):
+    """Mask or scale chosen attention heads' outputs (Michel et al., "Are Sixteen Heads Really Better than One?",
+    NeurIPS 2019).
+
+    The attention output of each chosen head, after the attention function and before the output projection, is
+    multiplied by `scale`; any backend.
+
+    Parameters:
+        heads: [(layer, head), ...] or "3.1+5.2" (layer.head joined by '+'); required (`SteerError` if empty).
+        scale: float >= 0, default 0.0 (masking, the paper's ablation; 1 is the identity, > 1 reinforces).
+        stream: default the language/text stream, else the model's first.
+
+    `heads.table(..., metrics=["ablation"])` ranks heads to choose from."""
+
     name = "heads"
     paper = "Are Sixteen Heads Really Better than One? (Michel et al., NeurIPS 2019)"
 

@@ -44,6 +44,22 @@ class _Modulated(AttentionEdit):
 
 
 class ImbalanceFix(Method):
+    """Imbalanced-attention fix: raise the generating row's attention to selected image tokens in deep layers, per
+    head by its visual sensitivity ("Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large
+    Vision-Language Model", 2025).
+
+    An observation pass measures each head's visual sensitivity s_h in [0, 1] and selects image tokens by two
+    streams (most attended by the last prompt row; most attended by the tower's CLS). In layers `start`..L-1 the
+    generating row's logits to them get +log(1 + alpha * s_h).
+
+    Parameters:
+        alpha: float >= 0, default 1.0. At most (1 + alpha)x attention to a selected token (0 is the identity).
+        select: float in (0, 1], default 0.1. Fraction of the image tokens picked by each stream.
+        start: int or None (half the depth). First modulated layer (negative counts from the top).
+        keys: "image" (default) or positions. stream: the language stream (default: the model's).
+
+    Raises `SteerError` for alpha < 0, select outside (0, 1], or a start beyond the stream."""
+
     name = "imbalance"
     paper = "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large Vision-Language Model (2025)"
 

@@ -18,6 +18,18 @@ from ._base import Method
 
 
 class M3ID(Method):
+    """M3ID: contrast with the image-free language prior, more as generation goes on (Favero et al., "Multi-Modal
+    Hallucination Control by Visual Information Grounding", CVPR 2024).
+
+    Step t: l_c + w_t * (l_c - l_u), w_t = (1 - g_t) / g_t, g_t = exp(-lam * t), where l_u comes from a branch
+    without the `drop` tokens; then the plausibility cutoff `beta`. No correction on the first token.
+
+    Parameters:
+        lam: float >= 0, default 0.02 (per generated token; 0 is the identity). beta: float in [0, 1], default 0.1
+            (0 disables the cutoff). drop: "image" (default) or positions (a text model's context span).
+
+    Raises `SteerError` for lam < 0 or beta out of range. Costs a second forward per token."""
+
     name = "m3id"
     paper = "Multi-Modal Hallucination Control by Visual Information Grounding (Favero et al., CVPR 2024)"
 

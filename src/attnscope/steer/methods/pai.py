@@ -17,6 +17,23 @@ from ._base import Method, default_layers
 
 
 class PAI(Method):
+    """PAI: raise the next-token row's attention logits to the image tokens (Liu et al., "Paying More Attention to
+    Image", ECCV 2024).
+
+    In language layers `layers` (default 2..L-1), all heads (or `heads`), the logits a of the `queries` rows to
+    the `keys` become a + alpha * |a| (`ScaleKeys`, an additive mask: SDPA keeps running).
+
+    Parameters:
+        alpha: float >= 0, default 0.5. Amplification (0 is the identity).
+        layers: int, list, slice or None. Language-model layers (negative count from the top); None: 2..L-1.
+        heads: int, list or None (all heads).
+        keys: a role ("image", default), positions or a slice: the keys whose logits are raised.
+        queries: "last" (default: the row that predicts the next token, at prefill and every step) or a role.
+        stream: the language stream (default: the model's).
+
+    Raises `SteerError` for a negative alpha, layers out of range, or a model without the keys' role. PAI's
+    image-free guidance branch is `M3ID`, not folded in here."""
+
     name = "pai"
     paper = "Paying More Attention to Image (Liu et al., ECCV 2024)"
 

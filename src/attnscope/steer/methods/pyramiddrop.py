@@ -15,6 +15,20 @@ from ._base import Method
 
 
 class PyramidDrop(Method):
+    """PyramidDrop: drop image tokens in stages through the language model (Xing et al., "Accelerating Your Large
+    Vision-Language Models via Pyramid Visual Redundancy Reduction", 2024).
+
+    The language model is cut into `stages` equal stages; at the end of each stage but the last a fraction `ratio`
+    of the remaining image tokens is kept, ranked by the last prompt row's attention at that layer (one
+    `DropTokens` schedule; kept positions keep their position ids). The kept sets are chosen at the prompt and
+    kept in the KV cache.
+
+    Parameters:
+        stages: int >= 2, default 4. ratio: float in [0, 1], default 0.5 (1 is the identity).
+        role: the dropped tokens' role ("image"). stream: the language stream (default: the model's).
+
+    Raises `SteerError` for fewer than 2 stages, more stages than layers, or ratio out of range."""
+
     name = "pyramiddrop"
     paper = "PyramidDrop (Xing et al., 2024)"
 

@@ -13,6 +13,18 @@ from ._base import Method
 
 
 class RITUAL(Method):
+    """RITUAL: complement the next-token logits with those of a randomly transformed image (Woo et al., "Random
+    Image Transformations as a Universal Anti-hallucination Lever in LVLMs", 2024).
+
+    Each step: l(image) + alpha * l(T(image)) with T one of flip / rotation / crop / brightness, drawn once per
+    sequence from `seed`; then tokens with p(image) < beta * max p(image) are dropped.
+
+    Parameters:
+        alpha: float >= 0, default 3.0 (0 is the identity). beta: float in [0, 1], default 0.1. seed: int, default 0.
+
+    Raises `SteerError` for values out of range or a model without pixel inputs. Costs a second forward per
+    token."""
+
     name = "ritual"
     paper = "RITUAL: Random Image Transformations as a Universal Anti-hallucination Lever (Woo et al., 2024)"
 

@@ -14,6 +14,17 @@ from ._base import Method
 
 
 class KeepSchedule(Method):
+    """A user-given token-dropping schedule: FastV's mechanism at any layers (Chen et al., "An Image is Worth 1/2
+    Tokens After Layer 2", ECCV 2024).
+
+    Parameters:
+        schedule: {layer K: fraction of the role's tokens kept from layer K on}, or "2@0.5+16@0.25". Layers may be
+            negative (from the top); fractions in [0, 1] must not grow with depth.
+        rank: "attention" (default: the last prompt row's attention at layer K-1) or "vision_cls" (the tower's
+            CLS attention; allows K=0). role: "image" (default). stream: the language stream (default: the model's).
+
+    Raises `SteerError` for a malformed schedule, growing fractions, or layers out of range."""
+
     name = "keep"
     paper = "FastV's token dropping with a user schedule"
 

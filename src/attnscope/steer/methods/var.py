@@ -25,6 +25,23 @@ from ._base import Method, default_layers
 
 
 class VAR(Method):
+    """VAR: move attention from visual sink tokens onto the image in image-centric heads (Kang et al., "See What You
+    Are Told: Visual Attention Sink in Large Multimodal Models", ICLR 2025).
+
+    For the `queries` rows of language layers `layers` (default 2..L-1), in heads whose non-sink attention puts at
+    least `rho` on image tokens, a fraction `p` of the attention on sink tokens is redistributed over the
+    non-sink `keys` in proportion to their attention (`Redistribute`, explicit probabilities for those rows).
+
+    Parameters:
+        p: float in [0, 1], default 0.6. Share of the sinks' attention moved (0 is the identity).
+        rho: float in [0, 1], default 0.5. Image-centric head threshold (share of non-sink attention on image).
+        tau: float > 1, default 100. A token is a sink from the layer where its largest |activation| reaches tau x
+            the layer input's median |activation| (massive activations, Sun et al. 2024).
+        layers: int, list, slice or None (2..L-1). keys: role or positions ("image"). queries: "last" or a role.
+        stream: the language stream (default: the model's).
+
+    Raises `SteerError` for p, rho or tau out of range or layers out of range."""
+
     name = "var"
     paper = "See What You Are Told: Visual Attention Sink in Large Multimodal Models (Kang et al., ICLR 2025)"
 

@@ -14,6 +14,20 @@ from ._base import Method
 
 
 class VCD(Method):
+    """VCD: contrast the next-token logits with those of a noised image (Leng et al., "Mitigating Object
+    Hallucinations in Large Vision-Language Models through Visual Contrastive Decoding", CVPR 2024).
+
+    Each step: (1 + alpha) * l(image) - alpha * l(noised image), restricted to tokens with
+    p(image) >= beta * max p(image).
+
+    Parameters:
+        alpha: float >= 0, default 1.0 (0 is the identity). beta: float in [0, 1], default 0.1.
+        noise_step: int in 0..1000, default 500: forward-diffusion step of the noise (linear schedule
+            1e-4..0.02 over 1000 steps). seed: int, default 0 (the noise).
+
+    Raises `SteerError` for values out of range, or on a model without pixel inputs. Costs a second forward per
+    token."""
+
     name = "vcd"
     paper = "Visual Contrastive Decoding (Leng et al., CVPR 2024)"
 

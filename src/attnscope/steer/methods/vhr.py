@@ -53,6 +53,21 @@ class _Gates(HeadScale):
 
 
 class VHR(Method):
+    """VHR: reinforce the vision-aware heads, those whose output changes most without the image (He et al.,
+    "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence", 2024).
+
+    Two observation forwards of the prompt (with and without the `drop` tokens) give each language head's output at
+    the last prompt position; the L2 distance between them is its VHD. The top `top` fraction of heads by VHD have
+    their outputs multiplied by `alpha` (before o_proj) for the whole generation.
+
+    Parameters:
+        alpha: float >= 0, default 2.0. Scale of the chosen heads' outputs (1 is the identity).
+        top: float in (0, 1], default 0.05. Fraction of heads reinforced (over all `layers`, per batch row).
+        layers: int, list, slice or None (all language layers). drop: "image" (default) or positions: what the
+            reference pass leaves out. stream: the language stream (default: the model's).
+
+    Raises `SteerError` for `top` outside (0, 1] or when no attention call could be recorded."""
+
     name = "vhr"
     paper = "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence (He et al., 2024)"
 

@@ -15,6 +15,18 @@ from ._base import Method
 
 
 class VTCCLS(Method):
+    """VTC-CLS: keep only the image tokens the vision tower's CLS attends to most, before the language model
+    (Wang et al., "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs", 2024).
+
+    Patches are ranked by the tower CLS token's attention (mean over heads, averaged over `layers`); the top
+    `keep` fraction enters the language model (`DropTokens` at K=0).
+
+    Parameters:
+        keep: float in [0, 1], default 1/3 (1 is the identity). layers: int, list or None (the tower layer the
+            projector reads, `vision_feature_layer`); several form the paper's ensemble. role: "image".
+
+    Raises `SteerError` for a tower without a CLS token, layers out of range or keep out of range."""
+
     name = "vtc_cls"
     paper = "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS, Wang et al., 2024)"
 
