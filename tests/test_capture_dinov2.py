@@ -1,4 +1,8 @@
-"""Capture on the real DINOv2-S/14: exact values at two resolutions, untouched outputs, CLS + patch grid roles."""
+"""Capture on the real DINOv2-S/14: exact values at two resolutions, untouched outputs, CLS + patch grid roles.
+
+Tolerance: every layer equals eager to 3e-5 in float32. Layer 3, where the high-norm tokens form, is the
+loosest (1.7e-5 to 1.9e-5 on chelsea, astronaut and coffee at 224 px); every other layer stays under 5e-6."""
+DINOV2_ATOL = 3e-5
 import pytest
 import torch
 
@@ -11,14 +15,15 @@ def test_values_equal_eager_and_outputs_bit_identical(dinov2, size):
     x = dinov2.encode(image="chelsea", size={"height": size, "width": size})
     with torch.no_grad():
         plain = dinov2(**x).last_hidden_state
-        with attnscope.capture(dinov2, layers=[0, 6, 11]) as trace:
+        with attnscope.capture(dinov2, layers="all") as trace:
             captured = dinov2(**x).last_hidden_state
     assert torch.equal(plain, captured)
     eager = eager_attentions(dinov2, x)
     n = (size // 14) ** 2 + 1
-    for layer in (0, 6, 11):
+    assert trace.layers("vision") == list(range(12))
+    for layer in range(12):
         assert trace.attention("vision", layer).shape == (1, 6, n, n)
-        torch.testing.assert_close(trace.attention("vision", layer), eager[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(trace.attention("vision", layer), eager[layer], atol=DINOV2_ATOL, rtol=0)
     tmap = trace.tokens("vision")
     assert tmap.roles[0] == "cls" and tmap.grids == [(size // 14, size // 14)]
     assert tmap.patch[1] == (0, 0, 0) and tmap.patch[-1] == (0, size // 14 - 1, size // 14 - 1)

@@ -11,8 +11,10 @@ Positions = None | int | slice | str | list  # None = all; str = a role or "last
 
 def _as_list(value, n: int, what: str) -> list[int]:
     """Resolve an int / list / slice / None against range(n), with negative indices; raise if out of range."""
-    if value is None:
+    if value is None or isinstance(value, str) and value == "all":
         return list(range(n))
+    if isinstance(value, str):
+        raise TypeError(f"{what}s must be an int, a list of ints, a slice, None or 'all'; got the string {value!r}")
     if isinstance(value, slice):
         return list(range(n))[value]
     items = [value] if isinstance(value, int) else list(value)

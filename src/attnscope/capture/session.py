@@ -28,7 +28,7 @@ class capture:
     ...     model(**model.encode("Attention is all you need"))
     >>> trace.attention("text", 5, head=0)        # [batch, queries, keys]
 
-    Selections: `streams` (names), `layers` (ints, slice, or {stream: layers}), `heads`, `queries`/`keys`
+    Selections: `streams` (names), `layers` (ints, slice, "all"/None, or {stream: layers}), `heads`, `queries`/`keys`
     (positions, slices, or token roles such as "last", "image", "generated", "text"). Only modules in the
     selection compute anything beyond the original backend. `offload=True` moves each captured tensor to
     the CPU as soon as it is computed; `dtype` is the stored precision; `grad=True` keeps the captured
@@ -206,7 +206,8 @@ class capture:
             self._parts[counter], self._bases[counter] = part + 1, base + kv_len
             total = base + kv_len
             q_start = total - q_len
-        if tmaps and part == 0 and call.site.stream not in CACHED_STREAMS and len(tmaps[0]) != kv_len:
+        if (tmaps and part == 0 and call.site.stream not in CACHED_STREAMS and len(tmaps[0]) != kv_len
+                and len(tmaps[0].grids) == 1):  # one raster image per call: its prefix is what the tower produced
             tmaps = run.tokens[call.site.stream] = fit_vision_maps(tmaps, kv_len, self.model, where)
         if tmaps and (len(tmaps[0]) < total or call.site.stream in CACHED_STREAMS and len(tmaps[0]) != total):
             raise TokenMapError(f"{where}the token map has {len(tmaps[0])} entries but the call sees {total} positions; "

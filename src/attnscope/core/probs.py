@@ -19,6 +19,35 @@ def _is_causal(module, kwargs: dict) -> bool:
     return bool(getattr(module, "is_causal", False) if flag is None else flag)
 
 
+# Keywords an attention call may carry that do not change its probabilities, and those that do and are recomputed.
+NEUTRAL = {"dropout", "scaling", "is_causal", "position_ids", "use_cache", "output_attentions", "output_router_logits",
+           "encoder_hidden_states", "encoder_attention_mask", "cache_position", "position_embeddings", "cache",
+           "past_key_values", "layer_idx", "output_hidden_states", "return_dict", "token_type_ids"}
+RECOMPUTED = {"sliding_window", "softcap", "s_aux", "sinks", "position_bias"}
+
+
+class UnsupportedAttentionError(RuntimeError):
+    """An attention call with a term the recomputation does not understand: attnscope refuses to guess."""
+
+
+def check_terms(module, kwargs: dict) -> None:
+    """Refuse any keyword the recomputation does not know (a packed-sequence layout, a new logit term): its
+    probabilities would differ from the model's without a sign."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in NEUTRAL and k not in RECOMPUTED)
+    if unknown:
+        raise UnsupportedAttentionError(
+            f"{type(module).__name__} passes {unknown} to its attention function; attnscope does not know how "
+            f"{'it changes' if len(unknown) == 1 else 'they change'} the probabilities, so it will not recompute "
+            "them. Capture other modules (`streams=`/`layers=`), or report the model family")
+
+
+def sink_logits(module, kwargs: dict):
+    """Per-head attention-sink logits [H] (gpt-oss `s_aux`/`sinks`): an extra softmax column that takes mass and
+    is then dropped, so rows sum to less than 1."""
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    return None if sinks is None else sinks.reshape(-1)
+
+
 def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, kv_len: int) -> torch.Tensor:
     """Additive float mask for the chosen query rows, broadcastable to [B, h, r, K]."""
     mask = mask[..., :kv_len]
@@ -49,7 +78,10 @@ def attention_probs(
     logits the softmax would see instead (for edits that change them before the softmax).
 
     Handles scaling, boolean or additive masks, causal masking when the backend got no mask (bottom-right
-    aligned, as with a KV cache), sliding windows passed as a kwarg, logit soft-capping and GQA/MQA."""
+    aligned, as with a KV cache), sliding windows passed as a kwarg, logit soft-capping, GQA/MQA, T5's additive
+    `position_bias` and gpt-oss's attention sinks (with `logits=True` sinks are refused: a caller that edits
+    logits would have to renormalise with them). Any other keyword raises `UnsupportedAttentionError`."""
+    check_terms(module, kwargs)
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     device = query.device
@@ -62,6 +94,11 @@ def attention_probs(
     window = kwargs.get("sliding_window") if attention_mask is None else None
     causal = attention_mask is None and _is_causal(module, kwargs)
     key_pos = torch.arange(kv_len, device=device)
+    bias = kwargs.get("position_bias")
+    sinks = sink_logits(module, kwargs)
+    if sinks is not None and logits:
+        raise UnsupportedAttentionError(f"{type(module).__name__} has attention sinks; edits of its logits are not "
+                                        "supported (captures are): steer other modules")
     min_value = torch.finfo(torch.float32).min
 
     q_all = query.index_select(1, heads)
@@ -74,6 +111,8 @@ def attention_probs(
         scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
+        if bias is not None:
+            scores = scores.add_(_mask_rows(bias, r, heads, kv_len))
         if attention_mask is not None:
             scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
         if causal or window:
@@ -84,6 +123,12 @@ def attention_probs(
             if window:
                 allowed &= key_pos[None, :] > q_pos - window
             scores = scores.masked_fill_(~allowed, min_value)
-        probs = scores if logits else torch.softmax(scores, dim=-1)
+        if logits:
+            probs = scores
+        elif sinks is not None:
+            col = sinks.to(device).float().index_select(0, heads)[None, :, None, None].expand(batch, -1, r.numel(), 1)
+            probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[:, :, start : start + r.numel()] = probs if keys is None else probs.index_select(-1, keys)
     return out

@@ -18,16 +18,44 @@ class Spec:
 
 FAMILIES = {
     "llava": Spec("llava", "vlm", {"model.vision_tower": "vision", "model.language_model": "language"}),
+    "paligemma": Spec("paligemma", "vlm", {"model.vision_tower": "vision", "model.language_model": "language"}),
     "qwen2_vl": Spec("qwen2_vl", "vlm", {"model.visual": "vision", "model.language_model": "language"}, "merge"),
     "clip": Spec("clip", "dual", {"text_model": "text", "vision_model": "vision"}),
     "siglip": Spec("siglip", "dual", {"text_model": "text", "vision_model": "vision"}),
 }
 
 
-def spec_for(config) -> Spec:
-    """The spec of a transformers config."""
+class UnmappedModelError(ValueError):
+    """A model family attnscope cannot label correctly yet: refused by name rather than mislabelled."""
+
+
+def spec_for(config, model=None) -> Spec:
+    """The spec of a transformers config. Families whose structure an inferred spec would mislabel are refused:
+    encoder-decoders (encoder, decoder and cross-attention would be numbered as one stream) and vision-language
+    or dual-tower families not listed in FAMILIES (the tower's and the language model's layers would be one
+    `text` stream and image tokens labelled `text`)."""
     family = getattr(config, "model_type", "") or ""
     if family in FAMILIES:
         return FAMILIES[family]
+    if getattr(config, "is_encoder_decoder", False) and (model is None or _has_decoder(model)):
+        raise UnmappedModelError(
+            f"{family or type(config).__name__} is an encoder-decoder; attnscope does not map its encoder, decoder "
+            "and cross-attention as separate streams yet, so it refuses rather than number them as one. Wrap the "
+            "encoder alone (e.g. T5EncoderModel), or pass `spec=` and `attention_modules=` to attnscope.wrap")
+    towers = [k for k in ("vision_config", "audio_config") if getattr(config, k, None) is not None]
+    if towers:
+        raise UnmappedModelError(
+            f"{family or type(config).__name__} has a {towers[0].removesuffix('_config')} tower but no attnscope spec "
+            f"(mapped families: {', '.join(sorted(FAMILIES))}); its towers' layers and image tokens would be "
+            "mislabelled as one text stream. Pass `spec=attnscope.models.spec.Spec(...)` to attnscope.wrap, or "
+            "add the family to models/spec.py:FAMILIES")
     is_vision = hasattr(config, "patch_size") and not getattr(config, "vocab_size", None)
     return Spec(family, "vision", {"": "vision"}) if is_vision else Spec(family, "text", {"": "text"})
+
+
+def _has_decoder(model) -> bool:
+    get = getattr(model, "get_decoder", None)
+    try:
+        return get is not None and get() is not None and get() is not model
+    except (AttributeError, NotImplementedError):
+        return hasattr(model, "decoder")

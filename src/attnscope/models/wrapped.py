@@ -27,7 +27,7 @@ class Model:
         self.image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor", None)
         self.processor = processor
         self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
-        self.spec = spec or spec_for(hf.config)
+        self.spec = spec or spec_for(hf.config, hf)
         self.extras = extras or {}
         self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules)
         self._signature = inspect.signature(hf.forward)
@@ -45,6 +45,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the execution device of an offloaded model (accelerate hooks), else its weights'."""
+        for module in self.hf.modules():
+            dev = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if dev is not None:
+                return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
         return next(self.hf.parameters()).device
 
     @property
@@ -66,6 +71,10 @@ class Model:
         """blake2b over parameter names, shapes and bytes: identifies the weights a trace came from."""
         digest = hashlib.blake2b(digest_size=16)
         for name, tensor in self.hf.state_dict().items():
+            if tensor.device.type == "meta":  # offloaded: the real bytes sit in accelerate's weights map
+                tensor = _offloaded(self.hf, name)
+                if tensor is None:
+                    return "unavailable: offloaded weights without a readable weights map"
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
@@ -124,3 +133,17 @@ class Model:
         if inputs.get("input_ids") is not None and kind in ("text", "dual"):
             out["text"] = roles.text_maps(self.tokenizer, inputs["input_ids"], inputs.get("attention_mask"))
         return out
+
+
+def _offloaded(model: nn.Module, name: str):
+    """The real tensor behind a parameter or buffer left on the meta device by accelerate's offloading."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut])) if cut else model
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is not None:
+            try:
+                return weights[".".join(parts[cut:])]
+            except KeyError:
+                continue
+    return None

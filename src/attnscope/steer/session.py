@@ -20,7 +20,7 @@ from torch import nn
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, exclusive
 from ..core.ledger import Ledger
-from ..core.probs import attention_probs
+from ..core.probs import attention_probs, check_terms, sink_logits
 from ..core.tokens import CACHED_STREAMS, ROLES, TokenMap
 from ..models.wrapped import Model
 from .edits import AttentionEdit, Contrast, DropTokens, Edit, HeadScale, SiteEdit, SteerError, lm_stream
@@ -300,7 +300,9 @@ def explicit_logits(call: AttentionCall, heads: torch.Tensor, rows: torch.Tensor
     q, k = call.query, call.key
     B, H, Q, D = q.shape
     kvH, K = k.shape[1], k.shape[2]
-    if heads.numel() != H or kvH == H:
+    check_terms(call.module, call.kwargs)
+    extra = call.kwargs.get("position_bias") is not None or sink_logits(call.module, call.kwargs) is not None
+    if heads.numel() != H or kvH == H or extra:
         return attention_probs(call.module, q, k, call.attention_mask, call.kwargs, heads=heads, rows=rows, logits=True)
     g = H // kvH
     qs = q if rows.numel() == Q else q.index_select(2, rows.to(q.device))
