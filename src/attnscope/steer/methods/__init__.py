@@ -51,7 +51,9 @@ def parse(spec: str):
         key, eq, value = part.partition("=")
         if not eq:
             raise SteerError(f"method parameters are key=value; got {part!r} in {spec!r}")
-        kwargs[key.strip()] = _value(value.strip())
+        key, value = key.strip(), value.strip()
+        # heads are layer.head pairs ("3.1+5.2"): 3.10 is head 10 of layer 3, never the float 3.1
+        kwargs[key] = value if key == "heads" and "." in value else _value(value)
     try:
         return cls(**kwargs)
     except TypeError as err:
