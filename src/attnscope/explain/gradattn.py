@@ -35,6 +35,8 @@ import torch
 from . import base, engine, sinks as sinklib
 
 NAME = "gradattn"
+UNITS = ("accumulated gradient x attention relevance (Chefer et al.), positive part; the readout token keeps "
+         "its own identity share")
 DEFAULTS = {"start_layer": 0, "sinks": "keep", "queries": "gradient", "vision": "auto"}
 
 

@@ -19,6 +19,8 @@ import torch
 from . import base, engine, sinks as sinklib
 
 NAME = "rollout"
+UNITS = ("share of the readout row's information traced back to each input token through all layers (rows sum "
+         "to 1)")
 DEFAULTS = {"head_fusion": "mean", "discard_ratio": 0.0, "residual": 0.5, "start_layer": 0, "sinks": "keep"}
 
 
