@@ -70,7 +70,7 @@ def run(args) -> int:
     from ..cli import prompt_chat
 
     if args.image is not None and model.image_processor is None:
-        raise ValueError(f"{model.name} takes no images; --image needs a vision-language model such as scene-vlm")
+        raise ValueError(f"{model.name} is not a vision-language model (it takes no images); --image needs one such as scene-vlm")
     inputs = _inputs(model, args.text, args.image, prompt_chat(args))
 
     def answer(items):
