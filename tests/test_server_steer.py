@@ -56,7 +56,9 @@ def fake_steer_methods():
 
         return ctx()
 
-    return {"Boost": {"doc": "adds alpha to one token's logit", "params": {"alpha": 50.0, "token": 42}, "apply": apply}}
+    params = {"alpha": {"default": "50.0", "required": False}, "token": {"default": "42", "required": False}}
+    return {"Boost": {"doc": "adds alpha to one token's logit", "help": "adds alpha to one token's logit",
+                      "syntax": "numbers", "params": params, "apply": apply}}
 
 
 @pytest.fixture
@@ -113,4 +115,11 @@ def test_compare_view_in_the_browser(app, tiny_llama_dir):
         expect(right.locator(".as-viewer")).to_have_attribute("data-q", "4")  # the other side follows
         left.locator(".as-cell[data-l='1'][data-h='3']").click()
         expect(right.locator(".as-viewer")).to_have_attribute("data-head", "3")
+        # steered minus unsteered: the difference of the two maps, for the same row, layer and head
+        diff = page.locator(".as-diff")
+        expect(diff).to_have_attribute("data-ready", "1")
+        expect(diff.locator(".as-caption")).to_contain_text("head 3")
+        assert float(diff.get_attribute("data-l1")) >= 0
+        # the form for Boost came from its parameters, with help
+        assert page.locator("input[name='steer.alpha']").count() == 1 and page.locator(".as-steerhelp summary").count() == 1
         assert not errors, errors

@@ -31,14 +31,19 @@ def test_minilm_views_match_the_trace(minilm):
         ref = trace.attention("text", layer)[0].numpy()  # [heads, q, k]
         got = np.stack([view.rows(q)[layer] for q in range(n)], 1)  # [heads, q, k]
         assert np.abs(got - ref).max() <= ref.max() / 255
-        # normalized entropy averaged over queries, per head
-        ent = -(ref * np.log(np.clip(ref, 1e-30, None))).sum(-1) / np.log(n)
-        np.testing.assert_allclose(view.metrics["entropy"][layer], ent.mean(-1), atol=1e-4)
+        # entropy in nats averaged over queries, per head (the head table's unit)
+        ent = -(ref * np.log(np.clip(ref, 1e-30, None))).sum(-1)
+        np.testing.assert_allclose(view.metrics[data.ENTROPY][layer], ent.mean(-1), atol=1e-3)
     assert view.pattern.shape == (6, 12, n, n)
-    # BERT's [CLS]/[SEP] take a large share of attention: found as sinks, and sink mass is their share
-    assert set(view.sinks) <= {0, n - 1} and view.sinks
-    share = np.stack([view.rows(q) for q in range(n)])[..., view.sinks].sum(-1).mean(0)
-    np.testing.assert_allclose(view.metrics["sink mass"], share, atol=1e-2)
+    # a trace file has no hidden states: the one detector's attention-mass criterion, and the chip says so
+    from attnscope.explain import sinks as sinklib
+
+    assert view.sink_rule == sinklib.MASS_ONLY
+    report = sinklib.from_tensors([], [trace.attention("text", layer)[0] for layer in range(6)], view.tokens, write=False)
+    assert view.sinks == report.positions
+    if view.sinks:
+        share = np.stack([view.rows(q) for q in range(n)])[..., view.sinks].sum(-1).mean(0)
+        np.testing.assert_allclose(view.metrics["sink mass"], share, atol=1e-2)
 
 
 def test_dinov2_views_document_and_export_thinning(dinov2):

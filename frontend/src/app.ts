@@ -2,15 +2,25 @@
 import { ApiError, ServerSource, api } from "./source";
 import type { ViewDoc } from "./types";
 import { el } from "./util";
+import { DiffView } from "./diff";
 import { Viewer } from "./viewer";
 
 interface Info {
   models: { id: string; label: string; about: string; installed: boolean }[];
   photos: string[];
   explain: string[];
-  steer: Record<string, { doc: string; params: Record<string, number | string | boolean> }>;
+  steer: Record<string, SteerMethod>;
   limits: { max_upload: number; max_pixels: number; max_text: number; max_tokens: number; max_new_tokens: number };
 }
+
+interface SteerMethod {
+  doc: string;
+  help: string;
+  syntax: string;
+  params: Record<string, { default: string | null; required: boolean }>;
+}
+
+interface Takes { text: boolean; image: boolean; generate: boolean; vlm?: boolean; image_token?: string | null }
 
 interface RunAnswer {
   rid: string;
@@ -46,17 +56,21 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
   const text = el("textarea", { name: "text", rows: "2", placeholder: "prompt (text models)", maxlength: String(info.limits.max_text), "aria-label": "prompt" });
   const newTokens = el("input", { type: "number", name: "max_new_tokens", min: "0", max: String(info.limits.max_new_tokens), value: "8", "aria-label": "new tokens" });
   const chat = el("input", { type: "checkbox", name: "chat", value: "1", "aria-label": "chat template" });
+  const raw = el("input", { type: "checkbox", name: "raw", value: "1", "aria-label": "raw prompt" });
+  const rawRow = el("label", { class: "as-raw", title: "use the prompt exactly as typed: write the image placeholder and chat markup yourself" }, raw, " raw prompt");
   const steer = el("select", { name: "steer", "aria-label": "steering" });
   steer.append(el("option", { value: "", text: "no steering" }));
   for (const [name, m] of Object.entries(info.steer)) steer.append(el("option", { value: name, text: name, title: m.doc }));
   const steerParams = el("span", { class: "as-steerparams" });
+  const steerHelp = el("details", { class: "as-steerhelp as-hidden" });
   const run = el("button", { type: "submit", class: "as-run", text: "Run" });
   const traceFile = el("input", { type: "file", name: "trace", accept: ".safetensors", "aria-label": "trace file" });
 
-  const genRow = el("label", { class: "as-gen" }, "new tokens ", newTokens, " ", chat, " chat template");
+  const chatRow = el("label", { class: "as-chat" }, chat, " chat template");
+  const genRow = el("span", { class: "as-gen" }, el("label", {}, "new tokens ", newTokens), " ", chatRow, " ", rawRow);
   const steerRow = el("span", { class: "as-steer" },
     Object.keys(info.steer).length ? el("label", {}, "steer ", steer) : el("span", { class: "as-note", text: "steering: attnscope.steer is not installed in this version" }),
-    steerParams);
+    steerParams, steerHelp);
   const form = el("form", { class: "as-form" },
     el("label", {}, "model ", model),
     el("label", { class: "as-img" }, "image ", image, " or photo ", photo),
@@ -66,23 +80,33 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
   root.append(el("header", { class: "as-header" }, el("h1", { text: "attnscope" }),
     el("span", { class: "as-note", text: `methods: ${info.explain.join(", ")}` })), form, status, results);
 
+  // the steering form is generated from the method's signature (every parameter), with its docstring as help
   steer.onchange = () => {
     steerParams.replaceChildren();
+    steerHelp.replaceChildren();
+    steerHelp.classList.add("as-hidden");
     const m = info.steer[steer.value];
     if (!m) return;
-    for (const [k, v] of Object.entries(m.params)) {
-      const input = el("input", { name: `steer.${k}`, value: String(v), size: "5", "aria-label": k });
-      steerParams.append(el("label", {}, ` ${k} `, input));
+    for (const [k, p] of Object.entries(m.params)) {
+      const input = el("input", {
+        name: `steer.${k}`, value: p.default ?? "", size: "7", "aria-label": k,
+        placeholder: p.required ? "required" : p.default === null ? "default" : "",
+        title: `${k}${p.required ? " (required)" : p.default === null ? " (blank: the method's default)" : ` (default ${p.default})`}; ${m.syntax}`,
+      });
+      if (p.required) input.required = true;
+      steerParams.append(el("label", { class: p.required ? "as-required" : "" }, ` ${k} `, input));
     }
+    steerHelp.append(el("summary", { text: `about ${steer.value}` }), el("pre", { text: `${m.help}\n\nparameters: ${m.syntax}` }));
+    steerHelp.classList.remove("as-hidden");
   };
 
-  const takes = new Map<string, { text: boolean; image: boolean; generate: boolean }>();
+  const takes = new Map<string, Takes>();
   const adapt = async () => {
     const id = model.value;
     if (!takes.has(id)) {
       say(`loading ${id}…`);
       try {
-        const r = await api<{ takes: { text: boolean; image: boolean; generate: boolean } }>(`${base}/models/${encodeURIComponent(id)}`);
+        const r = await api<{ takes: Takes }>(`${base}/models/${encodeURIComponent(id)}`);
         takes.set(id, r.takes);
       } catch (err) {
         if (model.value === id) say((err as Error).message, true);
@@ -96,11 +120,24 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     form.querySelector(".as-txt")!.classList.toggle("as-hidden", !t.text);
     genRow.classList.toggle("as-hidden", !t.generate);
     steerRow.classList.toggle("as-hidden", !t.generate);
+    // a VLM builds its own chat prompt with the image placeholder; "raw prompt" types it by hand instead
+    chatRow.classList.toggle("as-hidden", !!t.vlm);
+    rawRow.classList.toggle("as-hidden", !t.vlm);
+    text.placeholder = t.vlm
+      ? `question about the image (the chat prompt and ${t.image_token ?? "image placeholder"} are added for you)`
+      : t.image ? "prompt" : "prompt (text models)";
   };
   // until the chosen model's inputs are known, show none of the model-specific fields
   for (const node of [form.querySelector(".as-img")!, form.querySelector(".as-txt")!, genRow, steerRow]) node.classList.add("as-hidden");
   let adapting = adapt();
   model.onchange = () => { adapting = adapt(); };
+
+  const fail = (message: string) => {
+    // an error replaces what was on screen: a stale result under a new input would be read as its answer
+    results.replaceChildren();
+    results.dataset.state = "error";
+    say(message, true);
+  };
 
   const show = (answer: RunAnswer) => {
     results.replaceChildren();
@@ -113,8 +150,12 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
       pair.append(a, b);
       const s = answer.steered.doc.steer;
       const label = s ? `steered: ${s.method}(${Object.entries(s.params).map(([k, v]) => `${k}=${v}`).join(", ")})` : "steered";
-      const va: Viewer = new Viewer(a, answer.doc, new ServerSource(base, answer.rid, methods), { label: "unsteered", onSelect: (sel) => void vb.follow(sel) });
-      const vb: Viewer = new Viewer(b, answer.steered.doc, new ServerSource(base, answer.steered.rid, methods), { label, onSelect: (sel) => void va.follow(sel) });
+      let diff: DiffView | null = null;
+      const redraw = () => diff?.update();
+      const va: Viewer = new Viewer(a, answer.doc, new ServerSource(base, answer.rid, methods), { label: "unsteered", onSelect: (sel) => void vb.follow(sel), onRender: redraw });
+      const vb: Viewer = new Viewer(b, answer.steered.doc, new ServerSource(base, answer.steered.rid, methods), { label, onSelect: (sel) => void va.follow(sel), onRender: redraw });
+      diff = new DiffView(results, va, vb);
+      redraw();
       window.attnscope?.viewers.push(va, vb);
     } else {
       window.attnscope?.viewers.push(new Viewer(results, answer.doc, new ServerSource(base, answer.rid, methods)));
@@ -132,9 +173,10 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     else if (photo.value) fd.set("photo", photo.value);
     if (text.value.trim()) fd.set("text", text.value);
     const t = takes.get(model.value);
+    if (t?.vlm && raw.checked) fd.set("raw", "1");
     if (t?.generate) {
       fd.set("max_new_tokens", newTokens.value || "0");
-      if (chat.checked) fd.set("chat", "1");
+      if (chat.checked && !t.vlm) fd.set("chat", "1");
       if (steer.value) {
         fd.set("steer", steer.value);
         const params: Record<string, string> = {};
@@ -153,8 +195,7 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
       results.dataset.state = "done";
     } catch (err) {
       const busy = err instanceof ApiError && err.status === 503;
-      say(busy ? `busy: ${(err as Error).message}` : (err as Error).message, true);
-      results.dataset.state = "error";
+      fail(busy ? `busy: ${(err as Error).message}` : `error: ${(err as Error).message}`);
     } finally {
       run.disabled = false;
     }
@@ -166,7 +207,7 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     say(`loading run ${linked}…`);
     api<RunAnswer>(`${base}/runs/${encodeURIComponent(linked)}`)
       .then((answer) => { say(`run ${linked}`); show(answer); results.dataset.state = "done"; })
-      .catch((err) => say((err as Error).message, true));
+      .catch((err) => fail(`error: ${(err as Error).message}`));
   }
 
   traceFile.onchange = async () => {
@@ -179,7 +220,7 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
       say(`trace ${traceFile.files[0].name}`);
       show(answer);
     } catch (err) {
-      say((err as Error).message, true);
+      fail(`error: ${(err as Error).message}`);
     }
   };
 }

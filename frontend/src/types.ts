@@ -29,6 +29,13 @@ export interface ExplEntry {
   scale: number;
   min: number;
   grid: number[] | null;
+  floor?: number; // the value drawn as the darkest colour (0, or the minimum for flow)
+  max?: number;
+  explains?: string | null; // what the map explains, in words
+  note?: string | null; // why a click could not be followed
+  units?: string | null; // what the numbers are
+  readout?: number[]; // rows the explained target reads
+  clicked?: number | null;
   fid?: string; // server: ask /faithfulness/{fid} for the score afterwards
 }
 
@@ -59,6 +66,7 @@ export interface ViewDoc {
   seconds?: number;
   steer?: { method: string; params: Record<string, unknown> } | null;
   mode?: string;
+  sink_definition?: string;
 }
 
 /** One stored query row for every layer and head: u8 [layers, heads, keys], scale [layers, heads]. */

@@ -15,6 +15,18 @@ export interface Selection {
 export interface ViewerOptions {
   label?: string;
   onSelect?: (sel: Selection) => void;
+  onRender?: (v: Viewer) => void; // after every redraw (the steered-minus-unsteered view listens)
+}
+
+/** What a viewer draws now: the map over its stream's positions and the words that name it. */
+export interface Drawn {
+  stream: string;
+  method: string;
+  q: number;
+  layer: number;
+  head: number;
+  values: Float32Array; // method's numbers (attention weights for raw)
+  what: string;
 }
 
 const LINES_FULL = 48; // BertViz-style lines between every pair up to this many tokens
@@ -41,6 +53,7 @@ export class Viewer {
   private gamma = 0.6;
   private block: Block | null = null;
   private expl: ExplEntry | null = null;
+  private explError = "";
   private patchOf: ([number, number, number] | null)[] = [];
   private patchAt = new Map<string, number>();
   private tokenEls: HTMLElement[] = [];
@@ -133,6 +146,7 @@ export class Viewer {
     bar.append(el("label", {}, "method ", method), faith, el("label", { title: "γ < 1 lifts faint attention next to a sink" }, "contrast γ ", gamma));
     if (this.source.exportUrl) bar.append(el("a", { class: "as-export", href: this.source.exportUrl, download: "" , text: "export HTML" }));
     const caption = el("div", { class: "as-caption", role: "status" });
+    const units = el("div", { class: "as-units as-note" });
     const answer = el("div", { class: "as-answer" });
     if (doc.generation && doc.generation.stream === s.name) {
       answer.append(el("span", { class: "as-k", text: "answer " }), el("span", { class: "as-answer-text", text: doc.generation.answer.replace(/\n/g, "↵") }));
@@ -141,7 +155,7 @@ export class Viewer {
     const legend = el("div", { class: "as-legend" });
     const present = new Set(s.roles.map((r) => doc.roles[r]));
     for (const r of doc.roles) if (present.has(r)) legend.append(el("span", { class: "as-chip", style: `border-color:${ROLE_COLOURS[r]}`, text: r }));
-    if (s.sinks.length) legend.append(el("span", { class: "as-chip as-sink", text: `sink (${s.sinks.length})`, title: "keys that receive at least 8x a uniform share of attention in some layer" }));
+    if (s.sinks.length) legend.append(el("span", { class: "as-chip as-sink", text: `sinks: ${s.sinks.map((i) => `‘${s.tokens[i]}’ #${i}`).join(", ")}`, title: doc.sink_definition ?? "attention sinks" }));
     if (s.tail.length) legend.append(el("span", { class: "as-chip", style: `border-color:${ROLE_COLOURS.generated};border-style:dashed`, text: "last generated (no row)" }));
 
     const strip = el("div", { class: "as-strip", "aria-label": "tokens" });
@@ -208,7 +222,8 @@ export class Viewer {
     metricSel.value = this.metric;
     metricSel.onchange = () => { this.metric = metricSel.value; this.renderGrid(); };
     const metricLegend = el("span", { class: "as-mlegend" });
-    gridPanel.append(el("div", { class: "as-gridhead" }, el("label", {}, "cell border: ", metricSel), metricLegend));
+    gridPanel.append(el("div", { class: "as-k", text: "raw attention of the selected query, per layer (rows) and head (columns)" }),
+      el("div", { class: "as-gridhead" }, el("label", {}, "cell border: ", metricSel), metricLegend));
     const grid = el("div", { class: "as-grid", role: "grid", "data-layers": String(s.layers.length), "data-heads": String(s.heads.length) });
     grid.style.gridTemplateColumns = `2.4em repeat(${s.heads.length}, var(--cell)) 6px var(--cell)`;
     grid.append(el("span", {}));
@@ -251,11 +266,12 @@ export class Viewer {
     const lines = el("canvas", { class: "as-lines" });
     lines.onclick = (ev) => this.clickLines(ev, lines);
     const top = el("ol", { class: "as-top" });
-    detail.append(detailTitle, stats, lines, el("div", { class: "as-k", text: "most attended keys" }), top);
+    const topLabel = el("div", { class: "as-k", text: "most attended keys" });
+    detail.append(detailTitle, stats, lines, topLabel, top);
 
     const main = el("div", { class: "as-main" }, ...(s.grids.length ? [images] : []), ...(s.layers.length ? [gridPanel] : []), detail);
-    this.root.append(bar, answer, caption, legend, strip, main);
-    this.els = { bar, caption, faith, strip, grid, detailTitle, stats, lines, top, metricLegend, method };
+    this.root.append(bar, answer, caption, units, legend, strip, main);
+    this.els = { bar, caption, units, faith, strip, grid, detailTitle, stats, lines, top, topLabel, metricLegend, method };
   }
 
   private methodNames(): string[] {
@@ -318,6 +334,7 @@ export class Viewer {
         this.q = block.q;
       } catch (err) {
         this.els.caption.textContent = `could not load rows: ${(err as Error).message}`;
+        this.els.caption.classList.add("as-error");
         return;
       }
     }
@@ -351,28 +368,37 @@ export class Viewer {
 
   private async refreshMethod(render = true): Promise<void> {
     this.expl = null;
+    this.explError = "";
     const faith = this.els.faith;
     faith.textContent = "";
     faith.classList.remove("as-error");
     if (this.method !== "raw") {
+      // what is explained follows the clicked token (null: nothing clicked, the method's default target)
+      const want = this.target;
       const local = this.doc.explanations.filter((e) => e.stream === this.s.name && e.method === this.method);
-      const want = this.target ?? this.q;
-      const exact = local.find((e) => e.target === want) ?? local[0];
+      const exact = local.find((e) => (e.clicked ?? e.target) === want) ?? (want === null ? local.find((e) => e.target === null) : undefined);
       try {
-        if (this.source.explain && (!exact || (exact.target !== null && exact.target !== want))) {
-          faith.textContent = `computing ${this.method} and its faithfulness…`;
-          this.expl = await this.source.explain(this.s, this.method, this.q, this.target);
+        if (this.source.explain && !exact) {
+          faith.textContent = `computing ${this.method}…`;
+          this.expl = await this.source.explain(this.s, this.method, this.q, want);
+        } else if (exact) {
+          this.expl = exact;
         } else {
-          this.expl = exact ?? null;
+          const have = local.map((e) => (e.target === null ? "the default target" : this.tokLabel(e.target))).join(", ");
+          this.explError = `this file holds no ${this.method} map for ${this.tokLabel(want!)}; it has maps for ${have || "no token"} (run attnscope serve to explain any token)`;
         }
       } catch (err) {
-        faith.textContent = (err as Error).message;
-        faith.classList.add("as-error");
+        this.explError = `${this.method} failed: ${(err as Error).message}`;
       }
     }
     faith.textContent = this.faithText();
     if (render) this.render();
     void this.fetchFaithfulness(this.expl);
+  }
+
+  tokLabel(i: number): string {
+    const s = this.s;
+    return i < s.length ? `‘${s.tokens[i]}’ #${i}` : `‘${s.tail[i - s.length] ?? "?"}’ #${i}`;
   }
 
   private async fetchFaithfulness(expl: ExplEntry | null): Promise<void> {
@@ -390,7 +416,7 @@ export class Viewer {
 
   private faithText(): string {
     if (this.method === "raw") return "faithfulness: n/a for raw attention";
-    if (!this.expl) return this.els.faith.textContent ?? "";
+    if (!this.expl) return "";
     const f = this.expl.faithfulness;
     if (f === null || f === undefined) return "faithfulness: not reported";
     if (typeof f === "number") return `faithfulness: ${fmt(f)}`;
@@ -421,9 +447,14 @@ export class Viewer {
       const u = bytes(this.expl.b64);
       const out = new Float32Array(this.s.length);
       for (let i = 0; i < Math.min(u.length, out.length); i++) out[i] = (u[i] / 255) * this.expl.scale;
-      return out;
+      return out; // above the entry's floor (0, or flow's minimum): shown numbers add it back (`shown`)
     }
     return this.block ? this.row(this.block, this.li, this.hi) : null;
+  }
+
+  /** A drawn value as the method's own number (explanations are stored above their floor). */
+  private shown(v: number): number {
+    return this.method !== "raw" && this.expl ? v + (this.expl.floor ?? 0) : v;
   }
 
   private gridValues(values: Float32Array, ov: { image: number; rows: number; cols: number }): Float32Array {
@@ -445,26 +476,62 @@ export class Viewer {
     this.root.dataset.layer = String(this.s.layers[this.li] ?? "");
     this.root.dataset.head = String(this.hi < 0 ? "mean" : this.s.heads[this.hi]);
     this.root.dataset.drawMs = (performance.now() - t0).toFixed(1);
+    this.opts.onRender?.(this);
+  }
+
+  /** The drawn map with its label, or null when nothing is drawn (an error, no rows). */
+  drawn(): Drawn | null {
+    const v = this.current();
+    if (!v) return null;
+    const floor = this.method !== "raw" && this.expl ? this.expl.floor ?? 0 : 0;
+    const values = floor ? v.map((x) => x + floor) : v;
+    const what = this.method === "raw"
+      ? `raw attention of query ${this.tokLabel(this.q)}, layer ${this.s.layers[this.li]}, ${this.hi < 0 ? "mean of heads" : `head ${this.s.heads[this.hi]}`}`
+      : `${this.method} explaining ${this.expl?.explains ?? "the default target"}`;
+    return { stream: this.s.name, method: this.method, q: this.q, layer: this.s.layers[this.li] ?? 0, head: this.hi < 0 ? -1 : this.s.heads[this.hi], values, what };
+  }
+
+  get stream(): StreamMeta {
+    return this.s;
   }
 
   private renderCaption(): void {
     const s = this.s, layer = s.layers[this.li];
     const head = this.hi < 0 ? "mean of heads" : `head ${s.heads[this.hi]}`;
-    const tok = (i: number) => (i < s.length ? `‘${s.tokens[i]}’ #${i}` : `‘${s.tail[i - s.length]}’ (last)`);
-    if (!s.layers.length) {
-      const params = Object.entries(this.expl?.params ?? {}).map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
-      this.els.caption.textContent = `${this.method}${params ? ` (${params})` : ""}`;
+    const tok = (i: number) => this.tokLabel(i);
+    const caption = this.els.caption, units = this.els.units;
+    caption.classList.remove("as-error");
+    units.textContent = "";
+    this.root.dataset.explains = "";
+    if (this.method !== "raw") {
+      if (this.explError) {
+        caption.textContent = this.explError;
+        caption.classList.add("as-error");
+        return;
+      }
+      const e = this.expl;
+      if (!e) { caption.textContent = `${this.method}: no map`; return; }
+      const params = Object.entries(e.params ?? {}).filter(([k]) => k !== "target")
+        .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ");
+      let text = `${this.method}${params ? ` (${params})` : ""} explains ${e.explains ?? "the default target"}`;
+      if (e.readout?.length) text += ` · read at row${e.readout.length > 1 ? "s" : ""} ${e.readout.slice(0, 3).map(tok).join(", ")}${e.readout.length > 3 ? ", …" : ""}`;
+      if (e.note) text += ` · ${e.note}`;
+      caption.textContent = text;
+      this.root.dataset.explains = e.target === null ? "default" : String(e.target);
+      const lo = e.floor ?? 0, hi = lo + e.scale;
+      units.textContent = `${e.units ?? "scores"} · colours from ${fmt(lo)} (dark) to ${fmt(hi)} (bright)`;
       return;
     }
-    let text = `query ${tok(this.q)} (${this.role(this.q)}) · layer ${layer} · ${head} · ${this.method}`;
+    if (!s.layers.length) { caption.textContent = "raw"; return; }
+    let text = `raw attention of query ${tok(this.q)} (${this.role(this.q)}) · layer ${layer} · ${head}`;
     if (this.target !== null && this.target !== this.q) {
       const gen = this.target >= s.length || this.role(this.target) === "generated";
       text = gen ? `while generating ${tok(this.target)}: ` + text
         : `clicked ${tok(this.target)}, nearest stored row: ` + text;
     }
-    if (this.method !== "raw" && this.expl && this.expl.target !== null) text += ` (explains ${tok(this.expl.target)})`;
     if (s.queries.length < s.length) text += ` · rows stored for ${s.queries.length} of ${s.length} positions`;
-    this.els.caption.textContent = text;
+    caption.textContent = text;
+    units.textContent = "attention weights: the row's share of attention on each key (rows sum to 1)";
   }
 
   private renderStrip(values: Float32Array | null): void {
@@ -562,13 +629,19 @@ export class Viewer {
   private renderDetail(values: Float32Array | null): void {
     const s = this.s, layer = s.layers[this.li];
     const headLabel = this.hi < 0 ? "mean of heads" : `head ${s.heads[this.hi]}`;
-    this.els.detailTitle.textContent = s.layers.length ? `layer ${layer} · ${headLabel}` : this.method;
+    const explaining = this.method !== "raw";
+    this.els.detailTitle.textContent = explaining
+      ? `${this.method}: ${this.expl?.explains ?? "no map"}`
+      : s.layers.length ? `raw attention · layer ${layer} · ${headLabel} · query ${this.tokLabel(this.q)}` : this.method;
+    this.els.topLabel.textContent = explaining ? `highest-scoring tokens (${this.method} scores)` : "most attended keys (attention weight)";
     const stats = this.els.stats;
     stats.replaceChildren();
-    for (const [name, grid] of Object.entries(s.metrics)) {
-      const row = grid[this.li] ?? [];
-      const v = this.hi < 0 ? row.reduce((a, b) => a + b, 0) / Math.max(1, row.length) : row[this.hi];
-      if (v !== undefined) stats.append(el("span", { class: "as-stat", text: `${name} ${fmt(v)}` }));
+    if (!explaining) {
+      for (const [name, grid] of Object.entries(s.metrics)) {
+        const row = grid[this.li] ?? [];
+        const v = this.hi < 0 ? row.reduce((a, b) => a + b, 0) / Math.max(1, row.length) : row[this.hi];
+        if (v !== undefined) stats.append(el("span", { class: "as-stat", text: `${name} ${fmt(v)}` }));
+      }
     }
     const top = this.els.top;
     top.replaceChildren();
@@ -579,10 +652,11 @@ export class Viewer {
         if (values[k] <= 0) break;
         const bar = el("span", { class: "as-topbar" });
         bar.style.width = `${Math.round((values[k] / max) * 100)}%`;
-        top.append(el("li", { title: `#${k} ${this.role(k)}` }, el("span", { class: "as-toptok", text: `${s.tokens[k] || "·"} #${k}` }), bar, el("span", { text: fmt(values[k]) })));
+        top.append(el("li", { title: `#${k} ${this.role(k)}`, "data-k": String(k) }, el("span", { class: "as-toptok", text: `${s.tokens[k] || "·"} #${k}` }), bar, el("span", { text: fmt(this.shown(values[k])) })));
       }
     }
-    void this.drawLines(values);
+    (this.els.lines as HTMLCanvasElement).classList.toggle("as-hidden", explaining);
+    if (!explaining) void this.drawLines(values);
   }
 
   private full(): boolean {

@@ -14,6 +14,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+PROMPT_HELP = ("a vision-language model given --text and --image builds its chat prompt with the image placeholder; "
+               "--raw-prompt uses --text exactly as typed (write the placeholder yourself, e.g. '<image>\\n...')")
+
+
+def add_prompt_options(parser, chat: bool = True) -> None:
+    """--chat / --raw-prompt, shared by every command that encodes a prompt (see `Model.encode(chat=...)`)."""
+    group = parser.add_mutually_exclusive_group()
+    if chat:
+        group.add_argument("--chat", action="store_true", help="wrap --text in the model's chat template (text models too)")
+    group.add_argument("--raw-prompt", action="store_true", help=PROMPT_HELP)
+
+
+def prompt_chat(args) -> bool | None:
+    """`chat=` for `Model.encode` from the prompt options: True, False (raw) or None (the model's default)."""
+    if getattr(args, "raw_prompt", False):
+        return False
+    return True if getattr(args, "chat", False) else None
+
+
 def _ints(text: str | None):
     return None if text is None else [int(t) for t in text.split(",") if t.strip()]
 
@@ -32,11 +51,11 @@ def cmd_capture(args) -> int:
 
     from . import capture, load
 
-    if (args.text is None) == (args.image is None):
-        print("error: pass exactly one of --text or --image", file=sys.stderr)
+    if args.text is None and args.image is None:
+        print("error: pass --text and/or --image", file=sys.stderr)
         return 2
     model = load(args.model)
-    inputs = model.encode(text=args.text, image=args.image)
+    inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
     with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
                                   queries=args.queries) as trace:
         model(**inputs)
@@ -68,7 +87,7 @@ def cmd_report(args) -> int:
         return 2
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     path = report(args.model, text=args.text, image=args.image, out=args.out, max_new_tokens=args.new_tokens,
-                  methods=methods)
+                  methods=methods, chat=prompt_chat(args))
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, one self-contained file)")
     return 0
 
@@ -99,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--heads", help="comma-separated")
     cap.add_argument("--queries", help="a role (last, cls, image, text, ...); default all")
     cap.add_argument("--out", required=True)
+    add_prompt_options(cap)
     cap.set_defaults(fn=cmd_capture)
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
     demo.add_argument("--out", default="demo-out")
@@ -125,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--new-tokens", type=int, default=0, help="tokens to generate greedily (language models)")
     rep.add_argument("--methods", help="attnscope.explain methods to add beside raw attention: rollout,gradattn")
     rep.add_argument("--out", default="attnscope-report.html")
+    add_prompt_options(rep)
     rep.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     try:

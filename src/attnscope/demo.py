@@ -121,24 +121,36 @@ def steering(out: Path) -> dict:
 
 
 def scene_vlm(out: Path) -> dict:
-    """The trained scene-vlm: captions and yes/no answers on held-out scenes, with exact ground truth."""
-    from .evaluate.pope import Generator
+    """The trained scene-vlm, used the documented way: `model.encode(question, image=...)` builds its chat prompt
+    with the image placeholder; captions and yes/no answers on held-out scenes with exact ground truth, and the
+    default explanation (gradattn's bi-modal rule) of one answer."""
+    from .explain import explain
     from .models import scene_vlm as svlm
     from .scenes import SceneWorld, caption_scores, question
 
     if not (svlm.WEIGHTS_DIR / svlm.WEIGHTS_FILE).is_file():
         return {"skipped": f"no trained weights; run {svlm.TRAIN_SCRIPT}"}
     model, world = load("scene-vlm"), SceneWorld(seed=0)
-    ask = Generator(model, max_new_tokens=48)
+
+    def ask(image, text: str) -> tuple[str, dict]:
+        inputs = model.encode(text, image=image)  # the VLM recipe: chat prompt + image placeholder, built for you
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+        return model.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip(), inputs
+
     rows = []
     for i in range(4):
         scene = world.scene("test", i)
         caption = ask(scene.image, "Describe the image.")[0]
         present = scene.objects[0].cls
+        answer, inputs = ask(scene.image, question(present))
         rows.append({"truth": scene.caption(), "caption": caption,
-                     "class_f1": round(caption_scores(caption, scene)["class"]["f1"], 3),
-                     question(present): ask(scene.image, question(present))[0]})
+                     "class_f1": round(caption_scores(caption, scene)["class"]["f1"], 3), question(present): answer})
         scene.image.save(out / f"scene_test_{i}.png")
+        if i == 0:  # what the answer's first token looked at: relevance carried through the pooling projector
+            e = explain(model, inputs)
+            e.save(out / "scene_vlm_explain.png")
+            rows[-1]["explained"] = {"method": e.method, "target": e.target, "bimodal": e.extras.get("bimodal")}
     return {"scenes": rows}
 
 

@@ -158,6 +158,11 @@ class capture:
         if output is None:  # the forward raised; its own error is the one to see
             return None
         run = self.trace.runs[-1]
+        if run.steps == 0 and self._calls_this_forward and not run.records and (
+                self.selection.queries is not None or self.selection.keys is not None):
+            roles = sorted({r for maps in run.tokens.values() for t in maps[:1] for r in t.roles})
+            raise ValueError(f"the selection queries={self.selection.queries!r}, keys={self.selection.keys!r} selects "
+                             f"no position of this input (its roles: {roles}); capture would return an empty trace")
         if run.steps == 0 and self._calls_this_forward == 0 and self._heads:
             raise NoAttentionError(
                 f"{type(module).__name__} ran without calling the attention function of any selected module; its "

@@ -22,8 +22,8 @@ from . import flow, gradattn, gradcam, gradinput, integrated_gradients, lrp, ran
 from .engine import MethodError, default_stream
 from .explanation import Explanation
 from .sinks import SinkReport, detect_sinks
-from .targets import (ClassLogit, Custom, EmbeddingSimilarity, NextToken, Target, TargetError, TokenLogProb,
-                      as_target)
+from .targets import (ClassLogit, Custom, EmbeddingSimilarity, NextToken, Target, TargetError, TokenEmbedding,
+                      TokenLogProb, as_target)
 
 METHODS = {mod.NAME: mod for mod in (raw, rollout, flow, gradattn, lrp, gradinput, integrated_gradients, gradcam,
                                      random_map)}
@@ -105,4 +105,4 @@ __signature__ = inspect.signature(explain)
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["explain", "Explanation", "METHODS", "ATTENTION_METHODS", "MethodError", "TargetError", "Target",
-           "ClassLogit", "EmbeddingSimilarity", "NextToken", "TokenLogProb", "Custom", "detect_sinks", "SinkReport"]
+           "ClassLogit", "EmbeddingSimilarity", "NextToken", "TokenLogProb", "TokenEmbedding", "Custom", "detect_sinks", "SinkReport"]

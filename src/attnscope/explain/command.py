@@ -31,6 +31,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--size", help="image size HxW for the model input, e.g. 224x308")
     p.add_argument("--faithfulness", action="store_true", help="also print deletion/insertion AUC beside the random map's, with which direction is better")
     p.add_argument("--out", required=True, help=".png, .html, .json or .safetensors")
+    from ..cli import add_prompt_options
+
+    add_prompt_options(p)
     p.set_defaults(fn=run)
     return p
 
@@ -40,8 +43,10 @@ def run(args) -> int:
     from . import explain
     from .targets import EmbeddingSimilarity, NextToken
 
-    if (args.text is None) == (args.image is None):
-        print("error: pass exactly one of --text or --image", file=sys.stderr)
+    from ..cli import prompt_chat
+
+    if args.text is None and args.image is None:
+        print("error: pass --text and/or --image", file=sys.stderr)
         return 2
     params = {}
     for item in args.param:
@@ -59,9 +64,9 @@ def run(args) -> int:
         from ..models.images import load_image
 
         photo = load_image(args.image)
-        inputs = model.encode(image=photo, **kwargs)
+        inputs = model.encode(text=args.text, image=photo, chat=prompt_chat(args), **kwargs)
     else:
-        photo, inputs = None, model.encode(text=args.text)
+        photo, inputs = None, model.encode(text=args.text, chat=prompt_chat(args))
     target = None
     if args.target == "next_token":
         target = NextToken()
@@ -70,7 +75,7 @@ def run(args) -> int:
     elif args.target == "embedding":
         ref = None
         if args.reference:
-            ref = model.encode(text=args.reference) if args.text is not None else model.encode(image=args.reference, **kwargs)
+            ref = model.encode(text=args.reference) if args.image is None else model.encode(image=args.reference, **kwargs)
         target = EmbeddingSimilarity(reference=ref)
     e = explain(model, inputs, method=args.method, target=target, **params)
     e.photo = photo

@@ -28,6 +28,9 @@ import torch
 from . import base, engine, rollout, sinks as sinklib
 
 NAME = "flow"
+UNITS = ("maximum flow (Abnar & Zuidema) from the readout node to each input token, in units of the readout's "
+         "capacity 1: many tokens can receive most of it, so the colours span the smallest to the largest "
+         "value")
 DEFAULTS = {"head_fusion": "mean", "residual": 0.5, "discard_ratio": 0.0, "discard_over": "row", "sinks": "keep",
             "max_tokens": 300}
 SCALE = 1_000_000

@@ -16,12 +16,15 @@ target's query positions uniformly, as raw/rollout do.
 
 Bi-modal rule (LLaVA-style VLMs, `vision="auto"`): the language model's self-attention relevance gives the text
 query's relevance over the image tokens, r_img = R_LM[q, image tokens]. The image tokens are the vision tower's
-patch outputs (one LM image token per tower patch), so r_img is carried to the tower's input patches through the
-tower's own self-attention relevance R_V (computed from the same backward pass), normalised as in the paper's
-rule for combining a modality's self-relevance: R̄_V = rownorm(R_V - I) + I. The image part of the scores is
-r_img · R̄_V[patches, patches], rescaled to keep the LM's total image relevance. Towers whose patches are merged
-before the LM (Qwen2-VL's 2x2 merge) have no one-to-one token map: `vision=True` is refused for them and
-`vision="auto"` falls back to the LM's relevance alone.
+patch outputs, one LM token per tower patch (LLaVA) or one per p x p block of patches (a pooling projector such as
+scene-vlm's 2x2 merge: LM image grid 8x8 over a 16x16 tower grid). r_img is spread over the tower patches each
+token pools (equal shares), carried through the tower's own self-attention relevance R_V (computed from the same
+backward pass), normalised as in the paper's rule for combining a modality's self-relevance:
+R̄_V = rownorm(R_V - I) + I, then summed back over each token's block: the image part of the scores is
+pool(spread(r_img) · R̄_V[patches, patches]), rescaled to keep the LM's total image relevance. The tower-resolution
+map is kept in `extras["tower_map"]` (rows of the tower's grid). Towers whose patches are merged in an order that
+is not a raster grid (Qwen2-VL's merger) have no such map: `vision=True` is refused for them and `vision="auto"`
+falls back to the LM's relevance alone (`extras["bimodal_skipped"]` says why).
 
 Defaults, and why: `start_layer=0` (all layers, as in the paper); `queries="gradient"` (above); `sinks="keep"`
 ("discount" zeroes the detected sinks' columns in every Ā_l before accumulation)."""
@@ -32,6 +35,8 @@ import torch
 from . import base, engine, sinks as sinklib
 
 NAME = "gradattn"
+UNITS = ("accumulated gradient x attention relevance (Chefer et al.), positive part; the readout token keeps "
+         "its own identity share")
 DEFAULTS = {"start_layer": 0, "sinks": "keep", "queries": "gradient", "vision": "auto"}
 
 
@@ -103,29 +108,46 @@ def run(model, inputs, target, stream, start_layer=0, sinks="keep", queries="gra
     if vision == "auto" and why_not and model.spec.kind == "vlm":
         extras["bimodal_skipped"] = why_not
     if use_vision:
-        scores = _bimodal(p, attn["vision"], g["vision"], tmap, scores, start_layer)
+        scores = _bimodal(p, attn["vision"], g["vision"], tmap, scores, start_layer, extras)
     params = {"start_layer": start_layer, "sinks": sinks, "queries": queries, "vision": vision}
     return base.make(model, inputs, p, stream, NAME, params, scores, extras=extras)
 
 
-def _bimodal(p, attn, grads, tmap, scores, start_layer):
+def pooling(lm_grid: tuple[int, int], tower_grid: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of tower patches each LM image token pools: 1x1 for LLaVA, 2x2 for scene-vlm's projector."""
+    (lr, lc), (tr, tc) = lm_grid, tower_grid
+    if not lr or not lc or tr % lr or tc % lc:
+        raise engine.MethodError(f"the LM's {lr}x{lc} image-token grid does not tile the tower's {tr}x{tc} patch grid; "
+                                 "the bi-modal rule needs each image token to pool a block of patches")
+    return tr // lr, tc // lc
+
+
+def _bimodal(p, attn, grads, tmap, scores, start_layer, extras):
     """Carry the LM's image-token relevance to the tower's input patches through the tower's self-relevance."""
     scores = scores.clone()
     vision_maps = p.tokens["vision"]
+    tower_maps = []
     for k in range(len(tmap.grids)):
         if k >= len(vision_maps):
             break
         lm_pos = tmap.image_positions(k)
         vis_map = vision_maps[k]
         vis_pos = vis_map.image_positions(0)
-        if len(lm_pos) != len(vis_pos):
-            raise engine.MethodError(f"image {k}: {len(lm_pos)} image tokens in the LM but {len(vis_pos)} tower patches; "
-                                     "the bi-modal rule needs one LM token per patch")
+        pr, pc = pooling(tmap.grids[k], vis_map.grids[0])
+        if len(lm_pos) * pr * pc != len(vis_pos):
+            raise engine.MethodError(f"image {k}: {len(lm_pos)} image tokens in the LM cannot pool {len(vis_pos)} tower "
+                                     f"patches in {pr}x{pc} blocks")
+        lm_index = {tmap.patch[q][1:]: i for i, q in enumerate(lm_pos)}
+        owner = torch.tensor([lm_index[(vis_map.patch[v][1] // pr, vis_map.patch[v][2] // pc)] for v in vis_pos])
         rel_v = accumulate([a[k] for a in attn], [g[k] for g in grads], len(vis_map), (), start_layer)
         sub = normalise_self(rel_v)[vis_pos][:, vis_pos]
         r_img = scores[lm_pos]
-        carried = r_img @ sub
+        carried = (r_img[owner] / (pr * pc)) @ sub  # over tower patches
         if float(carried.sum()) > 0:
             carried = carried * (r_img.sum() / carried.sum())
-        scores[lm_pos] = carried
+        scores[lm_pos] = torch.zeros(len(lm_pos)).index_add_(0, owner, carried)
+        rows, cols = vis_map.grids[0]
+        tower_maps.append(carried.reshape(rows, cols).tolist() if rows * cols == len(vis_pos) else carried.tolist())
+    if tower_maps and any(g != vg.grids[0] for g, vg in zip(tmap.grids, vision_maps)):
+        extras["tower_map"] = [[[round(v, 6) for v in row] for row in m] for m in tower_maps]
     return scores

@@ -16,6 +16,7 @@ import torch
 from . import base, engine, sinks as sinklib
 
 NAME = "raw"
+UNITS = ("attention weight of the readout row at the chosen layer (heads fused): a share of 1 over the keys")
 DEFAULTS = {"layer": -1, "heads": None, "head_fusion": "mean", "sinks": "keep"}
 
 

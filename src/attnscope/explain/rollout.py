@@ -28,6 +28,8 @@ import torch
 from . import base, engine, sinks as sinklib
 
 NAME = "rollout"
+UNITS = ("share of the readout row's information traced back to each input token through all layers (rows sum "
+         "to 1)")
 DEFAULTS = {"head_fusion": "mean", "discard_ratio": 0.0, "discard_over": "row", "residual": 0.5, "start_layer": 0,
             "sinks": "keep"}
 DISCARD_OVER = ("row", "matrix")

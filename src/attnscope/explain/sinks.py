@@ -11,8 +11,14 @@ What it computes, per position i of one sequence (pad excluded):
   - `norm_ratio`    max over layers of ||h_l[i]|| / median_j ||h_l[j]||          (high-norm tokens);
   - `massive_ratio` max over layers of max_d |h_l[i, d]| / median |h_l|          (massive activations);
   - `mass_ratio`    max over layers of the attention i receives (mean over heads, summed over the queries that
-                    can see it) divided by what uniform attention would give it  (attention mass);
+                    can see it) divided by what uniform attention would give it  (attention mass); keys seen by
+                    fewer than max(3, a tenth of the) query rows (the end of a causal sequence) count 0;
 and a position is a sink if `norm_ratio >= 4` or `massive_ratio >= 100` or `mass_ratio >= 20`.
+
+This is attnscope's one sink definition: `explain` (sink-aware maps, the report in `extras["sinks"]`), the head
+table's `sink_mass` and the viewer's sink chips all take their positions from `sink_rows`/`from_tensors`
+(`DEFINITION` is the sentence they show). A trace file has no hidden states, so the viewer applies the attention-mass
+criterion alone there and says so. (VAR's steering keeps its paper's own massive-activation rule, `steer/methods`.)
 
 Defaults, and why: 100x the median is Sun et al.'s order of magnitude for a massive activation; 4x the median
 norm separates the high-norm outliers of "Vision Transformers Need Registers" from ordinary tokens (their
@@ -32,6 +38,11 @@ from dataclasses import dataclass, field
 import torch
 
 NORM_RATIO, MASSIVE_RATIO, MASS_RATIO = 4.0, 100.0, 20.0
+DEFINITION = (f"sink: a token whose hidden state has a norm >= {NORM_RATIO:g}x the median or an activation >= "
+              f"{MASSIVE_RATIO:g}x the median in some layer, or that receives >= {MASS_RATIO:g}x a uniform share of "
+              "attention (mean over heads, summed over the queries that see it) in some layer")
+MASS_ONLY = (f"sink (attention mass only, no hidden states in a trace): a token that receives >= {MASS_RATIO:g}x a "
+             "uniform share of attention (mean over heads, summed over the queries that see it) in some layer")
 
 
 @dataclass
@@ -78,6 +89,9 @@ def statistics(hidden: list[torch.Tensor], probs: list[torch.Tensor], tmap) -> t
         uniform = (visible / visible.sum(-1, keepdim=True).clamp_min(1)).sum(0)  # what uniform attention gives each key
         ratio = a.sum(0) / uniform.clamp_min(1e-12)
         ratio = torch.where(uniform > 0, ratio, torch.zeros_like(ratio))
+        # a key seen by only a few query rows (the end of a causal sequence) is not called a sink on their word
+        rows = int(visible.any(-1).sum())
+        ratio = torch.where(visible.sum(0) >= min(rows, max(3, rows // 10)), ratio, torch.zeros_like(ratio))
         better = ratio > mass[: ratio.numel()]
         mass[: ratio.numel()] = torch.where(better, ratio, mass[: ratio.numel()])
         layer_of[: ratio.numel()] = torch.where(better, torch.full_like(layer_of[: ratio.numel()], layer), layer_of[: ratio.numel()])
@@ -131,6 +145,22 @@ def detect_sinks(model, inputs: dict | None = None, stream: str | None = None, *
     report = from_pass(p, stream, **thresholds)
     report.tokens = p.tokens[stream][0]
     return report
+
+
+def sink_rows(model, inputs: dict, stream: str) -> list[SinkReport]:
+    """One `SinkReport` per batch row of `stream` (one forward pass, no gradients): the sinks the head table's
+    `sink_mass` and the viewer use."""
+    from . import engine
+    from .targets import Custom
+
+    p = engine.run(model, inputs, Custom(lambda out, x: torch.zeros(1)), streams=[stream], keep_blocks=[stream], grad=False)
+    layers = sorted(layer for s, layer in p.block_out if s == stream)
+    out = []
+    for b, tmap in enumerate(p.tokens[stream]):
+        hidden = [p.block_out[(stream, layer)][b] for layer in layers]
+        probs = [p.attention(stream, layer)[b] for layer in p.layers(stream)]
+        out.append(from_tensors(hidden, probs, tmap, write=False))
+    return out
 
 
 def discount_positions(tmap) -> list[int]:

@@ -12,6 +12,8 @@ Built in:
     compared with a reference (cosine similarity); with no reference, the projection of the unnormalised
     embedding on the clean input's own (unit) embedding. Cosine similarity to oneself is flat at the clean input
     (its gradient is zero there), so the projection is used instead: it has the same direction and a gradient.
+  - `TokenEmbedding(position)`: an encoder's output embedding at one position (a clicked patch or word),
+    projected on its own clean (unit) embedding, as the self-reference of `EmbeddingSimilarity`.
   - `NextToken(token=None)`: log-probability of the next token after the last position (default: greedy).
   - `TokenLogProb(positions)`: sum of log p(token at p | tokens before p) over `positions` (a generated token,
     an answer span: its likelihood).
@@ -151,6 +153,38 @@ class EmbeddingSimilarity(Target):
     def describe(self):
         return {"name": self.name, "pool": self.pool,
                 "reference": "self (projection)" if self.self_reference else "given (cosine)"}
+
+
+class TokenEmbedding(EmbeddingSimilarity):
+    """The output embedding at `position` (negative counts from the end) projected on its clean unit embedding:
+    "what makes this token's representation", for encoders (DINOv2 patches, MiniLM words)."""
+
+    name = "token_embedding"
+
+    def __init__(self, position: int):
+        super().__init__(reference=None, pool="cls")
+        self.position = int(position)
+
+    def embed(self, output, inputs) -> torch.Tensor:
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            raise TargetError("TokenEmbedding reads `last_hidden_state`; this model's output has none (an LM: use "
+                              "TokenLogProb)")
+        if not -hidden.shape[1] <= self.position < hidden.shape[1]:
+            raise TargetError(f"position {self.position} is out of range for {hidden.shape[1]} tokens")
+        return hidden[:, self.position]
+
+    def bind(self, model, inputs, output):
+        bound = super().bind(model, inputs, output)
+        bound.position = self.position % output.last_hidden_state.shape[1]
+        bound.pool = "position"
+        return bound
+
+    def queries(self, tmap):
+        return [self.position % len(tmap)]
+
+    def describe(self):
+        return {"name": self.name, "position": self.position, "reference": "self (projection)"}
 
 
 def _log_probs(output) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 - entropy: mean over query rows of -sum p log p (nats) of each head's attention row;
 - role_mass: mean attention mass on each token role (`mass_image` is the image ratio of a VLM's text queries);
-- sink_mass: mean mass on sink tokens, found from massive activations as in VAR/"Massive Activations" (a token whose
-  largest |activation| entering the layer is >= tau x the layer input's typical activation, the median over tokens
-  of their mean |activation|; cumulative over layers).
+- sink_mass: mean mass on sink tokens, found by attnscope's one sink detector (`explain.sinks`: high-norm or
+  massive-activation tokens, or tokens receiving >= 20x a uniform share of attention in some layer), run once on
+  the same inputs before the metrics pass; the same positions the viewer and `explain` report.
 
 Query rows: `queries` (a role, "last", positions; default every non-pad row), over every batch row."""
 from __future__ import annotations
@@ -18,8 +18,12 @@ from ..steer.session import CODE, as_model, steer
 
 def attention_metrics(model, inputs: dict, streams=None, layers=None, queries=None, tau: float = 100.0,
                       chunk: int = 128) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
-    """{(stream, layer): {"entropy": [H], "mass_<role>": [H], "sink_mass": [H]}} averaged over query rows."""
+    """{(stream, layer): {"entropy": [H] (nats), "mass_<role>": [H], "sink_mass": [H]}} averaged over query rows.
+    `tau` is kept for compatibility; sinks come from `explain.sinks` (its `massive_ratio` is the same idea)."""
+    from ..explain import sinks as sinklib
+
     model = as_model(model)
+    sink_masks: dict[str, torch.Tensor] = {}
     sums: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     pad = CODE["pad"]
 
@@ -33,8 +37,13 @@ def attention_metrics(model, inputs: dict, streams=None, layers=None, queries=No
             qm = qm & (kcodes[:, ctx.K - ctx.Q:] != pad)
         else:
             kcodes = torch.full((ctx.B, ctx.K), CODE["unknown"])
-        sink = st.sink.get((ctx.site.stream, ctx.site.layer))
-        sink = ctx._select(sink, ctx.pos_k, ctx.K, 0).float() if sink is not None else torch.zeros(ctx.B, ctx.K)
+        found = sink_masks.get(ctx.site.stream)
+        if found is not None:
+            cols = ctx.positions()
+            sink = found[: ctx.B].gather(1, cols.clamp_max(found.shape[1] - 1)) & (cols < found.shape[1])
+            sink = sink.float()
+        else:
+            sink = torch.zeros(ctx.B, ctx.K)
         rows = qm.any(0).nonzero()[:, 0]
         acc = sums.setdefault((ctx.site.stream, ctx.site.layer), {})
         onehot = torch.nn.functional.one_hot(kcodes, len(ROLES)).float()  # [B, K, roles]
@@ -57,8 +66,12 @@ def attention_metrics(model, inputs: dict, streams=None, layers=None, queries=No
     by_stream: dict[str, list[int]] = {}
     for site, _ in chosen.values():
         by_stream.setdefault(site.stream, []).append(site.layer)
-    edit.tau = tau
-    edit.sink_layers = lambda m: {s: list(range(0, max(ls) + 1)) for s, ls in by_stream.items()}
+    for stream in by_stream:
+        reports = sinklib.sink_rows(model, inputs, stream)
+        mask = torch.zeros(len(reports), max(len(r.norm_ratio) for r in reports), dtype=torch.bool)
+        for b, r in enumerate(reports):
+            mask[b, r.positions] = True
+        sink_masks[stream] = mask
     with torch.no_grad(), steer(model, edit):
         model.hf(**inputs)
     out = {}

@@ -59,6 +59,12 @@ def run(args) -> int:
     about = f", target {t.meta['target']}" if "target" in t.meta else ""
     print(f"{model.name}: {len(t)} heads{about}; top {shown} by {sort}")
     print(t.to_text(sort=sort, k=shown))
+    if "entropy" in t.columns:
+        print("entropy: nats (-sum p ln p of each query row, averaged over rows), as in the viewer")
+    if "sink_mass" in t.columns:
+        from ..explain.sinks import DEFINITION
+
+        print(f"sink_mass: attention share on the sinks; {DEFINITION}")
     for path in (args.csv, args.json):
         if path:
             print(f"wrote {t.save(path)}")

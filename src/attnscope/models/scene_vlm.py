@@ -181,9 +181,9 @@ class SceneVLM(Model):
         return maps
 
     def prompt(self, text: str, image: bool = True) -> str:
-        """The chat prompt for one user turn (with the image first), ready for generation."""
-        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        """The chat prompt for one user turn (with the image first), ready for generation: `Model.chat_prompt`,
+        which `encode(text, image=...)` applies by itself."""
+        return self.chat_prompt(text, 1 if image else 0)
 
     @torch.no_grad()
     def ask(self, image, text: str, max_new_tokens: int = 48, **generate_kwargs) -> str:

@@ -90,8 +90,34 @@ class Model:
                 bound |= bound.pop(param.name)
         return bound
 
-    def encode(self, text: str | list[str] | None = None, image=None, **kwargs) -> dict:
-        """Model inputs for text and/or an image (photo name, path, PIL image or array), on the model's device."""
+    @property
+    def image_token(self) -> str | None:
+        """The placeholder a vision-language prompt marks the image with (`<image>`), or None."""
+        token = getattr(self.processor, "image_token", None)
+        return token if isinstance(token, str) and self.spec.kind == "vlm" else None
+
+    def chat_prompt(self, text: str, images: int = 0) -> str:
+        """`text` as one user turn of the model's chat template, with `images` image placeholders before it where
+        the processor expects them, ending with the assistant's turn (ready for generation)."""
+        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        if owner is None or not getattr(owner, "chat_template", None):
+            raise ValueError(f"{self.name} has no chat template; pass chat=False (the text is the prompt as typed)")
+        if images and self.image_token is None:
+            raise ValueError(f"{self.name} is not a vision-language model; it cannot put an image in a chat prompt")
+        if owner is self.processor:
+            content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        else:
+            content = text
+        return owner.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+    def encode(self, text: str | list[str] | None = None, image=None, chat: bool | None = None, **kwargs) -> dict:
+        """Model inputs for text and/or an image (photo name, path, PIL image or array), on the model's device.
+
+        `chat`: wrap `text` in the model's chat template (`chat_prompt`). The default (None) does so where the
+        prompt would not work otherwise: a vision-language model given text and an image gets the chat prompt with
+        the image placeholder, unless the text already holds the placeholder (`<image>`): then it is a raw prompt,
+        used as typed. `chat=False` always uses the text as typed; `chat=True` also wraps text-only prompts."""
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             if not texts or any(not t.strip() for t in texts):
@@ -99,6 +125,14 @@ class Model:
         if text is None and image is None:
             raise ValueError("nothing to encode; pass text=... and/or image=...")
         images = None if image is None else [load_image(i) for i in (image if isinstance(image, list) else [image])]
+        if text is not None and chat is not False:
+            marker = self.image_token
+            wrap = chat is True or (images is not None and marker is not None)
+            if wrap and not (chat is None and marker is not None and any(marker in t for t in texts)):
+                n = len(images) if images is not None and marker is not None else 0
+                texts = [self.chat_prompt(t, n if len(texts) == 1 else 1 if n else 0) for t in texts]
+                text = texts[0] if isinstance(text, str) else texts
+                kwargs.setdefault("add_special_tokens", False)
         if self.processor is not None and images is not None and text is not None:
             batch = self.processor(text=text, images=images, return_tensors="pt", **kwargs)
         elif images is not None:
@@ -106,6 +140,7 @@ class Model:
                 raise ValueError(f"{self.name} was given no image processor, so it cannot encode images: pass text=..., "
                                  "or wrap it with one: attnscope.wrap(hf_model, image_processor=AutoImageProcessor"
                                  ".from_pretrained(...))")
+            kwargs.pop("add_special_tokens", None)
             batch = self.image_processor(images=images, return_tensors="pt", **kwargs)
         else:
             if self.tokenizer is None:

@@ -20,26 +20,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true", help="text models: wrap --text in the tokenizer's chat template")
     p.add_argument("--compare", action="store_true", help="print the unsteered continuation first")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    from ..cli import add_prompt_options
+
+    add_prompt_options(p)
     p.set_defaults(fn=run)
     return p
 
 
-def _text_inputs(model, text: str, chat: bool) -> dict:
-    """Inputs for a text-only prompt: the model's own prompt helper if it has one (scene-vlm), else the chat
-    template when asked for, else the raw text."""
-    if hasattr(model, "prompt"):
-        return model.encode(model.prompt(text, image=False))
-    if chat:
-        template = getattr(model.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError(f"{model.name}'s tokenizer has no chat template; drop --chat")
-        text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                   add_generation_prompt=True)
-        return model.encode(text, add_special_tokens=False)
-    return model.encode(text)
+def _inputs(model, text: str, image, chat: bool | None) -> dict:
+    """The prompt's inputs: `Model.encode` builds a VLM's chat prompt (with the image placeholder when an image is
+    given; a VLM's text-only prompt is its chat turn too); a text model uses the chat template only with --chat.
+    `chat=False` (--raw-prompt) keeps the text as typed."""
+    if chat is None and model.spec.kind == "vlm":
+        chat = None if image is not None else True
+    return model.encode(text, image=image, chat=chat)
 
 
 def _continue(model, inputs: dict, methods: list, args) -> tuple[str, float, int]:
@@ -59,7 +55,8 @@ def _continue(model, inputs: dict, methods: list, args) -> tuple[str, float, int
         out = model.generate(**inputs, **kwargs)
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]
-    return model.tokenizer.decode(new, skip_special_tokens=True), seconds, int(new.numel())
+    text = model.tokenizer.decode(new, skip_special_tokens=True)
+    return (text.strip() if model.spec.kind == "vlm" else text), seconds, int(new.numel())
 
 
 def run(args) -> int:
@@ -72,18 +69,14 @@ def run(args) -> int:
     model = load(args.model)
     if model.tokenizer is None:
         raise ValueError(f"{model.name} has no tokenizer and cannot generate text")
-    if args.image is not None:
-        from ..evaluate.pope import Generator  # the VLM chat prompt with the image, steering, seeded sampling
+    from ..cli import prompt_chat
 
-        def answer(items):
-            gen = Generator(model, max_new_tokens=args.new_tokens, sample=args.sample, seed=args.seed,
-                            steer=list(items) or None)
-            return gen(args.image, args.text)
-    else:
-        inputs = _text_inputs(model, args.text, args.chat)
+    if args.image is not None and model.image_processor is None:
+        raise ValueError(f"{model.name} is not a vision-language model (it takes no images); --image needs one such as scene-vlm")
+    inputs = _inputs(model, args.text, args.image, prompt_chat(args))
 
-        def answer(items):
-            return _continue(model, inputs, list(items), args)
+    def answer(items):
+        return _continue(model, inputs, list(items), args)
 
     results = {}
     if args.compare:

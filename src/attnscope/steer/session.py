@@ -1018,6 +1018,14 @@ class steer:
             stream = getattr(e, "stream_name", None) or getattr(e, "stream", None) or lm_stream(self.model)
             if stream not in st.codes:
                 continue
+            n = st.length(stream)
+            for what in ("keys", "queries"):  # a position past the prompt would select nothing, silently
+                spec = getattr(e, what, None)
+                items = [spec] if isinstance(spec, int) else spec if isinstance(spec, (list, tuple)) else []
+                bad = [i for i in items if isinstance(i, int) and not isinstance(i, bool) and not -n <= i < n]
+                if bad:
+                    raise SteerError(f"{_label(e)}: {what} {bad} select nothing in a {n}-token {stream} sequence "
+                                     f"(positions 0..{n - 1}, or negative from the end: -1 is the last)")
             for role in needs:
                 if role in ("image",) and not st.has_role(stream, role):
                     raise SteerError(f"{_label(e)} acts on {role} tokens, but this input has none in the {stream} stream "

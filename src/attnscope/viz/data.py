@@ -2,8 +2,9 @@
 
 One `StreamView` per captured stream holds, for the stored query positions, every layer's and head's row over
 all keys as uint8 (each row scaled by its own maximum, so 0..255 covers the row; the maximum is kept as a
-float32 `scale`), plus what the overview needs: per-head metrics (normalized entropy, image ratio, sink
-mass), the attention each key receives (sinks), and pooled query × key thumbnails. The layout of one query's
+float32 `scale`), plus what the overview needs: per-head metrics (entropy in nats, image ratio, sink mass), the
+sinks (attnscope's one detector, `explain.sinks`: given by the runner, which has the model and its hidden states,
+or from the rows' attention mass alone for a trace file), and pooled query × key thumbnails. The layout of one query's
 block, [layers, heads, keys], is the same in the exported HTML and in the server's answers, so the front end
 slices it without copying.
 
@@ -30,8 +31,7 @@ FORMAT = "attnscope.view/1"
 FOCUS_ROLES = ("cls", "register", "special", "generated")
 DEFAULT_BUDGET = 32_000_000  # stored values (bytes) per run: layers x heads x queries x keys
 PATTERN = 32  # side of the pooled query x key thumbnails
-SINK_RATIO = 8.0  # a key is a sink when it gets on average this many times a uniform share
-SINK_SHARE = 0.3  # ... or, in some layer, this share of the attention of the rows that see it
+ENTROPY = "entropy (nats)"  # -sum p ln p of a row, averaged over the stored rows: the head table's unit too
 
 
 def b64(array: np.ndarray, deflate: bool = False) -> str:
@@ -91,6 +91,7 @@ class StreamView:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layers, heads]
     received: np.ndarray | None = None  # [keys], mean multiple of a uniform share each key receives
     sinks: list[int] = field(default_factory=list)
+    sink_rule: str = ""  # the definition the sinks were found by (shown on the sink chip)
     pattern: np.ndarray | None = None  # [layers, heads, P, P] uint8
     tail: list[str] = field(default_factory=list)  # generated tokens never fed back (no row of their own)
 
@@ -118,7 +119,8 @@ class StreamView:
         """The same view keeping only the stored rows of `queries` (summaries stay those of every row)."""
         keep = [i for i, q in enumerate(self.queries) if q in set(queries)]
         return StreamView(self.name, self.tokens, self.layers, self.heads, [self.queries[i] for i in keep],
-                          self.u8[keep], self.scale[keep], self.metrics, self.received, self.sinks, self.pattern, self.tail)
+                          self.u8[keep], self.scale[keep], self.metrics, self.received, self.sinks, self.sink_rule,
+                          self.pattern, self.tail)
 
     def export_queries(self, max_values: int) -> list[int]:
         """Stored rows to embed in a file within `max_values` values: all if they fit; else the focus roles,
@@ -151,7 +153,7 @@ class StreamView:
         out = {
             "name": self.name, "length": self.length, "layers": self.layers, "heads": self.heads,
             "tokens": [clean_token(x) for x in t.tokens], "roles": roles, "patch": patch,
-            "grids": [list(g) for g in t.grids], "queries": self.queries, "sinks": self.sinks,
+            "grids": [list(g) for g in t.grids], "queries": self.queries, "sinks": self.sinks, "sink_rule": self.sink_rule,
             "tail": [clean_token(x) for x in self.tail],
             "metrics": {k: np.round(v.astype(np.float64), 4).tolist() for k, v in self.metrics.items()},
             "received": None if self.received is None else np.round(self.received.astype(np.float64), 3).tolist(),
@@ -162,9 +164,11 @@ class StreamView:
         return out
 
 
-def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None) -> list[StreamView]:
+def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None,
+                 sinks: dict | None = None) -> list[StreamView]:
     """One `StreamView` per stream of `trace.run(run)`, batch row `row`. `tail`: generated tokens that never got
-    a forward of their own (generate's final token), shown after the language/text stream."""
+    a forward of their own (generate's final token), shown after the language/text stream. `sinks`: {stream:
+    `explain.sinks.SinkReport`} from the model (else the attention-mass criterion on the stored rows)."""
     the_run = trace.run(run)
     streams = sorted({s for s, _ in the_run.records})
     views = []
@@ -203,35 +207,31 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
         del rows
         view = StreamView(stream, tmap, layers, heads, queries, *quantize(full),
                           tail=list(tail or []) if stream in ("language", "text") else [])
-        _summaries(view, full)
+        _summaries(view, full, (sinks or {}).get(stream))
         views.append(view)
     return views
 
 
-def _summaries(view: StreamView, full: np.ndarray) -> None:
-    """Head metrics, received attention, sinks and pooled thumbnails from the float rows [q, l, h, k]."""
+def _summaries(view: StreamView, full: np.ndarray, report=None) -> None:
+    """Head metrics, sinks and pooled thumbnails from the float rows [q, l, h, k]."""
+    from ..explain import sinks as sinklib
+
     if not len(view.queries):
         return
-    nonzero = (full > 0).sum(-1)  # keys each row can see (causal rows see fewer)
-    logn = np.log(np.maximum(nonzero, 2))
-    ent = -(np.where(full > 0, full * np.log(np.where(full > 0, full, 1)), 0)).sum(-1) / logn
-    view.metrics["entropy"] = ent.mean(0)
-    # keys as multiples of the uniform share of their row; averaged where the key is visible
-    ratio = full * nonzero[..., None]
-    visible = np.arange(view.length)[None, :] <= np.asarray(view.queries)[:, None]  # [q, k] if causal
-    if (full * ~visible[:, None, None, :]).max(initial=0) > 0:  # mass on later keys: bidirectional
-        visible = np.ones_like(visible)
-    counts = np.maximum(visible.sum(0), 1)
-    # per layer: mean over heads, averaged over the queries that see the key; a sink in any layer counts
-    per_layer = (ratio.mean(axis=2) * visible[:, None, :]).sum(0) / counts  # [l, k]
-    share = (full.mean(axis=2) * visible[:, None, :]).sum(0) / counts  # [l, k] mean share of a row
-    # a sink: many times a uniform share (long sequences), or a large share outright (short ones)
-    received = np.maximum(per_layer.max(0), np.where(share.max(0) >= SINK_SHARE, SINK_RATIO, 0))
-    # a key seen by only a few stored rows (the end of a causal sequence) is not called a sink on their word
-    received = np.where(visible.sum(0) >= min(len(view.queries), max(3, len(view.queries) // 10)), received, 0)
-    view.received = received.astype(np.float32)
-    cands = [k for k in np.argsort(-received) if received[k] >= SINK_RATIO and view.tokens.roles[k] != "pad"]
-    view.sinks = sorted(int(k) for k in cands[: max(1, view.length // 50)])
+    ent = -(np.where(full > 0, full * np.log(np.where(full > 0, full, 1)), 0)).sum(-1)  # nats
+    view.metrics[ENTROPY] = ent.mean(0)
+    if report is None:  # a trace file: the one detector's attention-mass criterion on the stored rows
+        probs = []
+        for li in range(full.shape[1]):
+            a = np.zeros((full.shape[2], view.length, view.length), np.float32)
+            a[:, view.queries] = full[:, li].transpose(1, 0, 2)
+            probs.append(torch.from_numpy(a))
+        report = sinklib.from_tensors([], probs, view.tokens, write=False)
+        view.sink_rule = sinklib.MASS_ONLY
+    else:
+        view.sink_rule = sinklib.DEFINITION
+    view.received = np.asarray(report.mass_ratio[: view.length], dtype=np.float32)
+    view.sinks = [int(p) for p in report.positions if p < view.length]
     if view.sinks:
         view.metrics["sink mass"] = full[..., view.sinks].sum(-1).mean(0)
     image = view.tokens.positions("image")
@@ -293,6 +293,7 @@ def document(views: list[StreamView], images: list[Image.Image] | None = None, e
         "streams": [v.meta(embed_rows) for v in views],
         "images": [image_data_url(im) for im in images or []],
         "provenance": _plain(provenance or {}),
+        "sink_definition": next((v.sink_rule for v in views if v.sink_rule), ""),
         "generation": generation, "explanations": explanations or [], "tables": tables or [],
     }
     return doc | (extra or {})
@@ -310,15 +311,24 @@ def _plain(value):
 
 
 def scores_entry(method: str, stream: str, scores, target=None, faithfulness=None, params: dict | None = None,
-                 grid=None) -> dict:
-    """An explanation as the viewer draws it: scores over a stream's positions (uint8 scaled to the max)."""
+                 grid=None, explains: str | None = None, note: str | None = None, units: str | None = None,
+                 readout: list[int] | None = None) -> dict:
+    """An explanation as the viewer draws it: scores over a stream's positions as uint8 over [floor, max].
+
+    The floor is 0 (negative scores are not drawn) unless every score is positive and the smallest is over a fifth
+    of the largest (attention flow: every token receives much of the flow): then the colours span [min, max], so
+    the map is not one colour. `explains` names the target in words; `target` is the position it is about
+    (None for a default target such as the next token); `units` says what the numbers are."""
     arr = np.asarray(torch.as_tensor(scores).detach().float().cpu().numpy(), dtype=np.float32).reshape(-1)
-    pos = np.clip(arr, 0, None)
-    u8, scale = quantize(pos[None])
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    floor = lo if lo > 0 and lo > 0.2 * hi else 0.0
+    span = np.clip(arr - floor, 0, None)
+    u8, scale = quantize(span[None])
     if target is not None and not isinstance(target, int):  # e.g. attnscope.explain's target description
         params = dict(params or {}) | {"target": target}
         target = None
     return {"method": method, "stream": stream, "target": target, "params": _plain(params or {}),
             "faithfulness": _plain(faithfulness), "length": int(arr.shape[0]), "b64": b64(u8[0]),
-            "scale": float(scale[0]), "min": float(arr.min()) if arr.size else 0.0,
-            "grid": None if grid is None else list(grid)}
+            "scale": float(scale[0]), "floor": floor, "min": lo, "max": hi,
+            "grid": None if grid is None else list(grid), "explains": explains, "note": note, "units": units,
+            "readout": list(readout or [])}

@@ -66,6 +66,13 @@ def run_explain(model, inputs: dict, method: str, target=None, stream: str | Non
     return fn(model, inputs, **kwargs)
 
 
+def units(method: str) -> str:
+    """What a method's numbers are, from its module's `UNITS` (one sentence), or a generic line."""
+    module = _module(f"attnscope.explain")
+    mod = getattr(module, "METHODS", {}).get(method) if module is not None else None
+    return getattr(mod, "UNITS", None) or "relevance scores in the method's own units (negative scores not drawn)"
+
+
 def explanation_scores(expl) -> tuple[object, object]:
     """(scores over positions, token map or None) of an Explanation, whatever it calls them."""
     for name in ("scores", "relevance", "values", "map"):
@@ -100,21 +107,19 @@ def faithfulness(expl):
 
 # --- steering -----------------------------------------------------------------------------------------
 def steer_methods() -> dict[str, dict]:
-    """Steering methods of `attnscope.steer` as {name: {"doc": the class docstring's summary paragraph, "params":
-    {name: default}}}."""
+    """Steering methods of `attnscope.steer` as {name: {"doc": first docstring line, "help": the method's docstrings,
+    "params": {name: {"default": text or None, "required": bool}}, "syntax": how values are written}}, every
+    parameter read from the method's own signature."""
     module = _module("attnscope.steer")
     if module is None or not callable(getattr(module, "steer", None) or _top("steer")):
         return {}
-    found = _registry(module)
-    if not found:
-        methods = _module("attnscope.steer.methods") or module
-        for name, obj in vars(methods).items():
-            if inspect.isclass(obj) and not name.startswith("_") and obj.__module__.startswith("attnscope.steer"):
-                found[name] = obj
+    methods_mod = _module("attnscope.steer.methods")
+    found = _registry(methods_mod) if methods_mod is not None else {}
+    found = found or _registry(module)
     out = {}
     for name, cls in found.items():
         if isinstance(cls, str):
-            cls = getattr(module, cls, None) or getattr(_module("attnscope.steer.methods"), cls, None)
+            cls = getattr(module, cls, None) or getattr(methods_mod, cls, None)
         if cls is None or not inspect.isclass(cls):
             continue
         if getattr(cls, "generate_kwargs", None):  # FastVRerank decodes without a KV cache; the viewer's capture needs one
@@ -122,13 +127,27 @@ def steer_methods() -> dict[str, dict]:
         params = {}
         try:
             for p in inspect.signature(cls).parameters.values():
-                if p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float, bool, str)):
-                    params[p.name] = p.default
+                if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    continue
+                required = p.default is inspect.Parameter.empty
+                params[p.name] = {"default": None if required or p.default is None else _text(p.default),
+                                  "required": required}
         except (TypeError, ValueError):
             pass
+        docs = [inspect.getdoc(cls) or "", inspect.getdoc(inspect.getmodule(cls)) or ""]
+        help_text = "\n\n".join(d for d in dict.fromkeys(docs) if d)
         doc = " ".join((inspect.getdoc(cls) or "").strip().split("\n\n")[0].split())  # the summary paragraph
-        out[name] = {"doc": doc, "params": params, "apply": _applier(cls)}
+        out[name] = {"doc": doc, "help": help_text, "params": params,
+                     "syntax": getattr(methods_mod, "SYNTAX", ""), "apply": _applier(cls)}
     return out
+
+
+def _text(value) -> str:
+    if isinstance(value, slice):
+        return f"{'' if value.start is None else value.start}:{'' if value.stop is None else value.stop}"
+    if isinstance(value, (list, tuple)):
+        return "/".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _applier(cls):
@@ -146,7 +165,8 @@ def _top(name: str):
 
 
 def steering(model, method: str | None, params: dict | None = None):
-    """A context manager applying steering `method(**params)`, or a no-op one for None."""
+    """A context manager applying steering `method(**params)`, or a no-op one for None. String values are read
+    as on the command line (`attnscope.steer.methods.value`); blank ones keep the default."""
     if not method:
         return nullcontext()
     methods = steer_methods()
@@ -156,21 +176,19 @@ def steering(model, method: str | None, params: dict | None = None):
     bad = sorted(set(params or {}) - set(allowed))
     if bad:
         raise ValueError(f"{method} has no parameter(s) {bad}; parameters: {sorted(allowed)}")
+    parse = getattr(_module("attnscope.steer.methods"), "value", None)
+    typed = {}
+    for k, v in (params or {}).items():
+        if isinstance(v, str) and not v.strip():
+            continue
+        typed[k] = parse(k, v) if isinstance(v, str) and parse is not None else v
+    missing = sorted(k for k, p in allowed.items() if p["required"] and k not in typed)
+    if missing:
+        raise ValueError(f"{method} needs {', '.join(missing)}; fill in the field(s)")
     try:
-        typed = {k: _typed(allowed[k], v) for k, v in (params or {}).items()}
-    except (TypeError, ValueError) as err:
+        return methods[method]["apply"](model, **typed)
+    except TypeError as err:
         raise ValueError(f"bad parameter for {method}: {err}") from err
-    return methods[method]["apply"](model, **typed)
-
-
-def _typed(default, value):
-    if isinstance(default, bool):
-        if str(value).lower() in ("1", "true", "on", "yes"):
-            return True
-        if str(value).lower() in ("0", "false", "off", "no"):
-            return False
-        raise ValueError(f"{value!r} is not a boolean")
-    return type(default)(value)
 
 
 # --- head tables ----------------------------------------------------------------------------------------

@@ -17,18 +17,24 @@ def shorten(text: str, limit: int = 48) -> str:
     return (cut[:space] if space > limit // 2 else cut).rstrip(" ,.;:") + "…"
 
 
+PER_TOKEN_MAX = 48  # explain every word of a stream up to this many positions (beyond: the default target only)
+
+
 def report(model, text: str | None = None, image=None, out: str | Path = "attnscope-report.html", max_new_tokens: int = 0,
            methods: list[str] | tuple[str, ...] = (), title: str | None = None, faithfulness: bool = True,
-           max_values: int = html.EXPORT_MAX_VALUES) -> Path:
+           max_values: int = html.EXPORT_MAX_VALUES, chat: bool | None = None) -> Path:
     """Run `model` (a zoo name, a local directory or a loaded Model) on `text` and/or `image` (photo name, path,
     PIL image), generating `max_new_tokens` for language models, and write the viewer page to `out`.
 
-    `methods`: `attnscope.explain` methods to add beside raw attention (for the CLS / last position, or the
-    last generated token), each with its faithfulness score unless `faithfulness=False`."""
+    `chat`: as `Model.encode` (None: a VLM given text and an image gets its chat prompt; False: the text as typed).
+    `methods`: `attnscope.explain` methods to add beside raw attention: each for the method's default target (CLS,
+    the next token, the last generated token's prediction) with its faithfulness score unless `faithfulness=False`,
+    and, for a stream of at most `PER_TOKEN_MAX` positions, for every token a click can explain (`clicks`), so the
+    file shows the clicked token's map as the served viewer does."""
     from ..models.zoo import load
 
     m = load(model) if isinstance(model, (str, Path)) else model
-    result = runner.run(m, text=text, image=image, max_new_tokens=max_new_tokens)
+    result = runner.run(m, text=text, image=image, max_new_tokens=max_new_tokens, chat=chat)
     available = integrations.explain_methods()
     entries = []
     for method in methods:
@@ -38,10 +44,16 @@ def report(model, text: str | None = None, image=None, out: str | Path = "attnsc
             raise ValueError(f"unknown or unavailable method {method!r}; available: {', '.join(available)}")
         stream = result.generation["stream"] if result.generation else result.views[0].name
         view = next(v for v in result.views if v.name == stream)
-        cls = view.tokens.positions("cls")
-        target = cls[0] if cls else view.length - 1
-        entry, expl = runner.explain_entry(m, result, method, stream, target, with_faithfulness=faithfulness)
+        entry, _ = runner.explain_entry(m, result, method, stream, None, None, with_faithfulness=faithfulness)
         entries.append(entry)
+        if view.length + len(view.tail) <= PER_TOKEN_MAX:
+            for pos in range(view.length + len(view.tail)):
+                try:
+                    entry, _ = runner.explain_entry(m, result, method, stream, None, pos, with_faithfulness=False)
+                except ValueError:
+                    continue
+                if entry["target"] == pos:  # only clicks the rule follows; others show the default entry
+                    entries.append(entry)
     if isinstance(image, (str, Path)):  # where the image came from, beside the trace's checksum of its pixels
         result.provenance["inputs"] = [f"image: {image}", *result.provenance.get("inputs", [])]
     what = ", ".join(x for x in (str(image) if isinstance(image, (str, Path)) else ("image" if image is not None else ""),

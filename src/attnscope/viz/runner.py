@@ -11,7 +11,7 @@ from PIL import Image
 from ..capture.session import capture
 from ..capture.trace import Trace
 from ..models.images import load_image
-from . import data, integrations
+from . import clicks, data, integrations
 
 
 @dataclass
@@ -43,16 +43,18 @@ def can_generate(model) -> bool:
 
 def takes(model) -> dict:
     """What inputs the model takes: {"text": bool, "image": bool, "generate": bool}."""
-    return {"text": model.tokenizer is not None, "image": model.image_processor is not None, "generate": can_generate(model)}
+    return {"text": model.tokenizer is not None, "image": model.image_processor is not None, "generate": can_generate(model),
+            "vlm": model.spec.kind == "vlm", "image_token": getattr(model, "image_token", None)}
 
 
 def run(model, text: str | None = None, image=None, max_new_tokens: int = 0, steer: str | None = None,
-        steer_params: dict | None = None, budget: int = data.DEFAULT_BUDGET, chat: bool = False) -> RunResult:
+        steer_params: dict | None = None, budget: int = data.DEFAULT_BUDGET, chat: bool | None = None) -> RunResult:
     """Encode, run (or generate `max_new_tokens` greedily) under capture and build the stream views.
 
     Every layer and head is captured; query rows are all kept when they fit `budget` values, else the focus
     roles (CLS, specials, last, generated) and an even stride (see `data.query_plan`)."""
     can = takes(model)
+    # `chat`: None (the model's default: a VLM given an image gets its chat prompt), True, or False (raw prompt)
     if text is not None and not text.strip():
         text = None
     if image is not None and not can["image"]:
@@ -60,9 +62,7 @@ def run(model, text: str | None = None, image=None, max_new_tokens: int = 0, ste
     if text is not None and not can["text"]:
         raise ValueError(f"{model.name} takes no text; give it an image")
     photo = None if image is None else load_image(image)
-    if chat and text is not None and getattr(model.tokenizer, "chat_template", None):
-        text = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    inputs = model.encode(text=text, image=photo)
+    inputs = model.encode(text=text, image=photo, chat=chat)
     generate = can["generate"] and max_new_tokens > 0 and "input_ids" in inputs
     queries = data.query_plan(model, inputs, budget, max_new_tokens if generate else 0)
     start = time.perf_counter()
@@ -86,7 +86,7 @@ def run(model, text: str | None = None, image=None, max_new_tokens: int = 0, ste
         images = [data.seen_image(inputs["pixel_values"], model.image_processor, i) for i in range(inputs["pixel_values"].shape[0])][:1]
     elif photo is not None:
         images = [photo]
-    result = from_trace(trace, images=images, tail=tail)
+    result = from_trace(trace, images=images, tail=tail, sinks=_sinks(model, trace, inputs, ids if generate else None))
     result.generation, result.inputs, result.seconds = generation, inputs, seconds
     if generate:
         result.full_ids = ids.detach().cpu()
@@ -94,31 +94,54 @@ def run(model, text: str | None = None, image=None, max_new_tokens: int = 0, ste
     return result
 
 
+def _sinks(model, trace: Trace, inputs: dict, ids) -> dict:
+    """{stream: SinkReport} by attnscope's one detector (`explain.sinks`), on the sequence the trace holds."""
+    from ..explain import sinks as sinklib
+
+    the_run = trace.run()
+    out = {}
+    for stream in sorted({s for s, _ in the_run.records}):
+        x = inputs
+        if ids is not None and stream in ("text", "language"):
+            n = len(the_run.tokens[stream][0]) if the_run.tokens.get(stream) else ids.shape[1]
+            x = dict(inputs) | {"input_ids": ids[:, :n], "attention_mask": torch.ones_like(ids[:, :n])}
+        with torch.no_grad():
+            out[stream] = sinklib.sink_rows(model, x, stream)[0]
+    return out
+
+
 def from_trace(trace: Trace, images: list[Image.Image] | None = None, tail: list[str] | None = None, run: int = -1,
-               row: int = 0) -> RunResult:
-    views = data.stream_views(trace, run=run, row=row, tail=tail)
+               row: int = 0, sinks: dict | None = None) -> RunResult:
+    views = data.stream_views(trace, run=run, row=row, tail=tail, sinks=sinks)
     return RunResult(views, list(images or []), dict(trace.provenance))
 
 
-def explain_entry(model, result: RunResult, method: str, stream: str, query: int, target: int | None = None,
-                  with_faithfulness: bool = True) -> tuple[dict, object]:
-    """Scores of `attnscope.explain(method)` as the viewer draws them. A generated word (`target`, or `query`)
-    is explained as the log-probability of that token given everything before it; anything else with the
-    method's default target (CLS embedding, next token, ...)."""
+def explain_entry(model, result: RunResult, method: str, stream: str, query: int | None = None,
+                  target: int | None = None, with_faithfulness: bool = True) -> tuple[dict, object]:
+    """Scores of `attnscope.explain(method)` as the viewer draws them, for the clicked token `target` (see
+    `clicks.target_for`: a word's log-probability, an encoder token's embedding) or, with none clicked, the
+    method's default target. `query` is the row the viewer shows; it does not choose what is explained."""
     view = next((v for v in result.views if v.name == stream), None)
     if view is None:
         raise ValueError(f"no stream {stream!r} in this run")
-    pos = query if target is None else target
-    inputs, goal = result.inputs, None
-    generated = pos >= view.length or view.tokens.roles[pos] == "generated"
-    if generated and result.full_ids is not None and stream in ("text", "language"):
-        ids = result.full_ids[:, : pos + 1].to(model.device)
-        inputs = dict(result.inputs) | {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        goal = integrations.token_target(pos)
+    inputs, goal, note = clicks.target_for(model, result, stream, target)
     expl = integrations.run_explain(model, inputs, method, goal, stream)
     scores, _ = integrations.explanation_scores(expl)
     flat = torch.as_tensor(scores).detach().float().reshape(-1)[: view.length]
     flat = torch.nn.functional.pad(flat, (0, view.length - flat.numel()))
     faith = integrations.faithfulness(expl) if with_faithfulness else None
-    entry = data.scores_entry(method, stream, flat, target=pos, faithfulness=faith, params=getattr(expl, "params", None))
+    explains, about = clicks.label(expl, view)
+    entry = data.scores_entry(method, stream, flat, target=about, faithfulness=faith, params=getattr(expl, "params", None),
+                              explains=explains, note=note, units=integrations.units(method),
+                              readout=_readout(expl, view))
+    entry["clicked"] = target
     return entry, expl
+
+
+def _readout(expl, view) -> list[int]:
+    """The rows the explained target reads (its query positions), for the caption."""
+    bound = getattr(expl, "_target", None)
+    try:
+        return [int(q) for q in bound.queries(view.tokens)] if bound is not None else []
+    except Exception:
+        return []

@@ -299,7 +299,7 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
     def info():
         from ..models.images import PHOTOS
 
-        steer = {k: {"doc": v["doc"], "params": v["params"]} for k, v in integrations.steer_methods().items()}
+        steer = {k: {x: v[x] for x in ("doc", "help", "params", "syntax")} for k, v in integrations.steer_methods().items()}
         return {"models": state.models(), "photos": list(PHOTOS), "explain": integrations.explain_methods(),
                 "steer": steer, "limits": {k: getattr(lim, k) for k in ("max_upload", "max_pixels", "max_text", "max_tokens", "max_new_tokens")}}
 
@@ -359,7 +359,9 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             assert isinstance(steer_params, dict)
         except (ValueError, AssertionError) as err:
             raise ApiError(400, "steer_params must be a JSON object") from err
-        chat = str(form.get("chat") or "") in ("1", "true", "on")
+        # the prompt: the model's default (None: a VLM given an image gets its chat prompt), chat template, or raw
+        chat = False if str(form.get("raw") or "") in ("1", "true", "on") else (
+            True if str(form.get("chat") or "") in ("1", "true", "on") else None)
         raw = await _file_bytes(form, "image")
         image = None
         if raw:

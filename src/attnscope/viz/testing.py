@@ -95,7 +95,7 @@ def synthetic_trace(layers: int = 30, heads: int = 9, length: int = 2000, querie
     queries = sorted(set(queries if queries is not None else [*range(0, length, 40), length - 1]))
     q = torch.tensor(queries)
     logits = torch.randn(1, heads, len(queries), length, generator=g) * 2
-    logits[..., 0] += 6  # a sink on the first token
+    logits[..., 0] += 9  # a sink on the first token (about a third of a long row: > 20x a uniform share)
     if causal:
         logits = logits.masked_fill(torch.arange(length)[None, :] > q[:, None], float("-inf"))
     run = Run()

@@ -22,6 +22,26 @@ METHODS = {cls.name: cls for cls in (PAI, VAR, VHR, ImbalanceFix, HeadMask, DeCo
                                       PyramidDrop, VTCCLS, KeepSchedule)}
 
 
+SYNTAX = ("values as on the command line: numbers, true/false, none; a position 3 or -1 (the last, as in Python); "
+          "positions 0/5/9 or [0, 5, 9]; a range 2:30 (end excluded); roles by name (image, text, last, ...); "
+          "heads as layer.head joined by + (3.1+5.2)")
+
+
+def value(key: str, text: str):
+    """One parameter from its text (`SYNTAX`): what `parse` and the viewer's steering form use."""
+    text = text.strip()
+    if key == "heads" and "." in text and not text.startswith("["):
+        return text  # layer.head pairs ("3.10" is head 10 of layer 3, never the float 3.1)
+    if text.startswith("["):
+        import json
+
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise SteerError(f"{key}={text!r} is not a list such as [0, 5, 9]") from err
+    return _value(text)
+
+
 def _value(text: str):
     low = text.lower()
     if low in ("true", "false"):
@@ -49,15 +69,15 @@ def parse(spec: str):
         raise SteerError(f"unknown method {name!r}; methods: {', '.join(sorted(METHODS))}")
     kwargs = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = part.partition("=")
+        key, eq, text = part.partition("=")
         if not eq:
             raise SteerError(f"method parameters are key=value; got {part!r} in {spec!r}")
-        kwargs[key.strip()] = _value(value.strip())
+        kwargs[key.strip()] = value(key.strip(), text)
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise SteerError(f"{cls.__name__}: {err}") from err
 
 
-__all__ = ["METHODS", "parse", "generate_kwargs", "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD",
-           "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop", "VTCCLS", "KeepSchedule"]
+__all__ = ["METHODS", "parse", "value", "SYNTAX", "generate_kwargs", "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe",
+           "VCD", "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop", "VTCCLS", "KeepSchedule"]
