@@ -53,8 +53,10 @@ def test_steering_form_has_every_parameter_from_the_signature(smollm):
     import inspect
 
     found = integrations.steer_methods()
-    assert set(found) == set(METHODS)
-    for name, cls in METHODS.items():
+    # every method the viewer can run (FastVRerank decodes without a cache, which the viewer's capture needs)
+    viewable = {n: c for n, c in METHODS.items() if not getattr(c, "generate_kwargs", None)}
+    assert set(found) == set(viewable) and "fastv_rerank" not in found
+    for name, cls in viewable.items():
         params = {p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")}
         assert set(found[name]["params"]) == params, name
         assert found[name]["help"] and found[name]["syntax"]
