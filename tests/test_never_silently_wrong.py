@@ -4,8 +4,9 @@
   probabilities refuse instead of dropping the sink;
 - T5's relative position bias (`position_bias`) is part of the recomputed logits;
 - a keyword the recomputation does not know raises `UnsupportedAttentionError`;
-- encoder-decoders and unlisted vision-language families are refused at wrap; PaliGemma is mapped (SigLIP tower
-  without CLS, image tokens in the language stream);
+- encoder-decoders get encoder, decoder and cross-attention streams from their structure (cross rows are decoder
+  positions, its keys encoder positions) and refuse steering by name; unlisted vision-language families are
+  refused at wrap; PaliGemma is mapped (SigLIP tower without CLS, image tokens in the language stream);
 - an offloaded model (accelerate `cpu_offload`) keeps its trace, fingerprints its real weights and encodes onto
   its execution device;
 - `layers="all"` means every layer; another string is a clear error."""
@@ -15,7 +16,7 @@ import pytest
 import torch
 from transformers import (
     BartConfig,
-    BartModel,
+    BartForConditionalGeneration,
     GemmaConfig,
     GptOssConfig,
     GptOssForCausalLM,
@@ -27,7 +28,7 @@ from transformers import (
     SiglipVisionConfig,
     T5Config,
     T5EncoderModel,
-    T5Model,
+    T5ForConditionalGeneration,
 )
 
 import attnscope
@@ -42,7 +43,8 @@ ATOL = 1e-5
 
 def _eager_attentions(hf, **inputs):
     with eager(hf), torch.no_grad():
-        return hf(**inputs, output_attentions=True).attentions
+        out = hf(**inputs, output_attentions=True)
+    return getattr(out, "attentions", out)  # encoder-decoders: the whole output (encoder, decoder, cross)
 
 
 def test_gpt_oss_sinks_are_recomputed_and_explicit_edits_refuse():
@@ -90,15 +92,45 @@ def test_an_unknown_attention_keyword_is_refused():
     attention_probs(torch.nn.Module(), q, k, None, {"scaling": 0.5, "mystery_flag": None})  # None is no term
 
 
-@pytest.mark.parametrize("build", [
-    lambda: T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=128)),
-    lambda: BartModel(BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128)),
-], ids=["t5", "bart"])
-def test_encoder_decoders_are_refused_by_name(build):
-    hf = build()
-    with pytest.raises(UnmappedModelError, match="encoder-decoder"):
-        attnscope.wrap(hf)
+def _encoder_decoders():
+    torch.manual_seed(0)
+    yield "t5", T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                                                   vocab_size=128, decoder_start_token_id=0)).eval()
+    yield "bart", BartForConditionalGeneration(BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, forced_eos_token_id=None, eos_token_id=None)).eval()
+
+
+@pytest.mark.parametrize("family, hf", list(_encoder_decoders()), ids=["t5", "bart"])
+def test_encoder_decoders_get_encoder_decoder_and_cross_streams(family, hf):
+    """Three streams from the model's structure; cross-attention rows are decoder positions, its keys encoder
+    positions; generate is one run whose decode steps equal eager attention of the full sequence."""
+    m = attnscope.wrap(hf)
+    assert m.streams == {"encoder": 2, "decoder": 2, "cross": 2}
+    ids, dec = torch.randint(3, 100, (1, 7)), torch.randint(3, 100, (1, 4))
+    with torch.no_grad(), attnscope.capture(m) as trace:
+        m(input_ids=ids, decoder_input_ids=dec)
+    ref = _eager_attentions(hf, input_ids=ids, decoder_input_ids=dec)
+    for stream, eager_probs in (("encoder", ref.encoder_attentions), ("decoder", ref.decoder_attentions),
+                                ("cross", ref.cross_attentions)):
+        for layer in range(2):
+            torch.testing.assert_close(trace.attention(stream, layer), eager_probs[layer], atol=ATOL, rtol=0)
+    assert len(trace.tokens("cross")) == 7 and len(trace.tokens("decoder")) == 4
+    with torch.no_grad(), attnscope.capture(m, queries="last") as gen:
+        out = m.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    run = gen.run()
+    assert len(gen.runs) == 1 and run.steps == out.shape[1] - 2 > 0
+    assert gen.tokens("decoder").positions("generated") == list(range(1, out.shape[1] - 1))
+    ref = _eager_attentions(hf, input_ids=ids, decoder_input_ids=out[:, :-1])
+    for step in range(run.steps + 1):
+        for stream, eager_probs in (("decoder", ref.decoder_attentions), ("cross", ref.cross_attentions)):
+            rec = gen.record(stream, 1, step=step)
+            assert rec.queries == [step]
+            width = rec.probs.shape[-1]
+            assert width == (step + 1 if stream == "decoder" else 7)
+            torch.testing.assert_close(rec.probs[0, :, 0], eager_probs[1][0, :, step, :width], atol=ATOL, rtol=0)
+    with pytest.raises(attnscope.steer.SteerError, match="encoder-decoder"), steer(m, PAI(alpha=1.0)):
+        pass
 
 
 def test_unlisted_vision_language_family_is_refused_by_name():

@@ -7,7 +7,7 @@ from .. import __version__
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach
 from ..core.ledger import Ledger
-from ..core.tokens import CACHED_STREAMS, TokenMap
+from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
 from ..models.roles import TokenMapError, fit_vision_maps
 from ..models.wrapped import Model
@@ -57,6 +57,7 @@ class capture:
             self._hooks = [hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                            hf.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
             self._hooks += [m.register_forward_pre_hook(self._before_vision, with_kwargs=True) for m in self._vision_roots()]
+            self._hooks += [m.register_forward_pre_hook(self._before_encoder, with_kwargs=True) for m in self._encoder_roots()]
             self._attachment = attach(hf, {m: (s, _Recorder(self)) for m, s in chosen.items()})
             _open_captures.add(id(hf))
         except BaseException:
@@ -101,6 +102,20 @@ class capture:
         self._calls_this_forward = 0
         return run
 
+    def _encoder_roots(self):
+        """An encoder-decoder's encoder: generate runs it once before the first forward of the decoder."""
+        if self.model.spec.kind != "encdec":
+            return []
+        return [self.model.hf.get_submodule(p) for p, s in self.model.spec.streams.items() if s == "encoder"]
+
+    def _before_encoder(self, module, args, kwargs):
+        if self._in_forward:
+            return None
+        ids = args[0] if args else kwargs.get(seam.INPUT_IDS)
+        self._pending = {seam.INPUT_IDS: ids, seam.MASK: kwargs.get(seam.MASK)}
+        self._start_run(Run(tokens=self.model.token_maps(self._pending)))
+        return None
+
     def _before_vision(self, module, args, kwargs):
         if self._in_forward:
             return None
@@ -118,7 +133,7 @@ class capture:
             run = self.trace.runs[-1]
             run.steps += 1
             self._calls_this_forward = 0
-            self._extend_tokens(run, inputs.get(seam.INPUT_IDS))
+            self._extend_tokens(run, seam.new_token_ids(inputs))
             self._note_length(run)
             return None
         pixels = inputs.get("pixel_values")
@@ -205,6 +220,8 @@ class capture:
             q_start, base = self._ledger.placed(q_len, kv_len, where)
             total = self._ledger.length
             part = 0
+        elif call.site.stream in QUERY_STREAM and self._ledger.length:  # cross-attention: decoder rows, encoder keys
+            q_start, base, total, part = self._ledger.length - q_len, 0, kv_len, 0
         else:  # no cache: a module called several times in one step lays its calls end to end
             counter = (call.module, run.steps)
             part, base = self._parts.get(counter, 0), self._bases.get(counter, 0)
@@ -214,11 +231,15 @@ class capture:
         if (tmaps and part == 0 and call.site.stream not in CACHED_STREAMS and len(tmaps[0]) != kv_len
                 and len(tmaps[0].grids) == 1):  # one raster image per call: its prefix is what the tower produced
             tmaps = run.tokens[call.site.stream] = fit_vision_maps(tmaps, kv_len, self.model, where)
-        if tmaps and (len(tmaps[0]) < total or call.site.stream in CACHED_STREAMS and len(tmaps[0]) != total):
+        exact = call.site.stream in CACHED_STREAMS or call.site.stream in QUERY_STREAM
+        if tmaps and (len(tmaps[0]) < total or exact and len(tmaps[0]) != total):
             raise TokenMapError(f"{where}the token map has {len(tmaps[0])} entries but the call sees {total} positions; "
                                 "attnscope will not label keys with a shifted map")
         total = max(len(tmaps[0]) if tmaps else 0, total)
-        queries = resolve_positions(self.selection.queries, tmaps, total, "queries")
+        qmaps, q_total = tmaps, total
+        if call.site.stream in QUERY_STREAM:
+            qmaps, q_total = run.tokens.get(QUERY_STREAM[call.site.stream]), self._ledger.length
+        queries = resolve_positions(self.selection.queries, qmaps, q_total, "queries")
         rows = list(range(q_len)) if queries is None else [p - q_start for p in queries if q_start <= p < q_start + q_len]
         keys = resolve_positions(self.selection.keys, tmaps, total, "keys")
         local_keys = None if keys is None else [p - base for p in keys if base <= p < base + kv_len]

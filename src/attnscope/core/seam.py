@@ -127,12 +127,23 @@ def keep_logits(forward, inputs: dict, n: int = 1, override: bool = True) -> dic
     return {**inputs, LOGITS_TO_KEEP: n}
 
 
+DECODER_INPUT_IDS = "decoder_input_ids"
+DECODER_INPUTS_EMBEDS = "decoder_inputs_embeds"
+
+
 def query_length(inputs: dict) -> int:
-    """New tokens in this forward (from the ids or the embeddings)."""
-    ids = inputs.get(INPUT_IDS)
-    if ids is None:
-        ids = inputs.get(INPUTS_EMBEDS)
-    return 0 if ids is None else int(ids.shape[1])
+    """New tokens of the cached sequence in this forward (an encoder-decoder's decoder tokens, else the input's)."""
+    for name in (DECODER_INPUT_IDS, DECODER_INPUTS_EMBEDS, INPUT_IDS, INPUTS_EMBEDS):
+        ids = inputs.get(name)
+        if ids is not None:
+            return int(ids.shape[1])
+    return 0
+
+
+def new_token_ids(inputs: dict):
+    """The ids a decode step feeds (an encoder-decoder's decoder ids, else the input ids); None for embeddings."""
+    ids = inputs.get(DECODER_INPUT_IDS)
+    return ids if ids is not None else inputs.get(INPUT_IDS)
 
 
 def _newer_than(version: str) -> bool:

@@ -50,12 +50,14 @@ def _head_counts(module: nn.Module) -> tuple[int, int]:
     return heads, int(kv)
 
 
-def find_sites(model: nn.Module, streams: dict[str, str], attention_modules: list[str] | None = None) -> dict[nn.Module, Site]:
+def find_sites(model: nn.Module, streams: dict[str, str], attention_modules: list[str] | None = None,
+               cross: tuple[str, ...] = ()) -> dict[nn.Module, Site]:
     """Map each attention module of `model` to its Site.
 
     `streams` maps a module-path prefix to a stream name (longest prefix wins; "" matches everything).
     `attention_modules`, when given, lists the module paths to use instead of the automatic search
-    (innermost modules of a class named *Attention in a modeling file that uses the AttentionInterface)."""
+    (innermost modules of a class named *Attention in a modeling file that uses the AttentionInterface).
+    Modules whose own name is in `cross` (an encoder-decoder's cross-attention) form the stream "cross"."""
     named = dict(model.named_modules())
     if attention_modules is not None:
         missing = [p for p in attention_modules if p not in named]
@@ -78,7 +80,7 @@ def find_sites(model: nn.Module, streams: dict[str, str], attention_modules: lis
         prefix = next((p for p in prefixes if p == "" or path == p or path.startswith(p + ".")), None)
         if prefix is None:
             continue
-        stream = streams[prefix]
+        stream = "cross" if path.rsplit(".", 1)[-1] in cross else streams[prefix]
         layer = counters.get(stream, 0)
         counters[stream] = layer + 1
         heads, kv = _head_counts(named[path])

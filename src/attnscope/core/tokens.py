@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 ROLES = ("cls", "register", "image", "special", "system", "text", "generated", "pad", "unknown", "prefix")
 # "prefix": a vision token before the patch grid that is neither CLS nor a declared register (a distillation token)
-CACHED_STREAMS = ("language", "text")  # the streams a KV cache feeds; their maps grow by one token per decode step
+CACHED_STREAMS = ("language", "text", "decoder")  # streams a KV cache feeds; their maps grow by a token per step
+QUERY_STREAM = {"cross": "decoder"}  # streams whose queries are another stream's positions (keys: their own map)
 
 
 @dataclass

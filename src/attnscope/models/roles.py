@@ -132,3 +132,17 @@ def vlm_maps(spec: Spec, config, tokenizer, inputs: dict, cls: bool = True) -> d
             start += rows * cols
         taken += len(tmap.grids)
     return out
+
+
+def encoder_decoder_maps(tokenizer, inputs: dict) -> dict[str, list[TokenMap]]:
+    """Encoder maps from `input_ids` (also the keys of "cross"), decoder maps from `decoder_input_ids`."""
+    out: dict[str, list[TokenMap]] = {}
+    if inputs.get("input_ids") is not None:
+        out["encoder"] = text_maps(tokenizer, inputs["input_ids"], inputs.get("attention_mask"))
+        out["cross"] = [t.copy() for t in out["encoder"]]
+    if inputs.get("decoder_input_ids") is not None:
+        out["decoder"] = text_maps(tokenizer, inputs["decoder_input_ids"], inputs.get("decoder_attention_mask"))
+    elif inputs.get("labels") is not None:
+        raise TokenMapError("an encoder-decoder forward without decoder_input_ids (labels only?): pass "
+                            "decoder_input_ids so attnscope can label the decoder's positions")
+    return out

@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Spec:
     family: str
-    kind: str  # "text" | "vision" | "dual" | "vlm"
+    kind: str  # "text" | "vision" | "dual" | "vlm" | "encdec"
     streams: dict[str, str] = field(default_factory=dict)
     vision_order: str = "raster"  # "raster" or "merge" (Qwen2-VL: 2x2 merge windows are contiguous)
+    cross: tuple[str, ...] = ()  # module names of cross-attention (encoder-decoders): their own stream "cross"
+
+
+CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn", "cross_attention")
 
 
 FAMILIES = {
@@ -38,10 +42,11 @@ def spec_for(config, model=None) -> Spec:
     if family in FAMILIES:
         return FAMILIES[family]
     if getattr(config, "is_encoder_decoder", False) and (model is None or _has_decoder(model)):
-        raise UnmappedModelError(
-            f"{family or type(config).__name__} is an encoder-decoder; attnscope does not map its encoder, decoder "
-            "and cross-attention as separate streams yet, so it refuses rather than number them as one. Wrap the "
-            "encoder alone (e.g. T5EncoderModel), or pass `spec=` and `attention_modules=` to attnscope.wrap")
+        if model is None or getattr(config, "vision_config", None) is not None:
+            raise UnmappedModelError(
+                f"{family or type(config).__name__} is an encoder-decoder attnscope cannot map without the model "
+                "itself (or with an image tower); pass `spec=` and `attention_modules=` to attnscope.wrap")
+        return encoder_decoder_spec(family, model)
     towers = [k for k in ("vision_config", "audio_config") if getattr(config, k, None) is not None]
     if towers:
         raise UnmappedModelError(
@@ -51,6 +56,17 @@ def spec_for(config, model=None) -> Spec:
             "add the family to models/spec.py:FAMILIES")
     is_vision = hasattr(config, "patch_size") and not getattr(config, "vocab_size", None)
     return Spec(family, "vision", {"": "vision"}) if is_vision else Spec(family, "text", {"": "text"})
+
+
+def encoder_decoder_spec(family: str, model) -> Spec:
+    """Streams of an encoder-decoder from its structure: the encoder's self-attention ("encoder"), the decoder's
+    self-attention ("decoder") and the decoder's attention to the encoder ("cross": queries are decoder positions,
+    keys encoder positions)."""
+    paths = {id(m): n for n, m in model.named_modules()}
+    enc, dec = paths.get(id(model.get_encoder())), paths.get(id(model.get_decoder()))
+    if enc is None or dec is None:
+        raise UnmappedModelError(f"cannot find the encoder and decoder modules of {type(model).__name__}; pass `spec=`")
+    return Spec(family, "encdec", {enc: "encoder", dec: "decoder"}, cross=CROSS_NAMES)
 
 
 def _has_decoder(model) -> bool:

@@ -29,7 +29,7 @@ class Model:
         self.name = name or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
         self.spec = spec or spec_for(hf.config, hf)
         self.extras = extras or {}
-        self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules)
+        self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules, self.spec.cross)
         self._signature = inspect.signature(hf.forward)
         self.vision_cls = roles.has_cls(hf)
 
@@ -158,6 +158,8 @@ class Model:
     def token_maps(self, inputs: dict) -> dict[str, list[TokenMap]]:
         """One TokenMap per stream and batch row for these forward inputs (unknown roles where not derivable)."""
         kind, config = self.spec.kind, self.hf.config
+        if kind == "encdec":
+            return roles.encoder_decoder_maps(self.tokenizer, inputs)
         if kind == "vlm" and inputs.get("input_ids") is not None:
             return roles.vlm_maps(self.spec, config, self.tokenizer, inputs, cls=self.vision_cls)
         out: dict[str, list[TokenMap]] = {}

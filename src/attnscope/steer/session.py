@@ -670,6 +670,10 @@ class steer:
         hf = self.model.hf
         if id(hf) in _steered:
             raise SteerError("this model is already inside a steer block; pass all edits to one steer(...)")
+        if self.model.spec.kind == "encdec":
+            raise SteerError(f"{self.model.name} is an encoder-decoder: attnscope captures its encoder, decoder and "
+                             "cross-attention streams, but does not steer them yet (edits would be placed with a "
+                             "decoder-only model's bookkeeping); capture instead, or steer a decoder-only model")
         self._plan()
         handlers: dict[nn.Module, _SiteHandler] = {}
 

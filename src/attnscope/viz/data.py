@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..capture.trace import Trace
-from ..core.tokens import ROLES, TokenMap
+from ..core.tokens import QUERY_STREAM, ROLES, TokenMap
 
 FORMAT = "attnscope.view/1"
 # roles whose positions are always kept as query rows when a long sequence is subsampled
@@ -170,7 +170,10 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
     a forward of their own (generate's final token), shown after the language/text stream. `sinks`: {stream:
     `explain.sinks.SinkReport`} from the model (else the attention-mass criterion on the stored rows)."""
     the_run = trace.run(run)
-    streams = sorted({s for s, _ in the_run.records})
+    streams = sorted({s for s, _ in the_run.records if s not in QUERY_STREAM})  # cross-attention is not square
+    if not streams and the_run.records:
+        raise ValueError("the viewer draws self-attention streams; this trace holds only cross-attention "
+                         f"({sorted({s for s, _ in the_run.records})}): capture the encoder or decoder stream too")
     views = []
     for stream in streams:
         layers = sorted(layer for s, layer in the_run.records if s == stream)
