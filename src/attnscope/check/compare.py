@@ -84,27 +84,33 @@ def coverage(run, streams: dict[str, int], length: int) -> list[str]:
     return out
 
 
-def token_maps(run) -> dict[str, list[str]]:
-    """Per stream, the steps whose token map length differs from the extent of the keys its records label."""
-    extent: dict[tuple[str, int], int] = {}
-    for (stream, _), records in run.records.items():
-        for rec in records:
-            last = max(rec.keys) + 1 if rec.keys is not None else rec.probs.shape[-1]
-            extent[(stream, rec.step)] = max(extent.get((stream, rec.step), 0), last)
+def token_maps(runs: list) -> dict[str, list[str]]:
+    """Per stream, where a token map's length differs from the keys it labels: in each run, step and layer, the
+    keys' extent (last absolute key position + 1, over the layer's parts) must equal the map's length."""
     out: dict[str, list[str]] = {}
-    for (stream, step), n in sorted(extent.items()):
-        issues = out.setdefault(stream, [])
-        try:
-            maps = run.maps_at(stream, step)
-        except KeyError as err:
-            issues.append(str(err))
-            continue
-        if not maps:
-            issues.append(f"step {step}: no token map labels its {n} keys")
-            continue
-        lengths = sorted({len(m) for m in maps})
-        if lengths != [n]:
-            issues.append(f"step {step}: token map of {lengths[0] if len(lengths) == 1 else lengths} entries for {n} keys")
+    for r, run in enumerate(runs):
+        extent: dict[tuple[str, int, int], int] = {}
+        for (stream, layer), records in run.records.items():
+            out.setdefault(stream, [])
+            for rec in records:
+                last = max(rec.keys) + 1 if rec.keys is not None else rec.probs.shape[-1]
+                key = (stream, rec.step, layer)
+                extent[key] = max(extent.get(key, 0), last)
+        where = f"run {r} " if len(runs) > 1 else ""
+        for (stream, step, layer), n in sorted(extent.items()):
+            issues = out[stream]
+            try:
+                maps = run.maps_at(stream, step)
+            except KeyError as err:
+                issues.append(f"{where}step {step}: {err}")
+                continue
+            if not maps:
+                issues.append(f"{where}step {step}: no token map labels the {n} keys of layer {layer}")
+                continue
+            lengths = sorted({len(m) for m in maps})
+            if lengths != [n]:
+                issues.append(f"{where}step {step} layer {layer}: token map of {lengths[0] if len(lengths) == 1 else lengths} "
+                              f"entries for {n} keys")
     return out
 
 

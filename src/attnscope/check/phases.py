@@ -26,7 +26,8 @@ def _stream_rows(result: CheckResult, phase: str, reports: dict, extra: str = ""
 def _map_row(result: CheckResult, phase: str, issues: dict[str, list[str]]) -> None:
     bad = {s: v for s, v in issues.items() if v}
     if bad:
-        detail = "; ".join(f"{s}: {', '.join(v[:2])}" for s, v in bad.items())
+        detail = "; ".join(f"{s}: {', '.join(v[:2])}" + (f" (+{len(v) - 2} more)" if len(v) > 2 else "")
+                           for s, v in bad.items())
         result.add(f"{phase}: token map lengths = keys", FAIL, None, detail)
     else:
         result.add(f"{phase}: token map lengths = keys", PASS, None, f"streams {', '.join(sorted(issues)) or 'none'}")
@@ -49,7 +50,39 @@ def forward_phase(model, inputs: dict, plain: list, result: CheckResult) -> None
     result.add("forward: outputs bit-identical under capture", PASS if same else FAIL, None if same else diff,
                "capture calls the original backend" if same else "capture changed the model's outputs")
     _stream_rows(result, "forward", compare.compare(run, ref, model.streams))
-    _map_row(result, "forward", compare.token_maps(run))
+    _map_row(result, "forward", compare.token_maps(trace.runs))
+    _image_role_row(model, inputs, run, result)
+
+
+def _image_token(config) -> int | None:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _image_role_row(model, inputs: dict, run, result: CheckResult) -> None:
+    """Where the config names an image token and the probe holds it: the language map's "image" positions must be
+    exactly the positions of that id in input_ids (image tokens labelled "text" make role-based selections and
+    edits silently select nothing)."""
+    ids, token = inputs.get("input_ids"), _image_token(model.hf.config)
+    if not isinstance(ids, torch.Tensor) or token is None or not bool((ids == token).any()):
+        return
+    check = "forward: image roles = image token ids"
+    stream = next((s for s in ("language", "text") if run.tokens.get(s)), None)
+    if stream is None:
+        return result.add(check, FAIL, None, f"no language token map (streams with maps: {sorted(run.tokens)})")
+    wrong = []
+    for row, tmap in enumerate(run.maps_at(stream, 0)):
+        want = (ids[row] == token).nonzero().flatten().tolist()
+        got = tmap.positions("image")
+        if got != want:
+            wrong.append(f"row {row}: {len(got)} positions labelled image, {len(want)} image tokens ({token}) in input_ids")
+    if wrong:
+        result.add(check, FAIL, None, "; ".join(wrong[:2]))
+    else:
+        result.add(check, PASS, None, f"{stream} stream: {len(tmap.positions('image'))} image positions")
 
 
 def full_inputs(model, inputs: dict, sequence: torch.Tensor) -> dict:
@@ -107,7 +140,7 @@ def decode_phase(model, inputs: dict, steps: int, result: CheckResult) -> None:
     for issue in compare.coverage(run, model.streams, sequence.shape[1]):
         reports[issue.split(" ", 1)[0]].problems.append(issue)
     _stream_rows(result, phase, reports, f", steps 0..{run.steps}")
-    _map_row(result, phase, compare.token_maps(run))
+    _map_row(result, phase, compare.token_maps(trace.runs))
 
 
 def _identity_edits(model) -> list[tuple[str, list]]:
