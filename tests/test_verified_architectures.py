@@ -40,8 +40,8 @@ def test_every_family_gets_a_row_and_the_known_ones_pass(generator, tmp_path, ca
     table = _table(out)
     assert list(table) == names
     for name, (_, kind, cls, version, status, diff, detail) in table.items():
-        assert status in ("pass", "FAIL", "REFUSED"), name
-        assert cls.endswith(("Model", "ForCausalLM", "LMHeadModel", "ForConditionalGeneration")), (name, cls)
+        assert status in ("pass", "FAIL", "REFUSED", "n/a"), name
+        assert status == "n/a" or cls.endswith(("Model", "ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
         if status == "pass":
             assert float(diff) <= 1e-4 and not detail
         else:

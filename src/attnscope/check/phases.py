@@ -54,6 +54,12 @@ def forward_phase(model, inputs: dict, plain: list, result: CheckResult) -> None
     _image_role_row(model, inputs, run, result)
 
 
+def _placeholder_tokens(config) -> list[int]:
+    """Image and video placeholder ids the config names."""
+    return sorted({v for k, v in vars(config).items() if isinstance(v, int) and ("image" in k or "video" in k)
+                   and k.endswith(("token_id", "token_index"))})
+
+
 def _image_token(config) -> int | None:
     for name in ("image_token_id", "image_token_index"):
         value = getattr(config, name, None)
@@ -112,6 +118,9 @@ def decode_phase(model, inputs: dict, steps: int, result: CheckResult) -> None:
     enc_dec = bool(getattr(model.hf.config, "is_encoder_decoder", False))
     key = "decoder_input_ids" if enc_dec else "input_ids"
     kwargs = {"max_new_tokens": steps + 1, "min_new_tokens": steps + 1, "do_sample": False}
+    placeholders = _placeholder_tokens(model.hf.config)
+    if placeholders:  # a generated image placeholder would make the full-sequence reference ask for another image
+        kwargs["suppress_tokens"] = placeholders
     phase = f"decode ({steps} steps)"
     try:
         with torch.no_grad():

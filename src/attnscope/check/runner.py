@@ -48,9 +48,10 @@ def _tensors(out) -> list[torch.Tensor]:
     values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else [out]
     found = []
     for v in values:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            found.append(v.detach())
-        elif hasattr(v, "values") and not seam.is_cache(v):
+        if isinstance(v, torch.Tensor):  # (a tensor has a `values` method too: sparse tensors' values)
+            if v.is_floating_point():
+                found.append(v.detach())
+        elif isinstance(v, (tuple, list)) or hasattr(v, "values") and not seam.is_cache(v):
             found.extend(_tensors(v))
     return found
 
