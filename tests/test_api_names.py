@@ -1,6 +1,6 @@
-"""Public names: `attnscope.explain`, `attnscope.steer` and `attnscope.capture` are their packages and are callable
-(no function shadows a subpackage); every steering method documents itself in its own class docstring (paper,
-parameters, errors), which `help()` and the viewer's form show."""
+"""Public names: `attnscope.explain`, `attnscope.steer`, `attnscope.capture` and `attnscope.check` are their packages
+and are callable (no function shadows a subpackage); every steering method documents itself in its own class
+docstring (paper, parameters, errors), which `help()` and the viewer's form show."""
 from __future__ import annotations
 
 import importlib
@@ -15,7 +15,7 @@ import torch
 import attnscope
 
 
-@pytest.mark.parametrize("name, member", [("explain", "METHODS"), ("steer", "PAI"), ("capture", "Trace")])
+@pytest.mark.parametrize("name, member", [("explain", "METHODS"), ("steer", "PAI"), ("capture", "Trace"), ("check", "CheckResult")])
 def test_packages_are_reachable_and_callable(name, member):
     package = importlib.import_module(f"attnscope.{name}")
     assert getattr(attnscope, name) is package is sys.modules[f"attnscope.{name}"]

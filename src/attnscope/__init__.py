@@ -9,6 +9,7 @@ from .models.zoo import ZOO, load, wrap
 from . import heads  # noqa: E402  (attnscope.heads.table)
 from . import explain, steer  # noqa: E402  callable packages: attnscope.explain(...), attnscope.steer(...)
 from .explain import Explanation  # noqa: E402
+from . import check  # noqa: E402  callable package: attnscope.check(model) runs the verdict table
 
 __all__ = ["capture", "Trace", "TokenMap", "load", "wrap", "load_image", "ZOO", "explain", "Explanation", "steer",
-           "heads", "__version__"]
+           "heads", "check", "__version__"]

@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
     demo.add_argument("--out", default="demo-out")
     demo.set_defaults(fn=cmd_demo)
+    from .check import command as check_command
     from .evaluate import command as eval_command
     from .explain import command as explain_command
     from .heads import command as heads_command
     from .steer import command as steer_command
 
-    for command in (explain_command, steer_command, heads_command, eval_command):
+    for command in (explain_command, steer_command, heads_command, eval_command, check_command):
         command.add_parser(sub).set_defaults(fn=command.run)
     srv = sub.add_parser("serve", help="the interactive viewer: a local web app in the browser")
     srv.add_argument("--host", default="127.0.0.1",

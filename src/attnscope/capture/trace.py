@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..core.tokens import TokenMap
+from ..core.tokens import CACHED_STREAMS, TokenMap
 
 FORMAT = "attnscope.trace/1"
 
@@ -54,7 +54,7 @@ class Run:
     `prefix` counts positions a cache held before the capture saw the sequence (role "unknown"). Under beam
     search the rows change beams between steps: `eras` keeps the maps as they were before each reorder, as
     (last step they label, maps), and `lengths` the map length at each step, so `maps_at(step)` labels that
-    step's rows."""
+    step's rows (`lengths` holds the cached streams' lengths; a tower's map is the same at every step)."""
 
     tokens: dict[str, list[TokenMap]] = field(default_factory=dict)
     records: dict[tuple[str, int], list[Record]] = field(default_factory=dict)
@@ -79,6 +79,8 @@ class Run:
         if not 0 <= step <= self.steps:
             raise KeyError(f"step {step} is outside this run's steps 0..{self.steps}")
         maps = next((m[stream] for last, m in self.eras if step <= last and stream in m), current)
+        if stream not in CACHED_STREAMS:  # a tower's or encoder's map does not grow with the decode steps
+            return maps
         n = self.lengths[step] if step < len(self.lengths) else len(maps[0])
         return [t.head(n) for t in maps]
 

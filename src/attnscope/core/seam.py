@@ -256,3 +256,33 @@ def set_implementation(config, name: str | None) -> None:
 def sub_configs(config) -> list:
     """The configs nested in a config (vision and text towers of a VLM)."""
     return [getattr(config, k, None) for k in getattr(config, "sub_configs", {})]
+
+
+# --- the model's own eager attention (the reference `attnscope check` compares against) ---------------------------
+def eager_weights(modules, callback) -> callable:
+    """While switched to eager, call `callback(module, weights)` with the probabilities each of `modules` gets from
+    its modeling file's `eager_attention_forward` (what `output_attentions=True` reports; towers whose attention
+    module returns no weights, such as Qwen2-VL's vision, included). Returns the function that stops watching."""
+    import sys
+
+    wanted = set(modules)
+    patched = {}
+    for module in wanted:
+        modeling = sys.modules[type(module).__module__]
+        original = getattr(modeling, "eager_attention_forward", None)
+        if original is None or modeling in patched:
+            continue
+
+        def spy(mod, *args, _original=original, **kwargs):
+            out = _original(mod, *args, **kwargs)
+            if mod in wanted and isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor):
+                callback(mod, out[1])
+            return out
+
+        patched[modeling] = original
+        modeling.eager_attention_forward = spy
+
+    def undo() -> None:
+        for modeling, original in patched.items():
+            modeling.eager_attention_forward = original
+    return undo
