@@ -103,8 +103,10 @@ def _paligemma():
     return tf.PaliGemmaForConditionalGeneration(cfg)
 
 
-def _paligemma_inputs(hf):  # the image tokens first, then bos and the prefix
-    return _with_mask(_ids([IMG] * 16, 1, 5, 6, 7, 8), pixel_values=_pixels())
+def _paligemma_inputs(hf):  # the image tokens first, then bos and the prefix, with the processor's token_type_ids
+    # (without them transformers' own SDPA and eager paths build different masks for the image prefix)
+    ids = _ids([IMG] * 16, 1, 5, 6, 7, 8)
+    return _with_mask(ids, pixel_values=_pixels(), token_type_ids=torch.zeros_like(ids))
 
 
 # --- encoders, vision, encoder-decoders --------------------------------------------------------------------------

@@ -103,7 +103,10 @@ def full_inputs(model, inputs: dict, sequence: torch.Tensor) -> dict:
         per_token = (isinstance(value, torch.Tensor) and name != key and value.ndim >= 2
                      and tuple(value.shape[:2]) == tuple(prompt.shape) and (not enc_dec or name.startswith("decoder_")))
         if per_token:
-            fill = torch.ones if "mask" in name else torch.zeros
+            # masks with ones; type ids with zeros, except PaliGemma's, where 1 marks the causal suffix (generated
+            # tokens must not attend forward in the one-pass reference, as they could not while decoding)
+            suffix = name == "token_type_ids" and getattr(model.hf.config, "model_type", "") == "paligemma"
+            fill = torch.ones if "mask" in name or suffix else torch.zeros
             pad = fill((value.shape[0], extra, *value.shape[2:]), dtype=value.dtype, device=value.device)
             out[name] = torch.cat([value, pad], 1)
     params = inspect.signature(model.hf.forward).parameters
