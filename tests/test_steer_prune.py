@@ -241,3 +241,20 @@ def test_text_only_prompt_says_there_are_no_image_tokens():
         with pytest.raises(SteerError, match="has none in the language stream|no pixel_values"), steer(arch.m, method):
             gen(arch, text)
         assert state(arch) == before
+
+
+def test_capture_inside_fastv_labels_pruned_layers_with_the_kept_positions():
+    """A capture inside a pruning steer block labels a pruned layer's keys with the original positions steer kept
+    (never 0..K-1, never a window), and its rows equal those of the same model with the dropped keys masked."""
+    arch = get(Llava)
+    with torch.no_grad(), steer(arch.m, FastV(k=1, keep=0.5)) as session, \
+            attnscope.capture(arch.m, streams="language", layers=[1]) as pruned:
+        arch.hf(**arch.inputs)
+    kept = session.state.kept[("language", 1)][0].tolist()
+    rec = pruned.record("language", 1)
+    assert rec.keys == kept and rec.queries == kept and len(kept) < arch.inputs["input_ids"].shape[1]
+    dropped = [p for p in range(arch.inputs["input_ids"].shape[1]) if p not in kept]
+    with torch.no_grad(), steer(arch.m, MaskKeys(layers=[1], keys=dropped)), \
+            attnscope.capture(arch.m, streams="language", layers=[1], queries=kept, keys=kept) as masked:
+        arch.hf(**arch.inputs)
+    torch.testing.assert_close(rec.probs, masked.attention("language", 1), atol=1e-5, rtol=0)

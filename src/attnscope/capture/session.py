@@ -6,7 +6,7 @@ import torch
 from .. import __version__
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach
-from ..core.ledger import Ledger
+from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
 from ..models.roles import TokenMapError, fit_vision_maps
@@ -216,6 +216,12 @@ class capture:
         q_len, kv_len = call.query.shape[2], call.key.shape[2]
         tmaps = run.tokens.get(call.site.stream)
         where = f"{call.site.stream} layer {call.site.layer}: "
+        pruned = kept_positions(self.model.hf, create=False).get((call.site.stream, call.site.layer))
+        if pruned is not None and call.site.stream in CACHED_STREAMS and pruned.shape[1] == kv_len:
+            if pruned.shape[0] > 1 and not bool((pruned == pruned[:1]).all()):
+                raise LedgerError(f"{where}token pruning kept different positions in each batch row; capture one row "
+                                  "at a time to label its keys")
+            return self._record_at(call, run, pruned[0].tolist(), tmaps)
         if call.site.stream in CACHED_STREAMS and self._ledger.length:  # positions from the ledger: windows, crops and prefix caches
             q_start, base = self._ledger.placed(q_len, kv_len, where)
             total = self._ledger.length
@@ -252,6 +258,26 @@ class capture:
         abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
         entries = run.records.setdefault((call.site.stream, call.site.layer), [])
         entries.append(Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part))
+
+    def _record_at(self, call: AttentionCall, run: Run, key_pos: list[int], tmaps) -> None:
+        """Record a call of a layer whose keys are the original positions `key_pos` (token pruning dropped the
+        others; queries are the last of them)."""
+        q_len = call.query.shape[2]
+        total = len(tmaps[0]) if tmaps else self._ledger.length
+        query_pos = key_pos[len(key_pos) - q_len:]
+        queries = resolve_positions(self.selection.queries, tmaps, total, "queries")
+        rows = list(range(q_len)) if queries is None else [i for i, p in enumerate(query_pos) if p in set(queries)]
+        keys = resolve_positions(self.selection.keys, tmaps, total, "keys")
+        local = list(range(len(key_pos))) if keys is None else [i for i, p in enumerate(key_pos) if p in set(keys)]
+        if not rows or not local:
+            return
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            probs = self._probs(call, rows, None if keys is None else local)
+        if self.offload:
+            probs = probs.to("cpu", non_blocking=True)
+        entries = run.records.setdefault((call.site.stream, call.site.layer), [])
+        entries.append(Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
+                              [key_pos[i] for i in local], run.steps, 0))
 
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches)

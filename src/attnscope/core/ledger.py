@@ -5,9 +5,10 @@ starts a sequence or continues the one in flight, and, for every attention call 
 positions of its query rows and key columns. Everything comes from what the model really holds, never from an
 assumption that the cache keeps every past key:
 
-- a forward continues the sequence in flight only if it brings the same cache object, holding exactly the tokens
-  the ledger has seen; a cache that already held tokens when the ledger first saw it (a prefix cache made before
-  the block) starts a sequence whose first `prefix` positions were never seen;
+- a forward continues the sequence in flight only if it brings the same cache object, holding no more tokens than
+  the ledger has seen (fewer when token pruning dropped some from it); a cache that already held tokens when the
+  ledger first saw it (a prefix cache made before the block) starts a sequence whose first `prefix` positions
+  were never seen;
 - a call's keys are the last `K` positions of the sequence (a sliding-window or cropped cache layer returns a
   window ending at the current token; a full layer returns all of them); keys that cannot be placed that way
   (a pre-allocated static cache) are an error, never a guess;
@@ -24,6 +25,23 @@ from dataclasses import dataclass
 import torch
 
 from . import seam
+
+
+_KEPT: dict[int, dict] = {}
+
+
+def kept_positions(model, create: bool = True, reset: bool = False) -> dict:
+    """{(stream, layer): original positions [B, n] of the keys a layer still holds} for the sequence in flight on
+    `model`, after token pruning (FastV, PyramidDrop, VTC-CLS). Steer fills it; capture reads it, so rows of a
+    pruned layer are labelled with the positions they really are."""
+    key = id(model)
+    if reset or (create and key not in _KEPT):
+        _KEPT[key] = {}
+    return _KEPT.get(key, {})
+
+
+def forget_kept(model) -> None:
+    _KEPT.pop(id(model), None)
 
 
 class LedgerError(RuntimeError):
@@ -54,13 +72,13 @@ class Ledger:
         cache = seam.find_cache(inputs)
         seen = seam.cache_length(cache)
         q = seam.query_length(inputs)
-        if seen > 0 and cache is self.cache and seen == self.length:
-            out = Begin(False, seen, q)
+        if seen > 0 and cache is self.cache and seen <= self.length:  # fewer: token pruning dropped some
+            out = Begin(False, self.length, q)
         else:
             out = Begin(True, seen, q, prefix=seen)
             if cache is not self.cache:
                 self._watch(cache)
-        self.cache, self.length, self.queries = cache, seen + q, q
+        self.cache, self.length, self.queries = cache, out.base + q, q
         return out
 
     def close(self) -> None:

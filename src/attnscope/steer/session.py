@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, exclusive
-from ..core.ledger import Ledger
+from ..core.ledger import Ledger, forget_kept, kept_positions
 from ..core.probs import attention_probs, check_terms, sink_logits
 from ..core.tokens import CACHED_STREAMS, ROLES, TokenMap
 from ..models.wrapped import Model
@@ -726,6 +726,7 @@ class steer:
             self.state.reorder(rows)
 
     def _close(self) -> None:
+        forget_kept(self.model.hf)
         if getattr(self, "_ledger", None) is not None:
             self._ledger.close()
         if self._attachment is not None:
@@ -960,6 +961,7 @@ class steer:
             st = self.state
         else:  # generate encodes the images before the first forward: this starts the next sequence
             st = SeqState()
+            st.kept = kept_positions(self.model.hf, reset=True)
             st.from_vision = True
             self.state = st
         pv = args[0] if args else kwargs.get("pixel_values")
@@ -993,6 +995,7 @@ class steer:
             return st
         if state is None and not (st is not None and st.from_vision):
             prev, st = st, SeqState()  # a new main sequence (unless the vision tower already started it)
+            st.kept = kept_positions(self.model.hf, reset=True)  # shared with capture through the ledger
             if prev is not None and inputs.get(seam.ENCODED_IMAGES) is not None:
                 st.pixels = prev.pixels  # generate without a cache re-feeds the image features it encoded once
         if state is None:
