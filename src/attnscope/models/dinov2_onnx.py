@@ -228,7 +228,13 @@ def load(cache: Path):
 
     target = Path(cache) / NAME
     _ensure_converted(target)
-    model = Dinov2Model.from_pretrained(str(target), attn_implementation="sdpa", dtype=torch.float32).eval()
+    model, info = Dinov2Model.from_pretrained(str(target), attn_implementation="sdpa", dtype=torch.float32,
+                                              output_loading_info=True)
+    if info.get("missing_keys") or info.get("unexpected_keys"):  # a cache converted under another transformers naming
+        raise ValueError(f"the cached DINOv2 conversion in {target} does not match this transformers' Dinov2Model "
+                         f"(missing {sorted(info.get('missing_keys', []))[:3]}...); delete that folder so it is "
+                         "converted again")
+    model.eval()
     head = SaliencyHead(**json.loads((target / HEAD_CONFIG).read_text()))
     head.load_state_dict(load_file(str(target / HEAD_WEIGHTS)))
     return model, image_processor(), head.float().eval()

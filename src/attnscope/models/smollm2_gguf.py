@@ -138,7 +138,31 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     if tokenizer.chat_template is None:
         raise ValueError(f"{gguf_path} has no chat template")
+    # special tokens from the GGUF's own metadata: transformers releases disagree on them (5.6-5.15 make
+    # <|im_start|> the end-of-sequence token and set no padding token)
+    vocab = GGUFReader(gguf_path)
+    for attr, key in (("eos_token", "tokenizer.ggml.eos_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id")):
+        token_id = _meta(vocab, key)
+        if token_id is not None:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
+    check_tokenizer(tokenizer)
     tokenizer.save_pretrained(out_dir)
+
+
+PROBE = "The capital of France is Paris."
+
+
+def check_tokenizer(tokenizer) -> None:
+    """The converted tokenizer must round-trip plain text (transformers 5.4-5.5 turn this GGUF's byte-level BPE
+    into a SentencePiece tokenizer that interleaves unknown tokens): a clear error instead of a model that reads
+    garbage."""
+    import transformers
+
+    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode(ids) != PROBE or tokenizer.unk_token_id in ids:
+        raise ValueError(f"transformers {transformers.__version__} converts the SmolLM2 GGUF tokenizer wrongly "
+                         f"({PROBE!r} -> {ids[:8]}...); upgrade transformers (attnscope supports >=5.18) and delete "
+                         "the cached conversion (attnscope models shows where it is)")
 
 
 @serial_load
@@ -162,4 +186,5 @@ def load(cache: Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     model = LlamaForCausalLM.from_pretrained(target, attn_implementation="sdpa", dtype=torch.float32)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(target)
+    check_tokenizer(tokenizer)
     return model, tokenizer
