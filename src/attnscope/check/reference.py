@@ -40,7 +40,9 @@ def eager(hf):
         try:
             hf.set_attn_implementation("eager")
         except (ValueError, TypeError, AttributeError):  # a model that refuses the switch: set the configs directly
-            for cfg, _ in saved:
+            pass
+        for cfg, _ in saved:  # and every config it did not reach (T5's stacks keep their own copy before 5.24)
+            if seam.get_implementation(cfg) != "eager":
                 seam.set_implementation(cfg, "eager")
         yield
     finally:
