@@ -153,3 +153,48 @@ def test_siglip_has_no_cls_and_its_patches_are_not_shifted():
         assert not none.run().records
     except ValueError as err:
         assert "cls" in str(err)
+
+
+def test_selected_keys_a_window_evicted_are_recorded_as_zero(mistral):
+    m, ids, out = mistral
+    with torch.no_grad(), attnscope.capture(m, queries="last", keys=[1, 2, PROMPT - 1]) as trace:
+        m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+    ref = _eager_full(m.hf, out[:, :-1])
+    for step in range(NEW):
+        rec = trace.record("text", 1, step=step)
+        q = PROMPT - 1 + step
+        assert sorted(rec.keys) == [1, 2, PROMPT - 1] and rec.queries == [q]
+        for j, k in enumerate(rec.keys):
+            torch.testing.assert_close(rec.probs[0, :, 0, j], ref[1][0, :, q, k], atol=1e-6, rtol=0)
+
+
+def test_a_cropped_cache_is_refused_not_relabelled(smollm):
+    """Assisted/speculative decoding crops the cache to drop rejected drafts: refused by name, in capture and steer."""
+    from attnscope.core.ledger import LedgerError
+
+    x = smollm.encode("One two three four five six seven eight nine ten eleven twelve")
+    ids = x["input_ids"]
+    for block in (lambda: attnscope.capture(smollm, queries="last", layers=[0]),
+                  lambda: steer(smollm, PAI(alpha=1.0, keys=[0, 1], layers=[0, 1]))):
+        cache = seam.new_cache(smollm.hf.config)
+        with torch.no_grad(), block():
+            smollm.hf(**seam.cache_inputs(smollm.hf, cache, input_ids=ids[:, :-4]))
+            cache.crop(-2)  # what assisted decoding does with two rejected drafts
+            with pytest.raises(LedgerError, match="cropped"):
+                smollm.hf(**seam.cache_inputs(smollm.hf, cache, input_ids=ids[:, -6:]))
+
+
+def test_a_second_turn_on_the_same_cache_is_text_not_generated(smollm):
+    first = smollm.encode("The capital of France is")
+    n = first["input_ids"].shape[1]
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as trace:
+        out = smollm.generate(**first, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        turn = smollm.tokenizer(" And the capital of Spain is", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        full = torch.cat([out.sequences, turn], 1)
+        smollm.generate(input_ids=full, attention_mask=torch.ones_like(full), max_new_tokens=2, do_sample=False,
+                        **{seam.cache_keyword(smollm.hf): seam.output_cache(out)})
+    tmap = trace.tokens("text")
+    assert len(trace.runs) == 1
+    assert tmap.roles[n: n + 1] == ["generated"]  # the first answer's fed token
+    start = out.sequences.shape[1] - 1  # the last answer token is fed together with the new turn
+    assert "generated" not in tmap.roles[start + 1: full.shape[1]] and tmap.roles[-1] == "generated"

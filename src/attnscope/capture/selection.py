@@ -14,7 +14,7 @@ def _as_list(value, n: int, what: str) -> list[int]:
     if value is None or isinstance(value, str) and value == "all":
         return list(range(n))
     if isinstance(value, str):
-        raise TypeError(f"{what}s must be an int, a list of ints, a slice, None or 'all'; got the string {value!r}")
+        raise TypeError(f"{what}: expected an int, a list of ints, a slice, None or 'all'; got the string {value!r}")
     if isinstance(value, slice):
         return list(range(n))[value]
     items = [value] if isinstance(value, int) else list(value)

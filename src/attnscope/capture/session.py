@@ -9,7 +9,7 @@ from ..core.dispatch import AttentionCall, Handler, attach
 from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
-from ..models.roles import TokenMapError, fit_vision_maps
+from ..models.roles import TokenMapError, fit_vision_maps, text_maps
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
 from .trace import Record, Run, Trace, checksum
@@ -128,7 +128,7 @@ class capture:
     def _before_forward(self, module, args, kwargs):
         self._in_forward = True
         inputs = self.model.bind(args, kwargs)
-        begin = self._ledger.begin(inputs)
+        begin = self._ledger.begin(inputs, pruning=bool(kept_positions(self.model.hf, create=False)))
         if not begin.new and self.trace.runs:  # the next decode step of the sequence in flight
             run = self.trace.runs[-1]
             run.steps += 1
@@ -187,11 +187,18 @@ class capture:
         return None
 
     def _extend_tokens(self, run: Run, input_ids) -> None:
+        """One new token per row is a generated token; several (a new turn fed on top of the cache) are prompt
+        text, labelled by the text role builder."""
         for stream in CACHED_STREAMS:
             maps = run.tokens.get(stream)
             if not maps or input_ids is None:
                 continue
             tok = self.model.tokenizer
+            if input_ids.shape[1] > 1:
+                for tmap, added in zip(maps, text_maps(tok, input_ids, None)):
+                    for role, token in zip(added.roles, added.tokens):
+                        tmap.append(token, role)
+                continue
             for tmap, ids in zip(maps, input_ids.tolist()):
                 for tid in ids:
                     tmap.append(tok.convert_ids_to_tokens(tid) if tok is not None else str(tid))
@@ -249,13 +256,20 @@ class capture:
         rows = list(range(q_len)) if queries is None else [p - q_start for p in queries if q_start <= p < q_start + q_len]
         keys = resolve_positions(self.selection.keys, tmaps, total, "keys")
         local_keys = None if keys is None else [p - base for p in keys if base <= p < base + kv_len]
-        if not rows or local_keys == []:
+        # selected keys a sliding window already evicted: exactly zero attention, recorded as such
+        evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
+        if not rows or (local_keys == [] and not evicted):
             return
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            probs = self._probs(call, rows, local_keys)
+            probs = self._probs(call, rows, local_keys) if local_keys != [] else None
+        abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
+        if evicted:
+            zeros = torch.zeros(call.query.shape[0], len(self._heads[call.module]), len(rows), len(evicted),
+                                dtype=self.dtype, device=call.query.device)
+            probs = zeros if probs is None else torch.cat([zeros, probs], -1)
+            abs_keys = evicted + (abs_keys if local_keys else [])
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
-        abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
         entries = run.records.setdefault((call.site.stream, call.site.layer), [])
         entries.append(Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part))
 

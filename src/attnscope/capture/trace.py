@@ -168,7 +168,8 @@ class Trace:
         layer = self.layer_index(stream, layer, run)
         entries = sorted(self.run(run).records[(stream, layer)], key=lambda r: (r.step, r.part))
         if any(r.keys is not None for r in entries):
-            raise ValueError("steps() needs every key captured; capture with keys=None")
+            raise ValueError("steps() needs every key from position 0 in every step: capture with keys=None (a "
+                             "sliding-window cache records only its window; read those steps with record())")
         width = max(r.probs.shape[-1] for r in entries)
         return torch.cat([torch.nn.functional.pad(r.probs, (0, width - r.probs.shape[-1])) for r in entries], dim=2)
 

@@ -5,10 +5,11 @@ starts a sequence or continues the one in flight, and, for every attention call 
 positions of its query rows and key columns. Everything comes from what the model really holds, never from an
 assumption that the cache keeps every past key:
 
-- a forward continues the sequence in flight only if it brings the same cache object, holding no more tokens than
-  the ledger has seen (fewer when token pruning dropped some from it); a cache that already held tokens when the
-  ledger first saw it (a prefix cache made before the block) starts a sequence whose first `prefix` positions
-  were never seen;
+- a forward continues the sequence in flight only if it brings the same cache object, holding exactly the tokens
+  the ledger has seen (fewer only when token pruning, published in `kept_positions`, dropped some); a cache
+  cropped back (assisted or speculative decoding rejecting drafts) is refused, since the rejected tokens would
+  stay in the labels; a cache that already held tokens when the ledger first saw it (a prefix cache made before
+  the block) starts a sequence whose first `prefix` positions were never seen;
 - a call's keys are the last `K` positions of the sequence (a sliding-window or cropped cache layer returns a
   window ending at the current token; a full layer returns all of them); keys that cannot be placed that way
   (a pre-allocated static cache) are an error, never a guess;
@@ -67,11 +68,17 @@ class Ledger:
         self._unwatch: list[Callable[[], None]] = []
 
     # --- forwards --------------------------------------------------------------------------------------------
-    def begin(self, inputs: dict) -> Begin:
-        """Place a top-level forward: read its cache (by type) and its number of new tokens."""
+    def begin(self, inputs: dict, pruning: bool = False) -> Begin:
+        """Place a top-level forward: read its cache (by type) and its number of new tokens. `pruning`: token
+        pruning is dropping keys from this sequence's cache, so the cache may hold fewer tokens than were seen."""
         cache = seam.find_cache(inputs)
         seen = seam.cache_length(cache)
         q = seam.query_length(inputs)
+        if seen > 0 and cache is self.cache and seen < self.length and not pruning:
+            raise LedgerError(f"the cache was cropped from {self.length} to {seen} tokens between two forwards "
+                              "(assisted or speculative decoding rejecting draft tokens); attnscope does not follow "
+                              "rejected drafts yet, so it refuses rather than label them. Generate without "
+                              "assistant_model / prompt_lookup_num_tokens inside this block")
         if seen > 0 and cache is self.cache and seen <= self.length:  # fewer: token pruning dropped some
             out = Begin(False, self.length, q)
         else:

@@ -22,7 +22,8 @@ def _is_causal(module, kwargs: dict) -> bool:
 # Keywords an attention call may carry that do not change its probabilities, and those that do and are recomputed.
 NEUTRAL = {"dropout", "scaling", "is_causal", "position_ids", "use_cache", "output_attentions", "output_router_logits",
            "encoder_hidden_states", "encoder_attention_mask", "cache_position", "position_embeddings", "cache",
-           "past_key_values", "layer_idx", "output_hidden_states", "return_dict", "token_type_ids"}
+           "past_key_values", "layer_idx", "output_hidden_states", "return_dict", "token_type_ids",
+           "deterministic"}
 RECOMPUTED = {"sliding_window", "softcap", "s_aux", "sinks", "position_bias"}
 
 

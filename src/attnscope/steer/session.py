@@ -984,7 +984,7 @@ class steer:
         branch's or an observation pass's own state; without it the main sequence's state is used."""
         st = state if state is not None else self.state
         ledger = state.ledger if state is not None and state.ledger is not None else self._ledger
-        placed = ledger.begin(inputs)
+        placed = ledger.begin(inputs, pruning=getattr(self, "_drop", None) is not None)
         if st is not None and not st.from_vision and st.codes and not placed.new:
             q = seam.query_length(inputs)
             for stream in CACHED_STREAMS:
