@@ -54,3 +54,19 @@ def test_qwen2_vl_bimodal_refused_with_reason():
     assert "merges patches" in e.extras["bimodal_skipped"]
     with pytest.raises(MethodError, match="not a vision-language model|batch"):
         vlm.token_map(get(Llava).m, {"input_ids": torch.ones(2, 3, dtype=torch.long)}, 1)
+
+
+def test_scene_vlm_image_map_covers_the_whole_image_one_pooled_cell_per_token():
+    """scene-vlm's LM image tokens each pool 2x2 tower patches: the pixel map puts token (r, c) over the 28 px cell
+    (r, c) of the 224 px input, never over a 14 px patch in one corner."""
+    import attnscope
+    import numpy as np
+
+    vlm = attnscope.load("scene-vlm")
+    e = attnscope.explain(vlm, vlm.encode("Is there a bag in the image?", image="chelsea"))
+    grid = np.asarray(e.grid(0))
+    assert grid.shape == (8, 8)
+    full = e.image_map(mode="nearest")
+    assert full.shape == (224, 224)
+    assert np.allclose(full[14::28, 14::28], grid)  # every cell's centre carries its own token's score
+    assert np.ptp(full[112:, 112:]) > 0  # the bottom-right quarter is drawn too

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attnscope
-from attnscope.steer import steer
+from attnscope.steer import PAI, steer
 from attnscope.steer.edits import SteerError
 from attnscope.steer.methods import METHODS, parse, value
 from attnscope.viz import integrations
@@ -71,3 +71,11 @@ def test_steering_form_has_every_parameter_from_the_signature(smollm):
         integrations.steering(smollm, "heads", {"scale": "0"})
     with integrations.steering(smollm, "heads", {"heads": "3.1", "scale": "0"}):
         pass
+
+
+@pytest.mark.parametrize("keys", [[], range(3, 3), slice(3, 3), "cls", "system"], ids=str)
+def test_a_steering_selection_that_selects_nothing_is_an_error(smollm, keys):
+    x = smollm.encode(PROMPT)
+    with pytest.raises(SteerError, match="selects nothing"), torch.no_grad():
+        with steer(smollm, PAI(alpha=1.0, keys=keys, layers=range(20, 30))):
+            smollm(**x)

@@ -64,3 +64,14 @@ def test_pickle_is_refused(tmp_path):
     torch.save({"a": 1}, path)
     with pytest.raises(TraceFileError):
         attnscope.Trace.load(path)
+
+
+def test_metadata_of_the_wrong_shape_is_a_trace_file_error(tmp_path):
+    """A safetensors file whose attnscope metadata is valid JSON of the wrong shape: a TraceFileError, never a bare
+    AttributeError (the viewer turns TraceFileError into a 400)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"attnscope": "[1, 2]"})
+    with pytest.raises(TraceFileError):
+        attnscope.Trace.load(path)

@@ -251,7 +251,7 @@ class Trace:
                         run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
                     trace.runs.append(run)
                 return trace
-        except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
             if isinstance(err, TraceFileError):
                 raise
             if isinstance(err, FileNotFoundError):

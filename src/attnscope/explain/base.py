@@ -26,6 +26,8 @@ def pixel_geometry(model, inputs: dict, stream: str):
     patch = _config_patch(model.hf.config)
     if model.spec.vision_order == "merge":
         return None, None
+    if model.spec.kind == "vlm" and stream != "vision":
+        patch = None  # a language-model image token covers pixel size / its own grid (pooled projectors: 2x2 patches)
     return (int(pv.shape[-2]), int(pv.shape[-1])), patch
 
 
@@ -87,6 +89,9 @@ def reduce_to_tokens(model, inputs: dict, stream: str, name: str, attribution: t
     pixel_map = attribution[0].sum(0)  # [H, W]
     scores = torch.zeros(len(tmap))
     (height, width), patch = pixel_geometry(model, inputs, stream)
+    if patch is None and tmap.grids:  # a VLM's language stream: each image token covers pixel size / its grid
+        rows, cols = tmap.grids[0]
+        patch = (height // rows, width // cols)
     if patch is None or not tmap.grids:
         raise MethodError("cannot place pixel attributions on tokens: no patch grid")
     ph, pw = patch

@@ -1033,6 +1033,16 @@ class steer:
                 if bad:
                     raise SteerError(f"{_label(e)}: {what} {bad} select nothing in a {n}-token {stream} sequence "
                                      f"(positions 0..{n - 1}, or negative from the end: -1 is the last)")
+                if spec is None or spec == "image" or callable(spec) or isinstance(spec, (bool, Edit)):
+                    continue  # "image" gets its own message below
+                try:
+                    chosen = st.position_mask(spec, stream, st.codes[stream].shape[0], what)
+                except (KeyError, ValueError, TypeError):
+                    continue  # a spec this check cannot read is the edit's own business
+                if chosen is not None and not bool(chosen.any()):
+                    raise SteerError(f"{_label(e)}: {what}={spec!r} selects nothing in this {n}-token {stream} "
+                                     f"sequence (roles present: {sorted(set(st.tmaps[stream][0].roles))}); the "
+                                     "edit would change nothing. Choose positions or roles the prompt has")
             for role in needs:
                 if role in ("image",) and not st.has_role(stream, role):
                     raise SteerError(f"{_label(e)} acts on {role} tokens, but this input has none in the {stream} stream "
