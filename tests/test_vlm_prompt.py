@@ -72,3 +72,10 @@ def test_every_command_takes_a_question_with_an_image(tmp_path, capsys):
     assert main(["generate", "--model", "scene-vlm", "--image", "chelsea", "--text", raw, "--raw-prompt",
                  "--new-tokens", "6", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == doc["text"]
+
+
+def test_a_raw_prompt_without_the_placeholder_names_the_fix(vlm):
+    with pytest.raises(ValueError, match="placeholder '<image>'"):
+        vlm.encode("Is there a bag in the image?", image="chelsea", chat=False)
+    x = vlm.encode("<image>\nIs there a bag in the image?", image="chelsea", chat=False)
+    assert int((x["input_ids"] == vlm.hf.config.image_token_id).sum()) == 64

@@ -125,6 +125,13 @@ class Model:
         if text is None and image is None:
             raise ValueError("nothing to encode; pass text=... and/or image=...")
         images = None if image is None else [load_image(i) for i in (image if isinstance(image, list) else [image])]
+        marker = self.image_token
+        if chat is False and images is not None and text is not None and marker is not None:
+            missing = [t for t in texts if marker not in t]
+            if missing:
+                raise ValueError(f"a raw prompt (chat=False / --raw-prompt) must hold the image placeholder {marker!r} "
+                                 f"where the image goes; {missing[0][:60]!r} has none. Write it yourself (e.g. "
+                                 f"'{marker}\\n{missing[0][:30]}'), or leave chat unset to build the model's own prompt")
         if text is not None and chat is not False:
             marker = self.image_token
             wrap = chat is True or (images is not None and marker is not None)
