@@ -9,22 +9,11 @@ are checked against the keys; strength-0 edits must be the identity bit for bit;
 The package is callable: `attnscope.check(...)` is `attnscope.check.check(...)`."""
 from __future__ import annotations
 
-import inspect
-import sys
-import types
-
+from .._package import make_callable
 from .result import FAIL, PASS, REFUSED, CheckResult, Row
 from .runner import check
 
 
-class _Package(types.ModuleType):
-    """Calling the package runs the checks (see the module docstring)."""
-
-    def __call__(self, model, *args, **kwargs) -> CheckResult:
-        return check(model, *args, **kwargs)
-
-
-__signature__ = inspect.signature(check)
-sys.modules[__name__].__class__ = _Package
+make_callable(__name__, check)
 
 __all__ = ["check", "CheckResult", "Row", "PASS", "FAIL", "REFUSED"]

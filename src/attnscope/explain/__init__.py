@@ -13,10 +13,9 @@ for sink-aware maps (`sinks.py`). Targets live in `targets.py`; VLM token and an
 from __future__ import annotations
 
 import inspect
-import sys
 import time
-import types
 
+from .._package import make_callable
 from ..models.images import load_image
 from . import flow, gradattn, gradcam, gradinput, integrated_gradients, lrp, random_map, raw, rollout
 from .engine import MethodError, default_stream
@@ -93,16 +92,7 @@ def _display_pixels(model, inputs):
     return np.clip(pv.numpy() * std + mean, 0, 1).transpose(1, 2, 0)
 
 
-class _Package(types.ModuleType):
-    """`attnscope.explain` is this package, and calling it explains: `attnscope.explain(model, image=...)` is
-    `attnscope.explain.explain(model, image=...)`."""
-
-    def __call__(self, *args, **kwargs) -> Explanation:
-        return explain(*args, **kwargs)
-
-
-__signature__ = inspect.signature(explain)
-sys.modules[__name__].__class__ = _Package
+make_callable(__name__, explain)
 
 __all__ = ["explain", "Explanation", "METHODS", "ATTENTION_METHODS", "MethodError", "TargetError", "Target",
            "ClassLogit", "EmbeddingSimilarity", "NextToken", "TokenLogProb", "TokenEmbedding", "Custom", "detect_sinks", "SinkReport"]

@@ -10,10 +10,7 @@ Primitives in `edits` (logit bias / key scaling / masking, probability redistrib
 dropping, contrastive decoding); paper methods in `methods`, one file each."""
 from __future__ import annotations
 
-import inspect
-import sys
-import types
-
+from .._package import make_callable
 from .edits import (
     Branch,
     Contrast,
@@ -60,13 +57,4 @@ __all__ = ["steer", "parse", "generate_kwargs", "METHODS", "SteerError", "Contra
 
 
 
-class _Package(types.ModuleType):
-    """`attnscope.steer` is this package, and calling it opens a steer block: `attnscope.steer(model, PAI())` is
-    `attnscope.steer.steer(model, PAI())`, while `import attnscope.steer as st; st.PAI` reaches the package."""
-
-    def __call__(self, model, *items):
-        return steer(model, *items)
-
-
-__signature__ = inspect.signature(steer)
-sys.modules[__name__].__class__ = _Package
+make_callable(__name__, steer)
