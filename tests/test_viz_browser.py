@@ -12,18 +12,10 @@ import pytest
 from attnscope.models.images import load_image
 from attnscope.viz import html, runner
 from attnscope.viz.server import create_app
-from attnscope.viz.testing import canvas_stats, chromium_path, running_server, synthetic_trace
+from attnscope.viz.testing import canvas_stats, running_server, synthetic_trace
+from browser import VIEWPORT, chromium, expect, needs_browser  # noqa: F401 (chromium is a fixture)
 
-try:
-    from playwright.sync_api import expect
-    missing = None if chromium_path() else "no Chromium (apt-get install chromium)"
-except ImportError:
-    missing = "playwright is not installed (pip install playwright)"
-if missing and os.environ.get("CI"):
-    raise RuntimeError(f"browser tests cannot run in CI: {missing}")  # CI installs both: never skip silently there
-pytestmark = pytest.mark.skipif(missing is not None, reason=str(missing))
-
-VIEWPORT = {"width": 1440, "height": 1000}
+pytestmark = needs_browser
 
 
 def shot(page, tmp_path: Path, name: str) -> Path:
@@ -42,14 +34,6 @@ def watch(page) -> list:
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     return errors
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from attnscope.viz.testing import browser
-
-    with browser() as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

@@ -5,40 +5,22 @@
 - scene-vlm answers a question about a photo in the served app (its chat prompt built for it);
 - the steering form comes from the method's signature (`heads` asks for its heads);
 - errors are red and clear the stale result."""
-import os
-
 import pytest
 from PIL import Image
 
 import attnscope
 from attnscope.viz import report
 from attnscope.viz.server import create_app
-from attnscope.viz.testing import canvas_stats, chromium_path, running_server
+from attnscope.viz.testing import canvas_stats, running_server
+from browser import VIEWPORT, chromium, expect, needs_browser  # noqa: F401 (chromium is a fixture)
 
-try:
-    from playwright.sync_api import expect
-    missing = None if chromium_path() else "no Chromium (apt-get install chromium)"
-except ImportError:
-    missing = "playwright is not installed (pip install playwright)"
-if missing and os.environ.get("CI"):
-    raise RuntimeError(f"browser tests cannot run in CI: {missing}")
-pytestmark = pytest.mark.skipif(missing is not None, reason=str(missing))
-
-VIEWPORT = {"width": 1440, "height": 1000}
+pytestmark = needs_browser
 
 
 def watch(page) -> list:
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     return errors
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from attnscope.viz.testing import browser
-
-    with browser() as b:
-        yield b
 
 
 @pytest.fixture(scope="module")
