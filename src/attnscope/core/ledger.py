@@ -55,7 +55,6 @@ class Begin:
 
     new: bool
     base: int  # tokens of the sequence before this forward's queries
-    queries: int  # new tokens in this forward
     prefix: int = 0  # of `base`, tokens cached before the ledger saw the sequence (roles unknown)
 
 
@@ -64,7 +63,6 @@ class Ledger:
         self.on_reorder = on_reorder
         self.cache = None
         self.length = 0  # tokens of the sequence in flight, this forward's included
-        self.queries = 0
         self._unwatch: list[Callable[[], None]] = []
 
     # --- forwards --------------------------------------------------------------------------------------------
@@ -80,12 +78,12 @@ class Ledger:
                               "rejected drafts yet, so it refuses rather than label them. Generate without "
                               "assistant_model / prompt_lookup_num_tokens inside this block")
         if seen > 0 and cache is self.cache and seen <= self.length:  # fewer: token pruning dropped some
-            out = Begin(False, self.length, q)
+            out = Begin(False, self.length)
         else:
-            out = Begin(True, seen, q, prefix=seen)
+            out = Begin(True, seen, prefix=seen)
             if cache is not self.cache:
                 self._watch(cache)
-        self.cache, self.length, self.queries = cache, out.base + q, q
+        self.cache, self.length = cache, out.base + q
         return out
 
     def close(self) -> None:
@@ -103,14 +101,20 @@ class Ledger:
 
     # --- attention calls ---------------------------------------------------------------------------------------
     def placed(self, q_len: int, kv_len: int, where: str = "") -> tuple[int, int]:
-        """(first query position, first key position) of a call of a cached stream with `q_len` queries and
-        `kv_len` keys; positions are consecutive from there."""
-        total = self.length
-        if q_len > total or kv_len < q_len and kv_len != total:
-            raise LedgerError(f"{where}an attention call with {q_len} queries and {kv_len} keys does not fit a sequence "
-                              f"of {total} tokens")
-        if kv_len > total:
-            raise LedgerError(f"{where}the attention call sees {kv_len} keys but the sequence holds {total} tokens: a "
-                              "pre-allocated (static) cache or keys from elsewhere; attnscope cannot place them. Use the "
-                              "default dynamic cache (cache_implementation=None)")
-        return total - q_len, total - kv_len
+        """(first query position, first key position) of a call of a cached stream (see `place`)."""
+        return place(self.length, q_len, kv_len, where)
+
+
+def place(total: int, q_len: int, kv_len: int, where: str = "") -> tuple[int, int]:
+    """(first query position, first key position) of an attention call with `q_len` queries and `kv_len` keys in a
+    cached sequence of `total` tokens: keys are the last `kv_len` positions (all of them, or a sliding-window or
+    cropped layer's window), queries the last `q_len`; positions are consecutive from there. Used by capture
+    (`Ledger.placed`) and by steer (`CallContext`)."""
+    if q_len > total or kv_len < q_len and kv_len != total:
+        raise LedgerError(f"{where}an attention call with {q_len} queries and {kv_len} keys does not fit a sequence "
+                          f"of {total} tokens")
+    if kv_len > total:
+        raise LedgerError(f"{where}the attention call sees {kv_len} keys but the sequence holds {total} tokens: a "
+                          "pre-allocated (static) cache or keys from elsewhere; attnscope cannot place them. Use the "
+                          "default dynamic cache (cache_implementation=None)")
+    return total - q_len, total - kv_len

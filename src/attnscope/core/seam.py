@@ -153,22 +153,6 @@ def _newer_than(version: str) -> bool:
 
 
 # --- decoder-block arguments (token pruning cuts them to the kept positions) -----------------------------------
-def block_mask(kwargs: dict):
-    return kwargs.get(MASK)
-
-
-def with_block_mask(kwargs: dict, mask) -> dict:
-    return dict(kwargs, **{MASK: mask})
-
-
-def block_position_ids(kwargs: dict):
-    return kwargs.get(POSITION_IDS)
-
-
-def block_query_length(kwargs: dict) -> int:
-    return query_length(kwargs)
-
-
 def slice_block_kwargs(kwargs: dict, kept: torch.Tensor, L: int) -> dict:
     """A decoder block's position embeddings, mask, position ids (and cache position, where the release passes
     one) for a full-length prefill of `L` tokens, cut to the kept positions `kept` [B, n]."""

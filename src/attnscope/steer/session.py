@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, exclusive
-from ..core.ledger import Ledger, forget_kept, kept_positions
+from ..core.ledger import Ledger, forget_kept, kept_positions, place
 from ..core.probs import attention_probs, check_terms, sink_logits
 from ..core.tokens import CACHED_STREAMS, ROLES, TokenMap
 from ..models.wrapped import Model
@@ -186,10 +186,8 @@ class CallContext:
                                "dropping tokens; was the cache filled outside this steer block?")
         L = state.length(self.site.stream)
         if kept is None and L is not None and self.site.stream in CACHED_STREAMS and self.K != L:
-            if self.K > L:
-                raise SteerError(f"{self.site.stream} layer {self.site.layer} sees {self.K} keys but the sequence holds "
-                                 f"{L} tokens (a pre-allocated static cache?); use the default dynamic cache")
-            kept = torch.arange(L - self.K, L).expand(self.B, -1)  # a sliding-window or cropped cache layer
+            _, first = place(L, self.Q, self.K, f"{self.site.stream} layer {self.site.layer}: ")
+            kept = torch.arange(first, L).expand(self.B, -1)  # a sliding-window layer: its keys are the last K
         self.pos_k = kept  # None: keys are positions 0..K-1
         self.known = L is not None and (kept is not None or self.K <= L)
         self.patch: list = []
@@ -892,9 +890,9 @@ class steer:
                              "generate(..., use_cache=False) (the method's generate_kwargs), or use FastV to keep the "
                              "prompt's ranking in the cache")
         kept = st.kept.get((stream, layer))
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(seam.MASK)
         if kept is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
-            kwargs["attention_mask"] = mask.gather(3, kept.to(mask.device)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+            kwargs[seam.MASK] = mask.gather(3, kept.to(mask.device)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
             return hidden, kwargs, True
         return hidden, kwargs, False
 
@@ -904,10 +902,10 @@ class steer:
             if st is None or st.step == 0 or not self._drop.applies(st.branch):
                 return None
             kept = st.kept.get((stream, 0))
-            mask = kwargs.get("attention_mask")
+            mask = kwargs.get(seam.MASK)
             if kept is None or not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] != st.length(stream):
                 return None
-            kwargs = dict(kwargs, attention_mask=mask.gather(1, kept.to(mask.device)))
+            kwargs = dict(kwargs, **{seam.MASK: mask.gather(1, kept.to(mask.device))})
             if kwargs.get(seam.POSITION_IDS) is None:
                 q, L = seam.query_length(kwargs), st.length(stream)
                 kwargs[seam.POSITION_IDS] = torch.arange(L - q, L, device=mask.device)[None, :]
