@@ -10,6 +10,7 @@ from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
 from ..models.roles import TokenMapError, fit_vision_maps, text_maps
+from ..models.placement import placement
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
 from .trace import Record, Run, Trace, checksum
@@ -71,6 +72,9 @@ class capture:
         }
         self.trace.provenance["backend"] = {k: v.removeprefix("attnscope_") if v else v
                                             for k, v in self.trace.provenance["backend"].items()}
+        placed = placement(hf)
+        if placed:  # split with accelerate: modules per device ("disk": offloaded)
+            self.trace.provenance["placement"] = placed
         return self.trace
 
     def __exit__(self, *exc) -> None:

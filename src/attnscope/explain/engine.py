@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.dispatch import AttentionCall, Handler, attach
 from ..core.probs import attention_probs
+from ..models.placement import resident
 from .targets import Target, TargetError
 
 
@@ -129,14 +130,14 @@ class Linearizer:
             scale = torch.sqrt(xf.var(-1, unbiased=False, keepdim=True) + eps).detach()
             y = centred / scale
             if getattr(module, "weight", None) is not None:
-                y = y * module.weight.float()
+                y = y * resident(module, "weight", x.device).float()
             if getattr(module, "bias", None) is not None:
-                y = y + module.bias.float()
+                y = y + resident(module, "bias", x.device).float()
         else:
             scale = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps).detach()
             y = xf / scale
             if getattr(module, "weight", None) is not None:
-                w = module.weight.float()
+                w = resident(module, "weight", x.device).float()  # offloaded: back on meta after its forward
                 y = y * (1 + w if getattr(module, "_offset_one", False) else w)
         y = y.to(output.dtype)
         # keep the exact forward value; only the backward path changes

@@ -12,6 +12,7 @@ from ..core.sites import Site, find_sites
 from ..core.tokens import TokenMap
 from . import roles
 from .images import load_image
+from .placement import stored
 from .spec import Spec, spec_for
 
 
@@ -72,7 +73,7 @@ class Model:
         digest = hashlib.blake2b(digest_size=16)
         for name, tensor in self.hf.state_dict().items():
             if tensor.device.type == "meta":  # offloaded: the real bytes sit in accelerate's weights map
-                tensor = _offloaded(self.hf, name)
+                tensor = stored(self.hf, name)
                 if tensor is None:
                     return "unavailable: offloaded weights without a readable weights map"
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -178,16 +179,3 @@ class Model:
             out["text"] = roles.text_maps(self.tokenizer, inputs["input_ids"], inputs.get("attention_mask"))
         return out
 
-
-def _offloaded(model: nn.Module, name: str):
-    """The real tensor behind a parameter or buffer left on the meta device by accelerate's offloading."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, -1, -1):
-        module = model.get_submodule(".".join(parts[:cut])) if cut else model
-        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        if weights is not None:
-            try:
-                return weights[".".join(parts[cut:])]
-            except KeyError:
-                continue
-    return None

@@ -99,10 +99,22 @@ def _load_path(path: str, **kwargs) -> Model:
 
 @serial_load
 def load(name_or_path: str | Path, **kwargs) -> Model:
-    """Load a zoo model by name, a local Hugging Face model directory, or a hub id (where a hub is reachable)."""
+    """Load a zoo model by name, a local Hugging Face model directory, or a hub id (where a hub is reachable).
+
+    `device_map`, `max_memory` and `offload_folder` split the model across devices, the CPU and disk with accelerate
+    (`models/placement.py`): a zoo model is loaded, then placed; a directory passes them (and any other keyword) to
+    `from_pretrained`."""
+    from . import placement
+
     name = str(name_or_path)
+    placement.check_options(**{k: kwargs.get(k) for k in placement.KEYWORDS})
     if name in LOADERS:
-        return LOADERS[name]()
+        other = sorted(set(kwargs) - set(placement.KEYWORDS))
+        if other:
+            raise TypeError(f"zoo model {name!r} takes no {other}; its keywords are {', '.join(placement.KEYWORDS)}")
+        model = LOADERS[name]()
+        options = {k: kwargs[k] for k in placement.KEYWORDS if kwargs.get(k) is not None}
+        return placement.split(model, **options) if options else model
     if Path(name).is_dir() or ("/" in name and not Path(name).exists() and not name.startswith((".", "/"))):
         try:
             return _load_path(name, **kwargs)

@@ -1,0 +1,165 @@
+"""Split a model across devices, the CPU and disk with accelerate (`device_map`, `max_memory`, `offload_folder`).
+
+`attnscope.load(name, device_map=..., max_memory=..., offload_folder=...)` places a zoo model after loading it
+(`split` below); a model directory passes the same keywords to `from_pretrained`, which loads each weight into its
+place. Either way the model carries accelerate's `AlignDevicesHook`s: each placed module runs on its execution
+device, and a module offloaded to "cpu" (on a GPU machine) or "disk" keeps its parameters on the meta device and
+loads them from its weights map for each forward. attnscope's own hooks are forward (pre-)hooks registered with
+torch, so they run outside accelerate's wrapper of `forward` (before it moves the inputs, after it moves the outputs
+back); its tensors follow the query's device. Capture, steer (token pruning and contrastive branches included) and
+explain on a split model equal the unsplit model (tests/test_split_models.py); the model's inputs go to
+`Model.device`, the execution device of the first placed module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KEYWORDS = ("device_map", "max_memory", "offload_folder")
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+INSTALL = "pip install 'attnscope[split]' (accelerate)"
+
+
+class PlacementError(ValueError):
+    """A device map attnscope cannot apply; the message names the fix."""
+
+
+def _accelerate():
+    try:
+        import accelerate
+    except ImportError as err:
+        raise ImportError(f"splitting a model across devices needs accelerate: {INSTALL}") from err
+    return accelerate
+
+
+def is_split(hf: nn.Module) -> bool:
+    """True if accelerate placed this model (a device map or any of its hooks)."""
+    return bool(getattr(hf, "hf_device_map", None)) or any(hasattr(m, "_hf_hook") for m in hf.modules())
+
+
+def check_options(device_map=None, max_memory=None, offload_folder=None) -> None:
+    """The errors attnscope gives before anything is loaded or moved."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise PlacementError("max_memory and offload_folder place a model only with a device map; pass "
+                                 "device_map='auto' (or an explicit {module: device} dict)")
+        return
+    if isinstance(device_map, str):
+        if device_map not in STRATEGIES and not _is_device(device_map):
+            raise PlacementError(f"device_map={device_map!r} is neither a strategy ({', '.join(STRATEGIES)}) nor a device; "
+                                 "or pass a {module name: device} dict")
+        return
+    if not isinstance(device_map, dict) or not device_map:
+        raise PlacementError(f"device_map must be a strategy name or a non-empty {{module name: device}} dict; got "
+                             f"{type(device_map).__name__}")
+    for name, device in device_map.items():
+        if not _is_device(device):
+            raise PlacementError(f"device_map[{name!r}] = {device!r} is not a device: use a GPU index, 'cuda:N', "
+                                 "'cpu' or 'disk'")
+    if "disk" in device_map.values() and offload_folder is None:
+        raise PlacementError("device_map sends modules to 'disk'; pass offload_folder=DIR, where their weights are "
+                             "written")
+
+
+def _is_device(device) -> bool:
+    if isinstance(device, torch.device) or (isinstance(device, int) and not isinstance(device, bool)):
+        return _exists(torch.device("cuda", device) if isinstance(device, int) else device)
+    if device in ("disk", "cpu"):
+        return True
+    try:
+        return _exists(torch.device(device))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _exists(device: torch.device) -> bool:
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PlacementError(f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s)")
+        return True
+    return device.type in ("cpu", "mps", "xpu", "npu")
+
+
+def _explicit(hf: nn.Module, device_map: dict) -> dict:
+    """The dict map checked against the model: every key names a module, every parameter and buffer is placed."""
+    names = dict(hf.named_modules())
+    unknown = [k for k in device_map if k not in names]
+    if unknown:
+        raise PlacementError(f"device_map names modules the model does not have: {unknown[:5]}; module names are "
+                             f"dotted paths such as {[n for n in names if n][:4]}")
+    placed = tuple(device_map)
+    tensors = [n for n, _ in [*hf.named_parameters(), *hf.named_buffers()]]
+    missing = [n for n in tensors if "" not in placed and not any(n.startswith(p + ".") for p in placed)]
+    if missing:
+        raise PlacementError(f"device_map leaves {len(missing)} weights unplaced (e.g. {missing[:3]}); add their "
+                             "modules to the map, or use device_map='auto'")
+    return dict(device_map)
+
+
+def split(model, device_map="auto", max_memory: dict | None = None, offload_folder=None):
+    """Place `model` (an attnscope `Model`, already loaded) with accelerate: a strategy ("auto", "balanced",
+    "balanced_low_0", "sequential") within `max_memory` ({device: bytes or "300MB"}; what does not fit goes to
+    "cpu", then "disk"), one device for all of it, or an explicit {module name: device} dict. Modules on "disk"
+    are written to `offload_folder`. Returns the same `Model`; its weights fingerprint stays the same."""
+    check_options(device_map, max_memory, offload_folder)
+    accelerate = _accelerate()
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    hf = model.hf
+    if is_split(hf):
+        raise PlacementError(f"{model.name} is already placed with accelerate (hf_device_map); load it again to "
+                             "place it differently")
+    no_split = sorted(getattr(hf, "_no_split_modules", None) or [])
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(hf, max_memory=max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(hf, max_memory=max_memory, no_split_module_classes=no_split)
+    elif isinstance(device_map, str) or not isinstance(device_map, dict):
+        device_map = {"": device_map}
+    device_map = _explicit(hf, device_map)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise PlacementError(f"{model.name} does not fit in max_memory={max_memory}; modules would go to 'disk': "
+                             "pass offload_folder=DIR (or more max_memory)")
+    model.hf = accelerate.dispatch_model(hf, device_map, offload_dir=None if offload_folder is None else str(offload_folder))
+    return model
+
+
+def placement(hf: nn.Module) -> dict[str, int] | None:
+    """How many placed modules each device holds ({"cpu": 20, "disk": 12}), or None for an unsplit model."""
+    device_map = getattr(hf, "hf_device_map", None)
+    if not device_map:
+        return None
+    out: dict[str, int] = {}
+    for device in device_map.values():
+        key = f"cuda:{device}" if isinstance(device, int) else str(device)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def stored(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The real tensor behind parameter or buffer `name` (dotted, from `model`) that accelerate's offloading leaves on
+    the meta device between forwards: read from the weights map of the nearest hooked module above it."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut])) if cut else model
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is not None:
+            try:
+                return weights[".".join(parts[cut:])]
+            except KeyError:
+                continue
+    return None
+
+
+def resident(module: nn.Module, name: str, device: torch.device) -> torch.Tensor | None:
+    """`module.<name>` on `device`, also where accelerate offloaded it: a forward hook of an offloaded module runs
+    after accelerate's wrapper put its weights back on the meta device, so read them from its weights map."""
+    tensor = getattr(module, name, None)
+    if tensor is None or tensor.device.type != "meta":
+        return tensor if tensor is None else tensor.to(device)
+    real = stored(module, name)
+    if real is None:
+        raise PlacementError(f"{type(module).__name__}.{name} is on the meta device and no accelerate weights map "
+                             "holds it; load the model with its weights (device_map / offload_folder) before use")
+    return real.to(device)
