@@ -1,0 +1,96 @@
+"""Split models (text): SmolLM2 placed with accelerate across devices, the CPU and disk (`attnscope.load(...,
+device_map=, max_memory=, offload_folder=)`) captures, steers and explains exactly as the unsplit model; bad
+placements are refused by name before anything is loaded or moved. scene-vlm (token pruning, contrastive branches,
+the vision tower, restore): test_split_vlm.py.
+
+On a CPU-only machine SmolLM2 is placed by `max_memory`: the layers that do not fit in 300 MB go to disk. With two or
+more CUDA devices the same tests also run on a map over two GPUs, the CPU and disk, against the model on one GPU
+(tests/placements.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnscope
+from attnscope.models.placement import PlacementError, is_split, placement, split
+from attnscope.steer import PAI, steer
+from placements import GPUS, PLACEMENTS, lm_map, same
+
+pytest.importorskip("accelerate")
+TEXT = "Alice lives in Paris. Bob lives in Rome. Alice lives in"
+
+
+@pytest.fixture(scope="module", params=PLACEMENTS)
+def lm(request, smollm, tmp_path_factory):
+    """(unsplit, split) SmolLM2."""
+    folder = tmp_path_factory.mktemp("offload-lm")
+    if request.param == "cpu-disk":
+        return smollm, attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=folder)
+    plain = attnscope.load("smollm2-135m", device_map="cuda:0")
+    return plain, attnscope.load("smollm2-135m", offload_folder=folder, device_map={
+        "model.embed_tokens": 0, "lm_head": 0, "model.rotary_emb": 0, "model.norm": 1} | lm_map("gpus", 30, "model"))
+
+
+def test_split_model_is_really_offloaded_and_fingerprints_its_real_weights(lm):
+    plain, split_model = lm
+    assert placement(split_model.hf)["disk"] >= 5 and is_split(split_model.hf)
+    assert any(p.device.type == "meta" for p in split_model.hf.parameters())  # offloaded: weights not resident
+    assert split_model.fingerprint == plain.fingerprint  # read from the weights map, not the meta tensors
+    assert split_model.device == plain.device  # inputs go to the execution device
+
+
+def test_capture_during_generate_equals_the_unsplit_model(lm):
+    plain, split_model = lm
+    x = plain.encode(TEXT)
+    traces, ids = [], []
+    for model in (plain, split_model):
+        with torch.no_grad(), attnscope.capture(model, layers="all", queries="last") as trace:
+            ids.append(model.generate(**x, max_new_tokens=3, do_sample=False))
+        traces.append(trace)
+    assert torch.equal(ids[0].cpu(), ids[1].cpu())
+    assert traces[1].provenance["placement"] == placement(split_model.hf)
+    for layer in range(30):
+        for step in range(3):
+            same(traces[0].attention("text", layer, step=step), traces[1].attention("text", layer, step=step))
+    assert traces[0].tokens("text", step=2).roles == traces[1].tokens("text", step=2).roles
+
+
+def test_steering_and_explanations_equal_the_unsplit_model(lm):
+    plain, split_model = lm
+    x = plain.encode(TEXT)
+    logits = []
+    for model in (plain, split_model):
+        with torch.no_grad(), steer(model, PAI(alpha=1.0, keys=[3, 4], layers=range(12, 30))):
+            logits.append(model(**x).logits)
+    same(*logits)
+    for method in ("gradattn", "lrp"):  # lrp's norm rule reads weights offloaded again after their forward
+        a, b = (attnscope.explain(model, x, method=method) for model in (plain, split_model))
+        same(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device_map": {"model.layers.0": "disk"}}, "pass offload_folder"),
+    ({"max_memory": {"cpu": "100MB"}}, "device_map='auto'"),
+    ({"device_map": "everywhere"}, "neither a strategy"),
+    ({"device_map": {"model.layers.0": "gpu7"}}, "is not a device"),
+    ({"device_map": {"": f"cuda:{GPUS}"}}, "does not exist"),
+    ({"dtype": torch.float16}, "takes no \\['dtype'\\]"),
+])
+def test_bad_placements_are_refused_before_loading(kwargs, message):
+    with pytest.raises((PlacementError, TypeError), match=message):
+        attnscope.load("smollm2-135m", **kwargs)
+
+
+@pytest.mark.parametrize("device_map, message", [
+    ({"model.layers.0": "cpu", "model.decoder": "cpu"}, "does not have: \\['model.decoder'\\]"),
+    ({"model.layers.0": "cpu"}, "leaves .* weights unplaced"),
+])
+def test_bad_maps_leave_the_model_untouched(smollm, device_map, message):
+    with pytest.raises(PlacementError, match=message):
+        split(smollm, device_map)
+    assert not is_split(smollm.hf) and not any(p.device.type == "meta" for p in smollm.hf.parameters())
+
+
+def test_a_model_is_placed_once(lm):
+    with pytest.raises(PlacementError, match="already placed"):
+        split(lm[1], "auto")
