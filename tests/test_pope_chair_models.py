@@ -82,19 +82,18 @@ def test_sampling_is_seeded_per_question(untrained, few):
     assert run(1) != a
 
 
-def test_sharded_run_merges_to_the_unsharded_result(untrained, few, tmp_path, monkeypatch):
+def test_sharded_run_merges_to_the_unsharded_result(untrained, few, tmp_path):
     qs, image_of = few
     qs = [q for q in qs if q.split != "popular"]
     plain = pope_mod.evaluate_pope(untrained, qs, image_of, max_new_tokens=3, boot=10)
     out = tmp_path / "sharded.jsonl"
-    monkeypatch.setattr(pope_mod, "shard_info", lambda: (1, 2, lambda: None))
-    assert pope_mod.evaluate_pope(untrained, qs, image_of, max_new_tokens=3, out=out, shard=True, boot=10) is None
-    monkeypatch.setattr(pope_mod, "shard_info", lambda: (0, 2, lambda: None))
-    merged = pope_mod.evaluate_pope(untrained, qs, image_of, max_new_tokens=3, out=out, shard=True, boot=10)
+    for index in (1, 0):
+        assert pope_mod.evaluate_pope(untrained, qs, image_of, max_new_tokens=3, out=out, shard=f"{index}/2", boot=10) is None
+    merged = pope_mod.merge_pope(qs, out, boot=10)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(merged.records) == strip(plain.records)
     assert merged.config["processes"] == 2
-    assert not list(tmp_path.glob("*.rank*"))
+    assert not list(tmp_path.glob("*.shard-*"))
 
 
 def test_chair_on_captions(untrained, tmp_path):

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bootstrap import bootstrap
-from .pope import Generator, method_name, shard_info
+from . import shards
+from .pope import Generator, method_name
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -159,9 +160,10 @@ def scene_images(world=None, n: int = 200, split: str = "test") -> tuple[list[tu
 def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of: Callable[[str], object], *,
                    vocabulary: ObjectVocabulary | None = None, prompt: str = DEFAULT_PROMPT, steer=None,
                    max_new_tokens: int = 64, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                   seed: int = 0, out: str | Path | None = None, shard: bool = False, boot: int = 1000,
+                   seed: int = 0, out: str | Path | None = None, shard=None, boot: int = 1000,
                    progress: Callable[[int, int], None] | None = None) -> ChairResult | None:
-    """Caption each image (`prompt`) and score CHAIR_s, CHAIR_i and recall against its ground-truth classes."""
+    """Caption each image (`prompt`) and score CHAIR_s, CHAIR_i and recall against its ground-truth classes.
+    `shard` as in `pope.evaluate_pope` (`merge_chair` merges "i/n" shard files)."""
     if not images:
         raise ValueError("no images to caption")
     vocabulary = vocabulary or ObjectVocabulary.scenes()
@@ -171,10 +173,10 @@ def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of:
             raise ValueError(f"image {image_id!r} has classes {unknown} outside the vocabulary {vocabulary.classes}")
     gen = Generator(model, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
                     seed=seed, steer=steer)
-    rank, world, barrier = shard_info() if shard else (0, 1, lambda: None)
-    if world > 1 and out is None:
-        raise ValueError("sharded evaluation writes shard files next to `out`; pass out=...")
-    mine = list(images)[rank::world]
+    plan = shards.resolve(shard)
+    if plan is not None and out is None:
+        raise ValueError("a sharded evaluation writes its shard next to `out`; pass out=...")
+    mine = plan.take(images) if plan is not None else list(images)
     rows = []
     for i, (image_id, gold) in enumerate(mine):
         caption, seconds, tokens = gen(image_of(image_id), prompt, key=image_id)
@@ -182,35 +184,42 @@ def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of:
                      **caption_record(caption, gold, vocabulary)})
         if progress:
             progress(i + 1, len(mine))
-    config = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
-              "prompt": prompt, "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature,
-              "top_p": top_p, "seed": seed, "images": len(images), "processes": world}
-    if world > 1:
-        import time
+    settings = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
+                "prompt": prompt, "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature,
+                "top_p": top_p, "seed": seed, "vocabulary": shards.fingerprint(vocabulary.phrases),
+                "ground_truth": shards.fingerprint([[i, list(g)] for i, g in images])}
+    merged = shards.exchange(plan, out, "chair", _items(images), settings, rows, _key)
+    if merged is None:
+        return None
+    return _score(images, *merged, shards=plan.count if plan is not None else 1, out=out, boot=boot)
 
-        shard_path = Path(f"{out}.rank{rank}.jsonl")
-        shard_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shard_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.rename(shard_path)
-        barrier()
-        if rank != 0:
-            return None
-        rows = []
-        for r in range(world):
-            path = Path(f"{out}.rank{r}.jsonl")
-            for _ in range(6 * 3600):
-                if path.is_file():
-                    break
-                time.sleep(1)
-            rows += [json.loads(line) for line in path.read_text().splitlines()]
-            path.unlink()
-        order = {image_id: k for k, (image_id, _) in enumerate(images)}
-        rows.sort(key=lambda r: order[r["image_id"]])
+
+def merge_chair(images: Sequence[tuple[str, Sequence[str]]], out: str | Path, boot: int = 1000) -> ChairResult:
+    """Merge the shard files of one CHAIR run over `images` into `out` (see `pope.merge_pope`)."""
+    settings, rows, paths = shards.merge(out, "chair", _items(images), _key)
+    if settings.get("ground_truth") != shards.fingerprint([[i, list(g)] for i, g in images]):
+        raise shards.ShardError("the shards scored other ground-truth classes for these images; merge with the images "
+                                "they were run on")
+    result = _score(images, settings, rows, shards=len(paths), out=out, boot=boot)
+    for path in paths:
+        path.unlink()
+    return result
+
+
+def _items(images) -> list[str]:
+    return [image_id for image_id, _ in images]
+
+
+def _key(row: dict) -> str:
+    return row["image_id"]
+
+
+def _score(images, settings: dict, rows: list[dict], shards: int, out, boot: int) -> ChairResult:
+    config = settings | {"images": len(images), "processes": shards}
     for r in rows:
         r["method"] = config["method"]
     metrics = chair_metrics(rows)
-    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=seed, unit="caption")
+    metrics["ci"] = bootstrap(rows, chair_metrics, n=boot, seed=settings["seed"], unit="caption")
     metrics["seconds_per_caption"] = sum(r["seconds"] for r in rows) / len(rows)
     metrics["seconds_per_token"] = sum(r["seconds"] for r in rows) / max(1, sum(r["new_tokens"] for r in rows))
     result = ChairResult(rows, metrics, config)

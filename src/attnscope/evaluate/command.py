@@ -1,5 +1,6 @@
 """`attnscope eval pope|chair`: object hallucination of a vision-language model on the scene world, optionally
-steered (cli.py only registers it). Under `accelerate launch --num_processes K`, `--shard` splits the questions."""
+steered (cli.py only registers it). `--shard` splits the questions over processes and machines (`evaluate/shards.py`):
+alone under `accelerate launch` / `torchrun`, or `--shard INDEX/COUNT` per run and `--merge` after."""
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--out", help="JSON lines: one line per answer/caption, then the summary")
-    p.add_argument("--shard", action="store_true",
-                   help="under `accelerate launch`, answer every K-th question per process (needs --out)")
+    p.add_argument("--shard", nargs="?", const=True, default=None, metavar="INDEX/COUNT",
+                   help="alone: under `accelerate launch` or `torchrun` (one machine or several), each process answers "
+                        "its share and rank 0 merges into --out; INDEX/COUNT: answer shard INDEX (0-based) of COUNT "
+                        "into OUT.shard-INDEX-of-COUNT.jsonl, for --merge later")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the shard files next to --out (same --n, --split, --seed, --scene-split as the shards)")
     p.add_argument("--json", action="store_true", help="print the summary metrics as one JSON object")
     p.add_argument("--progress", action="store_true", help="report progress on stderr")
     p.set_defaults(fn=run)
@@ -67,17 +72,25 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from ..models.zoo import load
-    from . import chair, pope
+    from . import chair, pope, shards
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be at least 1; got {args.n}")
-    if args.shard and not args.out:
-        raise ValueError("--shard writes one file per process next to --out; pass --out")
+    if (args.shard or args.merge) and not args.out:
+        raise ValueError("--shard and --merge use the shard files next to --out; pass --out")
+    if args.shard is not None and args.merge:
+        raise ValueError("--merge merges shards that already ran; run it without --shard")
+    if isinstance(args.shard, str):
+        shards.parse(args.shard)  # a bad INDEX/COUNT before the model loads
+    elif args.shard and shards.from_launcher().count == 1:
+        print(f"warning: {shards.SINGLE}", file=sys.stderr)
     steer = [pope.resolve_steer(spec) for spec in args.steer] or None  # SteerError before the model loads
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     bad = [s for s in splits if s not in pope.SPLITS]
     if bad or not splits:
         raise ValueError(f"unknown POPE splits {bad}; splits are {', '.join(pope.SPLITS)}")
+    if args.merge:
+        return _report(args, _merge(args, splits))
     model = load(args.model)
     pope.Generator(model)  # NotAVisionLanguageModel now, before the questions are built
     common = dict(steer=steer, sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -93,14 +106,30 @@ def _run(args) -> int:
         if args.prompt:
             common["prompt"] = args.prompt
         result = chair.evaluate_chair(model, images, image_of, **common)
-    if result is None:  # a shard other than rank 0: rank 0 merges and reports
+    if result is None:  # a shard written for --merge, or a launched shard other than rank 0 (which reports)
+        if isinstance(args.shard, str):
+            print(f"wrote shard {args.shard} next to {args.out}; merge all shards with --merge --out {args.out}")
         return 0
+    return _report(args, result)
+
+
+def _merge(args, splits):
+    from . import chair, pope
+
+    if args.benchmark == "pope":
+        questions, _ = pope.scene_questions(n=args.n or 500, scene_split=args.scene_split, seed=args.seed, splits=splits)
+        return pope.merge_pope(questions, args.out, boot=args.boot)
+    images, _ = chair.scene_images(n=args.n or 200, split=args.scene_split)
+    return chair.merge_chair(images, args.out, boot=args.boot)
+
+
+def _report(args, result) -> int:
     if args.json:
         print(json.dumps({"benchmark": args.benchmark, "config": result.config, "metrics": result.metrics}))
     else:
         unit = "questions" if args.benchmark == "pope" else "images"
         print(f"{args.benchmark.upper()} on {result.config['model']}, {result.config['method']}: "
-              f"{len(result.records)} {unit}, {'sampled' if args.sample else 'greedy'}, 95% bootstrap intervals")
+              f"{len(result.records)} {unit}, {'sampled' if result.config.get('sample') else 'greedy'}, 95% bootstrap intervals")
         print(pope_table(result.metrics) if args.benchmark == "pope" else result.table())
     if args.out:
         print(f"wrote {args.out}")

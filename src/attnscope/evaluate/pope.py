@@ -21,14 +21,15 @@ with 95% bootstrap intervals that resample whole images. Decoding is greedy unle
 question is sampled with its own seed, derived from (seed, image, question), so results do not depend on
 order or sharding). Questions asked twice (the yes-questions are shared by the three splits) are answered once.
 
-Sharding: `evaluate_pope(..., shard=True)` under `accelerate launch --num_processes K` (or torchrun) answers
-every K-th question on each process, writes `out.rankR.jsonl`, and rank 0 merges them into `out`."""
+Sharding (`evaluate/shards.py`): `evaluate_pope(..., shard=True)` under `accelerate launch` or `torchrun`, on one
+machine or several, answers every K-th distinct question on each of K processes and rank 0 merges them into `out`;
+`shard="i/n"` runs one shard on its own and `merge_pope` merges the n shard files. The merged result equals the
+unsharded run's, whatever the number of shards."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import shards
 from .bootstrap import bootstrap
 
 SPLITS = ("random", "popular", "adversarial")
@@ -279,21 +281,6 @@ class Generator:
         return self.model.tokenizer.decode(new, skip_special_tokens=True).strip(), seconds, int(new.numel())
 
 
-# --- sharding ----------------------------------------------------------------------------------------------------
-def shard_info() -> tuple[int, int, Callable[[], None]]:
-    """(rank, world size, barrier) from accelerate if it is running this process, else from RANK/WORLD_SIZE, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, lambda: None
-    try:
-        from accelerate import PartialState
-
-        state = PartialState()
-        return state.process_index, state.num_processes, state.wait_for_everyone
-    except ImportError:  # no process group: rank 0 waits for the other shards' files instead
-        return int(os.environ.get("RANK", "0")), world, lambda: None
-
-
 # --- evaluation --------------------------------------------------------------------------------------------------
 def pope_metrics(records: Sequence[Mapping]) -> dict:
     """accuracy, precision, recall, f1, yes_ratio, unparseable and n over records with "label" (bool) and
@@ -358,58 +345,65 @@ def summarize(records: Sequence[dict], boot: int = 1000, seed: int = 0) -> dict:
 
 def evaluate_pope(model, questions: Sequence[PopeQuestion], image_of: Callable[[str], object], *, steer=None,
                   max_new_tokens: int = 8, sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, out: str | Path | None = None, shard: bool = False, boot: int = 1000,
+                  seed: int = 0, out: str | Path | None = None, shard=None, boot: int = 1000,
                   progress: Callable[[int, int], None] | None = None) -> PopeResult | None:
     """Ask every question, parse strictly, and score per split. `image_of(image_id)` gives the image.
 
-    With `shard=True` each process of an `accelerate launch` answers its share, and only rank 0 returns the
-    merged result (others return None); `out` is then required."""
+    `shard` (`evaluate/shards.py`): True under a launcher (`accelerate launch`, `torchrun`; one machine or several):
+    each process answers its share and rank 0 returns the merged result (the others None); "i/n" answers shard i of
+    n, writes it next to `out` and returns None (`merge_pope` merges the n files). Either way `out` is required,
+    and the merged result equals the unsharded one."""
     if not questions:
         raise ValueError("no POPE questions to ask")
     gen = Generator(model, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p,
                     seed=seed, steer=steer)
-    rank, world, barrier = shard_info() if shard else (0, 1, lambda: None)
-    if world > 1 and out is None:
-        raise ValueError("sharded evaluation writes shard files next to `out`; pass out=...")
+    plan = shards.resolve(shard)
+    if plan is not None and out is None:
+        raise ValueError("a sharded evaluation writes its shard next to `out`; pass out=...")
     unique = list(dict.fromkeys((q.image_id, q.question) for q in questions))
-    mine = unique[rank::world]
-    answers: dict[tuple[str, str], dict] = {}
+    mine = plan.take(unique) if plan is not None else unique
+    rows = []
     last_image, image = None, None
     for i, (image_id, text) in enumerate(mine):
         if image_id != last_image:
             image, last_image = image_of(image_id), image_id
         answer, seconds, tokens = gen(image, text, key=image_id)
-        answers[(image_id, text)] = {"answer": answer, "seconds": seconds, "new_tokens": tokens}
+        rows.append({"image_id": image_id, "question": text, "answer": answer, "seconds": seconds, "new_tokens": tokens})
         if progress:
             progress(i + 1, len(mine))
-    config = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
-              "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature, "top_p": top_p,
-              "seed": seed, "questions": len(questions), "processes": world}
-    if world > 1:
-        shard_path = Path(f"{out}.rank{rank}.jsonl")
-        shard_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shard_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"image_id": k[0], "question": k[1], **v}) + "\n" for k, v in answers.items()))
-        tmp.rename(shard_path)  # atomic: a reader sees the whole shard or none
-        barrier()
-        if rank != 0:
-            return None
-        answers = {}
-        for r in range(world):
-            path = Path(f"{out}.rank{r}.jsonl")
-            for _ in range(6 * 3600):  # without a process group, wait for the other shards' files
-                if path.is_file():
-                    break
-                time.sleep(1)
-            for line in path.read_text().splitlines():
-                d = json.loads(line)
-                answers[(d.pop("image_id"), d.pop("question"))] = d
-            path.unlink()
+    settings = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
+                "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature, "top_p": top_p,
+                "seed": seed}
+    merged = shards.exchange(plan, out, "pope", unique, settings, rows, _key)
+    if merged is None:
+        return None
+    return _score(questions, *merged, shards=plan.count if plan is not None else 1, out=out, boot=boot)
+
+
+def merge_pope(questions: Sequence[PopeQuestion], out: str | Path, boot: int = 1000) -> PopeResult:
+    """Merge the shard files `out.shard-i-of-n.jsonl` of one POPE run over `questions` (written with `shard="i/n"`)
+    into `out`, checked (every shard present and complete, one item list, one set of settings): the result equals
+    the unsharded run's. The shard files are removed after `out` is written."""
+    unique = list(dict.fromkeys((q.image_id, q.question) for q in questions))
+    settings, rows, paths = shards.merge(out, "pope", unique, _key)
+    result = _score(questions, settings, rows, shards=len(paths), out=out, boot=boot)
+    for path in paths:
+        path.unlink()
+    return result
+
+
+def _key(row: dict) -> tuple[str, str]:
+    return row["image_id"], row["question"]
+
+
+def _score(questions, settings: dict, rows: list[dict], shards: int, out, boot: int) -> PopeResult:
+    answers = {_key(r): r for r in rows}
+    config = settings | {"questions": len(questions), "processes": shards}
     records = []
     for q in questions:
-        a = answers[(q.image_id, q.question)]
+        a = {k: v for k, v in answers[(q.image_id, q.question)].items() if k not in ("image_id", "question")}
         records.append(asdict(q) | a | {"parsed": parse_yes_no(a["answer"]), "method": config["method"]})
-    result = PopeResult(records, summarize(records, boot, seed), config)
+    result = PopeResult(records, summarize(records, boot, settings["seed"]), config)
     if out is not None:
         result.save(out)
     return result
