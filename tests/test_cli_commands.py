@@ -155,32 +155,80 @@ def test_eval_chair_steered_on_scene_vlm(scene, use, capsys):
     assert "unknown POPE splits ['sideways']" in capsys.readouterr().err
 
 
-def test_accelerate_launch_on_two_processes_equals_one_process(scene, use, tmp_path, capsys):
-    """`accelerate launch --num_processes 2 ... --shard`: two real CPU processes answer half the questions each,
-    rank 0 merges them, and the merged records equal a one-process run's."""
+def test_two_machines_under_accelerate_launch_equal_one_process(scene, use, tmp_path, capsys):
+    """`accelerate launch --multi_gpu --num_machines 2 --machine_rank R --num_processes 2 ... --shard`, started twice on
+    this machine, stands for two machines: each launcher runs in its own directory (`--out pope.jsonl` is relative, so
+    they share no files), rank 1 (machine 1) sends its answers to rank 0 over the process group, and rank 0 writes the
+    merged result, equal to a one-process run's bit for bit (timings aside); no shard file is left on either machine.
+    (`--multi_gpu` is accelerate's multi-process launcher, torchrun; on CPUs it runs CPU processes. `--cpu` would start
+    one process.)"""
     import os
     import shutil
+    import socket
     import subprocess
     import sys
+    from pathlib import Path
+
+    import attnscope
 
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if launcher is None:
         pytest.skip("accelerate is not installed (pip install attnscope[eval])")
-    args = ["eval", "pope", "--model", "scene-vlm", "--n", "4", "--boot", "50"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    run = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attnscope.cli", *args,
-                          "--shard", "--out", str(tmp_path / "sharded.jsonl")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["eval", "pope", "--model", "scene-vlm", "--n", "3", "--new-tokens", "3", "--boot", "50", "--json"]
+    src = str(Path(attnscope.__file__).resolve().parents[1])
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    machines = []
+    for rank in (0, 1):
+        (tmp_path / f"machine{rank}").mkdir()
+        machines.append(subprocess.Popen(
+            [launcher, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+             "--dynamo_backend", "no", "-m", "attnscope.cli", *args, "--shard", "--out", "pope.jsonl"],
+            cwd=tmp_path / f"machine{rank}", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = [m.communicate(timeout=600) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], [err[-2000:] for _, err in done]
     use("scene-vlm", scene)
     assert main([*args, "--out", str(tmp_path / "single.jsonl")]) == 0
-    capsys.readouterr()
+    summary = lambda text: json.loads(next(x for x in text.splitlines() if x.startswith("{")))  # noqa: E731
+    single, sharded = summary(capsys.readouterr().out), summary(done[0][0])
+    assert sharded["config"]["processes"] == 2 and not done[1][0].strip()
 
-    def answers(name):
-        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
-        return sorted((r["split"], r["image_id"], r["object"], r["answer"]) for r in rows if r["type"] == "answer")
+    def exact(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.pop("seconds", None), r.pop("seconds_per_answer", None), r.get("config", {}).pop("processes", None)
+        return rows
 
-    sharded, single = answers("sharded.jsonl"), answers("single.jsonl")
-    assert len(single) == 12 and sharded == single
-    assert sorted(p.name for p in tmp_path.iterdir() if "rank" in p.name) == []  # shard files merged away
+    assert exact(tmp_path / "machine0" / "pope.jsonl") == exact(tmp_path / "single.jsonl")
+    assert [r["answer"] for r in exact(tmp_path / "single.jsonl") if r["type"] == "answer"]
+    assert sorted(p.name for p in (tmp_path / "machine0").iterdir()) == ["pope.jsonl"]
+    assert list((tmp_path / "machine1").iterdir()) == []
+    drop = lambda m: {s: {k: v for k, v in x.items() if k != "seconds_per_answer"} for s, x in m.items()}  # noqa: E731
+    assert drop(sharded["metrics"]) == drop(single["metrics"])
+
+
+def test_eval_shard_options(scene, use, tmp_path, capsys, monkeypatch):
+    """--shard INDEX/COUNT and --merge round trip; bad specs and a missing shard are one error line; --shard alone in a
+    single process warns that nothing is split (`accelerate launch --cpu` starts one process)."""
+    use("scene-vlm", scene)
+    out = str(tmp_path / "pope.jsonl")
+    base = ["eval", "pope", "--model", "scene-vlm", "--n", "1", "--split", "random", "--new-tokens", "2", "--boot", "10"]
+    for argv, message in (([*base, "--shard", "3/3", "--out", out], "shard 3 of 3 does not exist"),
+                          ([*base, "--shard", "1-2", "--out", out], "INDEX/COUNT"),
+                          ([*base, "--merge"], "pass --out"),
+                          ([*base, "--merge", "--shard", "0/2", "--out", out], "without --shard")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert main([*base, "--shard", "0/2", "--out", out]) == 0
+    assert "merge all shards with --merge" in capsys.readouterr().out
+    assert main([*base, "--merge", "--out", out]) == 2
+    assert "shard(s) [1] of 2 are missing" in capsys.readouterr().err
+    assert main([*base, "--shard", "1/2", "--out", out]) == 0 and main([*base, "--merge", "--out", out]) == 0
+    assert "| random | 1 |" in capsys.readouterr().out
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([*base, "--shard", "--out", out]) == 0
+    assert "this is the only process" in capsys.readouterr().err
