@@ -232,3 +232,24 @@ def test_eval_shard_options(scene, use, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main([*base, "--shard", "--out", out]) == 0
     assert "this is the only process" in capsys.readouterr().err
+
+
+def test_generate_on_a_model_split_over_cpu_and_disk_equals_the_unsplit_model(smollm, use, tmp_path, capsys):
+    """--device-map / --max-memory / --offload-folder place the model (load's keywords); steered output unchanged."""
+    base = ["generate", "--model", "smollm2-135m", "--text", PROMPT, "--new-tokens", "3", "--json",
+            "--steer", "pai:alpha=1,keys=3,layers=12:30"]
+    for extra, message in ((["--max-memory", "cpu"], "DEVICE=SIZE pairs"),
+                           (["--offload-folder", str(tmp_path)], "only with a device map"),
+                           (["--device-map", "{oops"], "not a JSON object"),
+                           (["--device-map", '{"model.layers.0": "disk"}'], "pass offload_folder")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    # the real loader (a fresh model), before `use` points load() at the session's unsplit one
+    assert main([*base, "--device-map", "auto", "--max-memory", "cpu=300MB", "--offload-folder", str(tmp_path)]) == 0
+    split_out = _json(capsys)
+    assert any(tmp_path.iterdir())  # layers went to disk
+    use("smollm2-135m", smollm)
+    assert main(base) == 0
+    plain = _json(capsys)
+    assert plain.pop("seconds") > 0 and split_out.pop("seconds") > 0 and plain == split_out

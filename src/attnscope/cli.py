@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -33,6 +34,44 @@ def prompt_chat(args) -> bool | None:
     return True if getattr(args, "chat", False) else None
 
 
+def add_placement_options(parser) -> None:
+    """--device-map / --max-memory / --offload-folder: split the model across devices, the CPU and disk
+    (`attnscope.load(..., device_map=, max_memory=, offload_folder=)`)."""
+    parser.add_argument("--device-map", metavar="MAP", help="auto, balanced, sequential, one device (cpu, cuda:0), or a "
+                        "JSON {module: device} object or @file.json")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", help="memory per device for --device-map auto: "
+                        "0=20GiB,1=20GiB,cpu=60GiB (what does not fit goes to disk)")
+    parser.add_argument("--offload-folder", metavar="DIR", help="where modules placed on disk keep their weights")
+
+
+def placement_options(args) -> dict:
+    """`load` keywords from the placement options (only those given)."""
+    out: dict = {}
+    spec = getattr(args, "device_map", None)
+    if spec is not None:
+        if spec.startswith("@"):
+            with open(spec[1:]) as fh:
+                spec = fh.read()
+        if spec.lstrip().startswith("{"):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--device-map is not a JSON object ({err}); e.g. '{{\"model.layers.0\": \"disk\"}}'") from err
+        out["device_map"] = spec
+    if getattr(args, "max_memory", None):
+        memory = {}
+        for item in args.max_memory.split(","):
+            device, sep, size = item.partition("=")
+            if not sep or not device.strip() or not size.strip():
+                raise ValueError(f"--max-memory takes DEVICE=SIZE pairs (0=20GiB,cpu=60GiB); got {item!r}")
+            device = device.strip()
+            memory[int(device) if device.isdigit() else device] = size.strip()
+        out["max_memory"] = memory
+    if getattr(args, "offload_folder", None):
+        out["offload_folder"] = args.offload_folder
+    return out
+
+
 def _ints(text: str | None):
     return None if text is None else [int(t) for t in text.split(",") if t.strip()]
 
@@ -54,7 +93,7 @@ def cmd_capture(args) -> int:
     if args.text is None and args.image is None:
         print("error: pass --text and/or --image", file=sys.stderr)
         return 2
-    model = load(args.model)
+    model = load(args.model, **placement_options(args))
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
     with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
                                   queries=args.queries) as trace:
@@ -119,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--queries", help="a role (last, cls, image, text, ...); default all")
     cap.add_argument("--out", required=True)
     add_prompt_options(cap)
+    add_placement_options(cap)
     cap.set_defaults(fn=cmd_capture)
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")
     demo.add_argument("--out", default="demo-out")

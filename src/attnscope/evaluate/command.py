@@ -37,6 +37,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="merge the shard files next to --out (same --n, --split, --seed, --scene-split as the shards)")
     p.add_argument("--json", action="store_true", help="print the summary metrics as one JSON object")
     p.add_argument("--progress", action="store_true", help="report progress on stderr")
+    from ..cli import add_placement_options
+
+    add_placement_options(p)
     p.set_defaults(fn=run)
     return p
 
@@ -91,7 +94,9 @@ def _run(args) -> int:
         raise ValueError(f"unknown POPE splits {bad}; splits are {', '.join(pope.SPLITS)}")
     if args.merge:
         return _report(args, _merge(args, splits))
-    model = load(args.model)
+    from ..cli import placement_options
+
+    model = load(args.model, **placement_options(args))
     pope.Generator(model)  # NotAVisionLanguageModel now, before the questions are built
     common = dict(steer=steer, sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   out=args.out, shard=args.shard, boot=args.boot, progress=_progress if args.progress else None)

@@ -31,9 +31,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--size", help="image size HxW for the model input, e.g. 224x308")
     p.add_argument("--faithfulness", action="store_true", help="also print deletion/insertion AUC beside the random map's, with which direction is better")
     p.add_argument("--out", required=True, help=".png, .html, .json or .safetensors")
-    from ..cli import add_prompt_options
+    from ..cli import add_placement_options, add_prompt_options
 
     add_prompt_options(p)
+    add_placement_options(p)
     p.set_defaults(fn=run)
     return p
 
@@ -55,7 +56,9 @@ def run(args) -> int:
             return 2
         name, value = item.split("=", 1)
         params[name.strip()] = _value(value)
-    model = load(args.model)
+    from ..cli import placement_options
+
+    model = load(args.model, **placement_options(args))
     kwargs = {}
     if args.size:
         h, w = (int(v) for v in args.size.lower().split("x"))

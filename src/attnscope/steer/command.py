@@ -22,9 +22,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", action="store_true", help="print the unsteered continuation first")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    from ..cli import add_prompt_options
+    from ..cli import add_placement_options, add_prompt_options
 
     add_prompt_options(p)
+    add_placement_options(p)
     p.set_defaults(fn=run)
     return p
 
@@ -66,7 +67,9 @@ def run(args) -> int:
     if args.new_tokens < 1:
         raise ValueError(f"--new-tokens must be at least 1; got {args.new_tokens}")
     methods = [parse(spec) for spec in args.steer]  # SteerError (unknown method, bad parameter) before loading
-    model = load(args.model)
+    from ..cli import placement_options
+
+    model = load(args.model, **placement_options(args))
     if model.tokenizer is None:
         raise ValueError(f"{model.name} has no tokenizer and cannot generate text")
     from ..cli import prompt_chat
