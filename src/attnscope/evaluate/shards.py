@@ -120,7 +120,10 @@ def write(shard: Shard, out: str | Path, head: dict, rows: list[dict]) -> Path:
 
 
 def read(path: Path) -> tuple[dict, list[dict]]:
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path} is not valid JSON lines ({err}); rerun that shard") from err
     if not lines or lines[0].get("type") != "shard":
         raise ShardError(f"{path} is not an attnscope shard file (no shard header); rerun that shard")
     return lines[0], lines[1:]
@@ -128,10 +131,10 @@ def read(path: Path) -> tuple[dict, list[dict]]:
 
 def find(out: str | Path) -> list[Path]:
     out = Path(out)
-    return sorted(out.parent.glob(f"{glob_escape(out.name)}.shard-*-of-*.jsonl"))
+    return sorted(out.parent.glob(f"{_glob_escape(out.name)}.shard-*-of-*.jsonl"))
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([\[\]*?])", r"[\1]", name)
 
 
