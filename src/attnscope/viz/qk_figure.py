@@ -38,7 +38,7 @@ def qk_embedding_figure(qk: QKVectors, path: str | Path, method: str = "pca", co
         ax.scatter(*k2.T, s=18, c=pos, cmap="viridis", marker="^", alpha=0.55, label="key")
         fig.colorbar(sc, ax=ax, fraction=0.046, label="position")
     for i in np.argsort(-np.linalg.norm(q2 - q2.mean(0), axis=1))[:labels]:
-        ax.annotate(qk.tokens[i].replace("Ġ", " ").strip() or repr(qk.tokens[i]), q2[i], fontsize=6)
+        ax.annotate(qk.tokens[i].replace("Ġ", " ").replace("Ċ", "\\n").strip() or repr(qk.tokens[i]), q2[i], fontsize=6)
     ax.legend(fontsize=6, markerscale=0.8, loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
