@@ -50,23 +50,25 @@ def generate(model, args, raw: Path) -> None:
     from attnscope.scenes import SceneWorld
 
     world, vocab = SceneWorld(seed=0), ObjectVocabulary.scenes()
-    rows, lb, lb_img, lap = [], [], [], []
+    rows, lb, lb_img, lap, lap_all = [], [], [], [], []
     t0 = time.time()
     for i in range(args.captions):
         scene = world.scene("test", args.start + i)
-        tr = generate_traced(model, scene.image, "Describe the image.", max_new_tokens=args.max_new_tokens, keep_graph=True)
+        tr = generate_traced(model, scene.image, "Describe the image.", max_new_tokens=args.max_new_tokens, keep_graph="all")
         spans = object_spans(tr, scene.classes, vocab)
         rows.append({"image_id": scene.id, "text": tr.text, "gold": scene.classes, "tokens": len(tr.token_ids),
                      "spans": [{"class": s["class"], "hallucinated": s["hallucinated"], "steps": s["steps"]} for s in spans]})
         lb.append(span_features(tr, spans))
         lb_img.append(span_features(tr, spans, context="image"))
-        lap.append(lap_features(tr.graph, spans, k=K_MAX))
+        first = tr.prompt_len - 1  # node of generated token 0's query in the whole-sequence graph
+        lap.append(lap_features(tr.graph[:, :, first:, first:], spans, k=K_MAX))  # the generating positions only
+        lap_all.append(lap_features(tr.graph, spans, k=K_MAX, offset=first))
         if (i + 1) % 10 == 0:
             log(f"  {i + 1}/{args.captions} captions, {time.time() - t0:.0f}s")
     L, H = tr.graph.shape[:2]
     raw.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(raw / "detectors.npz", lookback=np.concatenate(lb), lookback_image=np.concatenate(lb_img),
-                        lapeigvals=np.concatenate(lap), shape=np.array([L, H, K_MAX]))
+                        lapeigvals=np.concatenate(lap), lapeigvals_all=np.concatenate(lap_all), shape=np.array([L, H, K_MAX]))
     (raw / "detectors.json").write_text(json.dumps({"config": vars(args) | {"seconds": time.time() - t0}, "captions": rows}))
     log(f"captions: {time.time() - t0:.0f}s")
 
@@ -82,14 +84,16 @@ def summarize(raw: Path, boot: int) -> dict:
     ids = list(dict.fromkeys(r["image_id"] for r in meta["captions"]))
     train = np.isin(groups, ids[: len(ids) // 2])
     lap = z["lapeigvals"].reshape(len(y), L, H, k_max)
-    feats = {"lapeigvals": lap[..., :K].reshape(len(y), -1), "lookback": z["lookback"]}
+    feats = {"lapeigvals": lap[..., :K].reshape(len(y), -1), "lookback": z["lookback"],
+             "lapeigvals_all": z["lapeigvals_all"].reshape(len(y), L, H, k_max)[..., :K].reshape(len(y), -1)}
     feats["lapeigvals+lookback"] = np.concatenate([feats["lapeigvals"], feats["lookback"]], 1)
     out = {"config": meta["config"], "captions": len(ids), "spans": int(len(y)), "hallucinated": int(y.sum()),
            "k": K, "layers": L, "heads": H}
     try:
         main = compare_detectors(feats, y, groups, train, single={"best_head_lookback": "lookback",
                                                                   "best_single_eigenvalue": "lapeigvals"},
-                                 pairs=[("lapeigvals", "lookback"), ("lapeigvals+lookback", "lookback")], boot=boot)
+                                 pairs=[("lapeigvals", "lookback"), ("lapeigvals_all", "lookback"),
+                                        ("lapeigvals+lookback", "lookback")], boot=boot)
     except ValueError as err:  # a split without both classes (tiny runs)
         out["error"] = str(err)
         return out
@@ -105,6 +109,12 @@ def summarize(raw: Path, boot: int) -> dict:
             out["k_ablation"][k] = r["auroc"]["lapeigvals"]
     image_ctx = compare_detectors({"lookback_image": z["lookback_image"]}, y, groups, train, boot=boot)
     out["lookback_image_context"] = image_ctx["auroc"]["lookback_image"]
+    observed = raw.parent / "hallucination.json"  # bench/hallucination.py's Lookback Lens on the same scenes, if run
+    if observed.is_file():
+        ref = json.loads(observed.read_text()).get("observations", {}).get("lookback", {}).get("detector_prompt_context")
+        if ref:
+            out["observations_lookback"] = {"lookback_lens": ref["lookback_lens"], "best_single_head": ref["best_single_head"],
+                                            "n_train": ref["n_train"], "n_test": ref["n_test"]}
     return out
 
 
@@ -123,11 +133,14 @@ def section(s: dict, small: bool) -> str:
     L += ["", f"* Data: {s['captions']} greedy scene-vlm captions (\"Describe the image.\", up to {cfg['max_new_tokens']} "
           f"new tokens) of test scenes {cfg['start']}..{cfg['start'] + cfg['captions'] - 1}; {s['spans']} object words, "
           f"{s['hallucinated']} hallucinated (class not in the scene: exact labels).",
-          "* Features, from one capture per caption (`queries=\"last\"`, SDPA on): Lookback Lens, the lookback ratio "
-          f"(prompt as context) of each of the {s['layers']} x {s['heads']} heads averaged over the word's tokens; "
-          f"LapEigvals, per head the top-{s['k']} eigenvalues of the Laplacian of the attention graph among the "
-          f"generating positions up to the word's last token ({s['layers'] * s['heads'] * s['k']} features; k fixed "
-          "before the run). Both probes: the same standardised logistic regression (C = 0.1, balanced classes).",
+          "* Features, from one capture per caption (all prefill rows, then the generating query's row per step; "
+          f"SDPA on): Lookback Lens, the lookback ratio (prompt as context) of each of the {s['layers']} x "
+          f"{s['heads']} heads averaged over the word's tokens; LapEigvals, per head the top-{s['k']} eigenvalues "
+          "of the Laplacian (L = D - A, d_i = attention node i receives / nodes that can attend to it) of the "
+          "causal attention graph up to the query that generated the word's last token, with the generating "
+          "positions as nodes (the default: the last prompt token and the generated tokens) or every position "
+          f"as a node (the paper's whole-sequence graph); {s['layers'] * s['heads'] * s['k']} features each, k "
+          "fixed before the run. Every probe: the same standardised logistic regression (C = 0.1, balanced classes).",
           "* Split: spans of the first half of the images train every detector and pick the single best column; "
           "the others test. Intervals: 95% cluster bootstrap over test captions (one per image), since spans of one "
           "caption share its image and nested prefixes of one attention graph.", ""]
@@ -139,7 +152,9 @@ def section(s: dict, small: bool) -> str:
     L += [f"Trained on {c['n_train']} spans ({c['hallucinated_train']} hallucinated) of {c['groups_train']} captions, "
           f"tested on {c['n_test']} ({c['hallucinated_test']}) of {c['groups_test']}.", "",
           "| detector | test AUROC |", "|---|---|",
-          f"| LapEigvals (top-{s['k']} Laplacian eigenvalues per head) | {f(a['lapeigvals'])} |",
+          f"| LapEigvals (top-{s['k']} Laplacian eigenvalues per head; generating positions as nodes) | {f(a['lapeigvals'])} |",
+          f"| LapEigvals, every position a node (the paper's whole-sequence graph, prompt included) | "
+          f"{f(a['lapeigvals_all'])} |",
           f"| Lookback Lens (lookback ratio per head) | {f(a['lookback'])} |",
           f"| LapEigvals + Lookback Lens features | {f(a['lapeigvals+lookback'])} |",
           f"| best single head, lookback ratio (L{bh['layer']} H{bh['head']}, chosen on training spans) | "
@@ -147,26 +162,43 @@ def section(s: dict, small: bool) -> str:
           f"| best single eigenvalue (L{be['layer']} H{be['head']} rank {be['rank'] + 1}, chosen on training spans) | "
           f"{f(a['best_single_eigenvalue'])} |",
           f"| LapEigvals trained on shuffled labels | {f(a['lapeigvals_shuffled'])} |",
+          f"| LapEigvals (every position) trained on shuffled labels | {f(a['lapeigvals_all_shuffled'])} |",
           f"| Lookback Lens trained on shuffled labels | {f(a['lookback_shuffled'])} |", "",
           f"Paired differences on the same resamples: LapEigvals - Lookback Lens {f(a['lapeigvals-lookback'])}; "
-          f"both - Lookback Lens {f(a['lapeigvals+lookback-lookback'])}.", "",
+          f"LapEigvals (every position) - Lookback Lens {f(a['lapeigvals_all-lookback'])}; "
+          f"LapEigvals + Lookback Lens features - Lookback Lens {f(a['lapeigvals+lookback-lookback'])}.", "",
           "LapEigvals test AUROC by k (ablation on the same split; the comparison above uses the k fixed beforehand): "
           + ", ".join(f"k={k}: {f(v)}" for k, v in s["k_ablation"].items()) + ".", "",
           f"Lookback Lens with the image tokens alone as context: {f(s['lookback_image_context'])}.", ""]
+    ref = s.get("observations_lookback")
+    if ref and not small:
+        same = (ref["n_train"], ref["n_test"]) == (c["n_train"], c["n_test"]) and all(
+            abs(ref[r][q] - a[m][q]) < 5e-4 for r, m in (("lookback_lens", "lookback"), ("best_single_head", "best_head_lookback"))
+            for q in ("value", "low", "high"))
+        L += [("The Lookback Lens and best-head rows equal" if same else "**The Lookback Lens and best-head rows differ from**")
+              + f" those of the observations above (bench/hallucination.py's own traces of the same scenes: "
+              f"{f(ref['lookback_lens'])} and {f(ref['best_single_head'])}), an end-to-end check that both commands "
+              "see the same captions, spans, labels and split.", ""]
     L += verdict(a) + ["", END]
     return "\n".join(L)
 
 
 def verdict(a: dict) -> list[str]:
-    d = a["lapeigvals-lookback"]
-    if d["low"] > 0:
-        say = "LapEigvals separates hallucinated object words better than Lookback Lens here (the paired interval excludes 0)."
-    elif d["high"] < 0:
-        say = "Lookback Lens separates hallucinated object words better than LapEigvals here (the paired interval excludes 0)."
-    else:
-        say = "The paired interval of LapEigvals - Lookback Lens includes 0: on this many captions neither is shown better."
-    ctrl = [n for n in ("lapeigvals_shuffled", "lookback_shuffled") if not a[n]["low"] <= 0.5 <= a[n]["high"]]
-    return [say] + ([f"Control check failed: {', '.join(ctrl)} has an interval excluding 0.5."] if ctrl else [])
+    """One line per paired difference against Lookback Lens: better, worse, or not shown either way."""
+    names = {"lapeigvals": "LapEigvals (generating positions)", "lapeigvals_all": "LapEigvals (every position)",
+             "lapeigvals+lookback": "LapEigvals + Lookback Lens features"}
+    out = []
+    for key, name in names.items():
+        d = a[f"{key}-lookback"]
+        if d["low"] > 0:
+            out.append(f"* {name} separates hallucinated object words better than Lookback Lens: {f(d)}.")
+        elif d["high"] < 0:
+            out.append(f"* {name} separates hallucinated object words worse than Lookback Lens: {f(d)}, the interval excludes 0.")
+        else:
+            out.append(f"* {name} against Lookback Lens: {f(d)}, the interval includes 0: neither is shown better.")
+    ctrl = [n for n in a if n.endswith("_shuffled") and not a[n]["low"] <= 0.5 <= a[n]["high"]]
+    return out + ([f"* Control check failed: {', '.join(ctrl)} has an interval excluding 0.5."] if ctrl else
+                  ["* Every probe trained on shuffled labels has an interval containing 0.5."])
 
 
 def main(argv=None, model=None) -> int:

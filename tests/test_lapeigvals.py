@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope.evaluate.lapeigvals import (compare_detectors, generate_graph, laplacian, laplacian_eigvals,
-                                           prefix_eigvals, span_features, top_k)
+from attnscope.evaluate.lapeigvals import (compare_detectors, generate_graph, graph_from_run, laplacian,
+                                           laplacian_eigvals, prefix_eigvals, span_features, top_k)
 from attnscope.evaluate.lookback import generate_traced, object_spans
 from attnscope.scenes import SceneWorld
 
@@ -107,6 +107,27 @@ def test_probe_recovers_a_planted_signal_and_controls_stay_apart():
         compare_detectors({"planted": x}, np.where(train, False, y), groups, train, boot=10)
 
 
+def test_graph_from_run_places_rows_and_refuses_missing_ones():
+    from types import SimpleNamespace
+
+    from attnscope.capture import Record
+
+    P, T, H = 4, 3, 2  # prompt of 4 tokens, 3 generated: generating positions 3, 4, 5
+    full = causal_maps(H, n=P + T - 1, seed=5).float()
+    prefill = Record(full[:, :P, :P].unsqueeze(0), [0, 1], list(range(P)), None, 0)
+    steps = [Record(full[:, P - 1 + t, :P + t].reshape(1, H, 1, -1), [0, 1], [P - 1 + t], None, t) for t in (1, 2)]
+    run = SimpleNamespace(records={("language", 0): [prefill, *steps]})
+    np.testing.assert_array_equal(graph_from_run(run, P, T, "all")[0], full.numpy())
+    np.testing.assert_array_equal(graph_from_run(run, P, T)[0], full[:, P - 1:, P - 1:].numpy())
+    last_only = Record(full[:, P - 1, :P].reshape(1, H, 1, -1), [0, 1], [P - 1], None, 0)
+    run = SimpleNamespace(records={("language", 0): [last_only, *steps]})
+    np.testing.assert_array_equal(graph_from_run(run, P, T)[0], full[:, P - 1:, P - 1:].numpy())
+    with pytest.raises(ValueError, match="lacks the attention rows of 3 graph node"):
+        graph_from_run(run, P, T, "all")
+    with pytest.raises(ValueError, match="nodes is one of"):
+        graph_from_run(run, P, T, "prompt")
+
+
 @pytest.fixture(scope="module")
 def trained():
     from attnscope.models import scene_vlm
@@ -137,6 +158,13 @@ def test_captured_graph_equals_eager_attention_and_full_rows(trained):
         hf.set_attn_implementation(before)
     block = torch.stack([a[0, :, P - 1:P - 1 + T, P - 1:P - 1 + T] for a in ref]).float().numpy()
     np.testing.assert_allclose(graph.attn, block, rtol=0, atol=1e-5)
+    # every position a node (the paper's whole-sequence graph): the eager map up to the last generating query
+    whole = generate_graph(trained, scene.image, "Describe the image.", max_new_tokens=12, nodes="all")
+    N = P - 1 + T
+    assert whole.attn.shape == (30, 9, N, N) and whole.offset == P - 1
+    # 2M entries through 30 layers: SDPA's and eager's float32 rounding in earlier layers reach ~2e-5 on a few of them
+    np.testing.assert_allclose(whole.attn, torch.stack([a[0, :, :N, :N] for a in ref]).float().numpy(), rtol=0, atol=5e-5)
+    np.testing.assert_allclose(whole.attn.sum(-1), 1.0, atol=1e-5)  # full rows: nothing of the graph is missing
     spans = object_spans(graph, scene.classes) or [{"steps": [T - 1]}]
     feats = span_features(graph.attn, spans, k=10)
     assert feats.shape == (len(spans), 2700) and np.isfinite(feats).all()

@@ -18,7 +18,11 @@ prompt token), so only the attention among those positions is captured (`capture
 "generated"], queries="last")`, SDPA on; about L*H*T^2/2 numbers per caption). A span (an object word, see
 `lookback.object_spans`) ending at generated token e gets the spectrum of the graph on nodes 0..e, the caption up
 to and including that word: nothing generated after the word enters its features. A graph of fewer than k nodes
-is padded with isolated nodes (eigenvalue 0, as the last node of every graph has: d = A[e, e])."""
+is padded with isolated nodes (eigenvalue 0, as the last node of every graph has: d = A[e, e]).
+
+`nodes="all"` makes every position a node, prompt included, as the paper's whole-sequence graph (all prefill rows
+are captured: about L*H*P^2 numbers more per caption); generated token t's query is then node prompt_len - 1 + t.
+bench/detectors.py compares both with Lookback Lens on the same spans."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -75,68 +79,88 @@ def top_k(eigvals: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class CaptionGraph:
-    """A generated answer and its attention graph: `attn[l, h, t, s]` is the attention of the query that generated
-    token t to the position of node s (node 0: the last prompt token; node s > 0: generated token s - 1)."""
+    """A generated answer and its attention graph: `attn[l, h, t, s]` is the attention of node t's query to node
+    s's key. With the generating positions as nodes, node t is the position whose query generated token t (node 0:
+    the last prompt token); with every position as nodes, that is node `offset + t`."""
 
     text: str
     token_ids: list[int]
     offsets: list[tuple[int, int]]  # char span of each generated token in `text`
-    attn: np.ndarray  # [L, H, T, T], lower triangular
+    attn: np.ndarray  # [L, H, N, N], lower triangular
     prompt_len: int = 0
+    offset: int = 0  # node of generated token 0's query (0, or prompt_len - 1 when every position is a node)
 
     def span_steps(self, start: int, end: int) -> list[int]:
         """Generated-token indices whose characters overlap [start, end)."""
         return [t for t, (a, b) in enumerate(self.offsets) if a < end and b > start and b > a]
 
 
-def graph_from_run(run, prompt_len: int, steps: int, stream: str = "language") -> np.ndarray:
-    """[L, H, T, T] attention among the generating positions prompt_len-1 .. prompt_len+T-2, read from a capture
-    of `generate` with `queries="last"` (full rows, or keys restricted to those positions)."""
+NODES = ("generated", "all")
+
+
+def graph_from_run(run, prompt_len: int, steps: int, nodes: str = "generated", stream: str = "language") -> np.ndarray:
+    """[L, H, N, N] attention among the graph's nodes, read from a capture of `generate`. `nodes="generated"`: the
+    generating positions prompt_len-1 .. prompt_len+T-2 (needs the captured rows of those queries, full or restricted
+    to those keys); `"all"`: every position 0 .. prompt_len+T-2 (needs all prefill rows: `queries=None`)."""
+    if nodes not in NODES:
+        raise ValueError(f"nodes is one of {NODES}; got {nodes!r}")
     layers = sorted(layer for (s, layer) in run.records if s == stream)
     if not layers:
         raise ValueError(f"the capture holds no {stream!r} records")
     heads = run.records[(stream, layers[0])][0].probs.shape[1]
-    out = np.zeros((len(layers), heads, steps, steps), np.float32)
-    base = prompt_len - 1
+    base = prompt_len - 1 if nodes == "generated" else 0
+    n = prompt_len - 1 + steps - base
+    out = np.zeros((len(layers), heads, n, n), np.float32)
+    seen = np.zeros(n, bool)
     for li, layer in enumerate(layers):
-        for rec in run.records[(stream, layer)][:steps]:
-            t = rec.step
-            keys = list(range(rec.probs.shape[-1])) if rec.keys is None else rec.keys
-            row = rec.probs[0, :, 0].float().numpy()  # [H, keys]
-            for j, pos in enumerate(keys):
-                if base <= pos <= base + t:
-                    out[li, :, t, pos - base] = row[:, j]
+        for rec in run.records[(stream, layer)]:
+            keys = np.arange(rec.probs.shape[-1]) if rec.keys is None else np.asarray(rec.keys)
+            kin = (keys >= base) & (keys < base + n)
+            probs = rec.probs[0].float().numpy()  # [H, queries, keys]
+            for j, q in enumerate(rec.queries):
+                if base <= q < base + n:
+                    row = out[li, :, q - base]  # a view [H, n]
+                    row[:, keys[kin] - base] = probs[:, j][:, kin]
+                    seen[q - base] = True
+    if not seen.all():
+        raise ValueError(f"the capture lacks the attention rows of {int((~seen).sum())} graph node(s); capture with "
+                         + ("queries=None" if nodes == "all" else 'queries="last"'))
     return out
 
 
 @torch.no_grad()
-def generate_graph(model, image, text: str, max_new_tokens: int = 64, steer=None) -> CaptionGraph:
-    """Greedy generation recording only the attention LapEigvals needs (see the module docstring)."""
+def generate_graph(model, image, text: str, max_new_tokens: int = 64, steer=None, nodes: str = "generated") -> CaptionGraph:
+    """Greedy generation recording only the attention LapEigvals needs (see the module docstring); `nodes="all"`
+    makes the prompt's positions nodes too, as the paper's whole-sequence graph (all prefill rows are captured)."""
     import attnscope
 
     from .lookback import decode_offsets
     from .pope import Generator
 
+    if nodes not in NODES:
+        raise ValueError(f"nodes is one of {NODES}; got {nodes!r}")
     gen = Generator(model, max_new_tokens=max_new_tokens, steer=steer)
     inputs = model.encode(gen.prompt(text), image)
     prompt_len = inputs["input_ids"].shape[1]
-    with gen._steer_context(), attnscope.capture(model, streams="language", queries="last",
-                                                 keys=[prompt_len - 1, "generated"]) as trace:
+    select = {"queries": "last", "keys": [prompt_len - 1, "generated"]} if nodes == "generated" else {}
+    with gen._steer_context(), attnscope.capture(model, streams="language", **select) as trace:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, prompt_len:].tolist()
     eos = set(np.atleast_1d(model.hf.generation_config.eos_token_id or []).tolist())
     while new and new[-1] in eos:
         new = new[:-1]
     text_out, offsets = decode_offsets(model.tokenizer, new)
-    return CaptionGraph(text_out, new, offsets, graph_from_run(trace.run(), prompt_len, len(new)), prompt_len)
+    graph = graph_from_run(trace.run(), prompt_len, len(new), nodes)
+    return CaptionGraph(text_out, new, offsets, graph, prompt_len, 0 if nodes == "generated" else prompt_len - 1)
 
 
-def span_features(attn: np.ndarray, spans: Sequence[dict], k: int = 10) -> np.ndarray:
-    """[n_spans, L*H*k]: per head, the top-k Laplacian eigenvalues of the graph up to the span's last token."""
+def span_features(attn: np.ndarray, spans: Sequence[dict], k: int = 10, offset: int = 0) -> np.ndarray:
+    """[n_spans, L*H*k]: per head, the top-k Laplacian eigenvalues of the graph up to the span's last token
+    (generated token t is node `offset + t`: see `CaptionGraph.offset`)."""
     L, H, T, _ = attn.shape
     if not spans:
         return np.zeros((0, L * H * k), np.float32)
-    ends = [max(s["steps"]) for s in spans]
+    ends = [max(s["steps"]) + offset for s in spans]
     if max(ends) >= T:
         raise ValueError(f"a span ends at generated token {max(ends)} but the graph has {T} nodes")
     lam = prefix_eigvals(torch.from_numpy(np.ascontiguousarray(attn, np.float32)).double())  # [L, H, T, T]
