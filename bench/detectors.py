@@ -87,8 +87,10 @@ def summarize(raw: Path, boot: int) -> dict:
     feats = {"lapeigvals": lap[..., :K].reshape(len(y), -1), "lookback": z["lookback"],
              "lapeigvals_all": z["lapeigvals_all"].reshape(len(y), L, H, k_max)[..., :K].reshape(len(y), -1)}
     feats["lapeigvals+lookback"] = np.concatenate([feats["lapeigvals"], feats["lookback"]], 1)
+    T = np.array([r["tokens"] for r in meta["captions"]])
     out = {"config": meta["config"], "captions": len(ids), "spans": int(len(y)), "hallucinated": int(y.sum()),
-           "k": K, "layers": L, "heads": H}
+           "k": K, "layers": L, "heads": H, "mean_tokens": float(T.mean()),
+           "graph_mb": float((L * H * T * (T + 1) / 2 * 4).mean() / 2**20)}  # float32 numbers generate_graph keeps
     try:
         main = compare_detectors(feats, y, groups, train, single={"best_head_lookback": "lookback",
                                                                   "best_single_eigenvalue": "lapeigvals"},
@@ -141,6 +143,10 @@ def section(s: dict, small: bool) -> str:
           "positions as nodes (the default: the last prompt token and the generated tokens) or every position "
           f"as a node (the paper's whole-sequence graph); {s['layers'] * s['heads'] * s['k']} features each, k "
           "fixed before the run. Every probe: the same standardised logistic regression (C = 0.1, balanced classes).",
+          f"* Cost: the default graph is all LapEigvals needs from a caption; `generate_graph` captures only those "
+          f"keys (`keys=[last prompt position, \"generated\"]`): {s['graph_mb']:.2f} MB of float32 per caption of "
+          f"{s['mean_tokens']:.0f} tokens on average, for all {s['layers']} x {s['heads']} heads. Cached features: "
+          "results/hallucination/detectors.npz (not committed; `--report` reuses it).",
           "* Split: spans of the first half of the images train every detector and pick the single best column; "
           "the others test. Intervals: 95% cluster bootstrap over test captions (one per image), since spans of one "
           "caption share its image and nested prefixes of one attention graph.", ""]
