@@ -5,7 +5,7 @@ Lookback Lens (evaluate/lookback.py), the single best head and shuffled-label co
     python bench/detectors.py            # 150 captions (~15 min on one CPU thread); rewrites only its own section
                                          # of results/hallucination.md (between the markers below)
     python bench/detectors.py --report   # only re-summarise the cached features
-    python bench/detectors.py --small    # 6 short captions into a temporary folder (CI smoke run; not for quoting)
+    python bench/detectors.py --small    # 4 short captions into a temporary folder (CI smoke run; not for quoting)
 
 The captions are greedy answers to "Describe the image." on the test scenes the Lookback Lens observations of
 bench/hallucination.py use (test 60..209), generated once with attention captured (`queries="last"`, SDPA on): the
@@ -216,12 +216,12 @@ def main(argv=None, model=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=None, help="results folder (default bench/results; --small: a temporary one)")
     ap.add_argument("--report", action="store_true", help="only summarise the cached features")
-    ap.add_argument("--small", action="store_true", help="6 captions of 24 tokens, 50 resamples (smoke run)")
+    ap.add_argument("--small", action="store_true", help="4 captions of 24 tokens, 50 resamples (smoke run)")
     args = ap.parse_args(argv)
     from attnscope.evaluate.bootstrap import FewUnitsWarning
 
     if args.small:
-        args.captions, args.max_new_tokens, args.boot = 6, 24, 50
+        args.captions, args.max_new_tokens, args.boot = 4, 24, 50
     results = Path(args.results or (tempfile.mkdtemp(prefix="detectors-") if args.small else HERE / "results"))
     raw = results / "hallucination"
     torch.set_num_threads(args.threads)

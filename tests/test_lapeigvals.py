@@ -180,6 +180,7 @@ def test_bench_small_rewrites_only_its_section(trained, tmp_path):
     first = md.read_text()
     assert first.startswith("# report\n\nkept above\n\n" + bench.BEGIN) and first.endswith(bench.END + "\n\n## Notes\n\n* kept below\n")
     assert "not for quoting" in first and (tmp_path / "hallucination-detectors.json").is_file()
+    assert ("| detector | test AUROC |" in first) != ("Not evaluated" in first)  # a table, or why there is none
     assert bench.main(["--small", "--report", "--results", str(tmp_path)]) == 0  # from the cache, replaced in place
     again = md.read_text()
     assert again.count(bench.BEGIN) == 1 and again.count("kept below") == 1
