@@ -77,7 +77,7 @@ class TracedGeneration:
 
 @torch.no_grad()
 def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=None, keep_image_share: bool = False,
-                    keep_graph: bool = False) -> TracedGeneration:
+                    keep_graph: bool | str = False) -> TracedGeneration:
     """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`);
     `keep_graph` also keeps LapEigvals' graph from the same capture: True or "generated", the attention among the
     generating positions; "all", among every position (all prefill rows are then captured)."""
