@@ -60,6 +60,7 @@ class TracedGeneration:
     image_mass: np.ndarray  # [T, L, H]
     image_share: np.ndarray = field(default=None, repr=False)  # [T, L, H, n_image]: attention over image tokens, normalised
     prompt_len: int = 0
+    graph: np.ndarray = field(default=None, repr=False)  # [L, H, N, N]: LapEigvals' graph (lapeigvals.py)
 
     def lookback_ratio(self, context: str = "prompt") -> np.ndarray:
         """[T, L, H] lookback ratios with the prompt (or the image tokens only) as context."""
@@ -75,8 +76,11 @@ class TracedGeneration:
 
 
 @torch.no_grad()
-def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=None, keep_image_share: bool = False) -> TracedGeneration:
-    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`)."""
+def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=None, keep_image_share: bool = False,
+                    keep_graph: bool | str = False) -> TracedGeneration:
+    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`);
+    `keep_graph` also keeps LapEigvals' graph from the same capture: True or "generated", the attention among the
+    generating positions; "all", among every position (all prefill rows are then captured)."""
     import attnscope
 
     from .pope import Generator
@@ -84,7 +88,10 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     gen = Generator(model, max_new_tokens=max_new_tokens, steer=steer)
     inputs = model.encode(gen.prompt(text), image)
     prompt_len = inputs["input_ids"].shape[1]
-    with gen._steer_context(), attnscope.capture(model, streams="language", queries="last") as trace:
+    if keep_graph not in (False, True, "generated", "all"):
+        raise ValueError(f"keep_graph is False, True (= 'generated') or 'all'; got {keep_graph!r}")
+    queries = None if keep_graph == "all" else "last"  # the whole-sequence graph needs every prefill row
+    with gen._steer_context(), attnscope.capture(model, streams="language", queries=queries) as trace:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, prompt_len:].tolist()
     tok = model.tokenizer
@@ -104,7 +111,7 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     for li, layer in enumerate(layers):
         for rec in run.records[("language", layer)][:steps]:
             t = rec.step
-            p = rec.probs[0, :, 0].float()  # [H, keys]
+            p = rec.probs[0, :, -1].float()  # [H, keys]: the last query row (the only one unless keep_graph="all")
             keys = p.shape[-1]
             ctx[t, li] = p[:, :prompt_len].mean(-1).numpy()
             img_p = p[:, image_pos]
@@ -114,12 +121,23 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
                 newm[t, li] = p[:, prompt_len:].mean(-1).numpy()
             if share is not None:
                 share[t, li] = (img_p / img_p.sum(-1, keepdim=True).clamp_min(1e-12)).numpy()
-    text_out, offsets = "", []
-    for k in range(steps):
-        decoded = tok.decode(new[:k + 1], skip_special_tokens=True)
-        offsets.append((len(text_out), len(decoded)))
-        text_out = decoded
-    return TracedGeneration(text_out, new, offsets, ctx, img, newm, mass, share, prompt_len)
+    text_out, offsets = decode_offsets(tok, new)
+    graph = None
+    if keep_graph:
+        from .lapeigvals import graph_from_run
+
+        graph = graph_from_run(run, prompt_len, steps, "all" if keep_graph == "all" else "generated")
+    return TracedGeneration(text_out, new, offsets, ctx, img, newm, mass, share, prompt_len, graph)
+
+
+def decode_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text and the character span each token adds to it."""
+    text, offsets = "", []
+    for k in range(len(token_ids)):
+        decoded = tokenizer.decode(token_ids[:k + 1], skip_special_tokens=True)
+        offsets.append((len(text), len(decoded)))
+        text = decoded
+    return text, offsets
 
 
 def object_spans(traced: TracedGeneration, gold: Sequence[str], vocabulary=None) -> list[dict]:
