@@ -86,6 +86,14 @@ class KnockoutCurve:
                    {k: np.concatenate([c.changes[k] for c in curves]) for k in first.flows},
                    np.concatenate([c.base for c in curves]), [e for c in curves for e in c.examples], dict(first.params))
 
+    def select(self, flows: list[str]) -> KnockoutCurve:
+        """The same examples with only some flows."""
+        missing = [f for f in flows if f not in self.changes]
+        if missing:
+            raise ValueError(f"flows {missing} are not in this curve; it has {self.flows}")
+        return KnockoutCurve(self.model, self.stream, self.layers, self.window, self.windows,
+                             {f: self.changes[f] for f in flows}, self.base, list(self.examples), dict(self.params))
+
     # --- files --------------------------------------------------------------------------------------------
     def to_dict(self, intervals: bool = True) -> dict:
         out = {"format": FORMAT, "model": self.model, "stream": self.stream, "layers": self.layers,

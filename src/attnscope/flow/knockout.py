@@ -79,7 +79,7 @@ def _answer_probs(model, inputs: dict) -> torch.Tensor:
 
 def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4, stride: int = 1,
                    question: str | None = None, subject: str | None = None, answer=None, chat: bool | None = None,
-                   group=None) -> KnockoutCurve:
+                   extra_sets: dict[str, list[int]] | None = None, group=None) -> KnockoutCurve:
     """The knockout curve of one prompt: for each flow (default for a VLM: image->question, image->last,
     question->last; for a text model: subject->last and question->last, subject only when `subject` is given) and
     each window of `window` layers (starts 0, stride, ... up to the last full window), the relative change of the
@@ -89,6 +89,9 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
     set (default: `text`), `subject` those of the subject set (taken out of the question set). `answer` is a word
     (first token) or a token id; default the unedited model's most likely next token. Everything is validated
     before the model runs; each window runs in its own `steer` block, so the model is restored after each.
+    `extra_sets` adds named sets of positions computed elsewhere (e.g. the image tokens that show the asked object,
+    from the scene world's masks); they must lie inside the prompt. `group` labels the example for clustered
+    bootstrap intervals when curves are combined.
     Raises TokenSetError / SteerError (both ValueError) for unknown sets, image sets on a text model, words not in
     the prompt, empty sets, a window of 0 layers or beyond the layer count."""
     model = as_model(model)
@@ -99,13 +102,21 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
     if flows is None:
         flows = VLM_FLOWS if vlm else (TEXT_FLOWS if subject is not None else TEXT_FLOWS[1:])
     flows = parse_flows(flows)
-    check_set_names(model, {name for pair in flows for name in pair})
+    extra = {str(k): sorted({int(i) for i in v}) for k, v in (extra_sets or {}).items()}
+    check_set_names(model, {name for pair in flows for name in pair} - set(extra))
     if image is not None and not vlm:
         raise TokenSetError(f"{model.name} is a {model.spec.kind} model: it takes no image")
     if vlm and image is None and any("image" in pair for pair in flows):
         raise TokenSetError("flows with the image set need an image; pass image=...")
     inputs = model.encode(text, image=image, chat=chat) if image is not None else model.encode(text, chat=chat)
     sets = token_sets(model, inputs, question=question if question is not None else text, subject=subject)
+    n_tokens = sets["last"][0] + 1
+    for name, positions in extra.items():
+        if name in sets:
+            raise TokenSetError(f"extra set {name!r} has the name of a built-in set; rename it")
+        if any(not 0 <= i < n_tokens for i in positions):
+            raise TokenSetError(f"extra set {name!r} has positions outside the {n_tokens}-token prompt")
+        sets[name] = positions
     for source, target in flows:
         for name in (source, target):
             if not sets.get(name):
