@@ -255,7 +255,7 @@ def report(res: dict, vlm: dict, text: dict, small: bool) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="a smoke run for CI (written as flow-small.*)")
-    ap.add_argument("--scenes", type=int, default=24, help="test scenes (two questions each)")
+    ap.add_argument("--scenes", type=int, default=20, help="test scenes (two questions each)")
     ap.add_argument("--facts", type=int, default=0, help="first N factual prompts (0: all)")
     ap.add_argument("--window", type=int, default=6)
     ap.add_argument("--stride", type=int, default=3, help="scene-vlm window stride")

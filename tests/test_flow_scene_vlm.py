@@ -80,3 +80,11 @@ def test_a_curve_over_one_window_per_flow(vlm):
     assert curve.windows == [(0, 29)] and curve.flows == ["image->question", "image->last", "question->last"]
     assert curve.examples[0]["top1"]
     assert all(-1 <= float(v[0, 0]) for v in curve.changes.values())  # a probability cannot fall below zero
+    # the curve reuses the encoded image in its windows: the same number as a forward from the pixels
+    sets, tid = curve.examples[0]["sets"], curve.examples[0]["answer_id"]
+    with torch.no_grad():
+        p0 = float(model.hf(**x).logits[0, -1].softmax(-1)[tid])
+        with steer(model, Knockout("image", "last", range(30))):
+            p = float(model.hf(**x).logits[0, -1].softmax(-1)[tid])
+    assert curve.base[0] == pytest.approx(p0, abs=1e-6)
+    assert curve.changes["image->last"][0, 0] == pytest.approx((p - p0) / p0, abs=1e-5)

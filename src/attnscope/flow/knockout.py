@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import seam
 from ..steer.edits import SteerError, lm_stream
 from ..steer.methods.knockout import Knockout
 from ..steer.session import as_model, steer
@@ -71,10 +72,13 @@ def answer_token(model, answer) -> int:
     return tid
 
 
-def _answer_probs(model, inputs: dict) -> torch.Tensor:
+def _forward(model, inputs: dict):
     with torch.no_grad():
-        logits = model.hf(**inputs).logits[0, -1]
-    return logits.float().softmax(-1)
+        return model.hf(**seam.keep_logits(model.hf, inputs, 1))
+
+
+def _answer_probs(model, inputs: dict) -> torch.Tensor:
+    return _forward(model, inputs).logits[0, -1].float().softmax(-1)
 
 
 def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4, stride: int = 1,
@@ -132,7 +136,11 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
     for edit in edits.values():
         edit.edits(model)
 
-    probs = _answer_probs(model, inputs)
+    first = _forward(model, inputs)
+    probs = first.logits[0, -1].float().softmax(-1)
+    # the windows only edit the language model: its image features are the same in every forward, encode them once
+    # (positions were found above with the full inputs; the edits select by positions, not by roles)
+    inputs = seam.reuse_encoded_images(model.hf, inputs, first)
     if tid is None:
         tid = int(probs.argmax())
     p0 = float(probs[tid])
