@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     if args.small:
-        args.scenes, args.facts, args.window, args.stride, args.text_stride = 2, 4, 10, 10, 10
+        args.scenes, args.facts, args.window, args.stride, args.text_stride = 2, 3, 15, 15, 15
     import torch
     import transformers
 

@@ -147,3 +147,20 @@ def test_model_restored_when_the_block_raises(smollm):
             smollm.hf(**x)
             raise RuntimeError("boom")
     assert state(smollm) == before
+
+
+def test_cli_gives_one_error_line_and_runs(smollm, capsys, tmp_path):
+    from attnscope.cli import main
+
+    for argv, match in ((["--window", "31"], "beyond the layer count"),
+                        (["--source", "image", "--target", "last"], "no image tokens"),
+                        (["--source", "nouns", "--target", "last"], "unknown token set"),
+                        (["--source", "subject"], "together")):
+        assert main(["flow", "smollm2-135m", "--text", PROMPT, "--raw-prompt", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and match in err[0]
+    out = tmp_path / "c.json"
+    assert main(["flow", "smollm2-135m", "--text", PROMPT, "--raw-prompt", "--subject", "France", "--source", "subject",
+                 "--target", "last", "--window", "15", "--stride", "15", "--out", str(out)]) == 0
+    assert "| 15-29 |" in capsys.readouterr().out
+    assert KnockoutCurve.load(out).flows == ["subject->last"]

@@ -7,8 +7,8 @@
 last) in a sliding window of layers (`steer.Knockout`) and returns a `KnockoutCurve`: the answer's relative
 probability change per window. It sits beside `evaluate` in the data flow: it runs steer edits and measures."""
 from .curve import KnockoutCurve, flow_name
-from .knockout import TEXT_FLOWS, VLM_FLOWS, knockout_curve, parse_flows
+from .knockout import TEXT_FLOWS, VLM_FLOWS, knockout_curve, knockout_inputs, parse_flows
 from .sets import SETS, TokenSetError, token_sets
 
-__all__ = ["knockout_curve", "KnockoutCurve", "token_sets", "SETS", "TokenSetError", "VLM_FLOWS", "TEXT_FLOWS",
+__all__ = ["knockout_curve", "knockout_inputs", "KnockoutCurve", "token_sets", "SETS", "TokenSetError", "VLM_FLOWS", "TEXT_FLOWS",
            "parse_flows", "flow_name"]

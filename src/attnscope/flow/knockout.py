@@ -99,21 +99,39 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
     Raises TokenSetError / SteerError (both ValueError) for unknown sets, image sets on a text model, words not in
     the prompt, empty sets, a window of 0 layers or beyond the layer count."""
     model = as_model(model)
-    stream = lm_stream(model)
-    n_layers = model.streams[stream]
-    window, stride = check_window(n_layers, window, stride, stream)
     vlm = model.spec.kind == "vlm"
-    if flows is None:
-        flows = VLM_FLOWS if vlm else (TEXT_FLOWS if subject is not None else TEXT_FLOWS[1:])
-    flows = parse_flows(flows)
-    extra = {str(k): sorted({int(i) for i in v}) for k, v in (extra_sets or {}).items()}
-    check_set_names(model, {name for pair in flows for name in pair} - set(extra))
+    flows = _default_flows(model, flows, subject)
+    check_set_names(model, {name for pair in flows for name in pair} - set(extra_sets or {}))
+    check_window(model.streams[lm_stream(model)], window, stride, lm_stream(model))
     if image is not None and not vlm:
         raise TokenSetError(f"{model.name} is a {model.spec.kind} model: it takes no image")
     if vlm and image is None and any("image" in pair for pair in flows):
         raise TokenSetError("flows with the image set need an image; pass image=...")
     inputs = model.encode(text, image=image, chat=chat) if image is not None else model.encode(text, chat=chat)
-    sets = token_sets(model, inputs, question=question if question is not None else text, subject=subject)
+    return knockout_inputs(model, inputs, question=question if question is not None else text, subject=subject,
+                           flows=flows, window=window, stride=stride, answer=answer, extra_sets=extra_sets,
+                           group=group, text=text)
+
+
+def _default_flows(model, flows, subject) -> list[tuple[str, str]]:
+    if flows is None:
+        flows = VLM_FLOWS if model.spec.kind == "vlm" else (TEXT_FLOWS if subject is not None else TEXT_FLOWS[1:])
+    return parse_flows(flows)
+
+
+def knockout_inputs(model, inputs: dict, *, question: str | None = None, subject: str | None = None, flows=None,
+                    window: int = 4, stride: int = 1, answer=None, extra_sets: dict[str, list[int]] | None = None,
+                    group=None, text: str | None = None) -> KnockoutCurve:
+    """`knockout_curve` on inputs already encoded (one sequence): the question set is the tokens spelling
+    `question` (none if not given), the rest as `knockout_curve`."""
+    model = as_model(model)
+    stream = lm_stream(model)
+    n_layers = model.streams[stream]
+    window, stride = check_window(n_layers, window, stride, stream)
+    flows = _default_flows(model, flows, subject)
+    extra = {str(k): sorted({int(i) for i in v}) for k, v in (extra_sets or {}).items()}
+    check_set_names(model, {name for pair in flows for name in pair} - set(extra))
+    sets = token_sets(model, inputs, question=question, subject=subject)
     n_tokens = sets["last"][0] + 1
     for name, positions in extra.items():
         if name in sets:
@@ -124,7 +142,8 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
     for source, target in flows:
         for name in (source, target):
             if not sets.get(name):
-                hint = " (pass subject=...)" if name == "subject" and subject is None else ""
+                hint = {"subject": " (pass subject=...)", "question": " (pass question=...)"}.get(name, "")
+                hint = hint if (name == "subject" and subject is None) or (name == "question" and question is None) else ""
                 raise TokenSetError(f"flow {source}->{target}: the {name!r} set is empty in this prompt{hint}; sets "
                                     f"found: {', '.join(k for k, v in sets.items() if v)}")
     tid = answer_token(model, answer) if answer is not None else None
@@ -155,7 +174,7 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
             row.append((p - p0) / p0)
         changes[flow_name(*flow)] = [row]
     tok = model.tokenizer
-    example = {"text": text, "answer_id": tid, "answer": tok.decode([tid]) if tok is not None else str(tid),
+    example = {"text": text if text is not None else question, "answer_id": tid, "answer": tok.decode([tid]) if tok is not None else str(tid),
                "top1": int(probs.argmax()) == tid, "p": p0, "sets": sets}
     if group is not None:
         example["group"] = group
