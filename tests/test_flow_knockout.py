@@ -164,3 +164,16 @@ def test_cli_gives_one_error_line_and_runs(smollm, capsys, tmp_path):
                  "--target", "last", "--window", "15", "--stride", "15", "--out", str(out)]) == 0
     assert "| 15-29 |" in capsys.readouterr().out
     assert KnockoutCurve.load(out).flows == ["subject->last"]
+
+
+def test_a_role_source_never_takes_a_target_row_its_own_key(smollm):
+    """source "text" holds the last position too: the last row keeps its own key, so blocking "text -> last" equals
+    blocking every other position by number (and stays finite)."""
+    x = smollm.encode(PROMPT, chat=False)
+    n = x["input_ids"].shape[1]
+    with torch.no_grad():
+        with steer(smollm, Knockout("text", "last", range(4, 8))):
+            by_role = smollm.hf(**x).logits[0, -1]
+        with steer(smollm, Knockout(list(range(n - 1)), "last", range(4, 8))):
+            by_position = smollm.hf(**x).logits[0, -1]
+    assert torch.isfinite(by_role).all() and torch.equal(by_role, by_position)

@@ -38,7 +38,8 @@ class Knockout(Method):
         stream: str or None. Default the model's language/text stream.
 
     Raises `SteerError` for a missing or empty set, an unknown role, overlapping sets, no layers, or a layer beyond
-    the stream's layer count (checked before the model is touched)."""
+    the stream's layer count (checked before the model is touched). Where a role set holds target positions (source
+    "text", target "last"), those positions stay readable: a row always keeps its own key."""
 
     name = "knockout"
     paper = "Cross-modal Information Flow in Multimodal Large Language Models (Zhang et al., CVPR 2025)"
@@ -71,4 +72,18 @@ class Knockout(Method):
 
     def edits(self, model):
         stream = self.stream or lm_stream(model)
-        return self._tag([MaskKeys(stream=stream, layers=self.window(model), queries=self.target, keys=self.source)])
+        keys = self.source
+        if not all(isinstance(i, int) for i in _as_items(self.source) + _as_items(self.target)):
+            keys = _without(self.source, self.target)  # roles may share positions with the target: keep those keys
+        return self._tag([MaskKeys(stream=stream, layers=self.window(model), queries=self.target, keys=keys)])
+
+
+def _without(source, target):
+    """Keys of `source` that are not positions of `target` (so a target row never loses its own key, which would
+    leave it nothing to attend to)."""
+
+    def source_keys(ctx):
+        return ctx.key_mask(source) & ~ctx.key_mask(target)
+
+    source_keys.__name__ = f"{_plain(source)} minus {_plain(target)}"
+    return source_keys
