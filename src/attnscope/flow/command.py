@@ -18,7 +18,8 @@ def add_parser(sub):
     p.add_argument("--target", help="the set whose query rows cannot read them")
     p.add_argument("--window", type=int, default=4, help="layers per window (default 4)")
     p.add_argument("--stride", type=int, default=1, help="layers between window starts (default 1)")
-    p.add_argument("--answer", help="answer word (its first token; default the model's most likely next token)")
+    p.add_argument("--answer", help="answer word: its first token, so write a leading space where the prompt needs one "
+                                    "(' Paris' after 'is'); default the model's most likely next token")
     p.add_argument("--out", help=".json (curve) or .png (figure)")
     from ..cli import add_prompt_options
 
