@@ -125,12 +125,17 @@ class KnockoutCurve:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> KnockoutCurve:
-        meta = json.loads(Path(path).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a knockout curve (format {meta.get('format')!r}; expected {FORMAT})")
+    def from_dict(cls, meta: dict, where: str = "the document") -> KnockoutCurve:
+        """The inverse of `to_dict`."""
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{where}: not a knockout curve (format {found!r}; expected {FORMAT})")
         return cls(meta["model"], meta["stream"], meta["layers"], meta["window"], meta["windows"], meta["changes"],
                    meta["base"], meta.get("examples", []), meta.get("params", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnockoutCurve:
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
 
     # --- rendering ----------------------------------------------------------------------------------------
     def plot(self, ax=None, title: str | None = None):
