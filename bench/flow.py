@@ -136,7 +136,7 @@ def run_smollm2(args) -> dict:
     from attnscope.flow import KnockoutCurve, knockout_curve
 
     model = attnscope.load("smollm2-135m")
-    curves, skipped, sink = [], [], []
+    curves, skipped, sink, single = [], [], [], []
     t0 = time.time()
     facts = FACTS[: args.facts] if args.facts else FACTS
     for prompt, subject, answer in facts:
@@ -154,10 +154,13 @@ def run_smollm2(args) -> dict:
         curves.append(knockout_curve(model, prompt, question=rest, subject=subject, answer=tid, chat=False,
                                      window=args.window, stride=args.text_stride,
                                      flows=["subject->last", "question->last", "other->last"]))
+        single.append(knockout_curve(model, prompt, question=rest, subject=subject, answer=tid, chat=False,
+                                     window=1, stride=args.text_stride, flows=["subject->last"]))
     log(f"smollm2: {len(curves)}/{len(facts)} facts right")
     sink = np.array(sink)  # [prompts, layers]: the last row's attention on the first word, mean over heads
     return {"model": "smollm2-135m", "curve": KnockoutCurve.combine(curves), "prompts": len(facts),
             "kept": len(curves), "skipped": skipped, "seconds": time.time() - t0,
+            "single_layer": KnockoutCurve.combine(single),
             "first_word_attention": {"mean": float(sink.mean()), "per_layer": sink.mean(0).round(4).tolist()}}
 
 
@@ -224,6 +227,15 @@ def verdicts(vlm: dict, text: dict) -> list[str]:
            f"over heads, layers and prompts, {min(sink['per_layer']):.0%}-{max(sink['per_layer']):.0%} per layer), so "
            "blocking it changes the normalisation of every row rather than one flow of information."
            if (sink := text.get("first_word_attention")) else "the first word is a typical attention sink."))
+    one = text.get("single_layer")
+    if one is not None:
+        means = one.mean("subject->last")
+        top = strongest(one, "subject->last")
+        rest = np.delete(means, int(np.argmin(means)))
+        out.append(f"* **SmolLM2, one layer at a time** (subject->last, window 1): layer {top['window'][0]} alone gives "
+                   f"{pct(top)}; no other layer moves the answer by more than {100 * np.abs(rest).max():.0f}% on average."
+                   + (" The subject's information reaches the last position through that one layer's attention."
+                      if top["significant"] and abs(top["mean"]) > 3 * np.abs(rest).max() else ""))
     return out
 
 
@@ -266,6 +278,8 @@ def report(res: dict, vlm: dict, text: dict, small: bool) -> str:
               f"{part['kept']} of {part.get('questions', part.get('prompts'))} examples answered right and kept; window "
               f"{c.window} layers of {c.layers}, stride {c.params.get('stride')}; {part['seconds']:.0f} s.", "",
               c.to_markdown(), ""]
+        if part is text and text.get("single_layer") is not None:
+            L += ["subject->last one layer at a time (window 1):", "", text["single_layer"].to_markdown(), ""]
         if part is vlm and vlm.get("object_curve") is not None:
             oc = vlm["object_curve"].select(["image-object->question", "image-rest->question"])
             L += [f"Yes questions only ({len(oc)}): the asked object's image tokens against the rest.", "", oc.to_markdown(), ""]
@@ -284,8 +298,9 @@ def rewrite_report(args) -> int:
     for key in ("scene_vlm", "smollm2"):
         part = dict(doc[key])
         part["curve"] = KnockoutCurve.from_dict(part["curve"])
-        if part.get("object_curve") is not None:
-            part["object_curve"] = KnockoutCurve.from_dict(part["object_curve"])
+        for extra in ("object_curve", "single_layer"):
+            if part.get(extra) is not None:
+                part[extra] = KnockoutCurve.from_dict(part[extra])
         parts.append(part)
     vlm, text = parts
     plot(vlm, text, args.out / f"{stem}.png")
@@ -325,10 +340,11 @@ def main(argv=None) -> int:
     plot(vlm, text, args.out / f"{stem}.png")
     doc = dict(res)
     for key, part in (("scene_vlm", vlm), ("smollm2", text)):
-        doc[key] = {k: v for k, v in part.items() if k not in ("curve", "object_curve")}
+        doc[key] = {k: v for k, v in part.items() if k not in ("curve", "object_curve", "single_layer")}
         doc[key]["curve"] = part["curve"].to_dict()
-        if part.get("object_curve") is not None:
-            doc[key]["object_curve"] = part["object_curve"].to_dict()
+        for extra in ("object_curve", "single_layer"):
+            if part.get(extra) is not None:
+                doc[key][extra] = part[extra].to_dict()
     doc["verdicts"] = verdicts(vlm, text)
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     (args.out / f"{stem}.md").write_text(report(res, vlm, text, args.small))
