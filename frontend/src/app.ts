@@ -3,6 +3,7 @@ import { ApiError, ServerSource, api } from "./source";
 import type { ViewDoc } from "./types";
 import { el } from "./util";
 import { DiffView } from "./diff";
+import { knockoutPanel } from "./knockout";
 import { Viewer } from "./viewer";
 
 interface Info {
@@ -160,6 +161,7 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     } else {
       window.attnscope?.viewers.push(new Viewer(results, answer.doc, new ServerSource(base, answer.rid, methods)));
     }
+    if (answer.model && takes.get(answer.model)?.generate) results.append(knockoutPanel(base, answer.rid));
     results.dataset.shownMs = (performance.now() - t0).toFixed(1);
   };
 

@@ -127,6 +127,17 @@ def keep_logits(forward, inputs: dict, n: int = 1, override: bool = True) -> dic
     return {**inputs, LOGITS_TO_KEEP: n}
 
 
+def reuse_encoded_images(forward, inputs: dict, output) -> dict:
+    """`inputs` for further forwards over the same images that skip the vision tower: the pixel values replaced by
+    the image features `output` (a forward over `inputs`) carries as `image_outputs`, under ENCODED_IMAGES, where
+    the forward declares it (transformers 5.23+); otherwise `inputs` unchanged."""
+    fn = forward.forward if isinstance(forward, torch.nn.Module) else forward
+    encoded = getattr(output, "image_outputs", None)
+    if encoded is None or ENCODED_IMAGES not in inspect.signature(fn).parameters or inputs.get("pixel_values") is None:
+        return dict(inputs)
+    return {**{k: v for k, v in inputs.items() if k != "pixel_values"}, ENCODED_IMAGES: {"image": encoded}}
+
+
 DECODER_INPUT_IDS = "decoder_input_ids"
 DECODER_INPUTS_EMBEDS = "decoder_inputs_embeds"
 

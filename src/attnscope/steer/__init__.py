@@ -41,6 +41,7 @@ from .methods import (
     HeadMask,
     ImbalanceFix,
     KeepSchedule,
+    Knockout,
     M3ID,
     PyramidDrop,
     generate_kwargs,
@@ -53,7 +54,7 @@ __all__ = ["steer", "parse", "generate_kwargs", "METHODS", "SteerError", "Contra
            "LogitBias", "ScaleKeys", "MaskKeys", "Redistribute", "HeadScale", "DropTokens", "Contrast", "Observe",
            "Branch", "NoisedImage", "TransformedImage", "WithoutTokens", "SameInputs",
            "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe", "VCD", "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop",
-           "VTCCLS", "KeepSchedule"]
+           "VTCCLS", "KeepSchedule", "Knockout"]
 
 
 

@@ -480,6 +480,28 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
 
         return await run_in_threadpool(_sync)
 
+    @app.post("/api/runs/{rid}/knockout")
+    async def knockout(rid: str, request: Request):
+        try:
+            body = await request.json()
+        except Exception as err:
+            raise ApiError(400, "send JSON {source, target, window, stride}") from err
+        entry = state.entry(rid)
+        if entry.model_id is None:
+            raise ApiError(400, "this run came from a trace file: a knockout needs the model; run it in the viewer")
+        slot = state.slot(entry.model_id)
+
+        def _sync():
+            from .knockout import knockout_view
+
+            with slot.use():
+                try:
+                    return knockout_view(state.loaded(slot), entry.result, body)
+                except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+                    raise ApiError(400, f"knockout: {err}") from err
+
+        return await run_in_threadpool(_sync)
+
     @app.post("/api/runs/{rid}/faithfulness/{fid}")
     def faithfulness(rid: str, fid: str):
         entry = state.entry(rid)

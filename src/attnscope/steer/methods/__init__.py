@@ -8,6 +8,7 @@ from ._base import generate_kwargs
 from .fastv import FastV, FastVRerank
 from .head_scale import HeadMask
 from .imbalance import ImbalanceFix
+from .knockout import Knockout
 from .m3id import M3ID
 from .pai import PAI
 from .pyramiddrop import PyramidDrop
@@ -19,7 +20,7 @@ from .vhr import VHR
 from .vtc_cls import VTCCLS
 
 METHODS = {cls.name: cls for cls in (PAI, VAR, VHR, ImbalanceFix, HeadMask, DeCoRe, VCD, M3ID, RITUAL, FastV, FastVRerank,
-                                      PyramidDrop, VTCCLS, KeepSchedule)}
+                                      PyramidDrop, VTCCLS, KeepSchedule, Knockout)}
 
 
 SYNTAX = ("values as on the command line: numbers, true/false, none; a position 3 or -1 (the last, as in Python); "
@@ -80,4 +81,4 @@ def parse(spec: str):
 
 
 __all__ = ["METHODS", "parse", "value", "SYNTAX", "generate_kwargs", "PAI", "VAR", "VHR", "ImbalanceFix", "HeadMask", "DeCoRe",
-           "VCD", "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop", "VTCCLS", "KeepSchedule"]
+           "VCD", "M3ID", "RITUAL", "FastV", "FastVRerank", "PyramidDrop", "VTCCLS", "KeepSchedule", "Knockout"]
