@@ -96,17 +96,22 @@ def test_a_model_is_placed_once(lm):
         split(lm[1], "auto")
 
 
-def test_a_folder_holding_offloaded_weights_is_refused_not_reused(smollm, tmp_path):
-    """accelerate skips writing a folder that has an index.json and reads the weights there: a second placement into
-    the same folder would run the first one's weights (stale files, another model, a user's edited copy)."""
+def test_a_folder_holding_other_weights_is_refused_not_reused(smollm, tmp_path):
+    """accelerate skips writing a folder that has an index.json and reads the weights there: a placement into a folder
+    that holds other weights (an earlier map, a user's edited copy) would run those. The same weights are reused
+    (several processes of one run placing the same model into one folder)."""
     first = attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
     assert placement(first.hf)["disk"] >= 5
-    with pytest.raises(PlacementError, match="already holds offloaded weights"):
+    again = attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        same(again(**x).logits, smollm(**x).logits)
+    with pytest.raises(PlacementError, match="already holds offloaded weights .* not this model's"):
         attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "150MB"}, offload_folder=tmp_path)
     edited = attnscope.load("smollm2-135m")
     with torch.no_grad():
         edited.hf.model.layers[25].mlp.down_proj.weight.mul_(0.5)
-    with pytest.raises(PlacementError, match="already holds offloaded weights"):
+    with pytest.raises(PlacementError, match="already holds offloaded weights .* not this model's"):
         split(edited, "auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
     assert not is_split(edited.hf)
 

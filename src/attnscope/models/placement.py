@@ -134,13 +134,33 @@ def split(model, device_map="auto", max_memory: dict | None = None, offload_fold
         raise PlacementError(f"{model.name} does not fit in max_memory={max_memory}; modules would go to 'disk': "
                              "pass offload_folder=DIR (or more max_memory)")
     if "disk" in device_map.values() and (Path(offload_folder) / "index.json").exists():
-        # accelerate reuses a folder that holds an index.json instead of writing this model's weights into it: the
-        # model would run with whatever weights an earlier placement left there (or fail on a module not among them)
-        raise PlacementError(f"offload_folder {str(offload_folder)!r} already holds offloaded weights (index.json) from "
-                             "an earlier placement, which accelerate would use instead of this model's weights; pass "
-                             "an empty folder (one per placed model and process), or remove that one")
+        _check_reused_folder(hf, device_map, Path(offload_folder))
     model.hf = accelerate.dispatch_model(hf, device_map, offload_dir=None if offload_folder is None else str(offload_folder))
     return model
+
+
+def _check_reused_folder(hf: nn.Module, device_map: dict, folder: Path) -> None:
+    """accelerate does not write a folder that already holds an index.json: it reads the weights found there. Reuse
+    it only if it holds exactly this model's weights for every module placed on disk (another process of the same run
+    placing the same model, a rerun); refuse weights an earlier placement of other weights left there."""
+    from accelerate.utils import OffloadedWeightsLoader
+
+    disk = [name for name, device in device_map.items() if device == "disk"]
+    state = hf.state_dict()
+    names = [n for n in state if any(p == "" or n == p or n.startswith(p + ".") for p in disk)]
+    try:
+        stored_weights = OffloadedWeightsLoader(save_folder=str(folder))
+        stale = [n for n in names if n not in stored_weights.index or not _same(stored_weights[n], state[n])]
+    except (OSError, ValueError, KeyError) as err:
+        stale = [f"unreadable ({type(err).__name__}: {err})"]
+    if stale:
+        raise PlacementError(f"offload_folder {str(folder)!r} already holds offloaded weights (index.json) that are not "
+                             f"this model's (e.g. {stale[:2]}); accelerate would use them instead of the model's own: "
+                             "pass an empty folder, or remove that one")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.detach().cpu())
 
 
 def placement(hf: nn.Module) -> dict[str, int] | None:
