@@ -253,3 +253,30 @@ def test_generate_on_a_model_split_over_cpu_and_disk_equals_the_unsplit_model(sm
     assert main(base) == 0
     plain = _json(capsys)
     assert plain.pop("seconds") > 0 and split_out.pop("seconds") > 0 and plain == split_out
+
+
+def test_launched_eval_processes_offload_to_folders_of_their_own(monkeypatch, tmp_path):
+    """Under a launcher, K processes of one machine get the same --offload-folder; placing into one folder, a process
+    rewrites the weight files another is reading (bus errors, or zeros read as weights). Each gets rank-RANK in it."""
+    from attnscope.models import zoo as zoo_mod
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(name, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(zoo_mod, "load", fake_load)
+    base = ["eval", "pope", "--n", "1", "--device-map", "auto", "--max-memory", "cpu=300MB", "--offload-folder",
+            str(tmp_path / "offload"), "--out", str(tmp_path / "pope.jsonl"), "--shard"]
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(Stop):
+            main(base)
+    assert [k["offload_folder"] for k in seen] == [str(tmp_path / "offload" / "rank-0"), str(tmp_path / "offload" / "rank-1")]

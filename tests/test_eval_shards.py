@@ -140,3 +140,27 @@ def test_chair_merges_to_the_unsharded_result(scene, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(merged.records) == strip(single.records)
     assert json.dumps(merged.metrics["ci"], sort_keys=True) == json.dumps(single.metrics["ci"], sort_keys=True)
+
+
+def test_shards_of_a_model_with_the_same_name_but_other_weights_are_refused(scene, questions, tmp_path):
+    """A checkpoint retrained at the same path, or another machine's copy: the name alone does not say which weights
+    answered, so shards answered by different weights must not merge into one result."""
+    import torch
+
+    qs, image_of = questions
+    run = dict(max_new_tokens=2, boot=20)
+    out = tmp_path / "pope.jsonl"
+    pope_mod.evaluate_pope(scene, qs, image_of, out=out, shard="0/2", **run)
+    norm = scene.hf.model.language_model.norm.weight
+    saved = norm.detach().clone()
+    try:
+        with torch.no_grad():
+            norm.mul_(2.0)
+        scene.__dict__.pop("fingerprint", None)  # a fresh process computes it from the weights it loaded
+        pope_mod.evaluate_pope(scene, qs, image_of, out=out, shard="1/2", **run)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+        scene.__dict__.pop("fingerprint", None)
+    with pytest.raises(ShardError, match=r"other settings than shard 0 \(weights\)"):
+        pope_mod.merge_pope(qs, out)

@@ -94,3 +94,41 @@ def test_bad_maps_leave_the_model_untouched(smollm, device_map, message):
 def test_a_model_is_placed_once(lm):
     with pytest.raises(PlacementError, match="already placed"):
         split(lm[1], "auto")
+
+
+def test_a_folder_holding_other_weights_is_refused_not_reused(smollm, tmp_path):
+    """accelerate skips writing a folder that has an index.json and reads the weights there: a placement into a folder
+    that holds other weights (an earlier map, a user's edited copy) would run those. The same weights are reused
+    (several processes of one run placing the same model into one folder)."""
+    first = attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
+    assert placement(first.hf)["disk"] >= 5
+    again = attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        same(again(**x).logits, smollm(**x).logits)
+    with pytest.raises(PlacementError, match="already holds offloaded weights .* not this model's"):
+        attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "150MB"}, offload_folder=tmp_path)
+    edited = attnscope.load("smollm2-135m")
+    with torch.no_grad():
+        edited.hf.model.layers[25].mlp.down_proj.weight.mul_(0.5)
+    with pytest.raises(PlacementError, match="already holds offloaded weights .* not this model's"):
+        split(edited, "auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
+    assert not is_split(edited.hf)
+
+
+def test_everything_on_disk_equals_the_unsplit_model(smollm, tmp_path):
+    model = attnscope.load("smollm2-135m", device_map={"": "disk"}, offload_folder=tmp_path)
+    assert set(placement(model.hf)) == {"disk"}
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        same(model(**x).logits, smollm(**x).logits)
+
+
+@pytest.mark.parametrize("max_memory, message", [
+    ({GPUS: "10GiB", "cpu": "20GiB"}, "does not exist"),
+    ("300MB", "must be a \\{device: size\\} dict"),
+    ({"gpu": "1GB"}, "not a device"),
+])
+def test_bad_max_memory_is_refused_before_loading(max_memory, message, tmp_path):
+    with pytest.raises(PlacementError, match=message):
+        attnscope.load("smollm2-135m", device_map="auto", max_memory=max_memory, offload_folder=tmp_path)

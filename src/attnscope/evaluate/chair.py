@@ -184,7 +184,8 @@ def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of:
                      **caption_record(caption, gold, vocabulary)})
         if progress:
             progress(i + 1, len(mine))
-    settings = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
+    settings = {"model": getattr(model, "name", ""), "weights": getattr(model, "fingerprint", None),
+                "method": method_name(gen.steer), "steer": repr(gen.steer),
                 "prompt": prompt, "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature,
                 "top_p": top_p, "seed": seed, "vocabulary": shards.fingerprint(vocabulary.phrases),
                 "ground_truth": shards.fingerprint([[i, list(g)] for i, g in images])}

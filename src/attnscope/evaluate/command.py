@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -96,7 +97,12 @@ def _run(args) -> int:
         return _report(args, _merge(args, splits))
     from ..cli import placement_options
 
-    model = load(args.model, **placement_options(args))
+    options = placement_options(args)
+    launched = shards.from_launcher()
+    if options.get("offload_folder") and launched.count > 1:
+        # one folder per process: processes placing into one folder rewrite the files the others are reading
+        options["offload_folder"] = str(Path(options["offload_folder"]) / f"rank-{launched.index}")
+    model = load(args.model, **options)
     pope.Generator(model)  # NotAVisionLanguageModel now, before the questions are built
     common = dict(steer=steer, sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   out=args.out, shard=args.shard, boot=args.boot, progress=_progress if args.progress else None)

@@ -371,7 +371,8 @@ def evaluate_pope(model, questions: Sequence[PopeQuestion], image_of: Callable[[
         rows.append({"image_id": image_id, "question": text, "answer": answer, "seconds": seconds, "new_tokens": tokens})
         if progress:
             progress(i + 1, len(mine))
-    settings = {"model": getattr(model, "name", ""), "method": method_name(gen.steer), "steer": repr(gen.steer),
+    settings = {"model": getattr(model, "name", ""), "weights": getattr(model, "fingerprint", None),
+                "method": method_name(gen.steer), "steer": repr(gen.steer),
                 "max_new_tokens": max_new_tokens, "sample": sample, "temperature": temperature, "top_p": top_p,
                 "seed": seed}
     merged = shards.exchange(plan, out, "pope", unique, settings, rows, _key)

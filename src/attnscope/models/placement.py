@@ -11,6 +11,8 @@ explain on a split model equal the unsplit model (tests/test_split_models.py); t
 `Model.device`, the execution device of the first placed module."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -43,6 +45,14 @@ def check_options(device_map=None, max_memory=None, offload_folder=None) -> None
             raise PlacementError("max_memory and offload_folder place a model only with a device map; pass "
                                  "device_map='auto' (or an explicit {module: device} dict)")
         return
+    if max_memory is not None:
+        if not isinstance(max_memory, dict) or not max_memory:
+            raise PlacementError(f"max_memory must be a {{device: size}} dict such as {{'cpu': '300MB'}} or {{0: '10GiB', "
+                                 f"'cpu': '20GiB'}}; got {max_memory!r}")
+        for device in max_memory:
+            if device != "disk" and not _is_device(device):
+                raise PlacementError(f"max_memory names {device!r}, which is not a device: use a GPU index, 'cuda:N' "
+                                     "or 'cpu'")
     if isinstance(device_map, str):
         if device_map not in STRATEGIES and not _is_device(device_map):
             raise PlacementError(f"device_map={device_map!r} is neither a strategy ({', '.join(STRATEGIES)}) nor a device; "
@@ -117,12 +127,40 @@ def split(model, device_map="auto", max_memory: dict | None = None, offload_fold
         device_map = infer_auto_device_map(hf, max_memory=max_memory, no_split_module_classes=no_split)
     elif isinstance(device_map, str) or not isinstance(device_map, dict):
         device_map = {"": device_map}
+    if device_map == {"": "disk"}:  # accelerate offloads nothing for the root's name: place each child on disk
+        device_map = {name: "disk" for name, _ in hf.named_children()}
     device_map = _explicit(hf, device_map)
     if "disk" in device_map.values() and offload_folder is None:
         raise PlacementError(f"{model.name} does not fit in max_memory={max_memory}; modules would go to 'disk': "
                              "pass offload_folder=DIR (or more max_memory)")
+    if "disk" in device_map.values() and (Path(offload_folder) / "index.json").exists():
+        _check_reused_folder(hf, device_map, Path(offload_folder))
     model.hf = accelerate.dispatch_model(hf, device_map, offload_dir=None if offload_folder is None else str(offload_folder))
     return model
+
+
+def _check_reused_folder(hf: nn.Module, device_map: dict, folder: Path) -> None:
+    """accelerate does not write a folder that already holds an index.json: it reads the weights found there. Reuse
+    it only if it holds exactly this model's weights for every module placed on disk (another process of the same run
+    placing the same model, a rerun); refuse weights an earlier placement of other weights left there."""
+    from accelerate.utils import OffloadedWeightsLoader
+
+    disk = [name for name, device in device_map.items() if device == "disk"]
+    state = hf.state_dict()
+    names = [n for n in state if any(p == "" or n == p or n.startswith(p + ".") for p in disk)]
+    try:
+        stored_weights = OffloadedWeightsLoader(save_folder=str(folder))
+        stale = [n for n in names if n not in stored_weights.index or not _same(stored_weights[n], state[n])]
+    except (OSError, ValueError, KeyError) as err:
+        stale = [f"unreadable ({type(err).__name__}: {err})"]
+    if stale:
+        raise PlacementError(f"offload_folder {str(folder)!r} already holds offloaded weights (index.json) that are not "
+                             f"this model's (e.g. {stale[:2]}); accelerate would use them instead of the model's own: "
+                             "pass an empty folder, or remove that one")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.detach().cpu())
 
 
 def placement(hf: nn.Module) -> dict[str, int] | None:
