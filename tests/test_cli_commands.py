@@ -232,6 +232,10 @@ def test_eval_shard_options(scene, use, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main([*base, "--shard", "--out", out]) == 0
     assert "this is the only process" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "1")  # launched, but --shard forgotten
+    assert main([*base, "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "add --shard" in err and len(err.splitlines()) == 1, err
 
 
 def test_generate_on_a_model_split_over_cpu_and_disk_equals_the_unsplit_model(smollm, use, tmp_path, capsys):

@@ -88,6 +88,9 @@ def _run(args) -> int:
         shards.parse(args.shard)  # a bad INDEX/COUNT before the model loads
     elif args.shard and shards.from_launcher().count == 1:
         print(f"warning: {shards.SINGLE}", file=sys.stderr)
+    elif args.shard is None and not args.merge and shards.from_launcher().count > 1:
+        raise ValueError(f"this is one of {shards.from_launcher().count} launched processes but --shard is not set, so "
+                         "each would answer every question and write the same --out; add --shard")
     steer = [pope.resolve_steer(spec) for spec in args.steer] or None  # SteerError before the model loads
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     bad = [s for s in splits if s not in pope.SPLITS]
