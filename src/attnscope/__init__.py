@@ -10,6 +10,7 @@ from . import heads  # noqa: E402  (attnscope.heads.table)
 from . import explain, steer  # noqa: E402  callable packages: attnscope.explain(...), attnscope.steer(...)
 from .explain import Explanation  # noqa: E402
 from . import check  # noqa: E402  callable package: attnscope.check(model) runs the verdict table
+from . import ground  # noqa: E402  callable package: attnscope.ground(model, image, question) -> Grounding
 
 __all__ = ["capture", "Trace", "TokenMap", "load", "wrap", "load_image", "ZOO", "explain", "Explanation", "steer",
-           "heads", "check", "__version__"]
+           "heads", "check", "ground", "__version__"]
