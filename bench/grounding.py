@@ -92,10 +92,30 @@ def crop_vs_plain(model, world, n_probe, kinds):
     return out
 
 
-def write(result, small):
+def reading(result) -> str:
+    """Plain statements computed from the numbers (no hand-written claims)."""
+    loc = result["localisation"]
+    rnd = loc["random"]
+    lines = []
+    for metric in ("pointing", "iou", "energy"):
+        beat = [k for k, v in loc.items() if k != "random" and v[metric]["low"] > rnd[metric]["high"]]
+        best = max((k for k in loc if k != "random"), key=lambda k: loc[k][metric]["value"])
+        lines.append(f"- {metric}: best {best} ({fmt(loc[best][metric])} vs random {fmt(rnd[metric])}); intervals "
+                     f"clear of random's: {', '.join(beat) if beat else 'none'}.")
+    for kind, r in result["crop"].items():
+        m = r["modes"]
+        for mode in ("crop", "both"):
+            d = m[mode]["accuracy"]["value"] - m["none"]["accuracy"]["value"]
+            lines.append(f"- {kind} objects, {mode} vs none: accuracy {d:+.3f} ({fmt(m[mode]['accuracy'])} vs "
+                         f"{fmt(m['none']['accuracy'])}; on the present object {fmt(m[mode]['accuracy_yes'])} vs "
+                         f"{fmt(m['none']['accuracy_yes'])}), at {m[mode]['seconds_ratio']:.2f}x the time.")
+    return "\n".join(lines)
+
+
+def write(result, small, out=RESULTS):
     tag = "-small" if small else ""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"grounding{tag}.json").write_text(json.dumps(result, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"grounding{tag}.json").write_text(json.dumps(result, indent=1))
     L = [f"# Grounding on scene-vlm{' (small run: not for quoting)' if small else ''}", "",
          f"`python bench/grounding.py{' --small' if small else ''}` · {result['machine']} · {result['date']}", "",
          "## Where the attention points", "",
@@ -125,8 +145,8 @@ def write(result, small):
                       f"{c['answer_forwards']} answer fwd")
             L.append(f"| {kind} ({r['questions']} q) | {mode} | {fmt(v['accuracy'])} | {fmt(v['accuracy_yes'])} | "
                      f"{fmt(v['accuracy_no'])} | {passes} | {c['prompt_tokens']} | {v['seconds_ratio']:.2f}x |")
-    L += ["", "## Reading", "", result.get("reading", "(small run)"), ""]
-    (RESULTS / f"grounding{tag}.md").write_text("\n".join(L))
+    L += ["", "## Reading", "", reading(result), ""]
+    (out / f"grounding{tag}.md").write_text("\n".join(L))
 
 
 def main(argv=None):
@@ -134,7 +154,13 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="one scene's first object, one small-object probe scene (CI)")
     ap.add_argument("--scenes", type=int, default=16)
     ap.add_argument("--probe", type=int, default=20, help="probe scenes per kind (2 questions each)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for grounding.md/.json (default bench/results)")
+    ap.add_argument("--render", type=Path, help="only rewrite the .md from an existing result .json (no model run)")
     args = ap.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        write(result, result["small"], args.out)
+        return result
     scenes, probe = (1, 1) if args.small else (args.scenes, args.probe)
     model = attnscope.load("scene-vlm")
     world = SceneWorld(seed=0)
@@ -146,7 +172,7 @@ def main(argv=None):
     result = {"scenes": scenes, "probe_scenes": probe, "localisation_n": n, "localisation": loc, "seconds": seconds,
               "crop": crop, "machine": f"{platform.machine()} {platform.python_version()}",
               "date": time.strftime("%Y-%m-%d"), "small": args.small}
-    write(result, args.small)
+    write(result, args.small, args.out)
     return result
 
 
