@@ -65,6 +65,18 @@ def _answer(model, texts_images, question: str, max_new_tokens: int) -> tuple[st
     return model.tokenizer.decode(new, skip_special_tokens=True).strip(), prompt, int(new.numel())
 
 
+def _check_whole_image(model, photo) -> None:
+    """The grounded box maps back to the photo by scaling only if the processor resized the whole photo (no crop)."""
+    proc = model.image_processor or getattr(model.processor, "image_processor", None)
+    if getattr(proc, "do_center_crop", False):
+        crop = getattr(proc, "crop_size", None)
+        size = (getattr(crop, "width", None), getattr(crop, "height", None)) if crop is not None else None
+        if size is None or tuple(photo.size) != size:
+            raise GroundingError(f"{model.name}'s image processor center-crops, so a box on its input does not map back to "
+                                 "the photo by scaling; resize the photo to the model input first, or pass box= in the "
+                                 "photo's pixels")
+
+
 def reask(model, image, question: str, mode: str = "both", method: str | None = None, target: str | None = None,
           margin: float = 0.5, min_side: int | None = None, box=None, max_new_tokens: int = 3, **params) -> Reask:
     """Answer `question` about `image` after cropping the grounded region (or `box`, given in the photo's pixels)."""
@@ -84,6 +96,7 @@ def reask(model, image, question: str, mode: str = "both", method: str | None = 
     found, region, views = None, None, [photo]
     if mode != "none":
         if box is None:
+            _check_whole_image(model, photo)
             found = ground(model, photo, question, method or DEFAULT_METHOD, target, **params)
             box = found.scale(photo.size)[0]
             cost["grounding_forwards"], cost["grounding_backwards"] = found.cost["forwards"], found.cost["backwards"]

@@ -57,7 +57,8 @@ class Grounding:
         return regions.points(self.map, self.pixel_size, self.n_points, self.separation)
 
     def scale(self, size: tuple[int, int]):
-        """(box, points) in an image of `size` = (width, height) (a PIL size), e.g. the photo the model input came from."""
+        """(box, points) in an image of `size` = (width, height) (a PIL size), e.g. the photo the model input came from;
+        exact when the processor resized the whole photo (scene-vlm does), not when it center-cropped it."""
         sx, sy = size[0] / self.pixel_size[1], size[1] / self.pixel_size[0]
         x0, y0, x1, y1 = self.box
         return ((int(x0 * sx), int(y0 * sy), int(np.ceil(x1 * sx)), int(np.ceil(y1 * sy))),
