@@ -1,8 +1,8 @@
 """Attention from chosen prompt tokens: the image tokens the target word's tokens attend to.
 
-Paper: TAG ("Attention from chosen prompt tokens locates a target": the word naming the object is the query, and
-its attention over the image tokens, heads and a band of layers averaged, is the object's map), as in the
-training-free localisation line of work that also includes "MLLMs Know Where to Look" and VL-SAM.
+Paper: "Attention-driven GUI Grounding: Leveraging Pretrained Multimodal Large Language Models without Fine-Tuning"
+(TAG, Tuning-free Attention-driven Grounding): the attention from chosen prompt tokens (the
+words naming the target) to the image tokens locates the target, with no training.
 
 Here: `target="bag"` picks the tokens spelling "bag" in the question (`common.word_positions`); without a target the
 query is the last prompt position, i.e. plain answer-position attention (the baseline the relative method divides).
