@@ -63,7 +63,7 @@ def localisation(model, world, n_scenes, per_scene=None):
 
 
 def crop_vs_plain(model, world, n_probe, kinds):
-    out = {}
+    out, res_diffs = {}, {}
     for kind in kinds:
         items = probe_questions(world, n_probe, kind)
         answers = {m: [] for m in ("none", "crop", "both")}
@@ -79,6 +79,11 @@ def crop_vs_plain(model, world, n_probe, kinds):
         groups = [it["scene"].id for it in items]
         truths = [it["truth"] for it in items]
         res = {}
+        for mode in ("crop", "both"):  # paired: the same questions, resampled together by scene
+            pairs = list(zip(answers[mode], answers["none"]))
+            diff = bootstrap(pairs, lambda rs: float(np.mean([a - b for a, b in rs])), groups, unit="scene")
+            res_diff = res_diffs.setdefault(kind, {})
+            res_diff[mode] = diff["value"]
         for mode, right in answers.items():
             rows = list(zip(right, truths))
             res[mode] = bootstrap(rows, lambda rs: {
@@ -88,7 +93,8 @@ def crop_vs_plain(model, world, n_probe, kinds):
                 groups, unit="scene")
             res[mode]["cost"] = costs[mode]
             res[mode]["seconds_ratio"] = statistics.median(seconds[mode]) / statistics.median(seconds["none"])
-        out[kind] = {"questions": len(items), "modes": res}
+        out[kind] = {"questions": len(items), "modes": res, "minus_none": res_diffs[kind],
+                     "answers": {m: a for m, a in answers.items()}, "truths": truths, "scenes": groups}
     return out
 
 
@@ -106,7 +112,9 @@ def reading(result) -> str:
         m = r["modes"]
         for mode in ("crop", "both"):
             d = m[mode]["accuracy"]["value"] - m["none"]["accuracy"]["value"]
-            lines.append(f"- {kind} objects, {mode} vs none: accuracy {d:+.3f} ({fmt(m[mode]['accuracy'])} vs "
+            paired = r.get("minus_none", {}).get(mode)
+            lines.append(f"- {kind} objects, {mode} vs none: accuracy {d:+.3f}"
+                         f"{f' (paired difference {fmt(paired)})' if paired else ''} ({fmt(m[mode]['accuracy'])} vs "
                          f"{fmt(m['none']['accuracy'])}; on the present object {fmt(m[mode]['accuracy_yes'])} vs "
                          f"{fmt(m['none']['accuracy_yes'])}), at {m[mode]['seconds_ratio']:.2f}x the time.")
     return "\n".join(lines)
@@ -153,7 +161,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="one scene's first object, one small-object probe scene (CI)")
     ap.add_argument("--scenes", type=int, default=16)
-    ap.add_argument("--probe", type=int, default=20, help="probe scenes per kind (2 questions each)")
+    ap.add_argument("--probe", type=int, default=30, help="probe scenes per kind (2 questions each)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for grounding.md/.json (default bench/results)")
     ap.add_argument("--render", type=Path, help="only rewrite the .md from an existing result .json (no model run)")
     args = ap.parse_args(argv)
