@@ -15,7 +15,13 @@ Here, our reading of the two steps:
 Points (`Grounding.points`) are the map's peaks with a minimum separation: VL-SAM's positive point prompts.
 Cost: one forward capturing every row of the chosen layers (only the language model's; backend untouched).
 
-Defaults, and why: `layers="all"` (flow propagates through the whole stack, as in the paper)."""
+Defaults, and why: `layers="all"` (flow propagates through the whole stack, as in the paper).
+
+On scene-vlm it does not localise (bench/results/grounding.md: pointing below the random map). On 13 val objects the
+map's peak is decided by position, not content: without the regularisation it sits on the first image tokens (the
+causal accumulation the regularisation is meant to remove), with it on the last image token (overcorrected); keeping
+image tokens' own rows as identity (flow only through text tokens) moves it to image token 2, an attention sink.
+The paper's exact regulariser may do better; this file is the place to change it."""
 from __future__ import annotations
 
 import torch
