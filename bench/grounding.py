@@ -125,7 +125,8 @@ def write(result, small, out=RESULTS):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"grounding{tag}.json").write_text(json.dumps(result, indent=1))
     L = [f"# Grounding on scene-vlm{' (small run: not for quoting)' if small else ''}", "",
-         f"`python bench/grounding.py{' --small' if small else ''}` · {result['machine']} · {result['date']}", "",
+         f"`python bench/grounding.py{' --small' if small else ''} --scenes {result['scenes']} --probe "
+         f"{result['probe_scenes']}` · {result['machine']} · {result['date']}", "",
          "## Where the attention points", "",
          f"{result['localisation_n']} objects of the first {result['scenes']} test scenes, each asked \"Is there a "
          "<class> in the image?\". Queries at the answer position (the last prompt position, the papers' form) or at "
