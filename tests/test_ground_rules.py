@@ -2,6 +2,9 @@
 scenes that change one object only."""
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -82,3 +85,17 @@ def test_probe_scenes_change_only_the_target_object():
     items = probe_questions(world, 3, "small")
     assert [it["truth"] for it in items] == ["yes", "no"] * 3
     assert all(not it["scene"].has(it["cls"]) for it in items if it["truth"] == "no")
+
+
+def test_figure_and_html_need_no_network(tmp_path):
+    grid = np.zeros((8, 8))
+    grid[3, 4] = 1.0
+    g = _g(grid)
+    page = g.to_html()
+    assert "data:image/png;base64," in page and "&quot;box&quot;: [" in page
+    assert re.findall(r'src="([^"]*)"', page) and all(v.startswith("data:") for v in re.findall(r'src="([^"]*)"', page))
+    assert "http" not in page and "<script" not in page
+    assert g.save(tmp_path / "g.png").stat().st_size > 1000
+    assert json.loads(g.save(tmp_path / "g.json").read_text())["box"] == [112, 84, 140, 112]
+    with pytest.raises(ValueError, match="use .json, .png or .html"):
+        g.save(tmp_path / "g.gif")

@@ -106,8 +106,29 @@ class Grounding:
         ax.set_axis_off()
         return fig if fig is not None else ax.figure
 
+    def to_html(self) -> str:
+        """A self-contained HTML snippet: the figure as an inline PNG and the box, points, method and cost."""
+        import base64
+        import html
+        import io
+
+        import matplotlib.pyplot as plt
+
+        fig = self.show()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        d = self.to_dict()
+        info = {k: d[k] for k in ("method", "params", "question", "target", "box", "points", "pixel_size", "cost")}
+        return (f'<figure class="attnscope-grounding"><img alt="grounding" src="data:image/png;base64,'
+                f'{base64.b64encode(buf.getvalue()).decode("ascii")}"><figcaption><pre>'
+                f"{html.escape(json.dumps(info, indent=1))}</pre></figcaption></figure>")
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
     def save(self, path) -> Path:
-        """By suffix: .json (map, box, points, method and parameters) or .png (the figure)."""
+        """By suffix: .json (map, box, points, method and parameters), .png (the figure) or .html (`to_html`)."""
         path = Path(path)
         if path.suffix.lower() == ".json":
             path.write_text(json.dumps(self.to_dict(), indent=1))
@@ -117,6 +138,8 @@ class Grounding:
             fig = self.show()
             fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
+        elif path.suffix.lower() in (".html", ".htm"):
+            path.write_text(self.to_html())
         else:
-            raise ValueError(f"cannot save a grounding as {path.suffix or 'a file with no suffix'}; use .json or .png")
+            raise ValueError(f"cannot save a grounding as {path.suffix or 'a file with no suffix'}; use .json, .png or .html")
         return path
