@@ -128,3 +128,27 @@ def test_crop_and_reask_uses_the_grounded_box_and_counts_its_passes(vlm, scene):
     assert r.cost["grounding_forwards"] == 1 and r.cost["prompt_tokens"] > 2 * 64 and r.answer
     plain = attnscope.ground.reask(vlm, scene.image, question("bag"), mode="none")
     assert plain.crop is None and plain.cost["grounding_forwards"] == 0 and plain.cost["prompt_tokens"] < r.cost["prompt_tokens"]
+
+
+def test_the_model_is_restored_when_a_method_raises_midway(vlm, scene, monkeypatch):
+    """A failure inside the capture block (tag, relative, flow) and inside the gradient pass (gradattn): the model's
+    backends, hooks and parameter flags come back, and its outputs are bit-identical to before."""
+    from attnscope.capture.trace import Trace
+    from attnscope.explain import engine
+
+    inputs = vlm.encode(text=question("bag"), image=scene.image)
+    with torch.no_grad():
+        reference = vlm.hf(**inputs).logits
+    before = _state(vlm)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    for method, where, name in (("tag", Trace, "attention"), ("flow", Trace, "attention"), ("gradattn", engine, "gradients")):
+        with monkeypatch.context() as patch:
+            patch.setattr(where, name, boom)
+            with pytest.raises(RuntimeError, match="injected"):
+                attnscope.ground(vlm, scene.image, question("bag"), method=method, target="bag", layers=[2])
+        assert _state(vlm) == before, method
+    with torch.no_grad():
+        assert torch.equal(vlm.hf(**inputs).logits, reference)
