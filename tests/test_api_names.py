@@ -15,7 +15,8 @@ import torch
 import attnscope
 
 
-@pytest.mark.parametrize("name, member", [("explain", "METHODS"), ("steer", "PAI"), ("capture", "Trace"), ("check", "CheckResult")])
+@pytest.mark.parametrize("name, member", [("explain", "METHODS"), ("steer", "PAI"), ("capture", "Trace"), ("check", "CheckResult"),
+                                          ("ground", "Grounding")])
 def test_packages_are_reachable_and_callable(name, member):
     package = importlib.import_module(f"attnscope.{name}")
     assert getattr(attnscope, name) is package is sys.modules[f"attnscope.{name}"]

@@ -4,12 +4,14 @@ import type { ViewDoc } from "./types";
 import { el } from "./util";
 import { DiffView } from "./diff";
 import { knockoutPanel } from "./knockout";
+import { groundingPanel } from "./grounding";
 import { Viewer } from "./viewer";
 
 interface Info {
   models: { id: string; label: string; about: string; installed: boolean }[];
   photos: string[];
   explain: string[];
+  ground?: string[];
   steer: Record<string, SteerMethod>;
   limits: { max_upload: number; max_pixels: number; max_text: number; max_tokens: number; max_new_tokens: number };
 }
@@ -160,6 +162,9 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
       window.attnscope?.viewers.push(va, vb);
     } else {
       window.attnscope?.viewers.push(new Viewer(results, answer.doc, new ServerSource(base, answer.rid, methods)));
+      if (info.ground?.length && answer.doc.images?.length && answer.model && takes.get(answer.model)?.vlm) {
+        results.append(groundingPanel(base, answer.rid, answer.doc.images[0], info.ground));
+      }
     }
     if (answer.model && takes.get(answer.model)?.generate) results.append(knockoutPanel(base, answer.rid));
     results.dataset.shownMs = (performance.now() - t0).toFixed(1);

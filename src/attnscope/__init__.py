@@ -11,6 +11,7 @@ from . import explain, steer  # noqa: E402  callable packages: attnscope.explain
 from .explain import Explanation  # noqa: E402
 from . import check  # noqa: E402  callable package: attnscope.check(model) runs the verdict table
 from . import flow  # noqa: E402  attnscope.flow.knockout_curve: information flow by attention knockout
+from . import ground  # noqa: E402  callable package: attnscope.ground(model, image, question) -> Grounding
 
 __all__ = ["capture", "Trace", "TokenMap", "load", "wrap", "load_image", "ZOO", "explain", "Explanation", "steer",
-           "heads", "check", "flow", "__version__"]
+           "heads", "check", "flow", "ground", "__version__"]

@@ -167,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluate import command as eval_command
     from .explain import command as explain_command
     from .flow import command as flow_command
+    from .ground import command as ground_command
     from .heads import command as heads_command
     from .steer import command as steer_command
 
-    for command in (explain_command, steer_command, heads_command, eval_command, check_command, flow_command):
+    for command in (explain_command, steer_command, heads_command, eval_command, check_command, flow_command,
+                    ground_command):
         command.add_parser(sub).set_defaults(fn=command.run)
     srv = sub.add_parser("serve", help="the interactive viewer: a local web app in the browser")
     srv.add_argument("--host", default="127.0.0.1",

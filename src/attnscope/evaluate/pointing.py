@@ -29,9 +29,13 @@ def _mask(expl, mask) -> np.ndarray:
 def patch_overlap(expl, mask, image: int = 0) -> np.ndarray:
     """Fraction of each patch's pixels inside the mask, shape (rows, cols)."""
     mask = _mask(expl, mask)
-    rows, cols = expl.tokens.grids[image]
-    ph, pw = expl._cell()
-    cut = mask[: rows * ph, : cols * pw].reshape(rows, ph, cols, pw)
+    return cell_overlap(mask, expl.tokens.grids[image], expl._cell())
+
+
+def cell_overlap(mask: np.ndarray, grid: tuple[int, int], cell: tuple[int, int]) -> np.ndarray:
+    """Fraction of each (ph x pw)-pixel cell of a rows x cols grid (from the top left) inside a boolean mask."""
+    (rows, cols), (ph, pw) = grid, cell
+    cut = np.asarray(mask, dtype=bool)[: rows * ph, : cols * pw].reshape(rows, ph, cols, pw)
     return cut.mean(axis=(1, 3))
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 
-from .world import CELL_NAMES, CLASSES, COLOURS, Scene, _check_class
+import numpy as np
+
+from .world import CELL_NAMES, CLASSES, COLOURS, PROBE_CONTRAST, Scene, SceneWorld, _check_class
 
 CAPTION_PROMPT = "Describe the image."
 QUESTION_TEMPLATE = "Is there a {cls} in the image?"  # POPE's template
@@ -67,4 +69,22 @@ def caption_scores(text: str, scene: Scene) -> dict:
     out["class"] = _prf({f["class"] for f in found}, {g[0] for g in gold})
     out["class_colour"] = _prf({(f["class"], f["colour"]) for f in found}, {g[:2] for g in gold})
     out["triple"] = _prf({(f["class"], f["colour"], f["position"]) for f in found}, set(gold))
+    return out
+
+
+def probe_questions(world: SceneWorld, n: int, kind: str = "small", start: int = 0,
+                    contrast: float = PROBE_CONTRAST) -> list[dict]:
+    """Yes/no questions about small or faint objects: for each probe scene `world.probe(i, kind)` (i in start ..
+    start+n-1), "Is there a <target class> in the image?" (truth "yes", the small/faint object) and the same question
+    about a class absent from the scene (truth "no", so answering yes always scores 0.5). Each item:
+    {"scene", "question", "truth", "cls", "object" (the target's index, None for the absent class), "kind"}."""
+    out = []
+    for i in range(start, start + n):
+        scene, k = world.probe(i, kind, contrast)
+        absent = [c for c in CLASSES if not scene.has(c)]
+        pick = np.random.default_rng([world.seed, 6, i]).integers(len(absent))
+        target = scene.objects[k].cls
+        out.append({"scene": scene, "question": question(target), "truth": "yes", "cls": target, "object": k, "kind": kind})
+        out.append({"scene": scene, "question": question(absent[int(pick)]), "truth": "no", "cls": absent[int(pick)],
+                    "object": None, "kind": kind})
     return out

@@ -46,7 +46,11 @@ DEFAULT_PAIRS = (("bag", "sandal"), ("coat", "boot"), ("dress", "sneaker"))
 DEFAULT_WEIGHTS = {"bag": 1.6, "t-shirt": 1.5, "sneaker": 1.3, "dress": 1.2, "trouser": 1.1,
                    "coat": 1.0, "shirt": 0.9, "pullover": 0.8, "sandal": 0.6, "boot": 0.6}
 SPLITS = ("train", "val", "test")
-_SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "composed": 4}
+_SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "composed": 4, "probe": 5}
+# probe scenes (`SceneWorld.probe`): one object drawn small and/or faint, the detail "MLLMs Know Where to Look" studies
+PROBE_KINDS = ("small", "faint", "small_faint")
+PROBE_SIZE = (0.25, 0.36)  # side of a small probe target as a share of the cell: under one scene-vlm image token
+PROBE_CONTRAST = 0.2  # opacity of a faint probe target over the background (normal objects: 1)
 FAINT_SIZE = (0.25, 0.36)  # side of a faint partner as a share of the cell (normal objects: 0.55-0.92)
 FAINT_CONTRAST = 0.06  # its colour's opacity over the background (normal objects: 1): about the swing of the background noise
 BACKGROUND = (24, 24, 24)
@@ -161,6 +165,7 @@ class _Layout:
     items: tuple[int, ...]
     noise_seed: int
     faint: tuple[bool, ...]
+    opacity: tuple[float, ...] | None = None  # per object, overriding the faint rule (probe scenes)
 
 
 class SceneWorld:
@@ -288,13 +293,13 @@ class SceneWorld:
         noise = np.random.default_rng(layout.noise_seed).normal(0.0, 5.0, (size, size, 1))
         canvas = np.clip(np.array(BACKGROUND, np.float32) + noise, 0, 255).astype(np.float32)  # grey noise, [H, W, 3]
         objects = []
-        for cls, colour, cell, side, (dx, dy), item, dim in zip(layout.classes, layout.colours, layout.cells,
-                                                                 layout.sizes, layout.offsets, layout.items, layout.faint):
+        for k, (cls, colour, cell, side, (dx, dy), item, dim) in enumerate(zip(
+                layout.classes, layout.colours, layout.cells, layout.sizes, layout.offsets, layout.items, layout.faint)):
             patch = Image.fromarray(images[item]).resize((side, side), Image.BILINEAR)
             alpha = np.asarray(patch, np.float32)[..., None] / 255.0
             x0, y0 = cell[1] * self.cell + dx, cell[0] * self.cell + dy
             region = canvas[y0:y0 + side, x0:x0 + side]
-            opacity = alpha * (FAINT_CONTRAST if dim else 1.0)
+            opacity = alpha * (layout.opacity[k] if layout.opacity else FAINT_CONTRAST if dim else 1.0)
             canvas[y0:y0 + side, x0:x0 + side] = region * (1 - opacity) + np.array(COLOURS[colour], np.float32) * opacity
             mask = np.zeros((size, size), bool)
             mask[y0:y0 + side, x0:x0 + side] = alpha[..., 0] > MASK_THRESHOLD
@@ -357,6 +362,30 @@ class SceneWorld:
                          tuple(s[3] for s in specs), offsets, picks, int(rng.integers(0, 2**31 - 1)), (False,) * len(specs))
         scene = self._render(split, index, layout, split)
         return Scene("composed", index, scene.image, scene.objects)
+
+    def probe(self, index: int, kind: str = "small", contrast: float = PROBE_CONTRAST) -> tuple[Scene, int]:
+        """(scene, index of its target object): test scene `index`'s content with one object, chosen by its own seeded
+        stream, drawn small (`PROBE_SIZE` of the cell), faint (opacity `contrast`) or both. The scene's ground truth
+        is exact as ever (the mask of a faint object is where it is drawn); its `split` is "probe"."""
+        if kind not in PROBE_KINDS:
+            raise ValueError(f"unknown probe kind {kind!r}; kinds are {', '.join(PROBE_KINDS)}")
+        if not 0 < contrast <= 1:
+            raise ValueError(f"contrast must be in (0, 1]; got {contrast}")
+        base = self._layout("test", index)
+        rng = np.random.default_rng([self.seed, _SPLIT_IDS["probe"], int(index)])
+        k = int(rng.integers(len(base.classes)))
+        sizes, offsets = list(base.sizes), list(base.offsets)
+        opacity, faint = [1.0] * len(sizes), [False] * len(sizes)
+        if kind in ("small", "small_faint"):
+            lo, hi = (max(8, round(f * self.cell)) for f in PROBE_SIZE)
+            sizes[k] = int(rng.integers(lo, hi + 1))
+            offsets[k] = (int(rng.integers(0, self.cell - sizes[k] + 1)), int(rng.integers(0, self.cell - sizes[k] + 1)))
+        if kind in ("faint", "small_faint"):
+            opacity[k], faint[k] = float(contrast), True
+        layout = _Layout(base.classes, base.colours, base.cells, tuple(sizes), tuple(offsets), base.items,
+                         base.noise_seed, tuple(faint), tuple(opacity))
+        scene = self._render("test", index, layout, "test")
+        return Scene("probe", index, scene.image, scene.objects), k
 
     def statistics(self, split: str = "train", n: int = 4000) -> dict:
         """Class frequency and pairwise co-occurrence counts over the first `n` scenes of a split (no rendering):

@@ -25,7 +25,8 @@ class RunResult:
     steer: dict | None = None
     full_ids: torch.Tensor | None = None  # prompt + every generated token (explaining a generated word needs them)
     explanations: dict = field(default_factory=dict)  # id -> Explanation, for faithfulness asked for afterwards
-    text: str | None = None  # the prompt as typed (the knockout panel's question words)
+    text: str | None = None  # the prompt as typed (the knockout panel's question words; grounding asks it again)
+    raw_prompt: bool = False
 
     def document(self, embed_rows: bool, title: str = "", max_values: int | None = None, **extra) -> dict:
         views = self.views
@@ -88,7 +89,8 @@ def run(model, text: str | None = None, image=None, max_new_tokens: int = 0, ste
     elif photo is not None:
         images = [photo]
     result = from_trace(trace, images=images, tail=tail, sinks=_sinks(model, trace, inputs, ids if generate else None))
-    result.generation, result.inputs, result.seconds, result.text = generation, inputs, seconds, text
+    result.generation, result.inputs, result.seconds = generation, inputs, seconds
+    result.text, result.raw_prompt = text, chat is False
     if generate:
         result.full_ids = ids.detach().cpu()
     result.steer = {"method": steer, "params": steer_params or {}} if steer else None

@@ -300,7 +300,10 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         from ..models.images import PHOTOS
 
         steer = {k: {x: v[x] for x in ("doc", "help", "params", "syntax")} for k, v in integrations.steer_methods().items()}
+        from . import grounding
+
         return {"models": state.models(), "photos": list(PHOTOS), "explain": integrations.explain_methods(),
+                "ground": grounding.methods(),
                 "steer": steer, "limits": {k: getattr(lim, k) for k in ("max_upload", "max_pixels", "max_text", "max_tokens", "max_new_tokens")}}
 
     @app.get("/api/models/{model_id:path}")
@@ -499,6 +502,34 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
                     return knockout_view(state.loaded(slot), entry.result, body)
                 except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
                     raise ApiError(400, f"knockout: {err}") from err
+
+        return await run_in_threadpool(_sync)
+
+    @app.post("/api/runs/{rid}/ground")
+    async def ground(rid: str, request: Request):
+        from . import grounding
+
+        try:
+            body = await request.json()
+            method, target = str(body["method"]), body.get("target")
+            target = None if target in (None, "") else str(target)
+        except Exception as err:
+            raise ApiError(400, "send JSON {method, target}") from err
+        entry = state.entry(rid)
+        if entry.model_id is None:
+            raise ApiError(400, "this run came from a trace file: grounding needs the model; run it in the viewer")
+        slot = state.slot(entry.model_id)
+
+        def _sync():
+            with slot.use():
+                model = state.loaded(slot)
+                if method not in grounding.methods(model):
+                    raise ApiError(400, f"grounding {method!r} is not available for this model; methods: "
+                                        f"{grounding.methods(model) or 'none (not a vision-language model)'}")
+                try:
+                    return grounding.ground_run(model, entry.result, method, target)
+                except (ValueError, KeyError, IndexError, RuntimeError) as err:
+                    raise ApiError(400, f"{method}: {err}") from err
 
         return await run_in_threadpool(_sync)
 

@@ -1,0 +1,74 @@
+"""`attnscope ground` (thin: one `error:` line per bad input) and `bench/grounding.py --small` (what CI runs), on the
+real scene-vlm loaded once for the module."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from attnscope.cli import main
+from attnscope.models import zoo
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "grounding.py"
+Q = "Is there a bag in the image?"
+
+
+@pytest.fixture(scope="module")
+def scene_vlm():
+    try:
+        return zoo.load("scene-vlm")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture
+def use(monkeypatch, scene_vlm, minilm):
+    monkeypatch.setitem(zoo.LOADERS, "scene-vlm", lambda: scene_vlm)
+    monkeypatch.setitem(zoo.LOADERS, "minilm", lambda: minilm)
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory):
+    from attnscope.scenes import SceneWorld
+
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    SceneWorld(seed=0).scene("test", 0).image.save(path)
+    return str(path)
+
+
+def test_bad_ground_requests_give_one_error_line(use, capsys, tmp_path, scene_png):
+    cases = {
+        "text-only model": (["ground", "minilm", "--image", scene_png, "--question", Q], "without image tokens"),
+        "word not in the question": (["ground", "scene-vlm", "--image", scene_png, "--question", Q, "--target", "hat"],
+                                     "target word 'hat' is not in the question"),
+        "bad suffix": (["ground", "scene-vlm", "--image", scene_png, "--question", Q, "--out", str(tmp_path / "g.gif")],
+                       ".png or .json"),
+        "missing image": (["ground", "scene-vlm", "--image", "nope.png", "--question", Q], "no image file"),
+    }
+    for name, (argv, needle) in cases.items():
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], (name, err)
+
+
+def test_ground_writes_the_box_points_and_figure(use, capsys, tmp_path, scene_png):
+    out = tmp_path / "g.json"
+    assert main(["ground", "scene-vlm", "--image", scene_png, "--question", Q, "--target", "bag", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    saved = json.loads(out.read_text())
+    assert printed["box"] == saved["box"] and printed["points"] == saved["points"] and saved["target"] == "bag"
+    assert abs(sum(map(sum, saved["map"])) - 1) < 1e-4
+
+
+def test_bench_small_writes_its_tables(use, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_grounding", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--small", "--out", str(tmp_path)])
+    text = (tmp_path / "grounding-small.md").read_text()
+    assert "| random |" in text and "| small (2 q) | both |" in text
+    for v in result["localisation"].values():
+        assert 0 <= v["pointing"]["value"] <= 1 and 0 <= v["energy"]["value"] <= 1
+    assert json.loads((tmp_path / "grounding-small.json").read_text())["small"] is True
