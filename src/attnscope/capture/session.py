@@ -12,6 +12,7 @@ from ..core.sites import NoAttentionError
 from ..models.roles import TokenMapError, fit_vision_maps, text_maps
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
+from .stream import STREAMED_DTYPES, TraceWriter
 from .trace import Record, Run, Trace, checksum
 
 _open_captures: set[int] = set()
@@ -32,15 +33,29 @@ class capture:
     (positions, slices, or token roles such as "last", "image", "generated", "text"). Only modules in the
     selection compute anything beyond the original backend. `offload=True` moves each captured tensor to
     the CPU as soon as it is computed; `dtype` is the stored precision; `grad=True` keeps the captured
-    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached."""
+    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached.
+
+    `out="trace_dir/"` streams the trace to disk: each record is written (safetensors shards, checksummed) as soon
+    as it is computed and then read back from there on demand, so memory holds about one layer's rows however much
+    is captured (see `stream.py`). The directory gets its metadata when the block ends, and is left marked
+    INCOMPLETE if it raises; `Trace.load(dir)` opens it lazily. A non-empty directory is refused unless
+    `overwrite=True`."""
 
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
-                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False):
+                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
+                 out=None, overwrite: bool = False):
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
+        if out is not None and grad:
+            raise ValueError("grad=True keeps the probabilities in the autograd graph, which a trace on disk cannot "
+                             "hold: capture in memory (out=None) for gradients")
+        if out is not None and dtype not in STREAMED_DTYPES:
+            raise ValueError(f"a streamed trace stores {[str(d) for d in STREAMED_DTYPES]}; got dtype={dtype}")
+        self.out, self.overwrite = out, overwrite
         self.trace = Trace()
         self._attachment = None
+        self._writer = None
         self._hooks = []
 
     # --- context -----------------------------------------------------------------------------------------
@@ -53,6 +68,8 @@ class capture:
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._parts, self._bases = {}, {}
         self._ledger = Ledger(on_reorder=self._reorder)
+        if self.out is not None:  # after the selection is validated: a bad selection creates no directory
+            self._writer = TraceWriter(self.out, self.overwrite)
         try:
             self._hooks = [hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                            hf.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
@@ -60,8 +77,9 @@ class capture:
             self._hooks += [m.register_forward_pre_hook(self._before_encoder, with_kwargs=True) for m in self._encoder_roots()]
             self._attachment = attach(hf, {m: (s, _Recorder(self)) for m, s in chosen.items()})
             _open_captures.add(id(hf))
-        except BaseException:
+        except BaseException as err:
             self._close()
+            self._finish(err)
             raise
         self.trace.provenance = {
             "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
@@ -77,6 +95,13 @@ class capture:
         self._close()
         if exc[0] is None and self.trace.runs:
             self.trace.provenance["weights"] = self.model.fingerprint
+        self._finish(exc[1])
+
+    def _finish(self, error) -> None:
+        """A streamed trace gets its last shard and its metadata (partial, and marked, if the block raised)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.finish(self.trace, error)
 
     def _close(self) -> None:
         if getattr(self, "_ledger", None) is not None:
@@ -270,8 +295,14 @@ class capture:
             abs_keys = evicted + (abs_keys if local_keys else [])
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
+        self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys,
+                                     run.steps, part))
+
+    def _keep(self, run: Run, call: AttentionCall, rec: Record) -> None:
         entries = run.records.setdefault((call.site.stream, call.site.layer), [])
-        entries.append(Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part))
+        entries.append(rec)
+        if self._writer is not None:
+            self._writer.add(len(self.trace.runs) - 1, call.site.stream, call.site.layer, len(entries) - 1, rec)
 
     def _record_at(self, call: AttentionCall, run: Run, key_pos: list[int], tmaps) -> None:
         """Record a call of a layer whose keys are the original positions `key_pos` (token pruning dropped the
@@ -289,14 +320,14 @@ class capture:
             probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
-        entries = run.records.setdefault((call.site.stream, call.site.layer), [])
-        entries.append(Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
-                              [key_pos[i] for i in local], run.steps, 0))
+        self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
+                                     [key_pos[i] for i in local], run.steps, 0))
 
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches)
         return call.probs_for(self._heads[call.module], torch.tensor(rows),
-                              None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk).float().to(self.dtype)
+                              None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
+                              dtype=self.dtype).to(self.dtype)
 
 
 class _Recorder(Handler):
