@@ -47,7 +47,7 @@ def _is_ours(name: str) -> bool:
 class TraceWriter:
     """Writes the records of one capture into `directory` as they come (see the module docstring)."""
 
-    def __init__(self, directory, overwrite: bool = False, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, directory, overwrite: bool = False, shard_bytes: int | None = None):
         self.path = Path(directory)
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} exists and is not a directory; give a directory for out=")
@@ -64,7 +64,7 @@ class TraceWriter:
                 (self.path / n).unlink()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MARK).write_text("capture in progress\n")
-        self.shard_bytes = shard_bytes
+        self.shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
         self.entries: dict[str, dict] = {}  # record key -> {"shard", "blake2b"}
         self._shards = 0
         self._pending: list[tuple[str, Record, torch.Tensor]] = []
