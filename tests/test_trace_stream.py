@@ -174,3 +174,47 @@ def test_large_records_each_get_a_shard_small_ones_are_gathered(minilm, tmp_path
     with torch.no_grad(), attnscope.capture(minilm, out=tmp_path / "b"):
         minilm(**x)
     assert len(list((tmp_path / "b").glob("shard-*.safetensors"))) == 1
+
+
+def test_large_records_stream_row_chunks_bit_for_bit(smollm, tmp_path, monkeypatch):
+    """Records at or above SHARD_BYTES are computed and written a chunk of rows at a time (never whole); chunked
+    exactly as the in-memory capture chunks them, so equal bit for bit."""
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    x = smollm.encode("The capital of France is")
+    memory = _session(smollm, x, layers=[0, 11, 29], queries=None, chunk=2)
+    written = []
+    original = stream.TraceWriter.add_rows
+    monkeypatch.setattr(stream.TraceWriter, "add_rows", lambda self, *a: written.append(a[4]) or original(self, *a))
+    streamed = _session(smollm, x, layers=[0, 11, 29], queries=None, chunk=2, out=tmp_path / "c")
+    assert len(written) == sum(len(e) for run in memory.runs for e in run.records.values())  # every record chunked
+    _assert_same(memory, Trace.load(tmp_path / "c"))
+    _assert_same(memory, streamed)
+    first = json.loads((tmp_path / "c" / stream.META).read_text())["runs"][0]["records"][0]
+    with safe_open(str(tmp_path / "c" / first["shard"]), framework="pt") as f:
+        assert torch.equal(f.get_tensor(first["key"]), memory.runs[0].records[("text", 0)][0].probs)
+
+
+def test_failure_inside_a_chunked_record(smollm, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    before = _state(smollm)
+    x = smollm.encode("The capital of France is")
+    calls = []
+    cap = attnscope.capture(smollm, layers=[0, 3], queries=None, chunk=2, out=tmp_path / "f")
+    original = type(cap)._probs
+
+    def failing(self, call, rows, keys):
+        calls.append(1)
+        if len(calls) == 5:  # layer 3's second chunk (layer 0 has 3 chunks of 2 rows)
+            raise RuntimeError("chunk failed")
+        return original(self, call, rows, keys)
+
+    monkeypatch.setattr(type(cap), "_probs", failing)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        with torch.no_grad(), cap:
+            smollm(**x)
+    assert _state(smollm) == before
+    with pytest.raises(TraceFileError, match="not a complete"):
+        Trace.load(tmp_path / "f")
+    partial = Trace.load(tmp_path / "f", partial=True)
+    assert partial.layers("text") == [0]  # the record that failed half-way is not in the metadata
+    assert partial.attention("text", 0).shape[-1] == x["input_ids"].shape[1]

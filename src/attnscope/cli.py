@@ -75,7 +75,7 @@ def cmd_serve(args) -> int:
     from .viz.server import Limits, serve
 
     serve(host=args.host, port=args.port, model_dirs=args.models_dir or (),
-          limits=Limits(max_upload=args.max_upload_mb * 1024 * 1024))
+          limits=Limits(max_upload=args.max_upload_mb * 1024 * 1024), traces=args.trace or ())
     return 0
 
 
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--models-dir", action="append", metavar="DIR",
                      help="a folder whose model directories the app offers besides the zoo (repeatable)")
     srv.add_argument("--max-upload-mb", type=int, default=8)
+    srv.add_argument("--trace", action="append", metavar="DIR",
+                     help="a trace directory streamed by capture(out=DIR) to open, read from disk as needed (repeatable)")
     srv.set_defaults(fn=cmd_serve)
     rep = sub.add_parser("report", help="one input as a self-contained HTML viewer file (no network needed)")
     rep.add_argument("--model", required=True, help="zoo name or local model directory")

@@ -53,6 +53,7 @@ class capture:
         if out is not None and dtype not in STREAMED_DTYPES:
             raise ValueError(f"a streamed trace stores {[str(d) for d in STREAMED_DTYPES]}; got dtype={dtype}")
         self.out, self.overwrite = out, overwrite
+        self._itemsize = torch.empty((), dtype=dtype).element_size()
         self.trace = Trace()
         self._attachment = None
         self._writer = None
@@ -285,6 +286,13 @@ class capture:
         evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
         if not rows or (local_keys == [] and not evicted):
             return
+        if self._writer is not None and not evicted:  # a large record goes to disk a chunk of rows at a time
+            n_keys = kv_len if local_keys is None else len(local_keys)
+            shape = [call.query.shape[0], len(self._heads[call.module]), len(rows), n_keys]
+            if shape[0] * shape[1] * shape[2] * shape[3] * self._itemsize >= self._writer.shard_bytes:
+                abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
+                rec = Record(None, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part)
+                return self._keep(run, call, rec, (shape, self._row_chunks(call, rows, local_keys)))
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, local_keys) if local_keys != [] else None
         abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
@@ -298,11 +306,21 @@ class capture:
         self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys,
                                      run.steps, part))
 
-    def _keep(self, run: Run, call: AttentionCall, rec: Record) -> None:
+    def _keep(self, run: Run, call: AttentionCall, rec: Record, rows=None) -> None:
         entries = run.records.setdefault((call.site.stream, call.site.layer), [])
         entries.append(rec)
-        if self._writer is not None:
-            self._writer.add(len(self.trace.runs) - 1, call.site.stream, call.site.layer, len(entries) - 1, rec)
+        where = (len(self.trace.runs) - 1, call.site.stream, call.site.layer, len(entries) - 1, rec)
+        if rows is not None:
+            self._writer.add_rows(*where, rows[0], self.dtype, rows[1])
+        elif self._writer is not None:
+            self._writer.add(*where)
+
+    def _row_chunks(self, call: AttentionCall, rows: list[int], keys: list[int] | None):
+        """(first row, probs [B, H, chunk, K]) for consecutive chunks of `rows`, as `_probs` would compute them in one
+        call (the same chunks, so the same bits), for a record streamed to disk."""
+        for start in range(0, len(rows), self.chunk):
+            with torch.no_grad():
+                yield start, self._probs(call, rows[start: start + self.chunk], keys)
 
     def _record_at(self, call: AttentionCall, run: Run, key_pos: list[int], tmaps) -> None:
         """Record a call of a layer whose keys are the original positions `key_pos` (token pruning dropped the

@@ -1,10 +1,12 @@
 """Traces streamed to disk while the model runs, and opened lazily.
 
-`capture(model, ..., out="trace_dir/")` hands every record to a `TraceWriter` as soon as it is computed; a
-background thread checksums it and writes it into a safetensors shard, then the record drops its tensor and
-keeps only where it lies. At most two layers' rows are in memory at once (the one being written, the one being
-computed), plus small records gathered into a shard of at most `SHARD_BYTES`, whatever the number of layers,
-steps and runs. The directory:
+`capture(model, ..., out="trace_dir/")` hands every record to a `TraceWriter` as it is computed, and a background
+thread writes it into a safetensors shard and checksums it; the record then keeps only where it lies. A record of
+at least `SHARD_BYTES` (a full matrix) never exists whole: its query rows are computed a chunk at a time
+(`TraceWriter.add_rows`), each chunk written at its place in its own shard while the next is computed, and the
+checksum is taken by reading the finished shard back. Smaller records (last-token rows, decode steps) are gathered
+into shards of about `SHARD_BYTES`. So memory holds a few row chunks plus at most one gathered shard, whatever
+the number of layers, steps and runs. The directory:
 
     trace_dir/
       INCOMPLETE                 present from the start until the metadata is written; says why if the block raised
@@ -21,8 +23,11 @@ layer reads one layer. A directory without `trace.json`, or still marked INCOMPL
 `overwrite=True`, and even then only a directory holding nothing but an earlier trace's files is cleared."""
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
+import queue
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +71,7 @@ class TraceWriter:
         (self.path / MARK).write_text("capture in progress\n")
         self.shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
         self.entries: dict[str, dict] = {}  # record key -> {"shard", "blake2b"}
-        self._shards = 0
+        self._names = itertools.count()  # shard numbers, drawn from both threads
         self._pending: list[tuple[str, Record, torch.Tensor]] = []
         self._pending_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-writer")
@@ -98,8 +103,7 @@ class TraceWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        name = f"shard-{self._shards:05d}.safetensors"
-        self._shards += 1
+        name = f"shard-{next(self._names):05d}.safetensors"
         items = sorted(self._pending, key=lambda it: -it[2].element_size())  # keeps every tensor aligned
         sums = write_shard(self.path / name, [(key, tensor) for key, _, tensor in items])
         for (key, record, tensor), digest in zip(items, sums):
@@ -107,6 +111,65 @@ class TraceWriter:
             record.source = ShardTensor(self.path / name, key, list(tensor.shape), tensor.dtype, digest)
             record.probs = None  # the record now reads from the shard
         self._pending, self._pending_bytes = [], 0
+
+    def add_rows(self, run: int, stream: str, layer: int, index: int, record: Record, shape: list[int],
+                 dtype: torch.dtype, chunks) -> None:
+        """Write a large record chunk by chunk: `chunks` yields (first row, probs [B, H, rows, K]) in `dtype`; the
+        record (created without a tensor) reads from its own shard once the writer has finished it."""
+        self._raise()
+        key = record_key(run, stream, layer, index)
+        name = f"shard-{next(self._names):05d}.safetensors"
+        self._idle.acquire()
+        self._raise(release=True)
+        pieces: queue.Queue = queue.Queue(maxsize=2)  # chunks in flight between the two threads
+        record.source = ShardTensor(self.path / name, key, shape, dtype, None)
+        record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
+        ok = False
+        try:
+            for start, block in chunks:
+                pieces.put((start, block.detach().cpu().contiguous()))
+            ok = True
+        finally:
+            pieces.put(None if ok else _ABORT)
+
+    def _write_rows(self, name: str, key: str, record: Record, shape: list[int], dtype: torch.dtype, pieces) -> None:
+        path, item = self.path / name, None
+        batch, heads, rows, width = shape
+        row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        try:
+            raw = _header([(key, dtype, shape, batch * heads * rows * row_bytes)])
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        except BaseException as err:
+            self._error, fd = err, None
+        filled = 0
+        try:
+            while (item := pieces.get()) is not None and item is not _ABORT:  # always drained, even after an error
+                start, block = item
+                if fd is None or self._error is not None:
+                    continue
+                try:
+                    for b in range(batch):
+                        for h in range(heads):
+                            at = len(raw) + ((b * heads + h) * rows + start) * row_bytes
+                            os.pwrite(fd, block[b, h].reshape(-1).view(torch.uint8).numpy(), at)
+                    filled += block.shape[2]
+                except BaseException as err:
+                    self._error = err
+            if fd is not None and item is None and self._error is None:
+                os.pwrite(fd, raw, 0)
+                if filled != rows:
+                    raise RuntimeError(f"record {key}: {filled} of {rows} query rows were written")
+                os.close(fd)
+                fd = None
+                digest = _file_checksum(path, len(raw), dtype, shape)
+                self.entries[key] = {"shard": name, "blake2b": digest}
+                record.source.digest, record.source.verified = digest, False
+        except BaseException as err:
+            self._error = err
+        finally:
+            if fd is not None:
+                os.close(fd)
+            self._idle.release()
 
     def _raise(self, release: bool = False) -> None:
         if self._error is not None:
@@ -144,18 +207,37 @@ def _write_json(path: Path, meta: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(path: Path, items: list[tuple[str, torch.Tensor]]) -> list[str]:
-    """Write contiguous CPU tensors as one safetensors file, straight from their memory; returns their checksums."""
+_ABORT = object()  # ends a chunked record whose rows could not all be computed
+
+
+def _header(items: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
+    """The safetensors header (length prefix included) for (key, dtype, shape, bytes) laid end to end."""
     header, offset = {}, 0
-    for key, t in items:
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    for key, dtype, shape, size in items:
+        header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _file_checksum(path: Path, start: int, dtype: torch.dtype, shape: list[int], piece: int = 16 << 20) -> str:
+    """`trace.checksum` of a tensor written at `start` of a file, read back sequentially (the same digest)."""
+    digest = hashlib.blake2b(f"{dtype}:{tuple(shape)}:".encode(), digest_size=16)
+    buf = memoryview(bytearray(piece))
+    with open(path, "rb") as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            digest.update(buf[:n])
+    return digest.hexdigest()
+
+
+def write_shard(path: Path, items: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Write contiguous CPU tensors as one safetensors file, straight from their memory; returns their checksums."""
+    raw = _header([(key, t.dtype, list(t.shape), t.numel() * t.element_size()) for key, t in items])
     sums = []
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(raw)
         for _, t in items:
             sums.append(checksum(t))
             f.write(t.reshape(-1).view(torch.uint8).numpy())
@@ -168,8 +250,30 @@ class ShardTensor:
 
     def __init__(self, shard: Path, key: str, shape: list[int], dtype: torch.dtype, digest: str | None):
         self.shard, self.key, self.shape, self.dtype, self.digest = Path(shard), key, list(shape), dtype, digest
+        self.verified = digest is None
+        self.pending = None  # the writer's job while the shard is being written
 
     def read(self) -> torch.Tensor:
+        """The whole tensor, memory-mapped, checked against its checksum on the first read."""
+        tensor = self._map()
+        if not self.verified:
+            if checksum(tensor) != self.digest:
+                raise TraceFileError(f"{self.shard}: tensor {self.key} does not match its checksum (the shard was "
+                                     "changed or damaged after it was written)")
+            self.verified = True
+        return tensor
+
+    def select(self, row: int, queries: list[int]) -> torch.Tensor:
+        """probs[row, :, queries] as float32 [h, n, k], copied out of the map, which is not kept (the viewer's read);
+        the whole tensor is verified first if it never was."""
+        return self.read()[row][:, queries].float()
+
+    def _map(self) -> torch.Tensor:
+        if self.pending is not None:  # read inside the capture block: wait for the writer to finish this shard
+            self.pending.result()
+            self.pending = None
+            if self.digest is None:
+                raise TraceFileError(f"{self.shard}: tensor {self.key} was not written (the writer failed)")
         try:
             with open(self.shard, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
@@ -189,11 +293,7 @@ class ShardTensor:
             if isinstance(err, (TraceFileError, FileNotFoundError)):
                 raise
             raise TraceFileError(f"{self.shard}: cannot read tensor {self.key}: {err}") from err
-        tensor = torch.from_numpy(raw).view(self.dtype).reshape(self.shape)
-        if self.digest is not None and checksum(tensor) != self.digest:
-            raise TraceFileError(f"{self.shard}: tensor {self.key} does not match its checksum (the shard was changed or "
-                                 "damaged after it was written)")
-        return tensor
+        return torch.from_numpy(raw).view(self.dtype).reshape(self.shape)
 
 
 def load_dir(cls, path: Path, partial: bool = False):
