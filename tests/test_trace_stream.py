@@ -218,3 +218,17 @@ def test_failure_inside_a_chunked_record(smollm, tmp_path, monkeypatch):
     partial = Trace.load(tmp_path / "f", partial=True)
     assert partial.layers("text") == [0]  # the record that failed half-way is not in the metadata
     assert partial.attention("text", 0).shape[-1] == x["input_ids"].shape[1]
+
+
+def test_cli_capture_to_dir(minilm, tmp_path, capsys):
+    from attnscope.cli import main
+
+    out = tmp_path / "cli"
+    args = ["capture", "--model", "minilm", "--text", "hello world", "--out", str(out), "--to-dir", "--fp16"]
+    assert main(args) == 0
+    assert Trace.load(out).attention("text", 0).dtype == torch.float16
+    capsys.readouterr()
+    assert main(args) == 2  # the directory is not empty
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--overwrite" in err[0]
+    assert main([*args, "--overwrite"]) == 0

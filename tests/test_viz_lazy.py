@@ -74,9 +74,8 @@ def test_rows_are_read_only_when_asked(streamed, monkeypatch):
 def test_server_opens_a_trace_directory(streamed):
     app = create_app()
     rid = app.state.viewer.open_trace(streamed)
-    client = TestClient(app)
-    doc = client.get(f"/api/runs/{rid}").json()
-    stream_doc = doc["doc"]["streams"][0] if "doc" in doc else doc["streams"][0]
+    client = TestClient(app, base_url="http://127.0.0.1")
+    stream_doc = client.get(f"/api/runs/{rid}").json()["doc"]["streams"][0]
     assert stream_doc["layers"] == [0, 7, 29]
     q = stream_doc["queries"][-1]
     block = client.get(f"/api/runs/{rid}/text/query/{q}").json()

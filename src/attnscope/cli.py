@@ -56,10 +56,12 @@ def cmd_capture(args) -> int:
         return 2
     model = load(args.model)
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
+    streamed = {"out": args.out, "overwrite": args.overwrite, "dtype": torch.float16 if args.fp16 else torch.float32} \
+        if args.to_dir else {}
     with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
-                                  queries=args.queries) as trace:
+                                  queries=args.queries, **streamed) as trace:
         model(**inputs)
-    path = trace.save(args.out)
+    path = args.out if args.to_dir else trace.save(args.out)
     print(f"wrote {path}: {trace}")
     return 0
 
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--heads", help="comma-separated")
     cap.add_argument("--queries", help="a role (last, cls, image, text, ...); default all")
     cap.add_argument("--out", required=True)
+    cap.add_argument("--to-dir", action="store_true",
+                     help="stream the trace to the directory --out while the model runs (for long inputs)")
+    cap.add_argument("--fp16", action="store_true", help="with --to-dir: store float16 (half the disk)")
+    cap.add_argument("--overwrite", action="store_true", help="with --to-dir: replace a trace already in --out")
     add_prompt_options(cap)
     cap.set_defaults(fn=cmd_capture)
     demo = sub.add_parser("demo", help="the main job end to end on the built-in models")

@@ -59,7 +59,7 @@ class TraceWriter:
         if self.path.is_dir() and any(self.path.iterdir()):
             names = sorted(p.name for p in self.path.iterdir())
             if not overwrite:
-                raise FileExistsError(f"{self.path} is not empty ({len(names)} entries); pass overwrite=True to replace "
+                raise FileExistsError(f"{self.path} is not empty ({len(names)} entries); pass overwrite=True (--overwrite) to replace "
                                       "the trace in it, or give a new directory")
             foreign = [n for n in names if not _is_ours(n)]
             if foreign:
