@@ -192,7 +192,9 @@ def write_report(res: dict, path: Path) -> None:
              "which writes each layer's rows to a safetensors shard (blake2b checksum) as soon as they are computed. "
              "Peak = peak RSS increase of the measured call over the RSS just before it (model loaded, warmed up), "
              "in a fresh process per cell; the absolute peak RSS of that process is in parentheses. Time ratio = "
-             "median over interleaved rounds of (config time / eager + output_attentions time in that round).\n")
+             "median over interleaved rounds of (config time / eager + output_attentions time in that round); timed rounds "
+             "per length: " + ", ".join(f"{n} tokens {v['timed']} (warm-up {v['warm']})" for n, v in res["rounds"].items())
+             + "; the spread (min..max over rounds) is in parentheses.\n")
     L.append("| tokens | config | peak increase MiB (peak RSS) | peak vs eager+oa | median s | time vs eager+oa | time vs SDPA | stored MiB |")
     L.append("|---|---|---|---|---|---|---|---|")
     for n, cells in res["memory"].items():
@@ -269,7 +271,8 @@ def main() -> None:
     layers, heads = m.hf.config.num_hidden_layers, m.hf.config.num_attention_heads
     res = {"small": args.small, "threads": args.threads, "eager_limit_gb": args.eager_limit_gb, "machine": machine(),
            "command": "python bench/stream.py" + (" --small" if args.small else ""), "layers": layers, "heads": heads,
-           "load_start": [round(v, 2) for v in os.getloadavg()], "memory": {}, "time": {}}
+           "load_start": [round(v, 2) for v in os.getloadavg()], "memory": {}, "time": {},
+           "rounds": {str(n): {"warm": w, "timed": r} for n, (w, r) in plan.items()}}
     try:
         for n in lengths:
             fits = eager_need(layers, heads, n) <= args.eager_limit_gb * 1e9
