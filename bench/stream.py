@@ -189,7 +189,8 @@ def write_report(res: dict, path: Path) -> None:
              f"load average at start {res['load_start']}, at end {res['load_end']}.\n")
     L.append(f"SmolLM2-135M ({res['layers']} layers x {res['heads']} heads), batch 1, every query row of every layer "
              "and head. `stream fp32`/`stream fp16`: `attnscope.capture(model, queries=None, dtype=..., out=dir)`, "
-             "which writes each layer's rows to a safetensors shard (blake2b checksum) as soon as they are computed. "
+             "which computes each layer's rows a chunk of 256 query rows at a time and writes each chunk into that layer's "
+             "safetensors shard while the next is computed (blake2b checksum per layer, taken by reading the shard back). "
              "Peak = peak RSS increase of the measured call over the RSS just before it (model loaded, warmed up), "
              "in a fresh process per cell; the absolute peak RSS of that process is in parentheses. Time ratio = "
              "median over interleaved rounds of (config time / eager + output_attentions time in that round); timed rounds "
@@ -202,7 +203,9 @@ def write_report(res: dict, path: Path) -> None:
         times = res["time"].get(n, {})
         for name in CONFIGS:
             v = cells.get(name)
-            if v is None:
+            if v is None and name in times.get("median_s", {}):
+                v = {"peak_increase_kb": None}
+            elif v is None:
                 continue
             if "skipped" in v:
                 L.append(f"| {n} | {name} | not run: {v['skipped']} | | | | | {mib(v['need_bytes'], kb=False)} |")
@@ -210,14 +213,17 @@ def write_report(res: dict, path: Path) -> None:
             if "error" in v:
                 L.append(f"| {n} | {name} | failed (see JSON) | | | | | |")
                 continue
-            peak = f"{mib(v['peak_increase_kb'])} ({mib(v['hwm_kb'])})"
-            pr = "1 (baseline)" if name == "eager+oa" else (f"{v['peak_increase_kb'] / base:.3f}x" if base else "n/a")
+            if v["peak_increase_kb"] is None:  # timed only (--small)
+                peak, pr, v["stored_bytes"] = "not measured", "", 0
+            else:
+                peak = f"{mib(v['peak_increase_kb'])} ({mib(v['hwm_kb'])})"
+                pr = "1 (baseline)" if name == "eager+oa" else (f"{v['peak_increase_kb'] / base:.3f}x" if base else "n/a")
             t = times.get("median_s", {}).get(name)
             tv = times.get("vs_eager", {}).get(name)
             ts = times.get("vs_sdpa", {}).get(name)
             trat = "1 (baseline)" if name == "eager+oa" and t else (f"{tv['median']:.3f}x ({tv['min']:.2f}..{tv['max']:.2f})" if tv else "n/a")
-            L.append(f"| {n} | {name} | {peak} | {pr} | {t:.2f} | {trat} | {ts['median']:.3f}x | "
-                     f"{mib(v['stored_bytes'], kb=False)} |" if t else
+            stored = mib(v["stored_bytes"], kb=False) if v["peak_increase_kb"] is not None else ""
+            L.append(f"| {n} | {name} | {peak} | {pr} | {t:.2f} | {trat} | {ts['median']:.3f}x | {stored} |" if t else
                      f"| {n} | {name} | {peak} | {pr} | n/a | n/a | n/a | {mib(v['stored_bytes'], kb=False)} |")
     ex = res.get("eager_extrapolation")
     L.append("\n## Where eager + `output_attentions` stops\n")
@@ -239,9 +245,9 @@ def write_report(res: dict, path: Path) -> None:
                  f"difference fp32 {v['stream fp32']['layer0']:.1e} at layer 0, {v['stream fp32']['all_layers']:.1e} "
                  f"over all layers; fp16 storage {v['stream fp16']['all_layers']:.1e} over all layers. Layer 0 sees "
                  "the same q and k in both; deeper layers also carry the SDPA-vs-eager forward difference.\n")
-    L.append("Notes: a streamed trace holds about two layers' rows at a time (the one being written by the background "
-             "writer thread, the one being computed) plus small records gathered into a shard of at most 16 MiB; the "
-             "dirty pages of the written files are the kernel's page cache, not the process's memory. The 4k-token "
+    L.append("Notes: a streamed full matrix never exists whole in memory: at most four chunks of 256 query rows (two "
+             "queued, one being written by the background writer thread, one being computed); records under 16 MiB are "
+             "gathered into shards of about 16 MiB. The dirty pages of the written files are the kernel's page cache, not the process's memory. The 4k-token "
              "stream is stored in float16 (float32 would be ~18 GB on disk). Every output directory is deleted after "
              "its measurement.\n")
     path.write_text("\n".join(L))
