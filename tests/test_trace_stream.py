@@ -232,3 +232,15 @@ def test_cli_capture_to_dir(minilm, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--overwrite" in err[0]
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_chunked_records_of_a_batch(minilm, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    x = dict(minilm.tokenizer(["a short one", "and a somewhat longer second sentence"], padding=True, return_tensors="pt"))
+    with torch.no_grad(), attnscope.capture(minilm, chunk=3) as memory:
+        minilm(**x)
+    with torch.no_grad(), attnscope.capture(minilm, chunk=3, out=tmp_path / "b") as streamed:
+        minilm(**x)
+    assert memory.attention("text", 0).shape[0] == 2
+    _assert_same(memory, Trace.load(tmp_path / "b"))
+    _assert_same(memory, streamed)
