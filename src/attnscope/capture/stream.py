@@ -75,6 +75,7 @@ class TraceWriter:
         self._pending: list[tuple[str, Record, torch.Tensor]] = []
         self._pending_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-writer")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-hasher")  # checksums finished shards
         self._idle = threading.Semaphore(1)  # one record in the writer at a time: bounds what is held in memory
         self._error: BaseException | None = None
 
@@ -123,6 +124,7 @@ class TraceWriter:
         self._raise(release=True)
         pieces: queue.Queue = queue.Queue(maxsize=2)  # chunks in flight between the two threads
         record.source = ShardTensor(self.path / name, key, shape, dtype, None)
+        record.source.verified = False  # unreadable until its checksum is taken
         record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
         ok = False
         try:
@@ -161,15 +163,22 @@ class TraceWriter:
                     raise RuntimeError(f"record {key}: {filled} of {rows} query rows were written")
                 os.close(fd)
                 fd = None
-                digest = _file_checksum(path, len(raw), dtype, shape)
-                self.entries[key] = {"shard": name, "blake2b": digest}
-                record.source.digest, record.source.verified = digest, False
+                # the checksum is taken by the other thread, so the next record's rows are written meanwhile
+                record.source.pending = self._hasher.submit(self._checksum_rows, name, key, record, len(raw))
         except BaseException as err:
             self._error = err
         finally:
             if fd is not None:
                 os.close(fd)
             self._idle.release()
+
+    def _checksum_rows(self, name: str, key: str, record: Record, start: int) -> None:
+        try:
+            digest = _file_checksum(self.path / name, start, record.source.dtype, record.source.shape)
+            self.entries[key] = {"shard": name, "blake2b": digest}
+            record.source.digest = digest
+        except BaseException as err:
+            self._error = err
 
     def _raise(self, release: bool = False) -> None:
         if self._error is not None:
@@ -183,6 +192,7 @@ class TraceWriter:
         goes to trace.partial.json and the directory stays marked INCOMPLETE."""
         self._pool.submit(self._flush).result()
         self._pool.shutdown()
+        self._hasher.shutdown()  # after the writer: it submits the last checksums
         if self._error is not None and error is None:
             self._mark(f"writing failed: {self._error!r}")
             self._raise()
@@ -269,11 +279,13 @@ class ShardTensor:
         return self.read()[row][:, queries].float()
 
     def _map(self) -> torch.Tensor:
-        if self.pending is not None:  # read inside the capture block: wait for the writer to finish this shard
-            self.pending.result()
-            self.pending = None
-            if self.digest is None:
-                raise TraceFileError(f"{self.shard}: tensor {self.key} was not written (the writer failed)")
+        while self.pending is not None:  # read inside the capture block: wait until the shard is written and summed
+            job = self.pending
+            job.result()
+            if self.pending is job:
+                self.pending = None
+        if not self.verified and self.digest is None:
+            raise TraceFileError(f"{self.shard}: tensor {self.key} was not written (the writer failed)")
         try:
             with open(self.shard, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
