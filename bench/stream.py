@@ -32,7 +32,8 @@ from capture import machine, make_inputs, status_kb, trim  # noqa: E402  (shared
 
 RESULTS = HERE / "results"
 MODEL = "smollm2-135m"
-CONFIGS = ["sdpa", "eager+oa", "stream fp32", "stream fp16"]
+CONFIGS = ["sdpa", "eager+oa", "eager+oa+save", "stream fp32", "stream fp16"]
+TIMED_ONLY = {"eager+oa+save"}  # eager, then its attentions written to disk with a checksum each (what a file costs)
 MMAP_THRESHOLD = 65536
 SMALL = 64  # tokens of the --small run
 
@@ -57,6 +58,16 @@ def call(m, x: dict, name: str, out_dir: Path):
         return m(**x)
     if name == "eager+oa":
         return m(**x, output_attentions=True)
+    if name == "eager+oa+save":
+        from safetensors.torch import save_file
+
+        from attnscope.capture.trace import checksum
+
+        out = m(**x, output_attentions=True)
+        tensors = {str(i): a.contiguous() for i, a in enumerate(out.attentions)}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out_dir / "eager.safetensors"), metadata={k: checksum(t) for k, t in tensors.items()})
+        return out
     dtype = torch.float16 if name.endswith("fp16") else torch.float32
     with attnscope.capture(m, queries=None, dtype=dtype, out=out_dir, overwrite=True) as trace:
         m(**x)
@@ -64,7 +75,7 @@ def call(m, x: dict, name: str, out_dir: Path):
 
 
 def switch(m, name: str, on: bool) -> None:
-    if name == "eager+oa":
+    if name.startswith("eager"):
         m.hf.set_attn_implementation("eager" if on else "sdpa")
 
 
@@ -191,6 +202,8 @@ def write_report(res: dict, path: Path) -> None:
              "and head. `stream fp32`/`stream fp16`: `attnscope.capture(model, queries=None, dtype=..., out=dir)`, "
              "which computes each layer's rows a chunk of 256 query rows at a time and writes each chunk into that layer's "
              "safetensors shard while the next is computed (blake2b checksum per layer, taken by reading the shard back). "
+             "`eager+oa+save` (timed only): eager + output_attentions, then its attentions written to one safetensors "
+             "file with a blake2b checksum each, i.e. what putting the same matrices on disk costs the eager way. "
              "Peak = peak RSS increase of the measured call over the RSS just before it (model loaded, warmed up), "
              "in a fresh process per cell; the absolute peak RSS of that process is in parentheses. Time ratio = "
              "median over interleaved rounds of (config time / eager + output_attentions time in that round); timed rounds "
@@ -282,7 +295,7 @@ def main() -> None:
     try:
         for n in lengths:
             fits = eager_need(layers, heads, n) <= args.eager_limit_gb * 1e9
-            names = [c for c in CONFIGS if c != "eager+oa" or fits]
+            names = [c for c in CONFIGS if not c.startswith("eager") or fits]
             if n > 2048:  # float32 at 4k would be ~18 GB on disk: the long run stores float16
                 names = [c for c in names if c != "stream fp32"]
             cells = {}
@@ -290,7 +303,8 @@ def main() -> None:
                 if name == "eager+oa" and not fits:
                     cells[name] = {"skipped": f"needs {eager_need(layers, heads, n) / 2**30:.1f} GiB of attention tensors",
                                    "need_bytes": eager_need(layers, heads, n)}
-                elif name in names and (name in ("eager+oa", "stream fp16") or not args.small and n != 2048):
+                elif name in names and name not in TIMED_ONLY and (name in ("eager+oa", "stream fp16")
+                                                                    or not args.small and n != 2048):
                     cells[name] = run_mem(n, name, args.threads, scratch)
                     print(n, name, cells[name], flush=True)
             res["memory"][str(n)] = cells
