@@ -173,16 +173,16 @@ def check_values(m, n: int, scratch: Path) -> dict:
 # --- report -------------------------------------------------------------------------------------------------
 def extrapolate(mem: dict, layers: int, heads: int) -> dict | None:
     """Fit eager's measured peak increase as a + b L^2 through the two longest lengths it ran at."""
-    ran = sorted((int(n), v["eager+oa"]["peak_increase_kb"] * 1024) for n, v in mem.items()
-                 if "peak_increase_kb" in v.get("eager+oa", {}))
+    ran = sorted((int(n), v["eager+oa"]["peak_increase_kb"] * 1024, v["eager+oa"]["rss_before_kb"] * 1024)
+                 for n, v in mem.items() if "peak_increase_kb" in v.get("eager+oa", {}))
     if len(ran) < 2:
         return None
-    (n1, p1), (n2, p2) = ran[-2:]
+    (n1, p1, _), (n2, p2, loaded) = ran[-2:]
     b = (p2 - p1) / (n2 * n2 - n1 * n1)
     a = p1 - b * n1 * n1
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"from": [n1, n2], "a_bytes": a, "b_bytes_per_token2": b, "machine_bytes": total,
-            "max_tokens": int(((total - a) / b) ** 0.5), "per_length": {}}
+    return {"from": [n1, n2], "a_bytes": a, "b_bytes_per_token2": b, "machine_bytes": total, "loaded_bytes": loaded,
+            "max_tokens": int(((total - loaded - a) / b) ** 0.5), "per_length": {}}
 
 
 def mib(kb_or_bytes: float, kb: bool = True) -> str:
@@ -248,7 +248,7 @@ def write_report(res: dict, path: Path) -> None:
                  f"(b = {ex['b_bytes_per_token2']:.0f} bytes per token^2, a = {ex['a_bytes'] / 2**20:,.0f} MiB) "
                  "extrapolates (not measured) to " + ", ".join(f"{n} tokens {v / 2**30:.1f} GiB" for n, v in ex["per_length"].items())
                  + f"; on this {ex['machine_bytes'] / 2**30:.0f} GiB machine, with nothing else running and the model "
-                 f"loaded, it runs out of memory beyond about {ex['max_tokens']:,} tokens (less with other processes "
+                 f"loaded ({ex['loaded_bytes'] / 2**30:.2f} GiB RSS), it runs out of memory beyond about {ex['max_tokens']:,} tokens (less with other processes "
                  "running: it was not run where it would need more than the limit below).")
     L.append(f"Limit used for running it here: {res['eager_limit_gb']} GB of attention tensors (the machine is shared).\n")
     if res.get("values"):
