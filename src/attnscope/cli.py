@@ -95,10 +95,12 @@ def cmd_capture(args) -> int:
         return 2
     model = load(args.model, **placement_options(args))
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
+    streamed = {"out": args.out, "overwrite": args.overwrite, "dtype": torch.float16 if args.fp16 else torch.float32} \
+        if args.to_dir else {}
     with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
-                                  queries=args.queries) as trace:
+                                  queries=args.queries, **streamed) as trace:
         model(**inputs)
-    path = trace.save(args.out)
+    path = args.out if args.to_dir else trace.save(args.out)
     print(f"wrote {path}: {trace}")
     return 0
 
@@ -114,7 +116,7 @@ def cmd_serve(args) -> int:
     from .viz.server import Limits, serve
 
     serve(host=args.host, port=args.port, model_dirs=args.models_dir or (),
-          limits=Limits(max_upload=args.max_upload_mb * 1024 * 1024))
+          limits=Limits(max_upload=args.max_upload_mb * 1024 * 1024), traces=args.trace or ())
     return 0
 
 
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--heads", help="comma-separated")
     cap.add_argument("--queries", help="a role (last, cls, image, text, ...); default all")
     cap.add_argument("--out", required=True)
+    cap.add_argument("--to-dir", action="store_true",
+                     help="stream the trace to the directory --out while the model runs (for long inputs)")
+    cap.add_argument("--fp16", action="store_true", help="with --to-dir: store float16 (half the disk)")
+    cap.add_argument("--overwrite", action="store_true", help="with --to-dir: replace a trace already in --out")
     add_prompt_options(cap)
     add_placement_options(cap)
     cap.set_defaults(fn=cmd_capture)
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--models-dir", action="append", metavar="DIR",
                      help="a folder whose model directories the app offers besides the zoo (repeatable)")
     srv.add_argument("--max-upload-mb", type=int, default=8)
+    srv.add_argument("--trace", action="append", metavar="DIR",
+                     help="a trace directory streamed by capture(out=DIR) to open, read from disk as needed (repeatable)")
     srv.set_defaults(fn=cmd_serve)
     rep = sub.add_parser("report", help="one input as a self-contained HTML viewer file (no network needed)")
     rep.add_argument("--model", required=True, help="zoo name or local model directory")

@@ -13,6 +13,7 @@ from ..models.roles import TokenMapError, fit_vision_maps, text_maps
 from ..models.placement import placement
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
+from .stream import STREAMED_DTYPES, TraceWriter
 from .trace import Record, Run, Trace, checksum
 
 _open_captures: set[int] = set()
@@ -33,15 +34,30 @@ class capture:
     (positions, slices, or token roles such as "last", "image", "generated", "text"). Only modules in the
     selection compute anything beyond the original backend. `offload=True` moves each captured tensor to
     the CPU as soon as it is computed; `dtype` is the stored precision; `grad=True` keeps the captured
-    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached."""
+    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached.
+
+    `out="trace_dir/"` streams the trace to disk: each record is written (safetensors shards, checksummed) as soon
+    as it is computed and then read back from there on demand, so memory holds about one layer's rows however much
+    is captured (see `stream.py`). The directory gets its metadata when the block ends, and is left marked
+    INCOMPLETE if it raises; `Trace.load(dir)` opens it lazily. A non-empty directory is refused unless
+    `overwrite=True`."""
 
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
-                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False):
+                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
+                 out=None, overwrite: bool = False):
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
+        if out is not None and grad:
+            raise ValueError("grad=True keeps the probabilities in the autograd graph, which a trace on disk cannot "
+                             "hold: capture in memory (out=None) for gradients")
+        if out is not None and dtype not in STREAMED_DTYPES:
+            raise ValueError(f"a streamed trace stores {[str(d) for d in STREAMED_DTYPES]}; got dtype={dtype}")
+        self.out, self.overwrite = out, overwrite
+        self._itemsize = torch.empty((), dtype=dtype).element_size()
         self.trace = Trace()
         self._attachment = None
+        self._writer = None
         self._hooks = []
 
     # --- context -----------------------------------------------------------------------------------------
@@ -54,6 +70,8 @@ class capture:
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._parts, self._bases = {}, {}
         self._ledger = Ledger(on_reorder=self._reorder)
+        if self.out is not None:  # after the selection is validated: a bad selection creates no directory
+            self._writer = TraceWriter(self.out, self.overwrite)
         try:
             self._hooks = [hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                            hf.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True)]
@@ -61,8 +79,9 @@ class capture:
             self._hooks += [m.register_forward_pre_hook(self._before_encoder, with_kwargs=True) for m in self._encoder_roots()]
             self._attachment = attach(hf, {m: (s, _Recorder(self)) for m, s in chosen.items()})
             _open_captures.add(id(hf))
-        except BaseException:
+        except BaseException as err:
             self._close()
+            self._finish(err)
             raise
         self.trace.provenance = {
             "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
@@ -81,6 +100,13 @@ class capture:
         self._close()
         if exc[0] is None and self.trace.runs:
             self.trace.provenance["weights"] = self.model.fingerprint
+        self._finish(exc[1])
+
+    def _finish(self, error) -> None:
+        """A streamed trace gets its last shard and its metadata (partial, and marked, if the block raised)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.finish(self.trace, error)
 
     def _close(self) -> None:
         if getattr(self, "_ledger", None) is not None:
@@ -264,6 +290,13 @@ class capture:
         evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
         if not rows or (local_keys == [] and not evicted):
             return
+        if self._writer is not None and not evicted:  # a large record goes to disk a chunk of rows at a time
+            n_keys = kv_len if local_keys is None else len(local_keys)
+            shape = [call.query.shape[0], len(self._heads[call.module]), len(rows), n_keys]
+            if shape[0] * shape[1] * shape[2] * shape[3] * self._itemsize >= self._writer.shard_bytes:
+                abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
+                rec = Record(None, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part)
+                return self._keep(run, call, rec, (shape, self._row_chunks(call, rows, local_keys)))
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, local_keys) if local_keys != [] else None
         abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
@@ -274,8 +307,24 @@ class capture:
             abs_keys = evicted + (abs_keys if local_keys else [])
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
+        self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys,
+                                     run.steps, part))
+
+    def _keep(self, run: Run, call: AttentionCall, rec: Record, rows=None) -> None:
         entries = run.records.setdefault((call.site.stream, call.site.layer), [])
-        entries.append(Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part))
+        entries.append(rec)
+        where = (len(self.trace.runs) - 1, call.site.stream, call.site.layer, len(entries) - 1, rec)
+        if rows is not None:
+            self._writer.add_rows(*where, rows[0], self.dtype, rows[1])
+        elif self._writer is not None:
+            self._writer.add(*where)
+
+    def _row_chunks(self, call: AttentionCall, rows: list[int], keys: list[int] | None):
+        """(first row, probs [B, H, chunk, K]) for consecutive chunks of `rows`, as `_probs` would compute them in one
+        call (the same chunks, so the same bits), for a record streamed to disk."""
+        for start in range(0, len(rows), self.chunk):
+            with torch.no_grad():
+                yield start, self._probs(call, rows[start: start + self.chunk], keys)
 
     def _record_at(self, call: AttentionCall, run: Run, key_pos: list[int], tmaps) -> None:
         """Record a call of a layer whose keys are the original positions `key_pos` (token pruning dropped the
@@ -293,14 +342,14 @@ class capture:
             probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:
             probs = probs.to("cpu", non_blocking=True)
-        entries = run.records.setdefault((call.site.stream, call.site.layer), [])
-        entries.append(Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
-                              [key_pos[i] for i in local], run.steps, 0))
+        self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
+                                     [key_pos[i] for i in local], run.steps, 0))
 
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches)
         return call.probs_for(self._heads[call.module], torch.tensor(rows),
-                              None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk).float().to(self.dtype)
+                              None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
+                              dtype=self.dtype).to(self.dtype)
 
 
 class _Recorder(Handler):

@@ -1,5 +1,6 @@
 """Trace: captured attention tensors, token roles and provenance; saved as safetensors with JSON metadata (with a
-blake2b checksum of every tensor, verified on load)."""
+blake2b checksum of every tensor, verified on load): one file (`Trace.save`), or a directory of shards streamed
+while the model runs (`capture(..., out=dir)`, see `stream.py`), opened lazily by `Trace.load`."""
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ def checksum(tensor: torch.Tensor) -> str:
     """blake2b (16 bytes, hex) of a tensor's dtype, shape and bytes: stored per record, checked by `Trace.load`."""
     t = tensor.detach().cpu().contiguous()
     digest = hashlib.blake2b(f"{t.dtype}:{tuple(t.shape)}:".encode(), digest_size=16)
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
     return digest.hexdigest()
 
 
@@ -33,18 +34,42 @@ class Record:
     """Probabilities [batch, heads, queries, keys] from one attention call.
 
     `queries`/`keys` are absolute sequence positions (keys None = all keys of that step), `step` counts
-    forward calls within a run (0 = prefill), `part` counts repeated calls of one module within a step."""
+    forward calls within a run (0 = prefill), `part` counts repeated calls of one module within a step.
+    A record of a streamed trace holds no tensor until `probs` is first read: `source` reads it from its shard
+    (memory-mapped, checksum verified on that first read); `shape`/`dtype` never read it."""
 
-    probs: torch.Tensor
+    probs: torch.Tensor = field(repr=False)
     heads: list[int]
     queries: list[int]
     keys: list[int] | None
     step: int = 0
     part: int = 0
+    source: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self._probs.shape) if self._probs is not None else list(self.source.shape)
+
+    @property
+    def dtype(self) -> str:
+        return str(self._probs.dtype if self._probs is not None else self.source.dtype).removeprefix("torch.")
 
     def meta(self) -> dict:
         return {"heads": self.heads, "queries": self.queries, "keys": self.keys, "step": self.step, "part": self.part,
-                "shape": list(self.probs.shape), "dtype": str(self.probs.dtype).removeprefix("torch.")}
+                "shape": self.shape, "dtype": self.dtype}
+
+
+def _get_probs(self: Record) -> torch.Tensor:
+    if self._probs is None and self.source is not None:
+        self._probs = self.source.read()
+    return self._probs
+
+
+def _set_probs(self: Record, value) -> None:
+    self._probs = value
+
+
+Record.probs = property(_get_probs, _set_probs)  # after @dataclass: __init__ assigns through the setter
 
 
 @dataclass
@@ -196,43 +221,55 @@ class Trace:
         """Write one .safetensors file: tensors plus JSON metadata (token roles, selection, provenance, a checksum
         per tensor). The file is created with the process's umask, like any file the user writes."""
         path = Path(path)
-        tensors, runs = {}, []
+        tensors = {}
+
+        def stored(key: str, rec: Record) -> dict:
+            tensors[key] = rec.probs.detach().cpu().contiguous()
+            return {"blake2b": checksum(tensors[key])}
+
+        meta = self.metadata(stored)
+        path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
+        return path
+
+    def metadata(self, stored) -> dict:
+        """The JSON metadata of a trace file: format, provenance, token maps and one entry per record;
+        `stored(key, record)` puts the record's tensor somewhere and returns what the entry adds (checksum, shard)."""
+        runs = []
         for r, run in enumerate(self.runs):
             records = []
             for (stream, layer), entries in run.records.items():
                 for i, rec in enumerate(entries):
-                    key = f"r{r}/{stream}/{layer}/{i}"
-                    tensors[key] = rec.probs.detach().cpu().contiguous()
-                    records.append({"key": key, "stream": stream, "layer": layer} | rec.meta()
-                                   | {"blake2b": checksum(tensors[key])})
+                    key = record_key(r, stream, layer, i)
+                    records.append({"key": key, "stream": stream, "layer": layer} | rec.meta() | stored(key, rec))
             runs.append({"tokens": {s: [t.to_dict() for t in maps] for s, maps in run.tokens.items()},
                          "records": records, "steps": run.steps, "prefix": run.prefix, "lengths": run.lengths,
                          "eras": [[last, {s: [t.to_dict() for t in maps] for s, maps in m.items()}] for last, m in run.eras]})
-        meta = {"format": FORMAT, "provenance": self.provenance, "runs": runs}
-        path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
-        return path
+        return {"format": FORMAT, "provenance": self.provenance, "runs": runs}
 
     @classmethod
-    def load(cls, path: str | Path) -> Trace:
+    def load(cls, path: str | Path, partial: bool = False) -> Trace:
         """Read a trace written by `save`, validating every tensor against its recorded shape, dtype and checksum
         (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
-        checked for finite values only)."""
+        checked for finite values only).
+
+        A directory written by `capture(..., out=dir)` is opened lazily instead: metadata now, each tensor
+        memory-mapped and checked against its checksum when first read (`stream.load_dir`). A directory whose
+        capture did not finish is refused unless `partial=True` (then: the records written before it stopped)."""
         path = Path(path)
+        if path.is_dir():
+            from .stream import load_dir
+
+            return load_dir(cls, path, partial)
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("attnscope")
                 if raw is None:
                     raise TraceFileError(f"{path} is a safetensors file but not an attnscope trace (no 'attnscope' metadata)")
                 meta = json.loads(raw)
-                if meta.get("format") != FORMAT:
-                    raise TraceFileError(f"{path}: unsupported trace format {meta.get('format')!r}; expected {FORMAT}")
+                check_format(meta, path)
                 trace = cls(provenance=meta.get("provenance", {}))
                 for run_meta in meta["runs"]:
-                    run = Run({s: [TokenMap.from_dict(t) for t in maps] for s, maps in run_meta["tokens"].items()},
-                              steps=run_meta.get("steps", 0), prefix=run_meta.get("prefix", 0),
-                              lengths=list(run_meta.get("lengths", [])),
-                              eras=[(int(last), {s: [TokenMap.from_dict(t) for t in maps] for s, maps in m.items()})
-                                    for last, m in run_meta.get("eras", [])])
+                    run = run_from_meta(run_meta)
                     for rm in run_meta["records"]:
                         tensor = f.get_tensor(rm["key"])
                         if list(tensor.shape) != rm["shape"] or str(tensor.dtype).removeprefix("torch.") != rm["dtype"]:
@@ -244,9 +281,7 @@ class Trace:
                                                      "was changed or damaged after it was written)")
                         elif not bool(torch.isfinite(tensor).all()):
                             raise TraceFileError(f"{path}: tensor {rm['key']} holds NaN or infinite values")
-                        b, h, q, k = rm["shape"]
-                        if h != len(rm["heads"]) or q != len(rm["queries"]) or (rm["keys"] is not None and k != len(rm["keys"])):
-                            raise TraceFileError(f"{path}: tensor {rm['key']} does not match its heads/queries/keys")
+                        check_axes(rm, path)
                         rec = Record(tensor, rm["heads"], rm["queries"], rm["keys"], rm["step"], rm["part"])
                         run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
                     trace.runs.append(run)
@@ -257,3 +292,30 @@ class Trace:
             if isinstance(err, FileNotFoundError):
                 raise
             raise TraceFileError(f"{path} is not a readable attnscope trace: {err}") from err
+
+
+def record_key(run: int, stream: str, layer: int, index: int) -> str:
+    """The tensor name of the `index`-th record at (stream, layer) of run `run`, in files and shards alike."""
+    return f"r{run}/{stream}/{layer}/{index}"
+
+
+def check_format(meta, path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise TraceFileError(f"{path}: unsupported trace format {found!r}; expected {FORMAT}")
+
+
+def run_from_meta(run_meta: dict) -> Run:
+    """A Run with its token maps, steps and beam eras from its metadata entry (records are added by the loader)."""
+    return Run({s: [TokenMap.from_dict(t) for t in maps] for s, maps in run_meta["tokens"].items()},
+               steps=run_meta.get("steps", 0), prefix=run_meta.get("prefix", 0),
+               lengths=list(run_meta.get("lengths", [])),
+               eras=[(int(last), {s: [TokenMap.from_dict(t) for t in maps] for s, maps in m.items()})
+                     for last, m in run_meta.get("eras", [])])
+
+
+def check_axes(rm: dict, path) -> None:
+    """A record's shape agrees with its heads, queries and keys."""
+    b, h, q, k = rm["shape"]
+    if h != len(rm["heads"]) or q != len(rm["queries"]) or (rm["keys"] is not None and k != len(rm["keys"])):
+        raise TraceFileError(f"{path}: tensor {rm['key']} does not match its heads/queries/keys")

@@ -73,10 +73,12 @@ def attention_probs(
     keys: torch.Tensor | None = None,
     chunk: int = 256,
     logits: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Softmax probabilities [B, h, r, k] for query heads `heads`, query rows `rows` (indices into this call's
-    queries) and key columns `keys` (indices into this call's keys), in float32; with `logits=True` the masked
-    logits the softmax would see instead (for edits that change them before the softmax).
+    queries) and key columns `keys` (indices into this call's keys), computed in float32 and stored as `dtype`
+    chunk by chunk (so a float16 result never has a float32 copy of its size); with `logits=True` the masked
+    logits the softmax would see instead, in float32 (for edits that change them before the softmax).
 
     Handles scaling, boolean or additive masks, causal masking when the backend got no mask (bottom-right
     aligned, as with a KV cache), sliding windows passed as a kwarg, logit soft-capping, GQA/MQA, T5's additive
@@ -105,7 +107,7 @@ def attention_probs(
     q_all = query.index_select(1, heads)
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else keys.to(device)
-    out = torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32, device=device)
+    out = torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32 if logits else dtype, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
         q = q_all.index_select(2, r).float()

@@ -111,6 +111,10 @@ class StreamView:
         i = self.queries.index(q)
         return q, self.u8[i], self.scale[i]
 
+    def layer_block(self, li: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 [queries, heads, keys], float32 scale [queries, heads]) of layer index `li`, every stored row."""
+        return np.ascontiguousarray(self.u8[:, li]), np.ascontiguousarray(self.scale[:, li])
+
     def rows(self, query: int) -> np.ndarray:
         q, u8, scale = self.block(query)
         return dequantize(u8, scale)

@@ -115,7 +115,12 @@ def _sinks(model, trace: Trace, inputs: dict, ids) -> dict:
 
 def from_trace(trace: Trace, images: list[Image.Image] | None = None, tail: list[str] | None = None, run: int = -1,
                row: int = 0, sinks: dict | None = None) -> RunResult:
-    views = data.stream_views(trace, run=run, row=row, tail=tail, sinks=sinks)
+    from . import lazy
+
+    if sinks is None and lazy.is_streamed(trace.run(run)):  # a trace on disk: read one layer at a time, on demand
+        views = lazy.stream_views(trace, run=run, row=row, tail=tail)
+    else:
+        views = data.stream_views(trace, run=run, row=row, tail=tail, sinks=sinks)
     return RunResult(views, list(images or []), dict(trace.provenance))
 
 

@@ -121,6 +121,7 @@ class Viewer:
         self.model_dirs = [Path(d).resolve() for d in model_dirs]
         self.slots: dict[str, Slot] = {}
         self.runs: OrderedDict[str, Entry] = OrderedDict()
+        self.pinned: dict[str, Entry] = {}  # trace directories opened at start-up: never dropped
         self._runs_lock, self._slots_lock = threading.Lock(), threading.Lock()
 
     # --- models ------------------------------------------------------------------------------------------
@@ -181,10 +182,22 @@ class Viewer:
                 self.runs.popitem(last=False)
         return rid
 
+    def open_trace(self, path) -> str:
+        """Open a trace directory streamed by `capture(..., out=dir)` (given at start-up, never by a request) as a
+        run that stays: its rows are read from disk when asked for (`viz.lazy`), never loaded whole."""
+        from ..capture.trace import Trace
+
+        trace = Trace.load(path)
+        result = runner.from_trace(trace)
+        rid = secrets.token_urlsafe(9)
+        with self._runs_lock:
+            self.pinned[rid] = Entry(result, None)
+        return rid
+
     def entry(self, rid: str) -> Entry:
         with self._runs_lock:
-            entry = self.runs.get(rid)
-            if entry is not None:
+            entry = self.runs.get(rid) or self.pinned.get(rid)
+            if rid in self.runs:
                 self.runs.move_to_end(rid)
         if entry is None:
             raise ApiError(404, f"run {rid!r} is gone (the server keeps the last {self.limits.runs} runs); run it again")
@@ -449,8 +462,8 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         li = view.layers.index(layer)
         if len(view.queries) * len(view.heads) * view.length > 16_000_000:
             raise ApiError(413, "this layer is too large to send whole; ask for query rows")
-        return {"layer": layer, "queries": view.queries, "b64": data.b64(np.ascontiguousarray(view.u8[:, li])),
-                "scale": data.b64(np.ascontiguousarray(view.scale[:, li]))}
+        u8, scale = view.layer_block(li)
+        return {"layer": layer, "queries": view.queries, "b64": data.b64(u8), "scale": data.b64(scale)}
 
     @app.post("/api/runs/{rid}/explain")
     async def explain(rid: str, request: Request):
@@ -593,11 +606,11 @@ def bind(host: str, port: int):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8765, model_dirs=(), limits: Limits | None = None, log_level: str = "info",
-          stop_timeout: float = 2.0) -> None:
+          stop_timeout: float = 2.0, traces=()) -> None:
     """Run the viewer until interrupted (Ctrl+C or SIGTERM). A non-loopback `host` exposes it to the network: on
     purpose only. The port is bound before the URL is printed (`ServeError` if it is taken); on a stop signal,
     requests still running get `stop_timeout` seconds, then the server exits without waiting for a model that is
-    still computing."""
+    still computing. `traces`: streamed trace directories to open at start-up (each printed with its URL)."""
     import uvicorn
     from transformers.utils import logging as hf_logging
 
@@ -610,8 +623,12 @@ def serve(host: str = "127.0.0.1", port: int = 8765, model_dirs=(), limits: Limi
     sock = bind(host, port)
     try:
         app = create_app(model_dirs, limits, allowed_hosts=hosts)
+        base = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
+        opened = [(path, app.state.viewer.open_trace(path)) for path in traces]
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=stop_timeout))
-        print(f"attnscope viewer on http://{host if ':' not in host else f'[{host}]'}:{port}/  (Ctrl+C stops it)", flush=True)
+        print(f"attnscope viewer on {base}  (Ctrl+C stops it)", flush=True)
+        for path, rid in opened:
+            print(f"  trace {path}: {base}?run={rid}", flush=True)
         server.run(sockets=[sock])
     finally:
         sock.close()

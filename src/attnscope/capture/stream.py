@@ -1,0 +1,343 @@
+"""Traces streamed to disk while the model runs, and opened lazily.
+
+`capture(model, ..., out="trace_dir/")` hands every record to a `TraceWriter` as it is computed, and a background
+thread writes it into a safetensors shard and checksums it; the record then keeps only where it lies. A record of
+at least `SHARD_BYTES` (a full matrix) never exists whole: its query rows are computed a chunk at a time
+(`TraceWriter.add_rows`), each chunk written at its place in its own shard while the next is computed, and the
+checksum is taken by reading the finished shard back. Smaller records (last-token rows, decode steps) are gathered
+into shards of about `SHARD_BYTES`. So memory holds a few row chunks plus at most one gathered shard, whatever
+the number of layers, steps and runs. The directory:
+
+    trace_dir/
+      INCOMPLETE                 present from the start until the metadata is written; says why if the block raised
+      shard-00000.safetensors    plain safetensors files (readable by `safetensors.safe_open`), one or more records each
+      ...
+      trace.json                 written last (atomically): format, provenance, token maps, one entry per record with
+                                 its shard and blake2b checksum, as in a single-file trace's metadata
+      trace.partial.json         instead of trace.json when the block raised: the records written before it
+
+`Trace.load(dir)` reads `trace.json` only; each record's tensor is memory-mapped from its shard on first access and
+checked against its checksum then (`ShardTensor.read`), so opening a 10 GB trace costs its metadata and reading one
+layer reads one layer. A directory without `trace.json`, or still marked INCOMPLETE, is refused
+(`Trace.load(dir, partial=True)` opens the partial metadata). An existing non-empty directory is refused unless
+`overwrite=True`, and even then only a directory holding nothing but an earlier trace's files is cleared."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import queue
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .trace import Record, TraceFileError, check_axes, check_format, checksum, record_key, run_from_meta
+
+META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
+SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TORCH = {v: k for k, v in _DTYPES.items()}
+STREAMED_DTYPES = tuple(_DTYPES)
+
+
+def _is_ours(name: str) -> bool:
+    return name in (META, PARTIAL, MARK, META + ".tmp") or (name.startswith("shard-") and name.endswith(".safetensors"))
+
+
+class TraceWriter:
+    """Writes the records of one capture into `directory` as they come (see the module docstring)."""
+
+    def __init__(self, directory, overwrite: bool = False, shard_bytes: int | None = None):
+        self.path = Path(directory)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path} exists and is not a directory; give a directory for out=")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            names = sorted(p.name for p in self.path.iterdir())
+            if not overwrite:
+                raise FileExistsError(f"{self.path} is not empty ({len(names)} entries); pass overwrite=True (--overwrite) to replace "
+                                      "the trace in it, or give a new directory")
+            foreign = [n for n in names if not _is_ours(n)]
+            if foreign:
+                raise FileExistsError(f"{self.path} holds files that are not part of an attnscope trace ({foreign[:3]}); "
+                                      "overwrite=True only replaces a trace directory: give a new directory")
+            for n in names:
+                (self.path / n).unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MARK).write_text("capture in progress\n")
+        self.shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
+        self.entries: dict[str, dict] = {}  # record key -> {"shard", "blake2b"}
+        self._names = itertools.count()  # shard numbers, drawn from both threads
+        self._pending: list[tuple[str, Record, torch.Tensor]] = []
+        self._pending_bytes = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-writer")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-hasher")  # checksums finished shards
+        self._idle = threading.Semaphore(1)  # one record in the writer at a time: bounds what is held in memory
+        self._error: BaseException | None = None
+
+    # --- records -------------------------------------------------------------------------------------------------
+    def add(self, run: int, stream: str, layer: int, index: int, record: Record) -> None:
+        """Hand over a just-computed record; it is written in the background and then drops its tensor."""
+        self._raise()
+        tensor = record.probs.detach().cpu().contiguous()
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"a streamed trace stores {sorted(str(d) for d in _DTYPES)}, not {tensor.dtype}")
+        self._idle.acquire()
+        self._raise(release=True)
+        self._pool.submit(self._take, record_key(run, stream, layer, index), record, tensor)
+
+    def _take(self, key: str, record: Record, tensor: torch.Tensor) -> None:
+        try:
+            self._pending.append((key, record, tensor))
+            self._pending_bytes += tensor.numel() * tensor.element_size()
+            if self._pending_bytes >= self.shard_bytes:
+                self._flush()
+        except BaseException as err:  # re-raised in the capturing thread at the next record or at the end
+            self._error = err
+        finally:
+            self._idle.release()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{next(self._names):05d}.safetensors"
+        items = sorted(self._pending, key=lambda it: -it[2].element_size())  # keeps every tensor aligned
+        sums = write_shard(self.path / name, [(key, tensor) for key, _, tensor in items])
+        for (key, record, tensor), digest in zip(items, sums):
+            self.entries[key] = {"shard": name, "blake2b": digest}
+            record.source = ShardTensor(self.path / name, key, list(tensor.shape), tensor.dtype, digest)
+            record.probs = None  # the record now reads from the shard
+        self._pending, self._pending_bytes = [], 0
+
+    def add_rows(self, run: int, stream: str, layer: int, index: int, record: Record, shape: list[int],
+                 dtype: torch.dtype, chunks) -> None:
+        """Write a large record chunk by chunk: `chunks` yields (first row, probs [B, H, rows, K]) in `dtype`; the
+        record (created without a tensor) reads from its own shard once the writer has finished it."""
+        self._raise()
+        key = record_key(run, stream, layer, index)
+        name = f"shard-{next(self._names):05d}.safetensors"
+        self._idle.acquire()
+        self._raise(release=True)
+        pieces: queue.Queue = queue.Queue(maxsize=2)  # chunks in flight between the two threads
+        record.source = ShardTensor(self.path / name, key, shape, dtype, None)
+        record.source.verified = False  # unreadable until its checksum is taken
+        record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
+        ok = False
+        try:
+            for start, block in chunks:
+                pieces.put((start, block.detach().cpu().contiguous()))
+            ok = True
+        finally:
+            pieces.put(None if ok else _ABORT)
+
+    def _write_rows(self, name: str, key: str, record: Record, shape: list[int], dtype: torch.dtype, pieces) -> None:
+        path, item = self.path / name, None
+        batch, heads, rows, width = shape
+        row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        try:
+            raw = _header([(key, dtype, shape, batch * heads * rows * row_bytes)])
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        except BaseException as err:
+            self._error, fd = err, None
+        filled = 0
+        try:
+            while (item := pieces.get()) is not None and item is not _ABORT:  # always drained, even after an error
+                start, block = item
+                if fd is None or self._error is not None:
+                    continue
+                try:
+                    for b in range(batch):
+                        for h in range(heads):
+                            at = len(raw) + ((b * heads + h) * rows + start) * row_bytes
+                            os.pwrite(fd, block[b, h].reshape(-1).view(torch.uint8).numpy(), at)
+                    filled += block.shape[2]
+                except BaseException as err:
+                    self._error = err
+            if fd is not None and item is None and self._error is None:
+                os.pwrite(fd, raw, 0)
+                if filled != rows:
+                    raise RuntimeError(f"record {key}: {filled} of {rows} query rows were written")
+                os.close(fd)
+                fd = None
+                # the checksum is taken by the other thread, so the next record's rows are written meanwhile
+                record.source.pending = self._hasher.submit(self._checksum_rows, name, key, record, len(raw))
+        except BaseException as err:
+            self._error = err
+        finally:
+            if fd is not None:
+                os.close(fd)
+            self._idle.release()
+
+    def _checksum_rows(self, name: str, key: str, record: Record, start: int) -> None:
+        try:
+            digest = _file_checksum(self.path / name, start, record.source.dtype, record.source.shape)
+            self.entries[key] = {"shard": name, "blake2b": digest}
+            record.source.digest = digest
+        except BaseException as err:
+            self._error = err
+
+    def _raise(self, release: bool = False) -> None:
+        if self._error is not None:
+            if release:
+                self._idle.release()
+            raise TraceFileError(f"writing the trace to {self.path} failed: {self._error}") from self._error
+
+    # --- end -----------------------------------------------------------------------------------------------------
+    def finish(self, trace, error: BaseException | None = None) -> None:
+        """Write the last shard and the metadata. With `error` (the block raised), the metadata of what was written
+        goes to trace.partial.json and the directory stays marked INCOMPLETE."""
+        self._pool.submit(self._flush).result()
+        self._pool.shutdown()
+        self._hasher.shutdown()  # after the writer: it submits the last checksums
+        if self._error is not None and error is None:
+            self._mark(f"writing failed: {self._error!r}")
+            self._raise()
+        meta = trace.metadata(lambda key, rec: self.entries.get(key, {"missing": True}))
+        for run_meta in meta["runs"]:  # records never written (the writer failed) are left out
+            run_meta["records"] = [r for r in run_meta["records"] if not r.get("missing")]
+        if error is not None or self._error is not None:
+            meta["incomplete"] = repr(error or self._error)
+            _write_json(self.path / PARTIAL, meta)
+            self._mark(f"the capture block raised {error!r}; trace.partial.json holds the records written before it\n")
+            return
+        _write_json(self.path / META, meta)
+        (self.path / MARK).unlink()
+
+    def _mark(self, why: str) -> None:
+        (self.path / MARK).write_text(why)
+
+
+def _write_json(path: Path, meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)
+
+
+_ABORT = object()  # ends a chunked record whose rows could not all be computed
+
+
+def _header(items: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
+    """The safetensors header (length prefix included) for (key, dtype, shape, bytes) laid end to end."""
+    header, offset = {}, 0
+    for key, dtype, shape, size in items:
+        header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _file_checksum(path: Path, start: int, dtype: torch.dtype, shape: list[int], piece: int = 16 << 20) -> str:
+    """`trace.checksum` of a tensor written at `start` of a file, read back sequentially (the same digest)."""
+    digest = hashlib.blake2b(f"{dtype}:{tuple(shape)}:".encode(), digest_size=16)
+    buf = memoryview(bytearray(piece))
+    with open(path, "rb") as f:
+        f.seek(start)
+        while n := f.readinto(buf):
+            digest.update(buf[:n])
+    return digest.hexdigest()
+
+
+def write_shard(path: Path, items: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Write contiguous CPU tensors as one safetensors file, straight from their memory; returns their checksums."""
+    raw = _header([(key, t.dtype, list(t.shape), t.numel() * t.element_size()) for key, t in items])
+    sums = []
+    with open(path, "wb") as f:
+        f.write(raw)
+        for _, t in items:
+            sums.append(checksum(t))
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+    return sums
+
+
+class ShardTensor:
+    """Where a record's tensor lies in a shard; `read()` maps it (copy-on-write, the file is never changed) and
+    verifies its checksum, raising `TraceFileError` if the shard was altered or cut."""
+
+    def __init__(self, shard: Path, key: str, shape: list[int], dtype: torch.dtype, digest: str | None):
+        self.shard, self.key, self.shape, self.dtype, self.digest = Path(shard), key, list(shape), dtype, digest
+        self.verified = digest is None
+        self.pending = None  # the writer's job while the shard is being written
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor, memory-mapped, checked against its checksum on the first read."""
+        tensor = self._map()
+        if not self.verified:
+            if checksum(tensor) != self.digest:
+                raise TraceFileError(f"{self.shard}: tensor {self.key} does not match its checksum (the shard was "
+                                     "changed or damaged after it was written)")
+            self.verified = True
+        return tensor
+
+    def select(self, row: int, queries: list[int]) -> torch.Tensor:
+        """probs[row, :, queries] as float32 [h, n, k], copied out of the map, which is not kept (the viewer's read);
+        the whole tensor is verified first if it never was."""
+        return self.read()[row][:, queries].float()
+
+    def _map(self) -> torch.Tensor:
+        while self.pending is not None:  # read inside the capture block: wait until the shard is written and summed
+            job = self.pending
+            job.result()
+            if self.pending is job:
+                self.pending = None
+        if not self.verified and self.digest is None:
+            raise TraceFileError(f"{self.shard}: tensor {self.key} was not written (the writer failed)")
+        try:
+            with open(self.shard, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    raise ValueError("header length out of range")
+                entry = json.loads(f.read(n))[self.key]
+            start, end = entry["data_offsets"]
+            size = end - start
+            expected = int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
+            if entry["shape"] != self.shape or _TORCH.get(entry["dtype"]) != self.dtype or size != expected:
+                raise TraceFileError(f"{self.shard}: tensor {self.key} is {entry['shape']} {entry['dtype']} in the shard, "
+                                     f"the metadata says {self.shape} {self.dtype}")
+            if 8 + n + end > self.shard.stat().st_size:
+                raise TraceFileError(f"{self.shard} is shorter than its header says (cut while written or after)")
+            raw = np.memmap(self.shard, dtype=np.uint8, mode="c", offset=8 + n + start, shape=(size,)) if size else np.zeros(0, np.uint8)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+            if isinstance(err, (TraceFileError, FileNotFoundError)):
+                raise
+            raise TraceFileError(f"{self.shard}: cannot read tensor {self.key}: {err}") from err
+        return torch.from_numpy(raw).view(self.dtype).reshape(self.shape)
+
+
+def load_dir(cls, path: Path, partial: bool = False):
+    """Open a streamed trace directory: metadata now, tensors on first access (see `ShardTensor`)."""
+    meta_path = path / (PARTIAL if partial else META)
+    mark = path / MARK
+    if not partial and (mark.exists() or not meta_path.exists()):
+        why = mark.read_text().strip() if mark.exists() else "no trace.json"
+        hint = " Trace.load(path, partial=True) opens the records written before it." if (path / PARTIAL).exists() else ""
+        raise TraceFileError(f"{path} is not a complete attnscope trace ({why or 'the capture did not finish'}).{hint}")
+    if not meta_path.exists():
+        raise TraceFileError(f"{path} has no {meta_path.name}: not a (partial) attnscope trace directory")
+    try:
+        meta = json.loads(meta_path.read_text())
+        check_format(meta, meta_path)
+        trace = cls(provenance=meta.get("provenance", {}))
+        for run_meta in meta["runs"]:
+            run = run_from_meta(run_meta)
+            for rm in run_meta["records"]:
+                check_axes(rm, meta_path)
+                shard = path / rm["shard"]
+                if Path(rm["shard"]).name != rm["shard"] or not _is_ours(rm["shard"]):
+                    raise TraceFileError(f"{meta_path}: record {rm['key']} names shard {rm['shard']!r}, outside the trace")
+                dtype = getattr(torch, rm["dtype"], None)
+                if dtype not in _DTYPES:
+                    raise TraceFileError(f"{meta_path}: record {rm['key']} has unsupported dtype {rm['dtype']!r}")
+                source = ShardTensor(shard, rm["key"], rm["shape"], dtype, rm.get("blake2b"))
+                rec = Record(None, rm["heads"], rm["queries"], rm["keys"], rm["step"], rm["part"], source=source)
+                run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
+            trace.runs.append(run)
+        return trace
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, TraceFileError):
+            raise
+        raise TraceFileError(f"{meta_path} is not readable attnscope trace metadata: {err}") from err
