@@ -50,7 +50,6 @@ def test_twenty_concurrent_requests(minilm, monkeypatch):
             else:
                 assert a.json()["doc"]["streams"][0]["name"] == "text"
         assert peak[0] == 1  # one model, one request at a time
-        assert seconds < 90
         after = httpx.post(f"{url}/api/run", data={"model": "minilm", "text": "and afterwards?"}, timeout=60)
         assert after.status_code == 200
         assert httpx.get(f"{url}/api/info", timeout=10).status_code == 200

@@ -1,6 +1,5 @@
 """View data: quantized rows reproduce the trace, summaries are right, long sequences stay compact."""
 import json
-import time
 
 import numpy as np
 import pytest
@@ -85,12 +84,9 @@ def test_query_plan_keeps_everything_small_and_strides_long(minilm):
 
 def test_two_thousand_tokens_stay_compact():
     trace = synthetic_trace(layers=30, heads=9, length=2000)
-    start = time.perf_counter()
     (view,) = data.stream_views(trace)
-    built = time.perf_counter() - start
     assert view.sinks == [0] and view.metrics["sink mass"].mean() > 0.1
     lazy = json.dumps(data.document([view], embed_rows=False))
     assert len(lazy) < 400_000, len(lazy)  # tokens, metrics, thumbnails: rows come per query
     q, u8, scale = view.block(1000)
     assert u8.nbytes == 30 * 9 * 2000  # one query's block: 540 kB, sent on demand
-    assert built < 30
