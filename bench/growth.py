@@ -214,9 +214,10 @@ def write_report(res: dict, path: Path, png: str) -> None:
     L.append("|---|---|---|---|---|---|---|---|---|")
     for t, r in res["lengths"].items():
         tm, mm, v = r["time"], r["memory"], r["values"]
+        missing = "not measured" if not mm else "error (in the JSON)"
         peaks = (f"{mm['sdpa']['peak_increase_kb'] / 1024:,.0f} / {mm['last']['peak_increase_kb'] / 1024:,.0f}"
-                 if mm.get("ratio") is not None else "err")
-        mem_ratio = f"{mm['ratio']:.3f}x" if mm.get("ratio") is not None else "err"
+                 if mm.get("ratio") is not None else missing)
+        mem_ratio = f"{mm['ratio']:.3f}x" if mm.get("ratio") is not None else missing
         L.append(f"| {t} | {tm['median_s']['sdpa']:.3f} | {tm['ratio']:.3f}x ({tm['min']:.2f}..{tm['max']:.2f}) | "
                  f"{len(tm['ratios'])} | {peaks} | {mem_ratio} | {v['stored_bytes'] / 2**20:.2f} | "
                  f"{v['last_vs_eager']:.1e} | {v['rowsum_err']:.1e} |")
