@@ -118,7 +118,7 @@ def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5
 
 
 # --- 1. generation -------------------------------------------------------------------------------------------
-def generation(m, n_ctx: int, new: int, warm: int, rounds: int) -> dict:
+def generation(m, n_ctx: int, new: int, warm: int, rounds: int, only: list[str] | None = None) -> dict:
     import torch
 
     st = importlib.import_module("attnscope.steer")  # the package (attnscope.steer is also the context manager)
@@ -140,6 +140,8 @@ def generation(m, n_ctx: int, new: int, warm: int, rounds: int) -> dict:
                  "VAR": dict(edit="var", layers=pai_layers, span=span, sinks=sinks, rho=RHO),
                  VAR_STEP: dict(edit="var", layers=pai_layers, span=span, sinks=sinks, rho=RHO, heads_at="step"),
                  "head scaling": dict(edit="heads", layers=set(by_layer), span=span, scales=by_layer)}
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only}
     cfgs = {"sdpa": ("plain", None)}
     for name in methods:
         cfgs[f"{name} (attnscope)"] = ("steer", name)
@@ -294,7 +296,7 @@ def prefill(m, warm: int, rounds: int, quick: bool) -> dict:
 
 # --- report ------------------------------------------------------------------------------------------------------
 def report(res: dict) -> str:
-    g, p = res["generation"], res["prefill"]
+    g, p = res["generation"], res.get("prefill")
     mach = res["machine"]
     L = ["# attnscope.steer benchmark", ""]
     if res["quick"]:
@@ -330,6 +332,10 @@ def report(res: dict) -> str:
                  f"(the edit itself moves them by {chk['changed_vs_unsteered']:.2f}) | "
                  f"{chk.get('all_steps_logits_max_abs_diff', float('nan')):.1e} | {chk['same_tokens']}% |")
     L += ["", f"VAR's sinks (massive activations, found by attnscope, handed to the anchor): positions {g['sinks']}.", ""]
+    if p is None:
+        L += ["Only VAR's rows were run (`--only var`): the other edits and the prefill with FastV pruning are in "
+              "steer.md.", "", "## How measured", ""]
+        return "\n".join(L + how(mach))
     pb = statistics.median(p["times"]["no pruning"])
     L += [f"## 2. Prefill with FastV pruning: LLaVA-shaped SmolLM2 ({p['tokens']} tokens, {p['image_tokens']} image "
           "tokens)", "",
@@ -349,28 +355,34 @@ def report(res: dict) -> str:
           "unpruned runs just before and just after. FLOPs count dense "
           "n x n attention scores (causal kernels skip about half, which makes the measured ratio a little lower "
           "than the count when attention is a large share).", "",
-          "## How measured", "",
-          "- Each round runs the baseline, then every other configuration in a freshly shuffled order, each followed by "
-          "the baseline again; a configuration's ratio is its time over the mean of the two baseline runs around it "
-          "(the load on the shared cores drifts over minutes, adjacent runs see nearly the same load); median over "
-          "rounds, after a warm-up round; `gc.collect()` before each call, outside the timed region. Generation calls are whole "
-          "`with steer(...): model.generate(...)` blocks (enter, generate, exit); anchors' calls include switching "
-          "the model to eager and back. Raw times per round are in `steer.json`.",
-          "- The anchors' way: `set_attn_implementation('eager')` and `modeling_llama.eager_attention_forward` "
-          "replaced by a function that computes the full attention weights of the edited layers and edits them "
-          "(PAI: a + alpha|a| on the span in the last row before the mask; VAR: the last row's sink mass moved to the "
-          "span in heads whose span share of non-sink attention is >= rho, tested on the prefill's last row and reused "
-          "at decode steps, or tested at every step for the per-step form; heads: the head outputs scaled before "
-          "o_proj). Same edit, so the first-step logits agree to float precision and the tokens match (table).",
-          f"- torch threads fixed to {mach['threads']}: with other jobs on the two cores, two OpenMP threads that "
-          "spin-wait for each other made every forward several times slower and far noisier than one thread.", ""]
+          "## How measured", ""] + how(mach)
     return "\n".join(L)
+
+
+def how(mach: dict) -> list[str]:
+    return [
+        "- Each round runs the baseline, then every other configuration in a freshly shuffled order, each followed by "
+        "the baseline again; a configuration's ratio is its time over the mean of the two baseline runs around it "
+        "(the load on the shared cores drifts over minutes, adjacent runs see nearly the same load); median over "
+        "rounds, after a warm-up round; `gc.collect()` before each call, outside the timed region. Generation calls are whole "
+        "`with steer(...): model.generate(...)` blocks (enter, generate, exit); anchors' calls include switching "
+        "the model to eager and back. Raw times per round are in the JSON beside this file.",
+        "- The anchors' way: `set_attn_implementation('eager')` and `modeling_llama.eager_attention_forward` "
+        "replaced by a function that computes the full attention weights of the edited layers and edits them "
+        "(PAI: a + alpha|a| on the span in the last row before the mask; VAR: the last row's sink mass moved to the "
+        "span in heads whose span share of non-sink attention is >= rho, tested on the prefill's last row and reused "
+        "at decode steps, or tested at every step for the per-step form; heads: the head outputs scaled before "
+        "o_proj). Same edit, so the first-step logits agree to float precision and the tokens match (table).",
+        f"- torch threads fixed to {mach['threads']}: with other jobs on the two cores, two OpenMP threads that "
+        "spin-wait for each other made every forward several times slower and far noisier than one thread.", ""
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["var"], help="only VAR's two forms (no prefill part): writes steer-var.md/.json")
     args = ap.parse_args()
     import torch
 
@@ -380,17 +392,19 @@ def main() -> None:
     start = time.perf_counter()
     m = attnscope.load("smollm2-135m")
     res = {"command": "python bench/steer.py" + (" --quick" if args.quick else "")
-           + (f" --threads {args.threads}" if args.threads != 1 else ""), "quick": args.quick,
+           + (f" --threads {args.threads}" if args.threads != 1 else "") + (f" --only {args.only}" if args.only else ""),
+           "quick": args.quick,
            "machine": machine(args.threads)}
     print("generation", flush=True)
     n_ctx, new, warm, rounds = (256, 8, 1, 2) if args.quick else (1024, 64, 1, 4)
-    res["generation"] = generation(m, n_ctx, new, warm, rounds)
-    print("prefill", flush=True)
-    res["prefill"] = prefill(m, 1, 3 if args.quick else 8, args.quick)
+    res["generation"] = generation(m, n_ctx, new, warm, rounds, only=["VAR", VAR_STEP] if args.only else None)
+    if not args.only:
+        print("prefill", flush=True)
+        res["prefill"] = prefill(m, 1, 3 if args.quick else 8, args.quick)
     res["loadavg_end"] = os.getloadavg()
     res["seconds"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-var" if args.only else "") + ("-quick" if args.quick else "")
     (RESULTS / f"steer{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
     (RESULTS / f"steer{suffix}.md").write_text(report(res))
     print(report(res))
