@@ -27,8 +27,9 @@ Values: the prefill is unchanged; at decode steps a head chosen at prefill is ed
 fell below rho, and a head not chosen is left alone even if it rose above (on SmolLM2 with a 100-token span of
 1,024, rho=0.1: 7 of 252 heads chosen at prefill, 8 at the next step, with a different set).
 `heads_at="step"` is the earlier form: every step computes all heads explicitly and applies the rho test to
-its own row (at about 1.1x the cost of unsteered generation there, against about 1.0x for "prefill"; see
-bench/results/steer.md)."""
+its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, one busy run): "prefill" 1.13x
+of unsteered generation, "step" 1.16x in the same run: choosing once removes only part of VAR's overhead (the
+rest, e.g. the massive-activation measurement in every decoder layer at every step, is not yet profiled there)."""
 from __future__ import annotations
 
 import torch
