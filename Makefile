@@ -55,3 +55,4 @@ lock: $(VENV)/.test
 
 bench: install
 	$(PY) bench/capture.py
+	$(PY) bench/growth.py

@@ -32,6 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+VAR_STEP = "VAR, heads per step"  # VAR(heads_at="step"): the image-centric heads tested again at every decode step
 RHO = 0.1  # VAR's head threshold here: the span is 100 of 1,024 plain-text tokens, so rho=0.5 would leave VAR idle
 SENTENCE = ("The dominant sequence transduction models are based on complex recurrent or convolutional neural "
             "networks that include an encoder and a decoder. ")
@@ -59,14 +60,17 @@ def context(m, n: int) -> dict:
 # --- the anchors' way: eager attention with a patched eager_attention_forward --------------------------------
 @contextlib.contextmanager
 def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5, p: float = 0.6, rho: float = 0.5,
-            sinks: list[int] | None = None, scales: dict | None = None):
-    """PAI, VAR or head scaling on full eager attention weights, as the papers' reference code does it."""
+            sinks: list[int] | None = None, scales: dict | None = None, heads_at: str = "prefill"):
+    """PAI, VAR or head scaling on full eager attention weights, as the papers' reference code does it. VAR's
+    image-centric heads: tested on the prefill's last row and reused at every decode step (`heads_at="prefill"`,
+    attnscope's default), or tested again on every step's row ("step")."""
     import torch
 
     modeling = sys.modules[type(hf).__module__]
     original = modeling.eager_attention_forward
     span_t = torch.tensor(span)
     sink_t = torch.tensor(sinks or [0])
+    chosen = {}  # layer -> [B, H, 1] heads chosen at prefill
 
     def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         if module.layer_idx not in layers:
@@ -86,6 +90,10 @@ def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5
             tgt = row[..., span_t]
             tgt_mass = tgt.sum(-1, keepdim=True)
             centric = (tgt_mass / (1 - sink_mass).clamp_min(1e-9)) >= rho
+            if heads_at == "prefill":
+                if query.shape[2] > 1:
+                    chosen[module.layer_idx] = centric
+                centric = chosen[module.layer_idx]
             new = row.clone()
             new[..., sink_t] = row[..., sink_t] * (1 - p)
             new[..., span_t] = tgt + p * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
@@ -110,7 +118,7 @@ def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5
 
 
 # --- 1. generation -------------------------------------------------------------------------------------------
-def generation(m, n_ctx: int, new: int, warm: int, rounds: int) -> dict:
+def generation(m, n_ctx: int, new: int, warm: int, rounds: int, only: list[str] | None = None) -> dict:
     import torch
 
     st = importlib.import_module("attnscope.steer")  # the package (attnscope.steer is also the context manager)
@@ -127,10 +135,13 @@ def generation(m, n_ctx: int, new: int, warm: int, rounds: int) -> dict:
         m.hf(**x)
     sinks = sorted(set(session.state.sink[("text", n - 1)][0].nonzero()[:, 0].tolist()))
     methods = {"PAI": [st.PAI(alpha=0.5, keys=span)], "VAR": [st.VAR(keys=span, rho=RHO)],
-               "head scaling": [st.HeadScale(head_scales)]}
+               VAR_STEP: [st.VAR(keys=span, rho=RHO, heads_at="step")], "head scaling": [st.HeadScale(head_scales)]}
     anchor_kw = {"PAI": dict(edit="pai", layers=pai_layers, span=span, alpha=0.5),
                  "VAR": dict(edit="var", layers=pai_layers, span=span, sinks=sinks, rho=RHO),
+                 VAR_STEP: dict(edit="var", layers=pai_layers, span=span, sinks=sinks, rho=RHO, heads_at="step"),
                  "head scaling": dict(edit="heads", layers=set(by_layer), span=span, scales=by_layer)}
+    if only:
+        methods = {k: v for k, v in methods.items() if k in only}
     cfgs = {"sdpa": ("plain", None)}
     for name in methods:
         cfgs[f"{name} (attnscope)"] = ("steer", name)
@@ -154,6 +165,7 @@ def generation(m, n_ctx: int, new: int, warm: int, rounds: int) -> dict:
     for name in methods:
         a, b = outs[f"{name} (attnscope)"], outs[f"{name} (anchors: eager + patched)"]
         checks[name] = {"first_step_logits_max_abs_diff": float((a.logits[0] - b.logits[0]).abs().max()),
+                        "all_steps_logits_max_abs_diff": max(float((u - v).abs().max()) for u, v in zip(a.logits, b.logits)),
                         "same_tokens": int((a.sequences == b.sequences).float().mean() * 100),
                         "changed_vs_unsteered": float((a.logits[0] - outs["sdpa"].logits[0]).abs().max())}
     del outs
@@ -284,7 +296,7 @@ def prefill(m, warm: int, rounds: int, quick: bool) -> dict:
 
 # --- report ------------------------------------------------------------------------------------------------------
 def report(res: dict) -> str:
-    g, p = res["generation"], res["prefill"]
+    g, p = res["generation"], res.get("prefill")
     mach = res["machine"]
     L = ["# attnscope.steer benchmark", ""]
     if res["quick"]:
@@ -301,19 +313,29 @@ def report(res: dict) -> str:
           f"Unsteered SDPA generation: median {base:.2f} s. The edits target the context span of positions "
           f"{g['span'][0]}..{g['span'][1]}; PAI alpha=0.5 and VAR (p=0.6, rho={RHO}: with rho=0.5 no head of this plain "
           f"text puts half its attention on the span, so VAR would compute everything and change nothing) on layers "
-          f"2..29, the generating row; head scaling x1.5 on {g['head_scales']} heads (heads 0 and 4 of every third layer).", "",
+          f"2..29, the generating row; head scaling x1.5 on {g['head_scales']} heads (heads 0 and 4 of every third layer). "
+          "VAR chooses its image-centric heads once per sequence, from the prefill's last row, and reuses them at every "
+          "decode step (`heads_at=\"prefill\"`, the default; decode steps then need explicit rows only in those heads); "
+          f"\"{VAR_STEP}\" tests every step's row again (`heads_at=\"step\"`, explicit rows in every head of every "
+          "edited layer at every step). Each is compared with an anchor that follows the same rule.", "",
           "| edit | attnscope vs unsteered SDPA (goal <= 1.10x) | anchors' way (eager + patched) vs unsteered SDPA | "
-          "anchors' way vs attnscope | first-step logits, attnscope vs anchors (max abs diff) | tokens equal |",
-          "|---|---|---|---|---|---|"]
-    for name in ("PAI", "VAR", "head scaling"):
+          "anchors' way vs attnscope | first-step logits, attnscope vs anchors (max abs diff) | all steps' logits, attnscope "
+          "vs anchors | tokens equal |",
+          "|---|---|---|---|---|---|---|"]
+    for name in [n for n in ("PAI", "VAR", VAR_STEP, "head scaling") if n in g["checks"]]:
         ours, theirs = g["ratios"][f"{name} (attnscope)"], g["ratios"][f"{name} (anchors: eager + patched)"]
         a, b = summary(ours), summary(theirs)
         c = summary([t / o for t, o in zip(theirs, ours)])
         chk = g["checks"][name]
         L.append(f"| {name} | {a['median']:.3f}x ({a['min']:.2f}..{a['max']:.2f}) | {b['median']:.3f}x "
                  f"({b['min']:.2f}..{b['max']:.2f}) | {c['median']:.2f}x | {chk['first_step_logits_max_abs_diff']:.1e} "
-                 f"(the edit itself moves them by {chk['changed_vs_unsteered']:.2f}) | {chk['same_tokens']}% |")
+                 f"(the edit itself moves them by {chk['changed_vs_unsteered']:.2f}) | "
+                 f"{chk.get('all_steps_logits_max_abs_diff', float('nan')):.1e} | {chk['same_tokens']}% |")
     L += ["", f"VAR's sinks (massive activations, found by attnscope, handed to the anchor): positions {g['sinks']}.", ""]
+    if p is None:
+        L += ["Only VAR's rows were run (`--only var`): the other edits and the prefill with FastV pruning are in "
+              "steer.md.", "", "## How measured", ""]
+        return "\n".join(L + how(mach))
     pb = statistics.median(p["times"]["no pruning"])
     L += [f"## 2. Prefill with FastV pruning: LLaVA-shaped SmolLM2 ({p['tokens']} tokens, {p['image_tokens']} image "
           "tokens)", "",
@@ -333,27 +355,34 @@ def report(res: dict) -> str:
           "unpruned runs just before and just after. FLOPs count dense "
           "n x n attention scores (causal kernels skip about half, which makes the measured ratio a little lower "
           "than the count when attention is a large share).", "",
-          "## How measured", "",
-          "- Each round runs the baseline, then every other configuration in a freshly shuffled order, each followed by "
-          "the baseline again; a configuration's ratio is its time over the mean of the two baseline runs around it "
-          "(the load on the shared cores drifts over minutes, adjacent runs see nearly the same load); median over "
-          "rounds, after a warm-up round; `gc.collect()` before each call, outside the timed region. Generation calls are whole "
-          "`with steer(...): model.generate(...)` blocks (enter, generate, exit); anchors' calls include switching "
-          "the model to eager and back. Raw times per round are in `steer.json`.",
-          "- The anchors' way: `set_attn_implementation('eager')` and `modeling_llama.eager_attention_forward` "
-          "replaced by a function that computes the full attention weights of the edited layers and edits them "
-          "(PAI: a + alpha|a| on the span in the last row before the mask; VAR: the last row's sink mass moved to the "
-          "span in heads whose span share of non-sink attention is >= rho; heads: the head outputs scaled before "
-          "o_proj). Same edit, so the first-step logits agree to float precision (table).",
-          f"- torch threads fixed to {mach['threads']}: with other jobs on the two cores, two OpenMP threads that "
-          "spin-wait for each other made every forward several times slower and far noisier than one thread.", ""]
+          "## How measured", ""] + how(mach)
     return "\n".join(L)
+
+
+def how(mach: dict) -> list[str]:
+    return [
+        "- Each round runs the baseline, then every other configuration in a freshly shuffled order, each followed by "
+        "the baseline again; a configuration's ratio is its time over the mean of the two baseline runs around it "
+        "(the load on the shared cores drifts over minutes, adjacent runs see nearly the same load); median over "
+        "rounds, after a warm-up round; `gc.collect()` before each call, outside the timed region. Generation calls are whole "
+        "`with steer(...): model.generate(...)` blocks (enter, generate, exit); anchors' calls include switching "
+        "the model to eager and back. Raw times per round are in the JSON beside this file.",
+        "- The anchors' way: `set_attn_implementation('eager')` and `modeling_llama.eager_attention_forward` "
+        "replaced by a function that computes the full attention weights of the edited layers and edits them "
+        "(PAI: a + alpha|a| on the span in the last row before the mask; VAR: the last row's sink mass moved to the "
+        "span in heads whose span share of non-sink attention is >= rho, tested on the prefill's last row and reused "
+        "at decode steps, or tested at every step for the per-step form; heads: the head outputs scaled before "
+        "o_proj). Same edit, so the first-step logits agree to float precision and the tokens match (table).",
+        f"- torch threads fixed to {mach['threads']}: with other jobs on the two cores, two OpenMP threads that "
+        "spin-wait for each other made every forward several times slower and far noisier than one thread.", ""
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["var"], help="only VAR's two forms (no prefill part): writes steer-var.md/.json")
     args = ap.parse_args()
     import torch
 
@@ -363,17 +392,19 @@ def main() -> None:
     start = time.perf_counter()
     m = attnscope.load("smollm2-135m")
     res = {"command": "python bench/steer.py" + (" --quick" if args.quick else "")
-           + (f" --threads {args.threads}" if args.threads != 1 else ""), "quick": args.quick,
+           + (f" --threads {args.threads}" if args.threads != 1 else "") + (f" --only {args.only}" if args.only else ""),
+           "quick": args.quick,
            "machine": machine(args.threads)}
     print("generation", flush=True)
     n_ctx, new, warm, rounds = (256, 8, 1, 2) if args.quick else (1024, 64, 1, 4)
-    res["generation"] = generation(m, n_ctx, new, warm, rounds)
-    print("prefill", flush=True)
-    res["prefill"] = prefill(m, 1, 3 if args.quick else 8, args.quick)
+    res["generation"] = generation(m, n_ctx, new, warm, rounds, only=["VAR", VAR_STEP] if args.only else None)
+    if not args.only:
+        print("prefill", flush=True)
+        res["prefill"] = prefill(m, 1, 3 if args.quick else 8, args.quick)
     res["loadavg_end"] = os.getloadavg()
     res["seconds"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-var" if args.only else "") + ("-quick" if args.quick else "")
     (RESULTS / f"steer{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
     (RESULTS / f"steer{suffix}.md").write_text(report(res))
     print(report(res))

@@ -104,13 +104,12 @@ def attention_probs(
                                         "supported (captures are): steer other modules")
     min_value = torch.finfo(torch.float32).min
 
-    q_all = query.index_select(1, heads)
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else keys.to(device)
     out = torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32 if logits else dtype, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
-        q = q_all.index_select(2, r).float()
+        q = query.index_select(2, r).index_select(1, heads).float()  # rows first: only these rows are copied
         scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)

@@ -164,6 +164,11 @@ class AttentionEdit(SiteEdit):
         """Optional bool [B, h, r]: where, among the selected rows and heads, the prob edit applies."""
         return None
 
+    def heads_for(self, ctx, heads: torch.Tensor) -> torch.Tensor:
+        """The heads this call edits, of the edit's `heads` (all of them unless an edit narrows them per call:
+        VAR keeps the image-centric heads it chose at prefill, so the other heads stay on the backend)."""
+        return heads
+
     def describe(self) -> dict:
         return {"edit": type(self).__name__, "stream": self.stream, "layers": _plain(self.layers),
                 "heads": _plain(self.heads), "queries": _plain(self.queries), "keys": _plain(self.keys)}
@@ -252,6 +257,11 @@ class Redistribute(AttentionEdit):
         return self.fraction == 0.0
 
     def apply(self, ctx, probs):
+        new, src_mass, tgt_mass = self.moved(ctx, probs)
+        return torch.where(self.passes(src_mass, tgt_mass), new, probs)
+
+    def moved(self, ctx, probs):
+        """(redistributed probabilities [B, h, r, K], source mass and target mass [B, h, r, 1]) of every row."""
         B, h, r, K = probs.shape
         src_m = ctx.key_mask(self.source)
         tgt_m = ctx.key_mask(self.keys) & ~src_m
@@ -262,11 +272,14 @@ class Redistribute(AttentionEdit):
         # sources lose `fraction` of their mass, targets gain it in proportion to their own probabilities
         factor = 1 - self.fraction * masks[:, None, None, :, 0] + coef * masks[:, None, None, :, 1]
         new = probs * factor
-        new = new / new.sum(-1, keepdim=True)
+        return new / new.sum(-1, keepdim=True), src_mass, tgt_mass
+
+    def passes(self, src_mass, tgt_mass):
+        """bool [B, h, r, 1]: rows the edit changes (the target has mass, and at least `min_share` of the rest)."""
         ok = tgt_mass > 0
         if self.min_share > 0:
             ok = ok & (tgt_mass >= self.min_share * (1 - src_mass).clamp_min(1e-9))
-        return torch.where(ok, new, probs)
+        return ok
 
     def rows_where(self, ctx, probs):
         return None if self.where is None else self.where(ctx, probs)

@@ -51,6 +51,7 @@ class SeqState:
         self.scores: dict[tuple[str, int], torch.Tensor] = {}
         self.vision_cls: list[torch.Tensor] = []
         self.data: dict = {}
+        self.per_row: dict = {}  # methods' tensors [B, ...] that must follow beam reorders (VAR's chosen heads)
         self.inputs: dict = {}
         self.pixels: dict = {}
         self.version = 0
@@ -81,6 +82,8 @@ class SeqState:
             self.sink.pos[key] = [set(found[i]) for i in idx.tolist()]
         for key, scale in list(self.sink_scale.items()):
             self.sink_scale[key] = scale[idx.to(scale.device)]
+        for key, value in list(self.per_row.items()):
+            self.per_row[key] = value[idx.to(value.device)]
         self._masks.clear()
 
     def length(self, stream: str) -> int | None:
@@ -369,6 +372,9 @@ class _SiteHandler(Handler):
         call.__dict__["_steer_ctx"] = ctx
         dense = []
         for edit, heads in active:
+            heads = edit.heads_for(ctx, heads)
+            if heads.numel() == 0:
+                continue
             qm = ctx.query_mask(edit.queries)
             rows = torch.tensor([ctx.Q - 1]) if edit.queries == "last" else qm.any(0).nonzero()[:, 0]
             if rows.numel() == 0:

@@ -15,7 +15,21 @@ and normalisation, so we use a scale-free criterion instead: tau=100 times the t
 separates SmolLM2's first-token sink (>=120x at layers 2-8, >=1500x from layer 12 on) from ordinary tokens (<=50x). Layers 2..L-1: the
 first two have not formed massive activations yet. `keys` is the target (a role or positions; "image" by
 default), `queries="last"` the generating row (`queries="text"` also edits the prompt's text rows, at the cost
-of explicit probabilities for them at prefill)."""
+of explicit probabilities for them at prefill).
+
+When the image-centric heads are chosen (`heads_at`): the paper calls them heads that "innately" focus on the
+image, a property of the head for this input, so by default (`heads_at="prefill"`) they are chosen once per
+sequence, from the last prompt row at prefill (the first forward of the sequence), and every decode step
+redistributes in those heads (where its target still has mass) without measuring the share again. Decode steps
+then need explicit probabilities only in the chosen heads; the other heads, and layers with none chosen, stay on
+SDPA. (The abstract does not say whether the paper re-selects per generated token; the full text is not here.)
+Values: the prefill is unchanged; at decode steps a head chosen at prefill is edited even if this step's share
+fell below rho, and a head not chosen is left alone even if it rose above (on SmolLM2 with a 100-token span of
+1,024, rho=0.1: 7 of 252 heads chosen at prefill, 8 at the next step, with a different set).
+`heads_at="step"` is the earlier form: every step computes all heads explicitly and applies the rho test to
+its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, one busy run): "prefill" 1.13x
+of unsteered generation, "step" 1.16x in the same run: choosing once removes only part of VAR's overhead (the
+rest, e.g. the massive-activation measurement in every decoder layer at every step, is not yet profiled there)."""
 from __future__ import annotations
 
 import torch
@@ -38,22 +52,27 @@ class VAR(Method):
         tau: float > 1, default 100. A token is a sink from the layer where its largest |activation| reaches tau x
             the layer input's median |activation| (massive activations, Sun et al. 2024).
         layers: int, list, slice or None (2..L-1). keys: role or positions ("image"). queries: "last" or a role.
+        heads_at: "prefill" (default) or "step": choose the image-centric heads once from the last prompt row and
+            reuse them at every decode step, or test every step's row anew (see the module notes). Only with
+            queries="last"; other query rows are always tested row by row.
         stream: the language stream (default: the model's).
 
-    Raises `SteerError` for p, rho or tau out of range or layers out of range."""
+    Raises `SteerError` for p, rho or tau out of range, layers out of range or an unknown heads_at."""
 
     name = "var"
     paper = "See What You Are Told: Visual Attention Sink in Large Multimodal Models (Kang et al., ICLR 2025)"
 
     def __init__(self, p: float = 0.6, rho: float = 0.5, tau: float = 100.0, layers=None, keys="image",
-                 queries="last", stream=None):
+                 queries="last", heads_at: str = "prefill", stream=None):
         Redistribute(p, source=None)  # validates p
         if not 0 <= float(rho) <= 1:
             raise SteerError(f"rho must be in [0, 1]; got {rho}")
         if float(tau) <= 1:
             raise SteerError(f"tau must be > 1 (a multiple of the median activation); got {tau}")
-        self.p, self.rho, self.tau, self.layers, self.keys, self.queries, self.stream = \
-            float(p), float(rho), float(tau), layers, keys, queries, stream
+        if heads_at not in ("prefill", "step"):
+            raise SteerError(f"heads_at must be 'prefill' or 'step'; got {heads_at!r}")
+        self.p, self.rho, self.tau, self.layers, self.keys, self.queries, self.heads_at, self.stream = \
+            float(p), float(rho), float(tau), layers, keys, queries, heads_at, stream
 
     def edits(self, model):
         stream = self.stream or lm_stream(model)
@@ -69,10 +88,36 @@ class VAR(Method):
 
         sinks.__name__ = "massive_activation_sinks"
         # image-centric heads: rows whose target share of the non-sink attention is >= rho (Redistribute.min_share)
-        edit = Redistribute(self.p, source=sinks, min_share=rho, stream=stream, layers=layers, queries=self.queries,
-                            keys=target)
+        kind = ChosenAtPrefill if self.heads_at == "prefill" and self.queries == "last" else Redistribute
+        edit = kind(self.p, source=sinks, min_share=rho, stream=stream, layers=layers, queries=self.queries,
+                    keys=target)
         if isinstance(target, str):
             edit.roles_needed = {target}
         edit.tau = self.tau
         edit.sink_layers = lambda m, s=stream, top=max(layers): {s: list(range(0, top + 1))}
         return self._tag([edit])
+
+
+class ChosenAtPrefill(Redistribute):
+    """`Redistribute` on the last row whose heads are chosen once per sequence: at the sequence's first forward the
+    `min_share` test picks them, per batch row ([B, h] in `state.per_row`, which follows beam reorders); later
+    forwards edit only those heads and skip the test (the target must still have mass)."""
+
+    def _chosen(self, ctx):
+        return ctx.state.per_row.get(("var_heads", ctx.site.stream, ctx.site.layer)) if ctx.state.step else None
+
+    def heads_for(self, ctx, heads):
+        chosen = self._chosen(ctx)
+        if ctx.state.step == 0:
+            return heads
+        return heads[chosen.any(0)] if chosen is not None else heads[:0]
+
+    def apply(self, ctx, probs):
+        new, src_mass, tgt_mass = self.moved(ctx, probs)
+        if ctx.state.step == 0:
+            ok = self.passes(src_mass, tgt_mass)
+            ctx.state.per_row[("var_heads", ctx.site.stream, ctx.site.layer)] = ok[:, :, -1, 0]
+        else:
+            chosen = self._chosen(ctx)
+            ok = (tgt_mass > 0) & chosen[:, chosen.any(0)][:, :, None, None].to(tgt_mass.device)
+        return torch.where(ok, new, probs)

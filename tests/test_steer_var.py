@@ -1,0 +1,134 @@
+"""VAR's image-centric heads chosen once at prefill (`heads_at="prefill"`, the default) or tested again at every decode
+step (`heads_at="step"`), on SmolLM2-135M (real weights) with a text span standing in for the image: each form equals
+an independent eager implementation of its own rule (a patched eager attention) at every generated step; the two
+forms are bit-identical at prefill, where the stored choice is exactly the prefill's rho test; later steps edit the
+stored heads, so the forms part from there."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+
+from attnscope.steer import VAR, SteerError, steer
+from attnscope.steer.methods import parse
+
+PROMPT = "Tom's favourite colour is blue. Anna's favourite colour is green. Anna's favourite colour is"
+SPAN, P, RHO, NEW = [5, 6, 7], 0.6, 0.2, 4
+
+
+@contextlib.contextmanager
+def anchors_var(hf, sinks: dict, once: bool, chosen: dict):
+    """VAR on eager attention weights: the last row's sink mass moves to SPAN in heads whose SPAN share of the
+    non-sink mass is >= RHO; with `once`, heads are chosen at the prefill (the forward with several queries) and
+    stored in `chosen`, and decode steps use the stored heads."""
+    modeling = sys.modules[type(hf).__module__]
+    original = modeling.eager_attention_forward
+    span = torch.tensor(SPAN)
+
+    def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        layer = module.layer_idx
+        if layer < 2:
+            return original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        k = modeling.repeat_kv(key, module.num_key_value_groups)
+        v = modeling.repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask[..., : k.shape[-2]]
+        probs = torch.softmax(w, dim=-1, dtype=torch.float32)
+        row = probs[:, :, -1]
+        sink = torch.tensor([i for i in sinks[layer] if i < row.shape[-1]], dtype=torch.long)
+        sink_mass = row[..., sink].sum(-1, keepdim=True)
+        tgt = row[..., span]
+        tgt_mass = tgt.sum(-1, keepdim=True)
+        centric = tgt_mass >= RHO * (1 - sink_mass).clamp_min(1e-9)  # [B, H, 1]
+        if once:
+            if query.shape[2] > 1:
+                chosen[layer] = centric[..., 0]
+            centric = chosen[layer][..., None]
+        new = row.clone()
+        new[..., sink] = row[..., sink] * (1 - P)
+        new[..., span] = tgt + P * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
+        new = new / new.sum(-1, keepdim=True)
+        probs = probs.clone()
+        probs[:, :, -1] = torch.where(centric & (tgt_mass > 0), new, row)
+        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+    hf.set_attn_implementation("eager")
+    modeling.eager_attention_forward = patched
+    try:
+        yield
+    finally:
+        modeling.eager_attention_forward = original
+        hf.set_attn_implementation("sdpa")
+
+
+def generate(model, x):
+    return model.generate(**x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+
+
+def test_heads_chosen_at_prefill_are_the_prefill_test_and_are_reused_at_every_step(smollm):
+    x = smollm.encode(PROMPT)
+    out, states = {}, {}
+    with torch.no_grad():
+        for mode in ("prefill", "step"):
+            with steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, heads_at=mode)) as session:
+                out[mode] = generate(smollm, x)
+            states[mode] = session.state
+        sinks = {layer: sorted(states["prefill"].sink.pos[("text", layer)][0]) for layer in range(2, 30)}
+        assert all(0 in s for s in sinks.values())  # SmolLM2's first-token sink, found by massive activations
+        chosen, ref = {}, {}
+        for mode in ("prefill", "step"):
+            with anchors_var(smollm.hf, sinks, once=mode == "prefill", chosen=chosen):
+                ref[mode] = generate(smollm, x)
+
+    # each form equals its own rule, done independently on eager attention weights, at every step
+    for mode in ("prefill", "step"):
+        assert torch.equal(out[mode].sequences, ref[mode].sequences)
+        for a, b in zip(out[mode].logits, ref[mode].logits):
+            torch.testing.assert_close(a, b, atol=5e-4, rtol=0)
+    # the stored choice is the prefill's own rho test, and some heads are chosen, some not
+    stored = {layer: states["prefill"].per_row[("var_heads", "text", layer)] for layer in range(2, 30)}
+    for layer in range(2, 30):
+        assert torch.equal(stored[layer], chosen[layer]), layer
+    n = sum(int(s.sum()) for s in stored.values())
+    assert 0 < n < 28 * 9
+    assert not states["step"].per_row  # the per-step form stores nothing
+    # the same prefill bit for bit; decode steps part, since they use the stored heads instead of testing again
+    assert torch.equal(out["prefill"].logits[0], out["step"].logits[0])
+    assert max(float((a - b).abs().max()) for a, b in zip(out["prefill"].logits[1:], out["step"].logits[1:])) > 1e-2
+
+
+def test_decode_steps_edit_only_the_stored_heads(smollm):
+    """At a decode step the explicit rows cover exactly the heads chosen at prefill: layers where none was chosen
+    run on the backend untouched (no patch), the others patch only their chosen heads."""
+    x = smollm.encode(PROMPT)
+    seen = {}
+    import attnscope.steer.session as session_module
+
+    original = session_module._SiteHandler._patch
+
+    def spy(self, ctx, call, output):
+        if ctx.state.step > 0:
+            seen.setdefault(ctx.site.layer, set()).update(h for _, heads, _, _ in ctx.patch for h in heads.tolist())
+        return original(self, ctx, call, output)
+
+    session_module._SiteHandler._patch = spy
+    try:
+        with torch.no_grad(), steer(smollm, VAR(p=P, rho=0.3, keys=SPAN)) as session:
+            generate(smollm, x)
+    finally:
+        session_module._SiteHandler._patch = original
+    stored = {layer: session.state.per_row[("var_heads", "text", layer)][0] for layer in range(2, 30)}
+    expected = {layer: set(s.nonzero()[:, 0].tolist()) for layer, s in stored.items() if bool(s.any())}
+    assert expected and len(expected) < 28  # some layers keep SDPA at every decode step
+    assert seen == expected
+
+
+def test_heads_at_is_checked_and_parsed():
+    with pytest.raises(SteerError, match="heads_at must be 'prefill' or 'step'"):
+        VAR(heads_at="decode")
+    assert parse("var:heads_at=step").heads_at == "step"
+    assert VAR().heads_at == "prefill"
