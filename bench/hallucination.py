@@ -586,6 +586,10 @@ def main(argv=None) -> int:
         "The pruning defaults (FastV K=2 keep 50%, PyramidDrop's stages, VTC-CLS) were set for LLaVA's 576 image "
         "tokens; scene-vlm has 64 pooled tokens, each covering a 28x28 px cell, so dropping half of them removes "
         "whole objects and the model answers \"No\" (the yes-ratio column).",
+        "The stored `var` answers (2026-11-23) were made when VAR chose its image-centric heads again at every "
+        "generated token (now `VAR(heads_at=\"step\")`); its default now keeps the heads chosen at prefill. The "
+        "prefill is the same in both forms, so the first answer token is too; later tokens and the CHAIR captions "
+        "may differ until `--methods var --force` is run again.",
         "`traces.npz` (21 MB of per-step attention summaries) is not committed; `traces.json` and the summary "
         "JSON are. Rerun with `--force` to rebuild it."])
     if not args.report:
