@@ -12,6 +12,7 @@ from ..core.sites import NoAttentionError
 from ..models.roles import TokenMapError, fit_vision_maps, text_maps
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
+from .summaries import Reducer, Summaries
 from .trace import Record, Run, Trace, checksum
 
 _open_captures: set[int] = set()
@@ -32,14 +33,24 @@ class capture:
     (positions, slices, or token roles such as "last", "image", "generated", "text"). Only modules in the
     selection compute anything beyond the original backend. `offload=True` moves each captured tensor to
     the CPU as soon as it is computed; `dtype` is the stored precision; `grad=True` keeps the captured
-    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached."""
+    probabilities in the autograd graph (for gradient-based explanations), otherwise they are detached.
+
+    `summaries=("role_mass", "lookback", "entropy", "topk")` (or "all") keeps per-row reductions computed inside
+    each call instead of rows, `topk` keys each, and the block yields a `Summaries` (`capture/summaries.py`)."""
 
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
-                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False):
+                 offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
+                 summaries=None, topk: int = 5):
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
         self.trace = Trace()
+        self.reducer = None
+        if summaries is not None:  # reductions in place of rows
+            if keys is not None:
+                raise ValueError("summaries reduce over every key of a call; drop keys= (role_mass gives the mass per "
+                                 "token role)")
+            self.reducer, self.trace = Reducer(summaries, topk, chunk), Summaries()
         self._attachment = None
         self._hooks = []
 
@@ -260,6 +271,9 @@ class capture:
         evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
         if not rows or (local_keys == [] and not evicted):
             return
+        if self.reducer is not None:
+            return self.reducer.record(run, call, self._heads[call.module], rows, [r + q_start for r in rows],
+                                       list(range(base, base + kv_len)), tmaps, part)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, local_keys) if local_keys != [] else None
         abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
@@ -285,6 +299,9 @@ class capture:
         local = list(range(len(key_pos))) if keys is None else [i for i, p in enumerate(key_pos) if p in set(keys)]
         if not rows or not local:
             return
+        if self.reducer is not None:
+            return self.reducer.record(run, call, self._heads[call.module], rows, [query_pos[r] for r in rows],
+                                       key_pos, tmaps, 0)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:

@@ -16,8 +16,9 @@ if the scene does not hold that class (`object_spans`). `evaluate_detector` trai
 on others (split by image), and reports the test AUROC of the detector, of the single best head (picked on the
 training spans) and of two random baselines (random scores; the detector trained on shuffled labels).
 
-The attention is recorded with `attnscope.capture(model, streams="language", queries="last")` during
-`generate`, so a steering method can be active at the same time."""
+The attention is reduced inside each attention call during `generate` (`attnscope.capture(model,
+streams="language", queries="last", summaries=["role_mass"])`: mass and key count per token role, no rows kept),
+so a steering method can be active at the same time."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -76,7 +77,11 @@ class TracedGeneration:
 
 @torch.no_grad()
 def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=None, keep_image_share: bool = False) -> TracedGeneration:
-    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`)."""
+    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`).
+
+    The means and masses are reduced inside each attention call (`capture(..., summaries=["role_mass"])`: mass and
+    key count per token role), so no attention row is kept; `keep_image_share=True` needs the distribution over the
+    image tokens and records the last query's rows instead."""
     import attnscope
 
     from .pope import Generator
@@ -84,7 +89,8 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     gen = Generator(model, max_new_tokens=max_new_tokens, steer=steer)
     inputs = model.encode(gen.prompt(text), image)
     prompt_len = inputs["input_ids"].shape[1]
-    with gen._steer_context(), attnscope.capture(model, streams="language", queries="last") as trace:
+    summaries = None if keep_image_share else ["role_mass"]
+    with gen._steer_context(), attnscope.capture(model, streams="language", queries="last", summaries=summaries) as trace:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, prompt_len:].tolist()
     tok = model.tokenizer
@@ -95,12 +101,16 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     image_pos = torch.tensor(tmap.positions("image"))
     if not len(image_pos):
         raise ValueError("the captured prompt has no image tokens; Lookback Lens on a VLM needs them")
+    if tmap.roles[:prompt_len].count("generated") or set(tmap.roles[prompt_len:]) - {"generated"}:
+        raise ValueError("the language token map does not split into the prompt and generated tokens")
     run = trace.run()
     layers = sorted(layer for (s, layer) in run.records if s == "language")
     steps = len(new)
+    if not keep_image_share:
+        return _from_summaries(trace, layers, steps, new, tok, prompt_len)
     shape = (steps, len(layers), run.records[("language", layers[0])][0].probs.shape[1])
     ctx, img, newm, mass = (np.zeros(shape, np.float32) for _ in range(4))
-    share = np.zeros(shape + (len(image_pos),), np.float32) if keep_image_share else None
+    share = np.zeros(shape + (len(image_pos),), np.float32)
     for li, layer in enumerate(layers):
         for rec in run.records[("language", layer)][:steps]:
             t = rec.step
@@ -112,14 +122,38 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
             mass[t, li] = img_p.sum(-1).numpy()
             if keys > prompt_len:
                 newm[t, li] = p[:, prompt_len:].mean(-1).numpy()
-            if share is not None:
-                share[t, li] = (img_p / img_p.sum(-1, keepdim=True).clamp_min(1e-12)).numpy()
+            share[t, li] = (img_p / img_p.sum(-1, keepdim=True).clamp_min(1e-12)).numpy()
+    text_out, offsets = _offsets(tok, new)
+    return TracedGeneration(text_out, new, offsets, ctx, img, newm, mass, share, prompt_len)
+
+
+def _from_summaries(summaries, layers, steps: int, new: list[int], tok, prompt_len: int) -> TracedGeneration:
+    """The per-step means from role masses and key counts: prompt = every non-generated key (the map was checked
+    to hold the prompt first), new = the generated keys, image = the image keys."""
+    from ..core.tokens import ROLES
+
+    gen_i, img_i = ROLES.index("generated"), ROLES.index("image")
+    per = {"ctx": [], "img": [], "new": [], "mass": []}
+    for layer in layers:
+        mass = summaries.role_mass("language", layer, step=None)[:steps, 0].float()  # [T, H, R]
+        count = summaries.key_count("language", layer, step=None)[:steps, 0][:, None, :]  # [T, 1, R]
+        ctx_mass = mass.sum(-1) - mass[..., gen_i]
+        per["ctx"].append(ctx_mass / (count.sum(-1) - count[..., gen_i]).clamp_min(1))
+        per["img"].append(mass[..., img_i] / count[..., img_i].clamp_min(1))
+        per["new"].append(mass[..., gen_i] / count[..., gen_i].clamp_min(1))
+        per["mass"].append(mass[..., img_i])
+    ctx, img, newm, imass = (torch.stack(per[k], 1).numpy().astype(np.float32) for k in ("ctx", "img", "new", "mass"))
+    text_out, offsets = _offsets(tok, new)
+    return TracedGeneration(text_out, new, offsets, ctx, img, newm, imass, None, prompt_len)
+
+
+def _offsets(tok, new: list[int]) -> tuple[str, list[tuple[int, int]]]:
     text_out, offsets = "", []
-    for k in range(steps):
+    for k in range(len(new)):
         decoded = tok.decode(new[:k + 1], skip_special_tokens=True)
         offsets.append((len(text_out), len(decoded)))
         text_out = decoded
-    return TracedGeneration(text_out, new, offsets, ctx, img, newm, mass, share, prompt_len)
+    return text_out, offsets
 
 
 def object_spans(traced: TracedGeneration, gold: Sequence[str], vocabulary=None) -> list[dict]:
