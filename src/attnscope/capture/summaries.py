@@ -87,54 +87,62 @@ class Reducer:
         if not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk = topk, chunk
-        self._codes: tuple | None = None  # (maps, length, role codes [B, N]), reused by every layer of a step
+        self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
 
-    def _role_codes(self, tmaps, batch: int, key_pos: torch.Tensor) -> torch.Tensor:
-        """[B, K] role codes of the keys at absolute positions `key_pos` ("unknown" where there is no map)."""
-        if not tmaps:
-            return torch.full((batch, key_pos.numel()), _CODE["unknown"], dtype=torch.long)
-        cached = self._codes
-        if (cached is None or cached[1] != len(tmaps[0]) or len(cached[0]) != len(tmaps)
-                or any(a is not b for a, b in zip(cached[0], tmaps))):  # the maps grow by a token per decode step
-            cached = self._codes = (list(tmaps), len(tmaps[0]),
-                                    torch.tensor([[_CODE[r] for r in t.roles] for t in tmaps], dtype=torch.long))
-        codes = cached[2]
-        if codes.shape[0] == 1 and batch > 1:
-            codes = codes.expand(batch, -1)
-        return codes.index_select(1, key_pos)
+    def _weights(self, tmaps, batch: int, key_pos: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W [B, K, R + 2], key_count [B, R], positions [K]) for keys at absolute positions `key_pos`: one column per
+        role (1 where the key has it), then the context and generated keys' weights 1/count, so that p @ W gives
+        the role masses and the two means of the lookback ratio in one product. Every layer of a step shares the
+        same keys, so the last one is kept (the maps grow by a token per decode step)."""
+        contiguous = key_pos[-1] - key_pos[0] + 1 == len(key_pos)  # else token pruning kept some positions
+        stamp = (len(tmaps[0]) if tmaps else -1, key_pos[0], len(key_pos), batch, None if contiguous else tuple(key_pos))
+        cached = self._cache
+        if cached is not None and cached[0] == stamp and len(cached[1]) == len(tmaps or []) and all(
+                a is b for a, b in zip(cached[1], tmaps or [])):
+            return cached[2]
+        positions = torch.tensor(key_pos, dtype=torch.long)
+        if tmaps:
+            codes = torch.tensor([[_CODE[t.roles[i]] for i in key_pos] for t in tmaps], dtype=torch.long)
+            codes = codes.expand(batch, -1) if codes.shape[0] == 1 else codes
+        else:
+            codes = torch.full((batch, len(key_pos)), _CODE["unknown"], dtype=torch.long)
+        onehot = torch.nn.functional.one_hot(codes, len(ROLES)).float()  # [B, K, R]
+        count = onehot.sum(1)
+        new = onehot[..., _GENERATED]
+        ctx = 1 - new - onehot[..., _PAD]
+        weights = torch.cat([onehot, (ctx / ctx.sum(-1, keepdim=True).clamp_min(1))[..., None],
+                             (new / new.sum(-1, keepdim=True).clamp_min(1))[..., None]], -1)
+        self._cache = (stamp, list(tmaps or []), (weights, count, positions))
+        return self._cache[2]
 
     def reduce(self, call, heads: torch.Tensor, rows: list[int], key_pos: list[int], tmaps) -> dict:
         """Summaries of this call's query `rows` (indices into its queries) for `heads`; `key_pos` are the absolute
         positions of its key columns."""
         batch = call.query.shape[0]
-        positions = torch.tensor(key_pos, dtype=torch.long)
-        want = set(self.which)
-        roles = bool(want & {"role_mass", "lookback"})
-        onehot = count = None
+        want = self.which
+        weights, count, positions = self._weights(tmaps, batch, key_pos)
         parts: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad():
-            if roles:
-                codes = self._role_codes(tmaps, batch, positions)
-                onehot = torch.nn.functional.one_hot(codes, len(ROLES)).float()  # [B, K, R]
-                count = onehot.sum(1)  # [B, R]
             for start in range(0, len(rows), self.chunk):
                 r = torch.tensor(rows[start:start + self.chunk], dtype=torch.long)
                 p = call.probs_for(heads, r, chunk=self.chunk).float()  # [B, h, c, K]: the only q x k block
-                if roles:
-                    mass = torch.matmul(p, onehot.to(p.device)[:, None])  # [B, h, c, R]
-                    if "role_mass" in want:
-                        parts.setdefault("role_mass", []).append(mass.cpu())
-                    if "lookback" in want:
-                        parts.setdefault("lookback", []).append(lookback_ratio(mass, count.to(p.device)[:, None, None]).cpu())
+                chunk = {}
+                if "role_mass" in want or "lookback" in want:
+                    both = torch.matmul(p, weights.to(p.device)[:, None])  # [B, h, c, R + 2]
+                    chunk["role_mass"] = both[..., :-2]
+                    a_ctx = both[..., -2]  # 0 / 0 (no context and no generated mass) reads as 1
+                    chunk["lookback"] = torch.nan_to_num_(a_ctx / (a_ctx + both[..., -1]), nan=1.0)
                 if "entropy" in want:
-                    parts.setdefault("entropy", []).append(torch.special.entr(p).sum(-1).cpu())
+                    chunk["entropy"] = torch.special.entr(p).sum(-1)
                 if "topk" in want:
-                    value, index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
-                    parts.setdefault("topk_value", []).append(value.cpu())
-                    parts.setdefault("topk_index", []).append(positions.to(index.device)[index].cpu())
+                    chunk["topk_value"], index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
+                    chunk["topk_index"] = positions.to(index.device)[index]
+                for name, value in chunk.items():
+                    if name in want or name.startswith("topk"):
+                        parts.setdefault(name, []).append(value.cpu())
                 del p
-        out = {name: torch.cat(chunks, 2) for name, chunks in parts.items()}
-        out["key_count"] = count if count is not None else torch.zeros(batch, 0)
+        out = {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2) for name, chunks in parts.items()}
+        out["key_count"] = count
         return out
 
     def record(self, run, call, heads: torch.Tensor, rows: list[int], query_pos: list[int], key_pos: list[int],

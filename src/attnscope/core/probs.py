@@ -89,12 +89,13 @@ def attention_probs(
     heads = torch.arange(n_heads, device=device) if heads is None else heads.to(device)
     rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
     groups = n_heads // key.shape[1]
-    k_sel = key.index_select(1, heads // groups).float()
+    # every head: multiply each key head with its group of query heads, without copying the keys per head
+    grouped = heads.numel() == n_heads and torch.equal(heads, torch.arange(n_heads, device=device))
+    k_sel = key.float() if grouped else key.index_select(1, heads // groups).float()
     scaling = _scaling(module, query, kwargs)
     softcap = kwargs.get("softcap")
     window = kwargs.get("sliding_window") if attention_mask is None else None
     causal = attention_mask is None and _is_causal(module, kwargs)
-    key_pos = torch.arange(kv_len, device=device)
     bias = kwargs.get("position_bias")
     sinks = sink_logits(module, kwargs)
     if sinks is not None and logits:
@@ -102,22 +103,28 @@ def attention_probs(
                                         "supported (captures are): steer other modules")
     min_value = torch.finfo(torch.float32).min
 
-    q_all = query.index_select(1, heads)
+    q_all = query if grouped else query.index_select(1, heads)
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else keys.to(device)
-    out = torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32, device=device)
+    single = rows.numel() <= chunk  # one block: returned as it is
+    out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
         q = q_all.index_select(2, r).float()
-        scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
+        if grouped and groups > 1:
+            q = q.reshape(batch, key.shape[1], groups * r.numel(), q.shape[-1])
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, r.numel(), kv_len).mul_(scaling)
+        else:
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
             scores = scores.add_(_mask_rows(bias, r, heads, kv_len))
         if attention_mask is not None:
             scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
-        if causal or window:
+        if (causal or window) and not (q_len == 1 and not window):  # one causal query at the end sees every key
             q_pos = (kv_len - q_len + r)[:, None]
+            key_pos = torch.arange(kv_len, device=device)
             allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
             if causal:
                 allowed &= key_pos[None, :] <= q_pos
@@ -131,5 +138,8 @@ def attention_probs(
             probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)
-        out[:, :, start : start + r.numel()] = probs if keys is None else probs.index_select(-1, keys)
+        probs = probs if keys is None else probs.index_select(-1, keys)
+        if single:
+            return probs.contiguous()
+        out[:, :, start : start + r.numel()] = probs
     return out
