@@ -193,19 +193,20 @@ def main(argv=None) -> int:
     import attnscope
 
     torch.set_num_threads(1)
-    n = args.n or (3 if args.small else 40)
+    n = args.n or (3 if args.small else 24)
     reps = args.reps or (2 if args.small else 9)
     model = attnscope.load("scene-vlm")
     inputs = questions(model, n)
     doc = {"config": {"questions": n, "reps": reps, "threads": torch.get_num_threads(), "small": args.small,
-                      "command": "python bench/summaries.py" + (" --small" if args.small else "")},
+                      "command": "python bench/summaries.py" + (" --small" if args.small else ""),
+                      "loadavg_start": os.getloadavg()},
            "machine": {"cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                                     if ln.startswith("model name")), platform.processor()),
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "timing": timing(model, inputs, reps)}
     if not args.small:
-        doc["config"]["memory_questions"] = 20
-        doc["memory"] = memory(20)
+        doc["config"]["memory_questions"] = 12
+        doc["memory"] = memory(12)
     write(doc, args.out)
     print((args.out / "summaries.md").read_text())
     return 0

@@ -122,6 +122,8 @@ class Reducer:
         want = self.which
         weights, count, positions = self._weights(tmaps, batch, key_pos)
         parts: dict[str, list[torch.Tensor]] = {}
+        keep = [n for n in ("role_mass", "lookback", "entropy") if n in want] + (["topk_value", "topk_index"]
+                                                                                  if "topk" in want else [])
         with torch.no_grad():
             for start in range(0, len(rows), self.chunk):
                 r = torch.tensor(rows[start:start + self.chunk], dtype=torch.long)
@@ -137,9 +139,8 @@ class Reducer:
                 if "topk" in want:
                     chunk["topk_value"], index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
                     chunk["topk_index"] = positions.to(index.device)[index]
-                for name, value in chunk.items():
-                    if name in want or name.startswith("topk"):
-                        parts.setdefault(name, []).append(value.cpu())
+                for name in keep:
+                    parts.setdefault(name, []).append(chunk[name].cpu())
                 del p
         out = {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2) for name, chunks in parts.items()}
         out["key_count"] = count

@@ -90,7 +90,7 @@ def attention_probs(
     rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
     groups = n_heads // key.shape[1]
     # every head: multiply each key head with its group of query heads, without copying the keys per head
-    grouped = heads.numel() == n_heads and torch.equal(heads, torch.arange(n_heads, device=device))
+    grouped = heads.numel() == n_heads and heads.tolist() == list(range(n_heads))
     k_sel = key.float() if grouped else key.index_select(1, heads // groups).float()
     scaling = _scaling(module, query, kwargs)
     softcap = kwargs.get("softcap")
@@ -107,6 +107,8 @@ def attention_probs(
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else keys.to(device)
     single = rows.numel() <= chunk  # one block: returned as it is
+    # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
+    unmasked = window is None and (q_len == 1 or rows.numel() == 1 and int(rows[0]) == q_len - 1)
     out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
@@ -122,7 +124,7 @@ def attention_probs(
             scores = scores.add_(_mask_rows(bias, r, heads, kv_len))
         if attention_mask is not None:
             scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
-        if (causal or window) and not (q_len == 1 and not window):  # one causal query at the end sees every key
+        if (causal or window) and not unmasked:
             q_pos = (kv_len - q_len + r)[:, None]
             key_pos = torch.arange(kv_len, device=device)
             allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
