@@ -186,3 +186,35 @@ def test_lookback_traces_from_summaries_equal_those_from_rows(vlm):
         assert a.shape == b.shape == (len(rows.token_ids), 30, 9)
         assert abs(a - b).max() < 1e-5, name
     assert abs(fast.lookback_ratio() - rows.lookback_ratio()).max() < 1e-5
+
+
+def test_summaries_under_steering_equal_rows_under_steering(vlm):
+    """Inside a steer block (PAI edits the probabilities; FastV drops image tokens from layer 2 on, so later layers'
+    keys are kept positions, not a range) the summaries equal those of the rows captured under the same steering."""
+    from attnscope.scenes import SceneWorld, question
+    from attnscope.steer import PAI, FastV
+
+    scene = SceneWorld(seed=0).scene("test", 7)
+    x = vlm.encode(vlm.prompt(question(scene.classes[0])), scene.image)
+    for method in (PAI(), FastV(k=2, keep=0.5)):
+        results = []
+        for summaries in (None, "all"):
+            with torch.no_grad(), attnscope.steer(vlm, method), attnscope.capture(
+                    vlm, streams="language", layers=[1, 3, 20], queries="last", summaries=summaries) as result:
+                vlm.generate(**x, max_new_tokens=2, do_sample=False)
+            results.append(result)
+        rows, s = results
+        for layer in (1, 3, 20):
+            for rec in rows.run().records[("language", layer)]:
+                keys = rec.keys if rec.keys is not None else list(range(rec.probs.shape[-1]))
+                roles = [rows.tokens("language").roles[k] for k in keys]
+                got = s.record("language", layer, step=rec.step)
+                want = reference(rec.probs, roles)
+                for name in ("role_mass", "entropy", "lookback"):
+                    torch.testing.assert_close(getattr(got, name), want[name], atol=1e-5, rtol=0)
+                torch.testing.assert_close(got.topk_value, want["top"], atol=1e-5, rtol=0)
+                column = {k: i for i, k in enumerate(keys)}  # absolute position -> column of the rows
+                cols = got.topk_index.clone().apply_(lambda k: column[k])
+                torch.testing.assert_close(rec.probs.gather(-1, cols), got.topk_value, atol=1e-5, rtol=0)
+        image_keys = s.record("language", 3).key_count[0, ROLES.index("image")]
+        assert image_keys == (32 if isinstance(method, FastV) else 64)  # FastV kept half of the 64 image tokens
