@@ -193,8 +193,8 @@ def main(argv=None) -> int:
     import attnscope
 
     torch.set_num_threads(1)
-    n = args.n or (3 if args.small else 24)
-    reps = args.reps or (2 if args.small else 9)
+    n = args.n or (3 if args.small else 20)
+    reps = args.reps or (2 if args.small else 7)
     model = attnscope.load("scene-vlm")
     inputs = questions(model, n)
     doc = {"config": {"questions": n, "reps": reps, "threads": torch.get_num_threads(), "small": args.small,
@@ -205,8 +205,8 @@ def main(argv=None) -> int:
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "timing": timing(model, inputs, reps)}
     if not args.small:
-        doc["config"]["memory_questions"] = 12
-        doc["memory"] = memory(12)
+        doc["config"]["memory_questions"] = 10
+        doc["memory"] = memory(10)
     write(doc, args.out)
     print((args.out / "summaries.md").read_text())
     return 0
