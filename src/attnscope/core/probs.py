@@ -106,7 +106,7 @@ def attention_probs(
     q_all = query if grouped else query.index_select(1, heads)
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else keys.to(device)
-    single = rows.numel() <= chunk  # one block: returned as it is
+    single = 0 < rows.numel() <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
     unmasked = window is None and (q_len == 1 or rows.numel() == 1 and int(rows[0]) == q_len - 1)
     out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32, device=device)
