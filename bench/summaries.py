@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     import attnscope
 
     torch.set_num_threads(1)
-    n = args.n or (3 if args.small else 20)
+    n = args.n or (3 if args.small else 12)
     reps = args.reps or (2 if args.small else 7)
     model = attnscope.load("scene-vlm")
     inputs = questions(model, n)
@@ -205,8 +205,8 @@ def main(argv=None) -> int:
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "timing": timing(model, inputs, reps)}
     if not args.small:
-        doc["config"]["memory_questions"] = 10
-        doc["memory"] = memory(10)
+        doc["config"]["memory_questions"] = 8
+        doc["memory"] = memory(8)
     write(doc, args.out)
     print((args.out / "summaries.md").read_text())
     return 0
