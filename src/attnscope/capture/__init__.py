@@ -10,9 +10,10 @@ from __future__ import annotations
 from .._package import make_callable
 from .selection import Selection
 from .session import capture
+from .summaries import SUMMARIES, Summaries, SummaryRecord
 from .trace import Record, Run, Trace, TraceFileError
 
 
 make_callable(__name__, capture)
 
-__all__ = ["capture", "Trace", "Run", "Record", "TraceFileError", "Selection"]
+__all__ = ["capture", "Trace", "Run", "Record", "TraceFileError", "Selection", "Summaries", "SummaryRecord", "SUMMARIES"]

@@ -14,6 +14,7 @@ from ..models.placement import placement
 from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
 from .stream import STREAMED_DTYPES, TraceWriter
+from .summaries import Reducer, Summaries
 from .trace import Record, Run, Trace, checksum
 
 _open_captures: set[int] = set()
@@ -40,11 +41,14 @@ class capture:
     as it is computed and then read back from there on demand, so memory holds about one layer's rows however much
     is captured (see `stream.py`). The directory gets its metadata when the block ends, and is left marked
     INCOMPLETE if it raises; `Trace.load(dir)` opens it lazily. A non-empty directory is refused unless
-    `overwrite=True`."""
+    `overwrite=True`.
+
+    `summaries=("role_mass", "lookback", "entropy", "topk")` (or "all") keeps per-row reductions computed inside
+    each call instead of rows, `topk` keys each, and the block yields a `Summaries` (`capture/summaries.py`)."""
 
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
                  offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
-                 out=None, overwrite: bool = False):
+                 out=None, overwrite: bool = False, summaries=None, topk: int = 5):
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
@@ -56,6 +60,14 @@ class capture:
         self.out, self.overwrite = out, overwrite
         self._itemsize = torch.empty((), dtype=dtype).element_size()
         self.trace = Trace()
+        self.reducer = None
+        if summaries is not None:  # reductions in place of rows
+            if out is not None:
+                raise ValueError("summaries are kept in memory (they hold no rows); drop out= or capture rows")
+            if keys is not None:
+                raise ValueError("summaries reduce over every key of a call; drop keys= (role_mass gives the mass per "
+                                 "token role)")
+            self.reducer, self.trace = Reducer(summaries, topk, chunk), Summaries()
         self._attachment = None
         self._writer = None
         self._hooks = []
@@ -290,6 +302,9 @@ class capture:
         evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
         if not rows or (local_keys == [] and not evicted):
             return
+        if self.reducer is not None:
+            return self.reducer.record(run, call, self._heads[call.module], rows, [r + q_start for r in rows],
+                                       list(range(base, base + kv_len)), tmaps, part)
         if self._writer is not None and not evicted:  # a large record goes to disk a chunk of rows at a time
             n_keys = kv_len if local_keys is None else len(local_keys)
             shape = [call.query.shape[0], len(self._heads[call.module]), len(rows), n_keys]
@@ -338,6 +353,9 @@ class capture:
         local = list(range(len(key_pos))) if keys is None else [i for i, p in enumerate(key_pos) if p in set(keys)]
         if not rows or not local:
             return
+        if self.reducer is not None:
+            return self.reducer.record(run, call, self._heads[call.module], rows, [query_pos[r] for r in rows],
+                                       key_pos, tmaps, 0)
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:

@@ -91,12 +91,13 @@ def attention_probs(
     heads = torch.arange(n_heads, device=device) if heads is None else heads.to(device)
     rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
     groups = n_heads // key.shape[1]
-    k_sel = key.index_select(1, heads // groups).float()
+    # every head: multiply each key head with its group of query heads, without copying the keys per head
+    grouped = heads.numel() == n_heads and heads.tolist() == list(range(n_heads))
+    k_sel = key.float() if grouped else key.index_select(1, heads // groups).float()
     scaling = _scaling(module, query, kwargs)
     softcap = kwargs.get("softcap")
     window = kwargs.get("sliding_window") if attention_mask is None else None
     causal = attention_mask is None and _is_causal(module, kwargs)
-    key_pos = torch.arange(kv_len, device=device)
     bias = kwargs.get("position_bias")
     sinks = sink_logits(module, kwargs)
     if sinks is not None and logits:
@@ -106,19 +107,29 @@ def attention_probs(
 
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else keys.to(device)
-    out = torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=torch.float32 if logits else dtype, device=device)
+    out_dtype = torch.float32 if logits else dtype
+    single = 0 < rows.numel() <= chunk  # one block: returned as it is
+    # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
+    unmasked = window is None and (q_len == 1 or rows.numel() == 1 and int(rows[0]) == q_len - 1)
+    out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=out_dtype, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
-        q = query.index_select(2, r).index_select(1, heads).float()  # rows first: only these rows are copied
-        scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
+        q = query.index_select(2, r)  # rows first: only these rows are copied
+        q = (q if grouped else q.index_select(1, heads)).float()
+        if grouped and groups > 1:
+            q = q.reshape(batch, key.shape[1], groups * r.numel(), q.shape[-1])
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, r.numel(), kv_len).mul_(scaling)
+        else:
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
             scores = scores.add_(_mask_rows(bias, r, heads, kv_len))
         if attention_mask is not None:
             scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
-        if causal or window:
+        if (causal or window) and not unmasked:
             q_pos = (kv_len - q_len + r)[:, None]
+            key_pos = torch.arange(kv_len, device=device)
             allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
             if causal:
                 allowed &= key_pos[None, :] <= q_pos
@@ -132,5 +143,8 @@ def attention_probs(
             probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)
-        out[:, :, start : start + r.numel()] = probs if keys is None else probs.index_select(-1, keys)
+        probs = probs if keys is None else probs.index_select(-1, keys)
+        if single:
+            return probs.to(out_dtype).contiguous()
+        out[:, :, start : start + r.numel()] = probs
     return out

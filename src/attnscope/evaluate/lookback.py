@@ -16,8 +16,9 @@ if the scene does not hold that class (`object_spans`). `evaluate_detector` trai
 on others (split by image), and reports the test AUROC of the detector, of the single best head (picked on the
 training spans) and of two random baselines (random scores; the detector trained on shuffled labels).
 
-The attention is recorded with `attnscope.capture(model, streams="language", queries="last")` during
-`generate`, so a steering method can be active at the same time."""
+The attention is reduced inside each attention call during `generate` (`attnscope.capture(model,
+streams="language", queries="last", summaries=["role_mass"])`: mass and key count per token role, no rows kept),
+so a steering method can be active at the same time."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -78,9 +79,13 @@ class TracedGeneration:
 @torch.no_grad()
 def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=None, keep_image_share: bool = False,
                     keep_graph: bool | str = False) -> TracedGeneration:
-    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`);
-    `keep_graph` also keeps LapEigvals' graph from the same capture: True or "generated", the attention among the
-    generating positions; "all", among every position (all prefill rows are then captured)."""
+    """Greedy generation with per-step language attention summarised per head (see `TracedGeneration`).
+
+    The means and masses are reduced inside each attention call (`capture(..., summaries=["role_mass"])`: mass and
+    key count per token role), so no attention row is kept. `keep_image_share=True` needs the distribution over the
+    image tokens and `keep_graph` LapEigvals' graph, so both record rows instead: the last query's, or with
+    `keep_graph="all"` (the attention among every position) every prefill row; `keep_graph=True` or "generated" is
+    the attention among the generating positions."""
     import attnscope
 
     from .pope import Generator
@@ -90,8 +95,11 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     prompt_len = inputs["input_ids"].shape[1]
     if keep_graph not in (False, True, "generated", "all"):
         raise ValueError(f"keep_graph is False, True (= 'generated') or 'all'; got {keep_graph!r}")
+    rows = keep_image_share or bool(keep_graph)
+    summaries = None if rows else ["role_mass"]
     queries = None if keep_graph == "all" else "last"  # the whole-sequence graph needs every prefill row
-    with gen._steer_context(), attnscope.capture(model, streams="language", queries=queries) as trace:
+    with gen._steer_context(), attnscope.capture(model, streams="language", queries=queries,
+                                                 summaries=summaries) as trace:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, prompt_len:].tolist()
     tok = model.tokenizer
@@ -102,9 +110,13 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     image_pos = torch.tensor(tmap.positions("image"))
     if not len(image_pos):
         raise ValueError("the captured prompt has no image tokens; Lookback Lens on a VLM needs them")
+    if tmap.roles[:prompt_len].count("generated") or set(tmap.roles[prompt_len:]) - {"generated"}:
+        raise ValueError("the language token map does not split into the prompt and generated tokens")
     run = trace.run()
     layers = sorted(layer for (s, layer) in run.records if s == "language")
     steps = len(new)
+    if not rows:
+        return _from_summaries(trace, layers, steps, new, tok, prompt_len)
     shape = (steps, len(layers), run.records[("language", layers[0])][0].probs.shape[1])
     ctx, img, newm, mass = (np.zeros(shape, np.float32) for _ in range(4))
     share = np.zeros(shape + (len(image_pos),), np.float32) if keep_image_share else None
@@ -138,6 +150,26 @@ def decode_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple
         offsets.append((len(text), len(decoded)))
         text = decoded
     return text, offsets
+
+
+def _from_summaries(summaries, layers, steps: int, new: list[int], tok, prompt_len: int) -> TracedGeneration:
+    """The per-step means from role masses and key counts: prompt = every non-generated key (the map was checked
+    to hold the prompt first), new = the generated keys, image = the image keys."""
+    from ..core.tokens import ROLES
+
+    gen_i, img_i = ROLES.index("generated"), ROLES.index("image")
+    per = {"ctx": [], "img": [], "new": [], "mass": []}
+    for layer in layers:
+        mass = summaries.role_mass("language", layer, step=None)[:steps, 0].float()  # [T, H, R]
+        count = summaries.key_count("language", layer, step=None)[:steps, 0][:, None, :]  # [T, 1, R]
+        ctx_mass = mass.sum(-1) - mass[..., gen_i]
+        per["ctx"].append(ctx_mass / (count.sum(-1) - count[..., gen_i]).clamp_min(1))
+        per["img"].append(mass[..., img_i] / count[..., img_i].clamp_min(1))
+        per["new"].append(mass[..., gen_i] / count[..., gen_i].clamp_min(1))
+        per["mass"].append(mass[..., img_i])
+    ctx, img, newm, imass = (torch.stack(per[k], 1).numpy().astype(np.float32) for k in ("ctx", "img", "new", "mass"))
+    text_out, offsets = decode_offsets(tok, new)
+    return TracedGeneration(text_out, new, offsets, ctx, img, newm, imass, None, prompt_len)
 
 
 def object_spans(traced: TracedGeneration, gold: Sequence[str], vocabulary=None) -> list[dict]:

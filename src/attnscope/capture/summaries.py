@@ -1,0 +1,248 @@
+"""Per-head summaries reduced inside the attention call, for dataset-scale runs: `capture(model, summaries=...)`.
+
+Instead of rows [batch, heads, queries, keys], each selected attention call keeps, per (batch row, head, query row):
+
+- `role_mass` [B, h, r, R]: attention mass on each token role of `core.tokens.ROLES` (the image ratio of a VLM's text
+  queries is the mass on "image" over the row's total mass), with `key_count` [B, R], the keys of each role the
+  call saw;
+- `lookback` [B, h, r]: the lookback ratio of Lookback Lens (Chuang et al., "Lookback Lens: Detecting and Mitigating
+  Contextual Hallucinations in Large Language Models Using Only Attention Maps", EMNLP 2024): A_ctx / (A_ctx + A_new)
+  with A_ctx the mean attention on the context (every key that is not generated or padding) and A_new the mean on
+  the tokens generated before; 1 where no token was generated yet;
+- `entropy` [B, h, r]: -sum p ln p of the row, in nats (0 ln 0 = 0);
+- `topk_index` / `topk_value` [B, h, r, k]: the k keys with the most attention, as absolute positions, and their
+  probabilities (k = `topk`, or the number of keys if fewer).
+
+The probabilities come from `AttentionCall.probs_for` (what the model really used, edits included), `chunk` query
+rows at a time: nothing of size queries x keys outlives one chunk of [B, h, chunk, K]. Query rows, steps, parts and
+positions are placed exactly as for rows (`capture/session.py`, `core/ledger.py`), so a decode step of `generate`
+gets one record per layer holding its new rows.
+
+    with attnscope.capture(model, streams="language", queries="last", summaries="all") as s:
+        model.generate(**inputs, max_new_tokens=8)
+    s.lookback("language", 12)           # [steps, batch, heads]: the last query row of every step
+    s.image_ratio("language", 12, step=0)  # [batch, heads, rows]"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.tokens import ROLES
+from .trace import Trace
+
+SUMMARIES = ("role_mass", "lookback", "entropy", "topk")
+_CODE = {role: i for i, role in enumerate(ROLES)}
+_GENERATED, _PAD, _IMAGE = _CODE["generated"], _CODE["pad"], _CODE["image"]
+
+
+def parse_summaries(which) -> tuple[str, ...]:
+    """"all", one name, or names from SUMMARIES; anything else is a ValueError naming the choices."""
+    if which == "all" or which is True:
+        return SUMMARIES
+    names = (which,) if isinstance(which, str) else tuple(which)
+    unknown = [n for n in names if n not in SUMMARIES]
+    if unknown or not names:
+        raise ValueError(f"unknown summaries {unknown or list(names)}; choose from {SUMMARIES} or 'all'")
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass
+class SummaryRecord:
+    """The summaries of one attention call: `heads` (indices), `queries` (absolute positions of the rows),
+    `step` (0 = prefill), `part` (repeated calls of one module in a step); tensors as described in the module
+    docstring (None where not asked for)."""
+
+    heads: list[int]
+    queries: list[int]
+    step: int
+    part: int
+    key_count: torch.Tensor
+    role_mass: torch.Tensor | None = None
+    lookback: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    topk_index: torch.Tensor | None = None
+    topk_value: torch.Tensor | None = None
+    keys = None
+
+    @property
+    def probs(self):
+        raise TypeError("this capture reduced each call to summaries (capture(..., summaries=...)) and kept no rows; "
+                        "capture without `summaries=` to get probabilities")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class Reducer:
+    """Called by the capture session in place of recording rows: reduces one call's selected rows, chunk by chunk."""
+
+    def __init__(self, which, topk: int = 5, chunk: int = 256):
+        self.which = parse_summaries(which)
+        if not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int; got {topk!r}")
+        self.topk, self.chunk = topk, chunk
+        self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
+
+    def _weights(self, tmaps, batch: int, key_pos: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W [B, K, R + 2], key_count [B, R], positions [K]) for keys at absolute positions `key_pos`: one column per
+        role (1 where the key has it), then the context and generated keys' weights 1/count, so that p @ W gives
+        the role masses and the two means of the lookback ratio in one product. Every layer of a step shares the
+        same keys, so the last one is kept (the maps grow by a token per decode step)."""
+        contiguous = key_pos[-1] - key_pos[0] + 1 == len(key_pos)  # else token pruning kept some positions
+        stamp = (len(tmaps[0]) if tmaps else -1, key_pos[0], len(key_pos), batch, None if contiguous else tuple(key_pos))
+        cached = self._cache
+        if cached is not None and cached[0] == stamp and len(cached[1]) == len(tmaps or []) and all(
+                a is b for a, b in zip(cached[1], tmaps or [])):
+            return cached[2]
+        positions = torch.tensor(key_pos, dtype=torch.long)
+        if tmaps:
+            codes = torch.tensor([[_CODE[t.roles[i]] for i in key_pos] for t in tmaps], dtype=torch.long)
+            codes = codes.expand(batch, -1) if codes.shape[0] == 1 else codes
+        else:
+            codes = torch.full((batch, len(key_pos)), _CODE["unknown"], dtype=torch.long)
+        onehot = torch.nn.functional.one_hot(codes, len(ROLES)).float()  # [B, K, R]
+        count = onehot.sum(1)
+        new = onehot[..., _GENERATED]
+        ctx = 1 - new - onehot[..., _PAD]
+        weights = torch.cat([onehot, (ctx / ctx.sum(-1, keepdim=True).clamp_min(1))[..., None],
+                             (new / new.sum(-1, keepdim=True).clamp_min(1))[..., None]], -1)
+        self._cache = (stamp, list(tmaps or []), (weights, count, positions))
+        return self._cache[2]
+
+    def reduce(self, call, heads: torch.Tensor, rows: list[int], key_pos: list[int], tmaps) -> dict:
+        """Summaries of this call's query `rows` (indices into its queries) for `heads`; `key_pos` are the absolute
+        positions of its key columns."""
+        batch = call.query.shape[0]
+        want = self.which
+        weights, count, positions = self._weights(tmaps, batch, key_pos)
+        parts: dict[str, list[torch.Tensor]] = {}
+        keep = [n for n in ("role_mass", "lookback", "entropy") if n in want] + (["topk_value", "topk_index"]
+                                                                                  if "topk" in want else [])
+        with torch.no_grad():
+            for start in range(0, len(rows), self.chunk):
+                r = torch.tensor(rows[start:start + self.chunk], dtype=torch.long)
+                p = call.probs_for(heads, r, chunk=self.chunk).float()  # [B, h, c, K]: the only q x k block
+                chunk = {}
+                if "role_mass" in want or "lookback" in want:
+                    both = torch.matmul(p, weights.to(p.device)[:, None])  # [B, h, c, R + 2]
+                    chunk["role_mass"] = both[..., :-2]
+                    a_ctx = both[..., -2]  # 0 / 0 (no context and no generated mass) reads as 1
+                    chunk["lookback"] = torch.nan_to_num_(a_ctx / (a_ctx + both[..., -1]), nan=1.0)
+                if "entropy" in want:
+                    chunk["entropy"] = torch.special.entr(p).sum(-1)
+                if "topk" in want:
+                    chunk["topk_value"], index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
+                    chunk["topk_index"] = positions.to(index.device)[index]
+                for name in keep:
+                    parts.setdefault(name, []).append(chunk[name].cpu())
+                del p
+        out = {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2) for name, chunks in parts.items()}
+        out["key_count"] = count
+        return out
+
+    def record(self, run, call, heads: torch.Tensor, rows: list[int], query_pos: list[int], key_pos: list[int],
+               tmaps, part: int) -> None:
+        out = self.reduce(call, heads, rows, key_pos, tmaps)
+        rec = SummaryRecord(heads.tolist(), query_pos, run.steps, part, **out)
+        run.records.setdefault((call.site.stream, call.site.layer), []).append(rec)
+
+
+def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prompt") -> torch.Tensor:
+    """Lookback ratio from role masses [..., R] and key counts broadcastable to them: mean attention on the context
+    (every non-generated, non-pad key; or the image keys with `context="image"`) over itself plus the mean on
+    generated keys; 1 where both are 0 (no generated key yet)."""
+    if context == "prompt":
+        ctx_mass = mass.sum(-1) - mass[..., _GENERATED] - mass[..., _PAD]
+        n_ctx = count.sum(-1) - count[..., _GENERATED] - count[..., _PAD]
+    elif context == "image":
+        ctx_mass, n_ctx = mass[..., _IMAGE], count[..., _IMAGE]
+    else:
+        raise ValueError(f"context is 'prompt' or 'image'; got {context!r}")
+    a_ctx = ctx_mass / n_ctx.clamp_min(1)
+    a_new = mass[..., _GENERATED] / count[..., _GENERATED].clamp_min(1)
+    denom = a_ctx + a_new
+    return torch.where(denom > 0, a_ctx / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
+
+
+class Summaries(Trace):
+    """A capture's runs and token maps with `SummaryRecord`s in place of rows. Readers take (stream, layer) and
+    either `step` (one call: [B, h, rows, ...]) or `step=None` (every step's rows stacked: [steps, B, h, ...], for
+    one query row per step, e.g. `queries="last"` during generate)."""
+
+    def __repr__(self) -> str:
+        n = sum(len(v) for r in self.runs for v in r.records.values())
+        return f"Summaries(runs={len(self.runs)}, records={n}, bytes={self.nbytes})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every summary tensor of every run."""
+        return sum(rec.nbytes for r in self.runs for v in r.records.values() for rec in v)
+
+    def save(self, path):
+        raise NotImplementedError("saving summaries is not supported yet; read them in the process (or torch.save "
+                                  "the tensors of `record(...)`)")
+
+    def _get(self, stream: str, layer: int, name: str, step: int | None, part: int, run: int) -> torch.Tensor:
+        if step is not None:
+            value = getattr(self.record(stream, layer, step, part, run), name)
+            if value is None:
+                raise KeyError(f"{name!r} was not summarised; capture with summaries including it")
+            return value
+        layer = self.layer_index(stream, layer, run)
+        entries = sorted((r for r in self.run(run).records.get((stream, layer), []) if r.part == part),
+                         key=lambda r: r.step)
+        if not entries:
+            self.record(stream, layer, 0, part, run)  # raises naming what was captured
+        values = [self._get(stream, layer, name, r.step, part, run) for r in entries]
+        if any(v.shape[2] != 1 for v in values):
+            raise ValueError("step=None stacks one query row per step; this selection has several rows in a step "
+                             "(select queries='last', or read one step at a time)")
+        return torch.stack([v[:, :, 0] for v in values])
+
+    def role_mass(self, stream: str, layer: int, role: str | None = None, step: int | None = 0, part: int = 0,
+                  run: int = -1) -> torch.Tensor:
+        """Attention mass on `role` ([..., R] over `ROLES` without one)."""
+        mass = self._get(stream, layer, "role_mass", step, part, run)
+        if role is None:
+            return mass
+        if role not in _CODE:
+            raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
+        return mass[..., _CODE[role]]
+
+    def image_ratio(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1) -> torch.Tensor:
+        """Mass on image tokens over the row's total mass (1 without attention sinks)."""
+        mass = self.role_mass(stream, layer, None, step, part, run)
+        return mass[..., _IMAGE] / mass.sum(-1).clamp_min(1e-30)
+
+    def lookback(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1,
+                 context: str = "prompt") -> torch.Tensor:
+        """Lookback ratio; `context="image"` (image keys as context) is derived from `role_mass` and the key counts."""
+        if context == "prompt":
+            return self._get(stream, layer, "lookback", step, part, run)
+        mass = self.role_mass(stream, layer, None, step, part, run)
+        count = self.key_count(stream, layer, step, part, run)  # [B, R] or [steps, B, R]
+        return lookback_ratio(mass, count[:, None, None] if step is not None else count[:, :, None], context)
+
+    def key_count(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1) -> torch.Tensor:
+        """Keys of each role the call saw: [B, R], or [steps, B, R] with step=None."""
+        if step is not None:
+            return self.record(stream, layer, step, part, run).key_count
+        layer = self.layer_index(stream, layer, run)
+        entries = sorted((r for r in self.run(run).records[(stream, layer)] if r.part == part), key=lambda r: r.step)
+        return torch.stack([r.key_count for r in entries])
+
+    def entropy(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1) -> torch.Tensor:
+        """-sum p ln p of each row, nats."""
+        return self._get(stream, layer, "entropy", step, part, run)
+
+    def topk(self, stream: str, layer: int, step: int | None = 0, part: int = 0,
+             run: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(absolute key positions, probabilities) of the top-k keys of each row, largest first."""
+        return (self._get(stream, layer, "topk_index", step, part, run),
+                self._get(stream, layer, "topk_value", step, part, run))

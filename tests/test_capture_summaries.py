@@ -1,0 +1,132 @@
+"""Summaries reduced inside the attention call (`capture(..., summaries=...)`) on real models: every summary equals
+the same quantity computed from the model's own eager attention (prefill and every generate step), the chunk size
+changes nothing, nothing of size queries x keys is kept or computed beyond one chunk, the model is restored."""
+import pytest
+import torch
+
+import attnscope
+from attnscope.core.dispatch import AttentionCall
+from attnscope.core.tokens import ROLES
+from conftest import eager_attentions
+
+PROMPT = "The capital of France is"
+LAYERS, HEADS = [0, 14, 29], [0, 4, 8]
+
+
+def reference(p: torch.Tensor, roles: list[str], k: int = 5) -> dict:
+    """The summaries of rows p [B, h, r, K] whose keys have `roles`, written out by hand."""
+    code = torch.tensor([ROLES.index(r) for r in roles])
+    mass = torch.stack([p[..., code == i].sum(-1) for i in range(len(ROLES))], -1)
+    ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    ctx_keys = torch.tensor([r not in ("generated", "pad") for r in roles])
+    new_keys = torch.tensor([r == "generated" for r in roles])
+    a_ctx = p[..., ctx_keys].mean(-1)
+    a_new = p[..., new_keys].mean(-1) if new_keys.any() else torch.zeros_like(a_ctx)
+    lookback = torch.where(a_ctx + a_new > 0, a_ctx / (a_ctx + a_new), torch.ones_like(a_ctx))
+    return {"role_mass": mass, "entropy": ent, "lookback": lookback, "top": p.topk(min(k, p.shape[-1]), -1).values}
+
+
+def assert_matches(rec, ref: dict, probs: torch.Tensor) -> None:
+    for name in ("role_mass", "entropy", "lookback"):
+        torch.testing.assert_close(getattr(rec, name), ref[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rec.topk_value, ref["top"], atol=1e-5, rtol=0)
+    # the recorded indices are absolute key positions holding those probabilities
+    torch.testing.assert_close(probs.gather(-1, rec.topk_index), rec.topk_value, atol=1e-5, rtol=0)
+
+
+def test_prefill_summaries_equal_eager_and_logits_bit_identical(smollm):
+    x = smollm.encode(PROMPT)
+    with torch.no_grad():
+        plain = smollm(**x).logits
+        with attnscope.capture(smollm, layers=LAYERS, heads=HEADS, summaries="all", topk=4) as s:
+            captured = smollm(**x).logits
+    assert torch.equal(plain, captured)
+    assert isinstance(s, attnscope.capture.Summaries)
+    eager = eager_attentions(smollm, x)
+    roles = s.tokens("text").roles
+    for layer in LAYERS:
+        p = eager[layer][:, HEADS]
+        rec = s.record("text", layer)
+        assert rec.heads == HEADS and rec.queries == list(range(len(roles)))
+        assert_matches(rec, reference(p, roles, 4), p)
+        assert rec.key_count[0, ROLES.index("text")] + rec.key_count[0, ROLES.index("special")] == len(roles)
+        torch.testing.assert_close(s.image_ratio("text", layer), torch.zeros(1, 3, len(roles)))
+        assert torch.all(s.lookback("text", layer) == 1)  # nothing generated yet
+
+
+def test_generate_steps_equal_eager_on_the_full_sequence(smollm):
+    x = smollm.encode(PROMPT)
+    n = x["input_ids"].shape[1]
+    with torch.no_grad():
+        plain = smollm.generate(**x, max_new_tokens=6, do_sample=False)
+        with attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as s:
+            out = smollm.generate(**x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(plain, out)
+    roles = s.tokens("text").roles
+    assert roles[n:] == ["generated"] * 5
+    eager = eager_attentions(smollm, {"input_ids": out[:, :-1]})
+    for layer in LAYERS:
+        for step in range(6):
+            pos = n - 1 + step
+            p = eager[layer][:, :, pos:pos + 1, :pos + 1]
+            rec = s.record("text", layer, step=step)
+            assert rec.step == step and rec.queries == [pos]
+            assert_matches(rec, reference(p, roles[:pos + 1]), p)
+        stacked = s.lookback("text", layer, step=None)  # [steps, B, heads]
+        assert stacked.shape == (6, 1, 9)
+        assert torch.all(stacked[0] == 1) and not torch.all(stacked[1:] == 1)
+
+
+def test_chunk_size_changes_nothing_and_no_query_by_key_block_is_kept(smollm, monkeypatch):
+    x = smollm.encode(" ".join(["Attention is all you need, said the paper, and the field agreed with it."] * 4))
+    q = x["input_ids"].shape[1]
+    seen = []
+    original = AttentionCall.probs_for
+
+    def spy(self, heads, rows, keys=None, chunk=256):
+        out = original(self, heads, rows, keys, chunk)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(AttentionCall, "probs_for", spy)
+    results = {}
+    for chunk in (3, 256):
+        seen.clear()
+        with torch.no_grad(), attnscope.capture(smollm, layers=[2, 20], summaries="all", chunk=chunk) as s:
+            smollm(**x)
+        assert seen and max(shape[2] for shape in seen) == min(chunk, q)  # one chunk of rows at a time
+        results[chunk] = s
+        for layer in (2, 20):
+            for name, t in s.record("text", layer).tensors().items():
+                assert q not in t.shape[3:], f"{name} {tuple(t.shape)} holds a keys axis"
+        assert s.nbytes < 2 * 9 * q * q * 4 / 2  # per row a fixed size, under half the rows of the two layers here
+    for layer in (2, 20):
+        a, b = results[3].record("text", layer).tensors(), results[256].record("text", layer).tensors()
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_model_restored_and_bad_input_refused(smollm):
+    hf = smollm.hf
+    impl = hf.config._attn_implementation
+    x = smollm.encode(PROMPT)
+    with pytest.raises(ValueError, match="unknown summaries"):
+        attnscope.capture(smollm, summaries=["entropy", "lookback_lens"])
+    with pytest.raises(ValueError, match="drop keys="):
+        attnscope.capture(smollm, keys="text", summaries="all")
+    with pytest.raises(ValueError, match="topk"):
+        attnscope.capture(smollm, summaries="topk", topk=0)
+    with pytest.raises(RuntimeError, match="inside"), attnscope.capture(smollm, layers=[1], summaries="all") as s:
+        with torch.no_grad():
+            smollm(**x)
+        raise RuntimeError("inside")
+    assert hf.config._attn_implementation == impl
+    with pytest.raises(TypeError, match="kept no rows"):
+        s.attention("text", 1)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[1], summaries="entropy") as s2:
+        smollm(**x)
+    with pytest.raises(KeyError, match="not summarised"):
+        s2.topk("text", 1)
+    with pytest.raises(NotImplementedError, match="not supported"):
+        s2.save("unused.safetensors")
