@@ -152,3 +152,17 @@ def test_the_model_is_restored_when_a_method_raises_midway(vlm, scene, monkeypat
         assert _state(vlm) == before, method
     with torch.no_grad():
         assert torch.equal(vlm.hf(**inputs).logits, reference)
+
+
+def test_a_target_word_after_a_character_split_across_tokens_is_found(vlm, scene):
+    """Review r16a: word_positions decoded each token alone, so a character whose bytes span several tokens (an
+    emoji) decoded to replacement characters, the question was not found in the prompt, and a word that is in the
+    question was refused as "not in the question"."""
+    from attnscope.ground.common import word_positions
+
+    q = "Is there a \U0001F45C bag in the image?"
+    inputs = vlm.encode(text=q, image=scene.image)
+    found = word_positions(vlm, inputs, q, "bag")
+    assert [vlm.tokenizer.decode([inputs["input_ids"][0, k]]) for k in found] == [" bag"]
+    emoji = word_positions(vlm, inputs, q, "\U0001F45C")
+    assert vlm.tokenizer.decode(inputs["input_ids"][0, emoji]).strip() == "\U0001F45C"

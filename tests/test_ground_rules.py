@@ -99,3 +99,34 @@ def test_figure_and_html_need_no_network(tmp_path):
     assert json.loads(g.save(tmp_path / "g.json").read_text())["box"] == [112, 84, 140, 112]
     with pytest.raises(ValueError, match="use .json, .png or .html"):
         g.save(tmp_path / "g.gif")
+
+
+@pytest.mark.parametrize("size", [(232, 232), (225, 301), (29, 58), (450, 123)])
+def test_scaled_box_touching_the_far_edges_stays_inside_the_photo(size):
+    """Review r16a: scale() used float ratios and ceil, so 224 * (232 / 224) = 232.00000000000003 became 233 and
+    reask's crop_box refused the grounded box of a 232-px photo as "not inside the image"."""
+    grid = np.zeros((8, 8))
+    grid[7, 7] = 1.0  # the bottom-right cell: the box ends at the input's far edges
+    g = _g(grid)
+    (x0, y0, x1, y1), pts = g.scale(size)
+    assert (x1, y1) == size and 0 <= x0 < x1 and 0 <= y0 < y1
+    assert all(0 <= x < size[0] and 0 <= y < size[1] for x, y in pts)
+    crop_box((x0, y0, x1, y1), size)  # accepted
+
+
+@pytest.mark.parametrize("pixel_size", [(230, 230), (200, 300)])
+def test_metrics_count_every_pixel_when_the_input_does_not_divide_into_the_grid(pixel_size):
+    """Review r16a: the metrics cut cells of pixel_size // grid pixels from the top left, so the last rows/columns of
+    an input not divisible by the grid were outside every cell, while box, points and pixel_map (and the model's
+    patches) cover them: a mask there scored pointing False and energy 0 for a map peaked on its cell."""
+    grid = np.zeros((8, 8))
+    grid[7, 7] = 1.0
+    g = Grounding(grid, pixel_size, "hand", {}, "q")
+    mask = np.zeros(pixel_size, bool)
+    mask[-1, -1] = True  # the bottom-right pixel: inside cell (7, 7) by pixel_map's and the box's rule
+    assert g.pixel_map()[-1, -1] == 1.0
+    assert metrics.pointing(g, mask)
+    cell = g.pixel_map() > 0
+    assert metrics.energy(g, mask) == pytest.approx(1 / cell.sum())
+    full = np.ones(pixel_size, bool)
+    assert metrics.energy(g, full) == pytest.approx(1.0)

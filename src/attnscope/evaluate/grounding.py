@@ -20,8 +20,15 @@ def _overlap(g, mask) -> np.ndarray:
         raise ValueError(f"mask is {mask.shape}, the model input is {tuple(g.pixel_size)}; resize the mask to the model "
                          "input first")
     rows, cols = g.map.shape
-    cell = (g.pixel_size[0] // rows, g.pixel_size[1] // cols)
-    return cell_overlap(mask, (rows, cols), cell)
+    h, w = g.pixel_size
+    if h % rows == 0 and w % cols == 0:
+        return cell_overlap(mask, (rows, cols), (h // rows, w // cols))
+    # cells of unequal size: each pixel in the cell `Grounding.pixel_map` puts it in (no pixel left out)
+    r = np.minimum((np.arange(h) * rows) // h, rows - 1)
+    c = np.minimum((np.arange(w) * cols) // w, cols - 1)
+    cell = (r[:, None] * cols + c[None, :]).ravel()
+    inside = np.bincount(cell, weights=mask.ravel().astype(np.float64), minlength=rows * cols)
+    return (inside / np.bincount(cell, minlength=rows * cols)).reshape(rows, cols)
 
 
 def pointing(g, mask) -> bool:

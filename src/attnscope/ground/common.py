@@ -36,11 +36,22 @@ def word_positions(model, inputs: dict, question: str, word: str) -> list[int]:
     if not isinstance(word, str) or not word.strip():
         raise GroundingError("target must be a non-empty word of the question")
     ids = inputs["input_ids"][0].tolist()
-    pieces = [model.tokenizer.decode([i]) for i in ids]
-    text, starts = "", []
-    for piece in pieces:
-        starts.append(len(text))
+    # each token's (start, end) in the decoded prompt; the tokens of a character whose bytes they split (an emoji)
+    # decode alone to replacement characters, so they are decoded together and share the character's span
+    text, spans, k = "", [], 0
+    while k < len(ids):
+        j = k + 1
+        piece = model.tokenizer.decode(ids[k:j])
+        while piece.endswith("\ufffd") and j < len(ids) and j - k < 8:
+            longer = model.tokenizer.decode(ids[k:j + 1])
+            j, piece = j + 1, longer
+            if not longer.endswith("\ufffd"):
+                break
+        if piece.endswith("\ufffd"):  # not a split character after all: keep the token alone
+            j, piece = k + 1, model.tokenizer.decode(ids[k:k + 1])
+        spans += [(len(text), len(text) + len(piece))] * (j - k)
         text += piece
+        k = j
     q_at = text.rfind(question.strip())
     pattern = re.compile(rf"(?<![\w-]){re.escape(word.strip())}(?![\w-])", re.IGNORECASE)
     found = pattern.search(question.strip())
@@ -49,7 +60,7 @@ def word_positions(model, inputs: dict, question: str, word: str) -> list[int]:
         raise GroundingError(f"target word {word!r} is not in the question {question!r}; choose one of its words "
                              f"({', '.join(words)}) or leave target unset to ground the answer position")
     lo, hi = q_at + found.start(), q_at + found.end()
-    out = [k for k, s in enumerate(starts) if s < hi and s + len(pieces[k]) > lo]
+    out = [k for k, (s, e) in enumerate(spans) if s < hi and e > lo]
     return out
 
 

@@ -59,10 +59,11 @@ class Grounding:
     def scale(self, size: tuple[int, int]):
         """(box, points) in an image of `size` = (width, height) (a PIL size), e.g. the photo the model input came from;
         exact when the processor resized the whole photo (scene-vlm does), not when it center-cropped it."""
-        sx, sy = size[0] / self.pixel_size[1], size[1] / self.pixel_size[0]
+        # integer arithmetic: with float ratios, ceil(224 * (232 / 224)) is 233, a box past the photo's edge
+        (w, h), (ph, pw) = (int(size[0]), int(size[1])), self.pixel_size
         x0, y0, x1, y1 = self.box
-        return ((int(x0 * sx), int(y0 * sy), int(np.ceil(x1 * sx)), int(np.ceil(y1 * sy))),
-                [(int(x * sx), int(y * sy)) for x, y in self.points])
+        return ((x0 * w // pw, y0 * h // ph, -(-x1 * w // pw), -(-y1 * h // ph)),
+                [(x * w // pw, y * h // ph) for x, y in self.points])
 
     def pixel_map(self) -> np.ndarray:
         """[H, W] over the model input, constant per cell (each pixel holds its cell's share of the mass)."""
