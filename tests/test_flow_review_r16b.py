@@ -50,3 +50,13 @@ def test_subject_is_found_in_the_question_not_in_the_chat_template(smollm):
     start = sets["question"][0] if sets["question"][0] < sets["subject"][0] else sets["subject"][0]
     assert _words(smollm, x, sets["subject"]) == "assistant"
     assert all(start <= i <= max(sets["question"]) for i in sets["subject"]), [tmap.tokens[i] for i in sets["subject"]]
+
+
+@pytest.mark.parametrize("flow", ["last->subject", "last->question"])
+def test_a_flow_from_later_to_earlier_positions_is_refused(smollm, flow):
+    from attnscope.flow import knockout_curve
+
+    before = state(smollm)
+    with pytest.raises(TokenSetError, match="causal attention already"):
+        knockout_curve(smollm, PROMPT, subject="France", flows=[flow], window=10, stride=10, chat=False)
+    assert state(smollm) == before
