@@ -97,7 +97,8 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
     from the scene world's masks); they must lie inside the prompt. `group` labels the example for clustered
     bootstrap intervals when curves are combined.
     Raises TokenSetError / SteerError (both ValueError) for unknown sets, image sets on a text model, words not in
-    the prompt, empty sets, a window of 0 layers or beyond the layer count."""
+    the prompt, empty sets, a flow whose source lies wholly after its target (causal attention already blocks it),
+    a window of 0 layers or beyond the layer count."""
     model = as_model(model)
     vlm = model.spec.kind == "vlm"
     flows = _default_flows(model, flows, subject)
@@ -146,6 +147,10 @@ def knockout_inputs(model, inputs: dict, *, question: str | None = None, subject
                 hint = hint if (name == "subject" and subject is None) or (name == "question" and question is None) else ""
                 raise TokenSetError(f"flow {source}->{target}: the {name!r} set is empty in this prompt{hint}; sets "
                                     f"found: {', '.join(k for k, v in sets.items() if v)}")
+        if min(sets[source]) > max(sets[target]):
+            raise TokenSetError(f"flow {source}->{target}: every {source} position comes after every {target} position, "
+                                f"so causal attention already keeps {target} from reading {source}; the knockout would "
+                                f"change nothing (did you mean {target}->{source}?)")
     tid = answer_token(model, answer) if answer is not None else None
     spec = {name: ("last" if name == "last" else positions) for name, positions in sets.items()}
     starts = list(range(0, n_layers - window + 1, stride))

@@ -5,13 +5,14 @@ hard-coded index ranges.
 |------------|-------------------------------------------------------------------------------------|
 | `image`    | the image tokens (role "image"; VLMs only)                                          |
 | `question` | the tokens that spell the question text (`question=`), the last position excluded   |
-| `subject`  | the tokens that spell `subject=` (its last occurrence), the last position excluded   |
+| `subject`  | the tokens that spell `subject=` (last occurrence in the question, else in the prompt), the last position excluded |
 | `other`    | every other position of the prompt: not image, question, subject, last, or padding   |
 | `last`     | the last position (the row that predicts the answer)                                |
 
 Words are found by their characters: each position's token piece is turned back into text, whitespace is
-ignored on both sides (so byte-level and SentencePiece tokenizers agree), and the tokens overlapping the match
-form the set. A word the prompt does not contain is an error naming the fix."""
+ignored on both sides (so byte-level and SentencePiece tokenizers agree), a match starts and ends on token
+boundaries (no word inside another), and the tokens it covers form the set. A word the prompt does not contain is
+an error naming the fix."""
 from __future__ import annotations
 
 import re
@@ -45,21 +46,34 @@ def _stream_map(model, inputs):
 
 
 def find_words(model, tmap, words: str, allowed: list[int]) -> list[int]:
-    """Positions (among `allowed`) whose tokens spell `words` (last occurrence, whitespace ignored)."""
+    """Positions (among `allowed`) whose tokens spell `words` (last occurrence, whitespace ignored). The match must
+    start at a token's first character and end at a token's last one: 'he' is not found inside ' cathedral', nor
+    'cat' inside ' catalog'."""
     wanted = _SPACE.sub("", words or "")
     if not wanted:
         raise TokenSetError("the words to find are empty")
     tok = model.tokenizer
-    text, owner = [], []
+    text, owner, starts, ends = [], [], set(), set()
     for pos in allowed:
         piece = tmap.tokens[pos]
         piece = tok.convert_tokens_to_string([piece]) if tok is not None else piece
         piece = _SPACE.sub("", piece)
+        if piece:
+            starts.add(len(owner))
+            ends.add(len(owner) + len(piece))
         text.append(piece)
         owner.extend([pos] * len(piece))
     joined = "".join(text)
-    at = joined.rfind(wanted)
+    at, end = -1, len(joined)
+    while True:
+        at = joined.rfind(wanted, 0, end)
+        if at < 0 or (at in starts and at + len(wanted) in ends):
+            break
+        end = at + len(wanted) - 1
     if at < 0:
+        if wanted in joined:
+            raise TokenSetError(f"{words!r} is in the prompt only inside other tokens (its text: {joined[:200]!r}); pass "
+                                "whole words as they appear in the prompt")
         raise TokenSetError(f"{words!r} is not in the prompt (its text: {joined[:200]!r}); pass words exactly as they "
                             "appear in the prompt")
     return sorted(set(owner[at: at + len(wanted)]))
@@ -81,13 +95,20 @@ def token_sets(model, inputs: dict, question: str | None = None, subject: str | 
     if image:
         out["image"] = image
     taken: set[int] = {last}
+    spelled_q = find_words(model, tmap, question, spelled) if question is not None else None
     if subject is not None:
-        out["subject"] = [i for i in find_words(model, tmap, subject, spelled) if i not in taken]
+        try:  # the subject inside the question first (not the same word in a chat template around it)
+            found = find_words(model, tmap, subject, spelled_q or spelled)
+        except TokenSetError:
+            if not spelled_q:
+                raise
+            found = find_words(model, tmap, subject, spelled)
+        out["subject"] = [i for i in found if i not in taken]
         if not out["subject"]:
             raise TokenSetError(f"the subject {subject!r} is only the last token; the last position is its own set")
         taken |= set(out["subject"])
     if question is not None:
-        found = [i for i in find_words(model, tmap, question, spelled) if i not in taken]
+        found = [i for i in spelled_q if i not in taken]
         if not found:
             raise TokenSetError("the question has no tokens left once the subject is taken out")
         out["question"] = found

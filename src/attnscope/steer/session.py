@@ -1032,6 +1032,7 @@ class steer:
             n = st.length(stream)
             for what in ("keys", "queries"):  # a position past the prompt would select nothing, silently
                 spec = getattr(e, what, None)
+                spec = getattr(spec, "selects", spec)  # a callable that narrows a spec (Knockout's keys): check that spec
                 items = [spec] if isinstance(spec, int) else spec if isinstance(spec, (list, tuple)) else []
                 bad = [i for i in items if isinstance(i, int) and not isinstance(i, bool) and not -n <= i < n]
                 if bad:

@@ -11,7 +11,7 @@ else runs as before (a `MaskKeys` edit: an additive mask for many rows, explicit
 change; this class is one window."""
 from __future__ import annotations
 
-from ..edits import MaskKeys, SteerError, _check_spec, _plain, lm_stream
+from ..edits import MaskKeys, SteerError, _check_spec, _plain, _spec_roles, lm_stream
 from ._base import Method, default_layers
 
 
@@ -75,7 +75,11 @@ class Knockout(Method):
         keys = self.source
         if not all(isinstance(i, int) for i in _as_items(self.source) + _as_items(self.target)):
             keys = _without(self.source, self.target)  # roles may share positions with the target: keep those keys
-        return self._tag([MaskKeys(stream=stream, layers=self.window(model), queries=self.target, keys=keys)])
+        edit = MaskKeys(stream=stream, layers=self.window(model), queries=self.target, keys=keys)
+        # keys given as a callable are not checked by the session: name the roles and positions it narrows, so a source
+        # that selects nothing (image keys on a text model, positions past the prompt) is refused, not a silent no-op
+        edit.roles_needed = edit.roles_needed | _spec_roles(self.source) | _spec_roles(self.target)
+        return self._tag([edit])
 
 
 def _without(source, target):
@@ -86,4 +90,5 @@ def _without(source, target):
         return ctx.key_mask(source) & ~ctx.key_mask(target)
 
     source_keys.__name__ = f"{_plain(source)} minus {_plain(target)}"
+    source_keys.selects = source  # the spec the session's input checks read (out-of-range positions, empty roles)
     return source_keys
