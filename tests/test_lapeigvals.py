@@ -193,3 +193,51 @@ def test_bench_small_rewrites_only_its_section(trained, tmp_path):
     for section in kept:
         hallucination.write_section(md, section)
     assert md.read_text() == "# rewritten report\n\n" + kept[0] + "\n\n## Notes\n\n* new notes\n"
+
+
+def test_span_features_refuse_maps_whose_diagonal_is_not_the_spectrum():
+    """span_features/prefix_eigvals read eigenvalues off the diagonal, which holds only for causal maps: a
+    bidirectional map (or a transposed one) must be refused as laplacian_eigvals refuses it, not turned into numbers
+    that are not the Laplacian's eigenvalues."""
+    bi = torch.softmax(torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
+    # the truncated graph's true spectrum differs from what the diagonal rule gives
+    e = 3
+    true = torch.linalg.eigvals(laplacian(bi[..., :e + 1, :e + 1])).real.sort(-1).values
+    diag_rule = torch.diagonal(laplacian(bi[..., :e + 1, :e + 1]), dim1=-2, dim2=-1)  # what the fast path reads
+    assert not torch.allclose(true, diag_rule.sort(-1).values)
+    with pytest.raises(ValueError, match="not causal"):
+        prefix_eigvals(bi)
+    with pytest.raises(ValueError, match="not causal"):
+        span_features(bi.float().numpy(), [{"steps": [e]}], k=3)
+    causal = causal_maps(2, 3, n=6).float().numpy()
+    with pytest.raises(ValueError, match="not causal"):
+        span_features(np.ascontiguousarray(np.swapaxes(causal, -1, -2)), [{"steps": [e]}], k=3)
+
+
+def test_span_features_refuse_bad_shapes_and_steps():
+    attn = causal_maps(2, 3, n=6).float().numpy()
+    with pytest.raises(ValueError, match=r"\[layers, heads, nodes, nodes\]"):
+        span_features(attn[0], [{"steps": [3]}])
+    with pytest.raises(ValueError, match="square"):
+        span_features(attn[..., :5], [{"steps": [3]}])
+    with pytest.raises(ValueError, match="no generated tokens"):
+        span_features(attn, [{"steps": []}])
+    with pytest.raises(ValueError, match="before node 0"):
+        span_features(attn, [{"steps": [-1]}])  # would silently read the empty graph
+    with pytest.raises(ValueError, match="before node 0"):
+        span_features(attn, [{"steps": [0]}], offset=-2)
+
+
+def test_compare_detectors_refuses_a_group_on_both_sides_of_the_split():
+    """A caption (image) with spans in both halves leaks: the probe trains on spans that share the test spans' image
+    and attention graph, and the cluster bootstrap then resamples a unit that was also trained on."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    y = np.arange(40) % 3 == 0
+    groups = np.repeat(np.arange(10), 4)
+    with pytest.raises(ValueError, match="both the training and the test spans"):
+        compare_detectors({"a": x}, y, groups, np.arange(40) % 2 == 0, boot=5)
+    with pytest.raises(ValueError, match="40 spans"):
+        compare_detectors({"a": x[:30]}, y, groups, groups < 5, boot=5)
+    with pytest.raises(ValueError, match="40 spans"):
+        compare_detectors({"a": x}, y, groups, np.arange(20), boot=5)  # indices, not a mask
