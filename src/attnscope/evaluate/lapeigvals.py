@@ -75,7 +75,9 @@ def prefix_eigvals(adj: torch.Tensor) -> torch.Tensor:
 
 def top_k(eigvals: torch.Tensor, k: int) -> torch.Tensor:
     """[..., k]: the k largest values of the last dimension, descending; with fewer than k values, the missing
-    ones are 0 (as if the graph had k nodes, the added ones isolated: d = 0 and A[i, i] = 0) and sorted in."""
+    ones are 0 (as if k - n isolated nodes preceded node 0: d = 0 and A[i, i] = 0 for them, and every other node's
+    count n - i of nodes that can attend to it unchanged; appended after the last node they would change it) and
+    sorted in."""
     if k < 1:
         raise ValueError(f"k must be at least 1; got {k}")
     n = eigvals.shape[-1]
