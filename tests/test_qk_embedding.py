@@ -69,3 +69,13 @@ def test_figure_is_written(smollm, tmp_path):
         qk_embedding_figure(qk, tmp_path / "x.png", color="layer")
     with pytest.raises(ValueError, match="'pca' or 'tsne'"):
         joint_embedding(qk, method="umap")
+
+
+def test_padded_input_is_refused(smollm):
+    """A row sliced from a padded batch carries masked positions: their queries and keys take part in no attention
+    row, so placing them in the joint map (as tokens like any other) would show points the head never used."""
+    batch = smollm.encode(["The cat sat on the mat because it was tired.", "Hi"])
+    row = {k: v[1:2] for k, v in batch.items()}
+    assert (row["attention_mask"] == 0).any()
+    with pytest.raises(ValueError, match="padding"):
+        qk_vectors(smollm, [smollm.encode(TEXTS[0]), row], 0, 0)

@@ -41,14 +41,19 @@ def laplacian(adj: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(adj.sum(-2) / counts) - adj
 
 
-def laplacian_eigvals(adj: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
-    """[..., n] eigenvalues of `laplacian(adj)` for causal (lower-triangular) maps: its diagonal, in node order."""
-    if adj.shape[-1] != adj.shape[-2]:
+def _check_causal(adj: torch.Tensor, atol: float = 1e-6) -> None:
+    """Refuse maps whose Laplacian's eigenvalues are not its diagonal (non-square, or weight above the diagonal)."""
+    if adj.dim() < 2 or adj.shape[-1] != adj.shape[-2]:
         raise ValueError(f"an attention graph is square; got a map of shape {tuple(adj.shape)}")
     upper = torch.triu(adj, diagonal=1)
     if upper.numel() and upper.abs().max() > atol:
         raise ValueError("the attention map is not causal (it has weight above the diagonal), so the Laplacian's "
                          "eigenvalues are not its diagonal; use torch.linalg.eigvals(laplacian(adj)) for such maps")
+
+
+def laplacian_eigvals(adj: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
+    """[..., n] eigenvalues of `laplacian(adj)` for causal (lower-triangular) maps: its diagonal, in node order."""
+    _check_causal(adj, atol)
     n = adj.shape[-1]
     counts = torch.arange(n, 0, -1, dtype=adj.dtype, device=adj.device)
     return adj.sum(-2) / counts - torch.diagonal(adj, dim1=-2, dim2=-1)
@@ -57,7 +62,9 @@ def laplacian_eigvals(adj: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
 def prefix_eigvals(adj: torch.Tensor) -> torch.Tensor:
     """[..., n, n]: row e holds the Laplacian eigenvalues of the graph on nodes 0..e (entries s > e are NaN).
 
-    Equal to `laplacian_eigvals(adj[..., :e+1, :e+1])` for every e, computed at once from running column sums."""
+    Equal to `laplacian_eigvals(adj[..., :e+1, :e+1])` for every e, computed at once from running column sums;
+    non-causal maps are refused as there."""
+    _check_causal(adj)
     n = adj.shape[-1]
     col = torch.cumsum(adj, dim=-2)  # col[e, s] = sum_{u <= e} A[u, s]
     e = torch.arange(n, device=adj.device)
@@ -68,7 +75,9 @@ def prefix_eigvals(adj: torch.Tensor) -> torch.Tensor:
 
 def top_k(eigvals: torch.Tensor, k: int) -> torch.Tensor:
     """[..., k]: the k largest values of the last dimension, descending; with fewer than k values, the missing
-    ones are 0 (as if the graph had k nodes, the added ones isolated: d = 0 and A[i, i] = 0) and sorted in."""
+    ones are 0 (as if k - n isolated nodes preceded node 0: d = 0 and A[i, i] = 0 for them, and every other node's
+    count n - i of nodes that can attend to it unchanged; appended after the last node they would change it) and
+    sorted in."""
     if k < 1:
         raise ValueError(f"k must be at least 1; got {k}")
     n = eigvals.shape[-1]
@@ -157,10 +166,16 @@ def generate_graph(model, image, text: str, max_new_tokens: int = 64, steer=None
 def span_features(attn: np.ndarray, spans: Sequence[dict], k: int = 10, offset: int = 0) -> np.ndarray:
     """[n_spans, L*H*k]: per head, the top-k Laplacian eigenvalues of the graph up to the span's last token
     (generated token t is node `offset + t`: see `CaptionGraph.offset`)."""
+    if np.ndim(attn) != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn is [layers, heads, nodes, nodes] (square maps); got shape {tuple(np.shape(attn))}")
     L, H, T, _ = attn.shape
     if not spans:
         return np.zeros((0, L * H * k), np.float32)
+    if any(not len(s["steps"]) for s in spans):
+        raise ValueError("a span has no generated tokens (empty 'steps'); it has no graph to take eigenvalues of")
     ends = [max(s["steps"]) + offset for s in spans]
+    if min(ends) < 0:
+        raise ValueError(f"a span ends at node {min(ends)} (step + offset {offset}), before node 0")
     if max(ends) >= T:
         raise ValueError(f"a span ends at generated token {max(ends)} but the graph has {T} nodes")
     lam = prefix_eigvals(torch.from_numpy(np.ascontiguousarray(attn, np.float32)).double())  # [L, H, T, T]
@@ -178,11 +193,23 @@ def compare_detectors(features: dict[str, np.ndarray], y: Sequence[bool], groups
     on one train/test split (`train`: boolean mask over spans), beside controls fitted on the training spans only:
     for each name in `single` (result name -> feature set), the single column whose training AUROC is furthest
     from 0.5 (sign kept), and the probe refitted on shuffled training labels (name + "_shuffled"). `pairs` adds
-    paired differences AUROC(a) - AUROC(b) on the same bootstrap resamples."""
+    paired differences AUROC(a) - AUROC(b) on the same bootstrap resamples. A group with spans on both sides of
+    the split is refused (the test would share images and attention graphs with the training spans)."""
     from .bootstrap import bootstrap
 
-    y, train, g = np.asarray(y, bool), np.asarray(train, bool), np.asarray(groups)
+    y, train, g = np.asarray(y, bool), np.asarray(train), np.asarray(groups)
+    n = len(y)
+    if train.dtype != bool and len(train) == n and set(np.unique(train).tolist()) <= {0, 1}:
+        train = train.astype(bool)  # a 0/1 mask
+    if train.dtype != bool or len(train) != n or len(g) != n or any(len(x) != n for x in features.values()):
+        raise ValueError(f"give {n} spans' worth of everything: `train` a boolean mask and `groups` and every feature "
+                         f"set one row per span; got train {train.dtype} x {len(train)}, groups {len(g)}, features "
+                         + ", ".join(f"{k} {len(x)}" for k, x in features.items()))
     test = ~train
+    shared = set(g[train].tolist()) & set(g[test].tolist())
+    if shared:
+        raise ValueError(f"{len(shared)} group(s) (e.g. {sorted(shared, key=str)[0]!r}) have spans among both the "
+                         "training and the test spans: split by group (caption/image), or the test leaks")
     for part, mask in (("training", train), ("test", test)):
         if y[mask].all() or not y[mask].any():
             raise ValueError(f"the {part} spans must include both hallucinated and grounded ones")

@@ -76,6 +76,11 @@ def qk_vectors(model, inputs: dict | Sequence[dict], layer: int, head: int, stre
     keep = _Keep(head, head // (site.num_heads // site.num_kv_heads))
     qs, ks, tokens, roles, sample, positions, scaling = [], [], [], [], [], [], None
     for i, x in enumerate(inputs):
+        mask = x.get("attention_mask") if hasattr(x, "get") else None
+        mask = None if mask is None else torch.as_tensor(mask)
+        if mask is not None and mask.shape[0] == 1 and not bool(mask.bool().all()):  # batches: refused in the forward
+            raise ValueError(f"input {i} has padding (zeros in its attention_mask): its masked positions' queries and "
+                             "keys take part in no attention row; encode each input on its own, unpadded")
         keep.calls.clear()
         attachment = attach(model.hf, {module: (site, keep)})
         try:
