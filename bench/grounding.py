@@ -162,7 +162,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="one scene's first object, one small-object probe scene (CI)")
     ap.add_argument("--scenes", type=int, default=16)
-    ap.add_argument("--probe", type=int, default=30, help="probe scenes per kind (2 questions each)")
+    ap.add_argument("--probe", type=int, default=20, help="probe scenes per kind (2 questions each)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for grounding.md/.json (default bench/results)")
     ap.add_argument("--render", type=Path, help="only rewrite the .md from an existing result .json (no model run)")
     args = ap.parse_args(argv)

@@ -72,3 +72,38 @@ def test_bench_small_writes_its_tables(use, tmp_path):
     for v in result["localisation"].values():
         assert 0 <= v["pointing"]["value"] <= 1 and 0 <= v["energy"]["value"] <= 1
     assert json.loads((tmp_path / "grounding-small.json").read_text())["small"] is True
+
+
+def test_ground_reask_crops_the_box_it_printed_from_a_scene_name(use, capsys):
+    """`--image scene:...` as in `attnscope flow`; --reask crops the region just grounded (one grounding pass, which
+    its cost reports) and labels which pixels each line's coordinates are in."""
+    from attnscope.cli import image_input
+    from attnscope.ground import crop_box
+
+    name = "scene:test-000002"
+    assert main(["ground", "scene-vlm", "--image", name, "--question", Q, "--target", "bag", "--reask", "crop"]) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[:2])
+    assert first["pixels"] == "model input" and second["pixels"] == "photo"
+    photo = image_input(name)
+    (h, w), (x0, y0, x1, y1) = first["pixel_size"], first["box"]
+    scaled = (x0 * photo.size[0] // w, y0 * photo.size[1] // h, -(-x1 * photo.size[0] // w), -(-y1 * photo.size[1] // h))
+    assert tuple(second["crop"]) == tuple(crop_box(scaled, photo.size))
+    assert second["cost"]["grounding_forwards"] == first["cost"]["forwards"]
+
+
+def test_a_center_cropping_processor_keeps_the_map_off_the_photo(use, monkeypatch):
+    """A processor that center-crops a photo of another size: the map covers the crop, so it is never drawn over the
+    photo and its box does not scale back to it (an error naming the fix); the model is not changed."""
+    from PIL import Image
+
+    from attnscope import ground
+    from attnscope.models.zoo import load
+
+    model = load("scene-vlm")
+    proc = model.image_processor or model.processor.image_processor
+    monkeypatch.setattr(proc, "do_center_crop", True, raising=False)
+    monkeypatch.setattr(proc, "crop_size", {"height": 224, "width": 224}, raising=False)
+    g = ground(model, Image.new("RGB", (300, 200), "white"), Q)
+    assert g.extras["center_cropped"] and g.photo is None
+    with pytest.raises(ValueError, match="center-cropped"):
+        g.scale((300, 200))

@@ -27,6 +27,17 @@ def add_prompt_options(parser, chat: bool = True) -> None:
     group.add_argument("--raw-prompt", action="store_true", help=PROMPT_HELP)
 
 
+def image_input(name: str):
+    """A scene of the scene world ("scene:test-000003") or anything `load_image` reads."""
+    if name.startswith("scene:"):
+        from .scenes import Scene, SceneWorld
+
+        return SceneWorld(seed=0).scene(*Scene.parse_id(name.split(":", 1)[1])).image
+    from .models.images import load_image
+
+    return load_image(name)
+
+
 def prompt_chat(args) -> bool | None:
     """`chat=` for `Model.encode` from the prompt options: True, False (raw) or None (the model's default)."""
     if getattr(args, "raw_prompt", False):

@@ -27,19 +27,8 @@ def add_parser(sub):
     return p
 
 
-def image_input(name: str):
-    """A scene of the scene world ("scene:test-000003") or anything `load_image` reads."""
-    if name.startswith("scene:"):
-        from ..scenes import Scene, SceneWorld
-
-        return SceneWorld(seed=0).scene(*Scene.parse_id(name.split(":", 1)[1])).image
-    from ..models.images import load_image
-
-    return load_image(name)
-
-
 def run(args) -> int:
-    from ..cli import prompt_chat
+    from ..cli import image_input, prompt_chat
     from ..models.zoo import load
     from . import knockout_curve
 

@@ -17,7 +17,7 @@ import inspect
 from .._package import make_callable
 from . import flow, gradient, relative, tag
 from .common import GENERIC_PROMPT, GroundingError, check_model, image_positions, query_positions
-from .crop import Reask, crop_box, reask
+from .crop import Reask, center_cropped, crop_box, reask
 from .grounding import Grounding
 
 METHODS = {mod.NAME: mod for mod in (relative, gradient, flow, tag)}
@@ -55,6 +55,8 @@ def ground(model, image, question: str, method: str = DEFAULT_METHOD, target: st
     pixel_size = tuple(int(v) for v in inputs["pixel_values"].shape[-2:])
     cost = {"forwards": mod.FORWARDS, "backwards": getattr(mod, "BACKWARDS", 0)}
     values = {**mod.DEFAULTS, **params}
+    if center_cropped(model, photo):  # the map covers the processor's crop, not the photo: never drawn over the photo
+        extras, photo = {**extras, "center_cropped": True}, None
     return Grounding(grid.detach().cpu().numpy(), pixel_size, method, values, question, target, queries, cost,
                      model.name, extras, box_fraction, points, separation, photo)
 

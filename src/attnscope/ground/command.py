@@ -9,7 +9,7 @@ def add_parser(sub):
 
     p = sub.add_parser("ground", help="where in the image a question points: a map, a box and point prompts (VLMs)")
     p.add_argument("model", help="a vision-language model: zoo name (scene-vlm) or model directory")
-    p.add_argument("--image", required=True, help="photo name or image path")
+    p.add_argument("--image", required=True, help="scene name (scene:test-000003), photo name or image path")
     p.add_argument("--question", required=True, help='e.g. "Is there a bag in the image?"')
     p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help=f"default: {DEFAULT_METHOD}")
     p.add_argument("--target", help="a word of the question whose tokens are the queries (default: the answer position)")
@@ -19,6 +19,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..cli import image_input
     from ..models.zoo import load
     from . import check_model, ground, reask
 
@@ -26,12 +27,14 @@ def run(args) -> int:
         raise ValueError(f"--out must end in .png or .json; got {args.out!r}")
     model = load(args.model)
     check_model(model)
-    g = ground(model, args.image, args.question, method=args.method, target=args.target)
-    print(json.dumps({"method": g.method, "target": g.target, "box": list(g.box), "points": [list(p) for p in g.points],
-                      "pixel_size": list(g.pixel_size), "cost": g.cost}))
-    if args.reask:
-        r = reask(model, args.image, args.question, mode=args.reask, method=args.method, target=args.target)
-        print(json.dumps({"answer": r.answer, "mode": r.mode, "crop": list(r.crop), "cost": r.cost}))
+    photo = image_input(args.image)
+    g = ground(model, photo, args.question, method=args.method, target=args.target)
+    print(json.dumps({"method": g.method, "target": g.target, "pixels": "model input", "box": list(g.box),
+                      "points": [list(p) for p in g.points], "pixel_size": list(g.pixel_size), "cost": g.cost}))
+    if args.reask:  # crops the region just grounded (no second grounding pass)
+        r = reask(model, photo, args.question, mode=args.reask, box=g.scale(photo.size)[0])
+        cost = {**r.cost, "grounding_forwards": g.cost["forwards"], "grounding_backwards": g.cost["backwards"]}
+        print(json.dumps({"answer": r.answer, "mode": r.mode, "pixels": "photo", "crop": list(r.crop), "cost": cost}))
     if args.out:
         g.save(args.out)
         print(f"wrote {args.out}")

@@ -65,14 +65,21 @@ def _answer(model, texts_images, question: str, max_new_tokens: int) -> tuple[st
     return model.tokenizer.decode(new, skip_special_tokens=True).strip(), prompt, int(new.numel())
 
 
+def center_cropped(model, photo) -> bool:
+    """Whether the model's image processor cuts part of `photo` away (center crop of another size): then the model
+    input is not the whole photo resized, and a box on the input does not map back to the photo by scaling."""
+    proc = model.image_processor or getattr(model.processor, "image_processor", None)
+    if not getattr(proc, "do_center_crop", False):
+        return False
+    crop = getattr(proc, "crop_size", None)
+    size = (getattr(crop, "width", None), getattr(crop, "height", None)) if crop is not None else None
+    return size is None or tuple(photo.size) != size
+
+
 def _check_whole_image(model, photo) -> None:
     """The grounded box maps back to the photo by scaling only if the processor resized the whole photo (no crop)."""
-    proc = model.image_processor or getattr(model.processor, "image_processor", None)
-    if getattr(proc, "do_center_crop", False):
-        crop = getattr(proc, "crop_size", None)
-        size = (getattr(crop, "width", None), getattr(crop, "height", None)) if crop is not None else None
-        if size is None or tuple(photo.size) != size:
-            raise GroundingError(f"{model.name}'s image processor center-crops, so a box on its input does not map back to "
+    if center_cropped(model, photo):
+        raise GroundingError(f"{model.name}'s image processor center-crops, so a box on its input does not map back to "
                                  "the photo by scaling; resize the photo to the model input first, or pass box= in the "
                                  "photo's pixels")
 

@@ -59,6 +59,10 @@ class Grounding:
     def scale(self, size: tuple[int, int]):
         """(box, points) in an image of `size` = (width, height) (a PIL size), e.g. the photo the model input came from;
         exact when the processor resized the whole photo (scene-vlm does), not when it center-cropped it."""
+        if self.extras.get("center_cropped"):
+            raise ValueError("the model's image processor center-cropped the photo, so the box and points (pixels of "
+                             "the model input) do not map back to the photo by scaling; resize the photo to the model "
+                             "input first")
         # integer arithmetic: with float ratios, ceil(224 * (232 / 224)) is 233, a box past the photo's edge
         (w, h), (ph, pw) = (int(size[0]), int(size[1])), self.pixel_size
         x0, y0, x1, y1 = self.box

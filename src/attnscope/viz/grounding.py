@@ -24,6 +24,9 @@ def ground_run(model, result, method: str, target: str | None) -> dict:
     if getattr(result, "raw_prompt", False):
         raise ValueError("this run used a raw prompt; grounding builds the chat prompt itself: run it without 'raw prompt'")
     g = ground(model, result.images[0], text, method=method, target=(target or None))
+    if g.extras.get("center_cropped"):
+        raise ValueError(f"{model.name}'s image processor center-crops this image, so the map would be drawn over parts "
+                         "of the image the model did not see; upload an image of the model's input size")
     out = g.to_dict()
     return {k: out[k] for k in ("method", "params", "question", "target", "queries", "cost", "pixel_size", "map", "box",
                                 "points", "rules")}
