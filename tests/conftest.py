@@ -36,6 +36,15 @@ def smollm():
     return attnscope.load("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def scene_vlm():
+    """The trained scene-vlm, shared by the tests that leave it as they found it (skipped without its weights)."""
+    try:
+        return attnscope.load("scene-vlm")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
 def eager_attentions(model, inputs):
     """Reference probabilities from the eager path with output_attentions, backend restored after."""
     hf = model.hf

@@ -10,13 +10,8 @@ from test_capture_summaries import assert_matches, reference
 
 
 @pytest.fixture(scope="module")
-def vlm():
-    from attnscope.models import scene_vlm
-
-    try:
-        return scene_vlm.load()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def vlm(scene_vlm):
+    return scene_vlm
 
 
 def test_scene_vlm_image_ratio_and_vision_summaries_equal_captured_rows(vlm):

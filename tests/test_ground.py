@@ -15,11 +15,8 @@ from attnscope.scenes import SceneWorld, question
 
 
 @pytest.fixture(scope="module")
-def vlm():
-    try:
-        model = attnscope.load("scene-vlm")
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def vlm(scene_vlm):
+    model = scene_vlm
     with torch.no_grad():  # transformers installs its own output-capturing hooks at the first forward
         model.hf(**model.encode(text="Hi", image=SceneWorld(seed=0).scene("test", 0).image))
     return model

@@ -15,14 +15,6 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "grounding.py"
 Q = "Is there a bag in the image?"
 
 
-@pytest.fixture(scope="module")
-def scene_vlm():
-    try:
-        return zoo.load("scene-vlm")
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-
-
 @pytest.fixture
 def use(monkeypatch, scene_vlm, minilm):
     monkeypatch.setitem(zoo.LOADERS, "scene-vlm", lambda: scene_vlm)

@@ -129,13 +129,8 @@ def test_graph_from_run_places_rows_and_refuses_missing_ones():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    from attnscope.models import scene_vlm
-
-    try:
-        return scene_vlm.load()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def trained(scene_vlm):
+    return scene_vlm
 
 
 def test_captured_graph_equals_eager_attention_and_full_rows(trained):
