@@ -496,27 +496,32 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
 
         return await run_in_threadpool(_sync)
 
+    async def _with_model(rid: str, what: str, work, prefix: str | None = None):
+        """Run `work(model, result)` on the run's own model (one request at a time per model), off the event loop;
+        the model's errors become 400s starting with `prefix` (default `what`)."""
+        entry = state.entry(rid)
+        if entry.model_id is None:
+            raise ApiError(400, f"this run came from a trace file: {what} needs the model; run it in the viewer")
+        slot = state.slot(entry.model_id)
+
+        def _sync():
+            with slot.use():
+                try:
+                    return work(state.loaded(slot), entry.result)
+                except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+                    raise ApiError(400, f"{prefix or what}: {err}") from err
+
+        return await run_in_threadpool(_sync)
+
     @app.post("/api/runs/{rid}/knockout")
     async def knockout(rid: str, request: Request):
+        from .knockout import knockout_view
+
         try:
             body = await request.json()
         except Exception as err:
             raise ApiError(400, "send JSON {source, target, window, stride}") from err
-        entry = state.entry(rid)
-        if entry.model_id is None:
-            raise ApiError(400, "this run came from a trace file: a knockout needs the model; run it in the viewer")
-        slot = state.slot(entry.model_id)
-
-        def _sync():
-            from .knockout import knockout_view
-
-            with slot.use():
-                try:
-                    return knockout_view(state.loaded(slot), entry.result, body)
-                except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
-                    raise ApiError(400, f"knockout: {err}") from err
-
-        return await run_in_threadpool(_sync)
+        return await _with_model(rid, "a knockout", lambda model, result: knockout_view(model, result, body), "knockout")
 
     @app.post("/api/runs/{rid}/ground")
     async def ground(rid: str, request: Request):
@@ -528,23 +533,14 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             target = None if target in (None, "") else str(target)
         except Exception as err:
             raise ApiError(400, "send JSON {method, target}") from err
-        entry = state.entry(rid)
-        if entry.model_id is None:
-            raise ApiError(400, "this run came from a trace file: grounding needs the model; run it in the viewer")
-        slot = state.slot(entry.model_id)
 
-        def _sync():
-            with slot.use():
-                model = state.loaded(slot)
-                if method not in grounding.methods(model):
-                    raise ApiError(400, f"grounding {method!r} is not available for this model; methods: "
-                                        f"{grounding.methods(model) or 'none (not a vision-language model)'}")
-                try:
-                    return grounding.ground_run(model, entry.result, method, target)
-                except (ValueError, KeyError, IndexError, RuntimeError) as err:
-                    raise ApiError(400, f"{method}: {err}") from err
+        def work(model, result):
+            if method not in grounding.methods(model):
+                raise ApiError(400, f"grounding {method!r} is not available for this model; methods: "
+                                    f"{grounding.methods(model) or 'none (not a vision-language model)'}")
+            return grounding.ground_run(model, result, method, target)
 
-        return await run_in_threadpool(_sync)
+        return await _with_model(rid, "grounding", work, method)
 
     @app.post("/api/runs/{rid}/faithfulness/{fid}")
     def faithfulness(rid: str, fid: str):
