@@ -295,3 +295,11 @@ def test_a_replaced_shard_is_verified_again(minilm, tmp_path):
     _minilm_dir(minilm, out, "other words entirely")  # the same shape, other values
     with pytest.raises(TraceFileError, match="checksum"):
         source.select(0, [0])
+
+
+def test_cli_fp16_applies_to_a_single_file_too(minilm, tmp_path):
+    from attnscope.cli import main
+
+    out = tmp_path / "one.safetensors"
+    assert main(["capture", "--model", "minilm", "--text", "hello world", "--out", str(out), "--fp16"]) == 0
+    assert Trace.load(out).attention("text", 0).dtype == torch.float16
