@@ -245,3 +245,62 @@ def test_chunked_records_of_a_batch(minilm, tmp_path, monkeypatch):
     assert memory.attention("text", 0).shape[0] == 2
     _assert_same(memory, Trace.load(tmp_path / "b"))
     _assert_same(memory, streamed)
+
+
+def _minilm_dir(minilm, out, text="The quick brown fox."):
+    with torch.no_grad(), attnscope.capture(minilm, out=out, overwrite=True) as trace:
+        minilm(**minilm.encode(text))
+    return trace
+
+
+def test_missing_shard_or_checksum_refused_at_load(minilm, tmp_path):
+    """A shard deleted (or not copied) and a record whose checksum was removed from trace.json are TraceFileErrors
+    when the directory is opened, never a bare FileNotFoundError or a tensor read without verification."""
+    out = tmp_path / "t"
+    _minilm_dir(minilm, out)
+    meta = json.loads((out / stream.META).read_text())
+    del meta["runs"][0]["records"][3]["blake2b"]
+    (out / stream.META).write_text(json.dumps(meta))
+    with pytest.raises(TraceFileError, match="no checksum"):
+        Trace.load(out)
+    _minilm_dir(minilm, out)
+    trace = Trace.load(out)
+    (out / meta["runs"][0]["records"][0]["shard"]).unlink()
+    with pytest.raises(TraceFileError, match="missing"):
+        trace.attention("text", 0)  # removed after opening: found when read
+    with pytest.raises(TraceFileError, match="missing"):
+        Trace.load(out)
+
+
+def test_overwrite_never_deletes_another_tools_files(minilm, tmp_path):
+    """overwrite=True replaces an attnscope trace only: a profiler's trace.json or shard-named files without any
+    attnscope metadata are the user's."""
+    for name, text in (("trace.json", '{"traceEvents": []}'), ("shard-00000.safetensors", "weights")):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text(text)
+        with pytest.raises(FileExistsError, match="not part of an attnscope trace"):
+            attnscope.capture(minilm, out=out, overwrite=True).__enter__()
+        assert (out / name).read_text() == text and sorted(p.name for p in out.iterdir()) == [name]
+    assert _state(minilm)[1:] == (0, [])
+
+
+def test_a_replaced_shard_is_verified_again(minilm, tmp_path):
+    """A trace opened before its directory was overwritten (the viewer serving it) refuses the new shards instead of
+    showing their rows under the old trace's tokens."""
+    out = tmp_path / "t"
+    _minilm_dir(minilm, out, "first sentence here")
+    old = Trace.load(out)
+    source = old.run().records[("text", 0)][0].source
+    source.select(0, [0])  # verified
+    _minilm_dir(minilm, out, "other words entirely")  # the same shape, other values
+    with pytest.raises(TraceFileError, match="checksum"):
+        source.select(0, [0])
+
+
+def test_cli_fp16_applies_to_a_single_file_too(minilm, tmp_path):
+    from attnscope.cli import main
+
+    out = tmp_path / "one.safetensors"
+    assert main(["capture", "--model", "minilm", "--text", "hello world", "--out", str(out), "--fp16"]) == 0
+    assert Trace.load(out).attention("text", 0).dtype == torch.float16

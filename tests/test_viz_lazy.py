@@ -24,11 +24,8 @@ def streamed(request, smollm, tmp_path_factory):
     return out
 
 
-def test_lazy_views_equal_the_in_memory_views(streamed):
-    eager_trace = Trace.load(streamed)
-    for run in eager_trace.runs:  # read every tensor: the in-memory path
-        for entries in run.records.values():
-            [r.probs for r in entries]
+def test_lazy_views_equal_the_in_memory_views(streamed, tmp_path):
+    eager_trace = Trace.load(Trace.load(streamed).save(tmp_path / "whole.safetensors"))  # the in-memory path
     assert not lazy.is_streamed(eager_trace.run())
     ref = data.stream_views(eager_trace)[0]
     trace = Trace.load(streamed)
@@ -82,3 +79,11 @@ def test_server_opens_a_trace_directory(streamed):
     assert block["q"] == q
     assert client.get(f"/api/runs/{rid}/text/layer/7").status_code == 200
     assert client.get(f"/api/runs/{rid}/export").status_code == 200
+
+
+def test_a_streamed_trace_stays_lazy_after_a_read(streamed):
+    """Reading one record (trace.attention) does not send the viewer down the path that holds every row in memory."""
+    trace = Trace.load(streamed)
+    trace.attention("text", 7)
+    assert lazy.is_streamed(trace.run())
+    assert isinstance(runner.from_trace(trace).views[0], lazy.LazyStreamView)

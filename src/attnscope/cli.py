@@ -106,8 +106,8 @@ def cmd_capture(args) -> int:
         return 2
     model = load(args.model, **placement_options(args))
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
-    streamed = {"out": args.out, "overwrite": args.overwrite, "dtype": torch.float16 if args.fp16 else torch.float32} \
-        if args.to_dir else {}
+    streamed = {"out": args.out, "overwrite": args.overwrite} if args.to_dir else {}
+    streamed["dtype"] = torch.float16 if args.fp16 else torch.float32  # a single file stores float16 too
     with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
                                   queries=args.queries, **streamed) as trace:
         model(**inputs)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--out", required=True)
     cap.add_argument("--to-dir", action="store_true",
                      help="stream the trace to the directory --out while the model runs (for long inputs)")
-    cap.add_argument("--fp16", action="store_true", help="with --to-dir: store float16 (half the disk)")
+    cap.add_argument("--fp16", action="store_true", help="store float16 (half the disk), in a file or with --to-dir")
     cap.add_argument("--overwrite", action="store_true", help="with --to-dir: replace a trace already in --out")
     add_prompt_options(cap)
     add_placement_options(cap)

@@ -20,7 +20,9 @@ the number of layers, steps and runs. The directory:
 checked against its checksum then (`ShardTensor.read`), so opening a 10 GB trace costs its metadata and reading one
 layer reads one layer. A directory without `trace.json`, or still marked INCOMPLETE, is refused
 (`Trace.load(dir, partial=True)` opens the partial metadata). An existing non-empty directory is refused unless
-`overwrite=True`, and even then only a directory holding nothing but an earlier trace's files is cleared."""
+`overwrite=True`, and even then only a directory holding nothing but an earlier trace's files (its metadata or
+marker among them; another tool's trace.json is not ours) is cleared. A missing shard or a record without a checksum
+is refused when the directory is opened; a shard replaced after it was verified is verified again when next read."""
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .trace import Record, TraceFileError, check_axes, check_format, checksum, record_key, run_from_meta
+from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, checksum, record_key, run_from_meta
 
 META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
 SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
@@ -47,6 +49,14 @@ STREAMED_DTYPES = tuple(_DTYPES)
 
 def _is_ours(name: str) -> bool:
     return name in (META, PARTIAL, MARK, META + ".tmp") or (name.startswith("shard-") and name.endswith(".safetensors"))
+
+
+def _is_trace_metadata(path: Path) -> bool:
+    """`path` holds an attnscope trace's metadata (another tool's trace.json is the user's, never replaced)."""
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class TraceWriter:
@@ -62,6 +72,9 @@ class TraceWriter:
                 raise FileExistsError(f"{self.path} is not empty ({len(names)} entries); pass overwrite=True (--overwrite) to replace "
                                       "the trace in it, or give a new directory")
             foreign = [n for n in names if not _is_ours(n)]
+            foreign += [n for n in (META, PARTIAL) if n in names and not _is_trace_metadata(self.path / n)]
+            if not foreign and not any(n in names for n in (META, PARTIAL, MARK)):
+                foreign = names  # shard-named files without any trace metadata: not known to be a trace's
             if foreign:
                 raise FileExistsError(f"{self.path} holds files that are not part of an attnscope trace ({foreign[:3]}); "
                                       "overwrite=True only replaces a trace directory: give a new directory")
@@ -261,16 +274,17 @@ class ShardTensor:
     def __init__(self, shard: Path, key: str, shape: list[int], dtype: torch.dtype, digest: str | None):
         self.shard, self.key, self.shape, self.dtype, self.digest = Path(shard), key, list(shape), dtype, digest
         self.verified = digest is None
+        self._stamp = None  # (inode, size, mtime) of the shard when its checksum was verified
         self.pending = None  # the writer's job while the shard is being written
 
     def read(self) -> torch.Tensor:
         """The whole tensor, memory-mapped, checked against its checksum on the first read."""
-        tensor = self._map()
-        if not self.verified:
-            if checksum(tensor) != self.digest:
+        tensor, stamp = self._map()
+        if not self.verified or stamp != self._stamp:  # a shard replaced since it was verified is verified again
+            if self.digest is None or checksum(tensor) != self.digest:
                 raise TraceFileError(f"{self.shard}: tensor {self.key} does not match its checksum (the shard was "
                                      "changed or damaged after it was written)")
-            self.verified = True
+            self.verified, self._stamp = True, stamp
         return tensor
 
     def select(self, row: int, queries: list[int]) -> torch.Tensor:
@@ -288,6 +302,8 @@ class ShardTensor:
             raise TraceFileError(f"{self.shard}: tensor {self.key} was not written (the writer failed)")
         try:
             with open(self.shard, "rb") as f:
+                st = os.fstat(f.fileno())
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > 100_000_000:
                     raise ValueError("header length out of range")
@@ -302,10 +318,13 @@ class ShardTensor:
                 raise TraceFileError(f"{self.shard} is shorter than its header says (cut while written or after)")
             raw = np.memmap(self.shard, dtype=np.uint8, mode="c", offset=8 + n + start, shape=(size,)) if size else np.zeros(0, np.uint8)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
-            if isinstance(err, (TraceFileError, FileNotFoundError)):
+            if isinstance(err, TraceFileError):
                 raise
+            if isinstance(err, FileNotFoundError):
+                raise TraceFileError(f"{self.shard} is missing: the trace directory lost a shard after it was "
+                                     "written") from err
             raise TraceFileError(f"{self.shard}: cannot read tensor {self.key}: {err}") from err
-        return torch.from_numpy(raw).view(self.dtype).reshape(self.shape)
+        return torch.from_numpy(raw).view(self.dtype).reshape(self.shape), stamp
 
 
 def load_dir(cls, path: Path, partial: bool = False):
@@ -329,6 +348,11 @@ def load_dir(cls, path: Path, partial: bool = False):
                 shard = path / rm["shard"]
                 if Path(rm["shard"]).name != rm["shard"] or not _is_ours(rm["shard"]):
                     raise TraceFileError(f"{meta_path}: record {rm['key']} names shard {rm['shard']!r}, outside the trace")
+                if not shard.is_file():
+                    raise TraceFileError(f"{meta_path}: record {rm['key']} lies in {rm['shard']}, which is missing from "
+                                         f"{path} (a shard was deleted or not copied)")
+                if not isinstance(rm.get("blake2b"), str):
+                    raise TraceFileError(f"{meta_path}: record {rm['key']} has no checksum (the metadata was edited)")
                 dtype = getattr(torch, rm["dtype"], None)
                 if dtype not in _DTYPES:
                     raise TraceFileError(f"{meta_path}: record {rm['key']} has unsupported dtype {rm['dtype']!r}")
@@ -337,7 +361,7 @@ def load_dir(cls, path: Path, partial: bool = False):
                 run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
             trace.runs.append(run)
         return trace
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OSError) as err:
         if isinstance(err, TraceFileError):
             raise
         raise TraceFileError(f"{meta_path} is not readable attnscope trace metadata: {err}") from err

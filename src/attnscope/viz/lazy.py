@@ -18,9 +18,10 @@ from .data import ENTROPY, PATTERN, StreamView, _pattern, quantize
 
 
 def is_streamed(run) -> bool:
-    """Every record of the run reads from a shard on demand (a streamed trace not yet read into memory)."""
+    """Every record of the run reads from a shard on demand (a streamed trace, even after some records were read:
+    viewing it never builds the whole trace's rows in memory)."""
     recs = [r for entries in run.records.values() for r in entries]
-    return bool(recs) and all(r.source is not None and r._probs is None for r in recs)
+    return bool(recs) and all(r.source is not None for r in recs)
 
 
 def _rows(rec, row: int, qidx: list[int]) -> np.ndarray:
