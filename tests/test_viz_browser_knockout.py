@@ -39,10 +39,10 @@ def test_knockout_panel_draws_the_curve_and_shows_errors(chromium, server):
     line = panel.locator("polyline[data-flow='subject->last']")
     assert len(line.get_attribute("points").split()) == 3
     expect(panel.locator(".as-kolegend")).to_contain_text("subject->last")
-    expect(panel.locator(".as-caption")).to_contain_text("Paris")
+    expect(panel.locator(".as-panel-caption")).to_contain_text("Paris")
     page.fill("input[aria-label='knockout window']", "31")
     page.click("button.as-korun")
-    expect(panel.locator(".as-caption.as-error")).to_contain_text("beyond the layer count", timeout=60_000)
+    expect(panel.locator(".as-panel-caption.as-error")).to_contain_text("beyond the layer count", timeout=60_000)
     assert panel.locator("polyline").count() == 0 and panel.get_attribute("data-ready") == "0"
     assert not errors, errors
     page.close()

@@ -85,7 +85,7 @@ export function knockoutPanel(base: string, rid: string): HTMLElement {
   const strideIn = el("input", { type: "number", min: "1", value: "2", size: "3", "aria-label": "knockout stride" });
   const subject = el("input", { type: "text", size: "10", placeholder: "subject words", "aria-label": "knockout subject" });
   const go = el("button", { type: "button", class: "as-korun", text: "Knock out" });
-  const caption = el("div", { class: "as-caption" });
+  const caption = el("div", { class: "as-panel-caption" });
   const chart = el("div", { class: "as-kochart-box" });
   const legend = el("div", { class: "as-kolegend" });
   box.append(el("strong", { text: "attention knockout" }),
