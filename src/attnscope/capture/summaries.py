@@ -20,7 +20,7 @@ gets one record per layer holding its new rows.
 
     with attnscope.capture(model, streams="language", queries="last", summaries="all") as s:
         model.generate(**inputs, max_new_tokens=8)
-    s.lookback("language", 12)           # [steps, batch, heads]: the last query row of every step
+    s.lookback("language", 12, step=None)  # [steps, batch, heads]: the last query row of every step
     s.image_ratio("language", 12, step=0)  # [batch, heads, rows]"""
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class Reducer:
 
     def __init__(self, which, topk: int = 5, chunk: int = 256):
         self.which = parse_summaries(which)
-        if not isinstance(topk, int) or topk < 1:
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk = topk, chunk
         self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
