@@ -117,6 +117,8 @@ def test_model_restored_and_bad_input_refused(smollm):
         attnscope.capture(smollm, keys="text", summaries="all")
     with pytest.raises(ValueError, match="topk"):
         attnscope.capture(smollm, summaries="topk", topk=0)
+    with pytest.raises(ValueError, match="topk"):  # a bool is an int to Python, not a count of keys
+        attnscope.capture(smollm, summaries="topk", topk=True)
     with pytest.raises(RuntimeError, match="inside"), attnscope.capture(smollm, layers=[1], summaries="all") as s:
         with torch.no_grad():
             smollm(**x)

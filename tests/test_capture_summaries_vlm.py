@@ -90,3 +90,23 @@ def test_summaries_under_steering_equal_rows_under_steering(vlm):
                 torch.testing.assert_close(rec.probs.gather(-1, cols), got.topk_value, atol=1e-5, rtol=0)
         image_keys = s.record("language", 3).key_count[0, ROLES.index("image")]
         assert image_keys == (32 if isinstance(method, FastV) else 64)  # FastV kept half of the 64 image tokens
+
+
+def test_contrastive_branch_steps_are_not_stacked(scene_vlm):
+    """VCD runs a second (distorted-image) forward at every step; the capture records it beside the main one with
+    the same step, so reading every step at once (and generate_traced's per-step means) must refuse, not interleave
+    the two sequences as if they were consecutive steps."""
+    from attnscope.evaluate.lookback import generate_traced
+    from attnscope.steer import VCD
+
+    x = scene_vlm.encode("Is there a bag in the image?", image="chelsea")
+    with torch.no_grad(), attnscope.steer(scene_vlm, VCD()), attnscope.capture(
+            scene_vlm, streams="language", layers=[5], queries="last", summaries="all") as s:
+        scene_vlm.generate(**x, max_new_tokens=2, do_sample=False)
+    for read in (s.lookback, s.entropy, s.key_count):
+        with pytest.raises(ValueError, match="several records for one step"):
+            read("language", 5, step=None)
+    for share in (False, True):
+        with pytest.raises(ValueError, match="several records for one step"):
+            generate_traced(scene_vlm, "chelsea", "Is there a bag in the image?", max_new_tokens=2, steer=VCD(),
+                            keep_image_share=share)

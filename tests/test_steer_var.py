@@ -132,3 +132,27 @@ def test_heads_at_is_checked_and_parsed():
         VAR(heads_at="decode")
     assert parse("var:heads_at=step").heads_at == "step"
     assert VAR().heads_at == "prefill"
+
+
+def test_sink_threshold_ignores_left_padding(smollm):
+    """The massive-activation threshold is tau x the median over the row's own tokens: left padding of a batch must
+    not move it (a padded row finds the same sinks as the row alone)."""
+    tok = smollm.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        texts = ["The capital of France is", "Once upon a time in a land far far away, there lived a"]
+        batch = tok(texts, return_tensors="pt", padding=True)
+        alone = tok(texts[:1], return_tensors="pt")
+        shift = batch["input_ids"].shape[1] - alone["input_ids"].shape[1]
+
+        def sinks(enc):
+            with torch.no_grad(), steer(smollm, VAR(keys="text", tau=12.0)) as s:
+                smollm(**enc)
+            return s.state.sink.pos, s.state.sink_scale
+
+        (pos_b, scale_b), (pos_a, scale_a) = sinks(batch), sinks(alone)
+        for key in pos_a:
+            assert sorted(p - shift for p in pos_b[key][0]) == sorted(pos_a[key][0]), key
+            assert torch.allclose(scale_b[key][0], scale_a[key][0], rtol=1e-4), key
+    finally:
+        tok.padding_side = side

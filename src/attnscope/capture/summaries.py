@@ -20,7 +20,7 @@ gets one record per layer holding its new rows.
 
     with attnscope.capture(model, streams="language", queries="last", summaries="all") as s:
         model.generate(**inputs, max_new_tokens=8)
-    s.lookback("language", 12)           # [steps, batch, heads]: the last query row of every step
+    s.lookback("language", 12, step=None)  # [steps, batch, heads]: the last query row of every step
     s.image_ratio("language", 12, step=0)  # [batch, heads, rows]"""
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class Reducer:
 
     def __init__(self, which, topk: int = 5, chunk: int = 256):
         self.which = parse_summaries(which)
-        if not isinstance(topk, int) or topk < 1:
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk = topk, chunk
         self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
@@ -170,6 +170,17 @@ def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prom
     return torch.where(denom > 0, a_ctx / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
 
 
+def _one_per_step(entries, stream, layer):
+    """Raise where two records of one (stream, layer, part) share a step: a steer method's second forward of the
+    same step (a contrastive branch: VCD, M3ID, RITUAL, DeCoRe) was captured beside the main one, and stacking them
+    by step would mix the two sequences."""
+    steps = [r.step for r in entries]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"({stream!r}, layer {layer}) has several records for one step (steps {steps}): another "
+                         "forward of the same step (e.g. a contrastive steering branch) was captured too; read one "
+                         "record at a time (`record`) or capture without that method")
+
+
 class Summaries(Trace):
     """A capture's runs and token maps with `SummaryRecord`s in place of rows. Readers take (stream, layer) and
     either `step` (one call: [B, h, rows, ...]) or `step=None` (every step's rows stacked: [steps, B, h, ...], for
@@ -199,6 +210,7 @@ class Summaries(Trace):
                          key=lambda r: r.step)
         if not entries:
             self.record(stream, layer, 0, part, run)  # raises naming what was captured
+        _one_per_step(entries, stream, layer)
         values = [self._get(stream, layer, name, r.step, part, run) for r in entries]
         if any(v.shape[2] != 1 for v in values):
             raise ValueError("step=None stacks one query row per step; this selection has several rows in a step "
@@ -235,6 +247,7 @@ class Summaries(Trace):
             return self.record(stream, layer, step, part, run).key_count
         layer = self.layer_index(stream, layer, run)
         entries = sorted((r for r in self.run(run).records[(stream, layer)] if r.part == part), key=lambda r: r.step)
+        _one_per_step(entries, stream, layer)
         return torch.stack([r.key_count for r in entries])
 
     def entropy(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1) -> torch.Tensor:

@@ -117,6 +117,10 @@ def generate_traced(model, image, text: str, max_new_tokens: int = 64, steer=Non
     steps = len(new)
     if not rows:
         return _from_summaries(trace, layers, steps, new, tok, prompt_len)
+    from ..capture.summaries import _one_per_step
+
+    for layer in layers:  # a contrastive branch's forward of the same step would overwrite the main one's rows
+        _one_per_step(run.records[("language", layer)], "language", layer)
     shape = (steps, len(layers), run.records[("language", layers[0])][0].probs.shape[1])
     ctx, img, newm, mass = (np.zeros(shape, np.float32) for _ in range(4))
     share = np.zeros(shape + (len(image_pos),), np.float32) if keep_image_share else None

@@ -929,12 +929,16 @@ class steer:
             h = hidden.detach()
             peak = h.abs().amax(-1).float()  # [B, n]
             if st.step == 0:
-                scale = h.abs().float().mean(-1).median(-1).values.clamp_min(1e-6)
+                pos = st.kept.get(key)
+                pad = (st.codes[stream] == CODE["pad"])
+                typical = h.abs().float().mean(-1)  # [B, n]; padding is no token of the row: left out of the median
+                col_pad = (torch.gather(pad, 1, pos.cpu()) if pos is not None else pad[:, :typical.shape[1]]).to(
+                    typical.device) if pad.shape[0] == typical.shape[0] else torch.zeros_like(typical, dtype=torch.bool)
+                scale = torch.stack([row[~skip].median() if bool((~skip).any()) else row.median()
+                                     for row, skip in zip(typical, col_pad)]).clamp_min(1e-6)
                 st.sink_scale[key] = scale
                 hits = (peak >= tau * scale[:, None]).cpu()
                 B = hits.shape[0]
-                pos = st.kept.get(key)
-                pad = (st.codes[stream] == CODE["pad"])
                 found = []
                 for b in range(B):
                     idx = hits[b].nonzero()[:, 0]
