@@ -4,7 +4,6 @@ before printing a URL and stops within seconds on SIGTERM even mid-request, the 
 its provenance names its inputs, and `explain --out x.png` draws a colour bar and labels the sink boxes."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -1,7 +1,6 @@
 """The Fashion-MNIST canvas classifier: deterministic canvases whose mask is the item, committed weights that
 classify held-out canvases, and localisation that beats a random map on them."""
 import numpy as np
-import pytest
 import torch
 
 from attnscope.evaluate import energy_pointing, pointing_game

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import attnscope
 from attnscope.core.dispatch import registered_names
 from attnscope.flow import KnockoutCurve, TokenSetError, knockout_curve, token_sets
 from attnscope.steer import Knockout, SteerError, steer

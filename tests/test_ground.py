@@ -10,7 +10,7 @@ import torch
 import attnscope
 from attnscope.core import seam
 from attnscope.evaluate import grounding as metrics
-from attnscope.ground import Grounding, GroundingError, crop_box, regions
+from attnscope.ground import Grounding, GroundingError, regions
 from attnscope.scenes import SceneWorld, question
 
 

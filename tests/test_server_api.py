@@ -108,7 +108,7 @@ def test_local_model_directory_runs(client, tiny_model_dir):
     assert len(s["layers"]) == 2 and len(s["heads"]) == 4 and s["tokens"][0] == "[CLS]"
 
 
-@pytest.mark.parametrize("model", ["../../etc/passwd", "/etc", "local:../../etc", f"local:x/../../etc",
+@pytest.mark.parametrize("model", ["../../etc/passwd", "/etc", "local:../../etc", "local:x/../../etc",
                                    "local:models/escape", "minilm/../../x"])
 def test_no_path_outside_the_model_folders(client, model):
     r = client.post("/api/run", data={"model": model, "text": "hello"})

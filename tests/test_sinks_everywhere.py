@@ -1,7 +1,6 @@
 """One sink definition on every surface: `explain`'s report, the head table's `sink_mass` and the viewer's sink
 chips name the same positions for the same input; entropy is in nats in the head table and in the viewer."""
 import numpy as np
-import torch
 
 from attnscope.explain import detect_sinks, sinks as sinklib
 from attnscope.heads import table

@@ -15,7 +15,7 @@ import torch
 
 from ..core import dispatch, seam
 from ..core.tokens import CACHED_STREAMS
-from . import compare, probe, reference
+from . import probe, reference
 from .result import FAIL, PASS, REFUSED, CheckResult
 
 _PACKAGE = Path(__file__).resolve().parents[1]

@@ -844,7 +844,6 @@ class steer:
 
     def _scores(self, st: SeqState, stream: str, layer: int) -> torch.Tensor:
         drop = self._drop
-        L = st.length(stream)
         if callable(drop.rank):
             cand = st.codes[stream] == CODE[drop.role]
             return drop.rank(st, stream, layer, cand).float()

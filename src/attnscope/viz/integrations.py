@@ -68,7 +68,7 @@ def run_explain(model, inputs: dict, method: str, target=None, stream: str | Non
 
 def units(method: str) -> str:
     """What a method's numbers are, from its module's `UNITS` (one sentence), or a generic line."""
-    module = _module(f"attnscope.explain")
+    module = _module("attnscope.explain")
     mod = getattr(module, "METHODS", {}).get(method) if module is not None else None
     return getattr(mod, "UNITS", None) or "relevance scores in the method's own units (negative scores not drawn)"
 
