@@ -62,6 +62,11 @@ def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, kv_l
     return mask.float()
 
 
+def _is_range(index: torch.Tensor, start: int) -> bool:
+    """Whether `index` is start, start + 1, ... (read on the CPU when it lives there)."""
+    return index.cpu().tolist() == list(range(start, start + index.numel()))
+
+
 def attention_probs(
     module,
     query: torch.Tensor,
@@ -88,11 +93,15 @@ def attention_probs(
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     device = query.device
+    # what the Python side needs from `heads` and `rows` is read before they move to the device: on a GPU every read
+    # of a device tensor waits for the queue to drain
+    all_heads = heads is None or heads.numel() == n_heads and _is_range(heads, 0)
+    last_row_only = rows is not None and rows.numel() == 1 and _is_range(rows, q_len - 1)
     heads = torch.arange(n_heads, device=device) if heads is None else heads.to(device)
     rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
     groups = n_heads // key.shape[1]
     # every head: multiply each key head with its group of query heads, without copying the keys per head
-    grouped = heads.numel() == n_heads and heads.tolist() == list(range(n_heads))
+    grouped = all_heads
     k_sel = key.float() if grouped else key.index_select(1, heads // groups).float()
     scaling = _scaling(module, query, kwargs)
     softcap = kwargs.get("softcap")
@@ -110,7 +119,7 @@ def attention_probs(
     out_dtype = torch.float32 if logits else dtype
     single = 0 < rows.numel() <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
-    unmasked = window is None and (q_len == 1 or rows.numel() == 1 and int(rows[0]) == q_len - 1)
+    unmasked = window is None and (q_len == 1 or last_row_only)
     out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=out_dtype, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]

@@ -37,6 +37,8 @@ def make(model, inputs: dict, p: Pass | None, stream: str, method: str, params: 
     target = target if target is not None else p.target
     value = value if value is not None else p.value
     pixel_size, patch = pixel_geometry(model, inputs, stream)
+    scores = scores.detach().cpu()  # every method's scores on the CPU, whatever devices the model uses
+    pixel_scores = None if pixel_scores is None else pixel_scores.detach().cpu()
     return Explanation(method, dict(params), scores, tmap, stream, target.describe(), float(value.detach()[0]),
                        model.name, pixel_size, patch, pixel_scores, None, None, extras or {},
                        _model=model, _inputs=inputs, _target=target)
@@ -84,6 +86,7 @@ def input_leaf(model, inputs: dict, stream: str) -> tuple[str, torch.Tensor, dic
 def reduce_to_tokens(model, inputs: dict, stream: str, name: str, attribution: torch.Tensor, tmap):
     """Token scores from an attribution over the input leaf: embeddings summed over width; pixels summed over
     each patch's pixels (and the pixel map summed over channels). Returns (scores [N], pixel map or None)."""
+    attribution = attribution.detach().float().cpu()
     if name == "inputs_embeds":
         return attribution[0].sum(-1), None
     pixel_map = attribution[0].sum(0)  # [H, W]

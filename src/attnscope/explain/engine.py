@@ -244,6 +244,12 @@ def run(model, inputs: dict, target: Target, *, streams: list[str] | None = None
     return Pass(output, value, bound, tokens, store, kept_in, kept_out)
 
 
+def on_host(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of the pass, detached, as float32 on the CPU, where the methods combine layers (the layers of a model
+    on a GPU, or split over several devices, live on their own devices)."""
+    return t.detach().float().cpu()
+
+
 def gradients(value: torch.Tensor, tensors: list[torch.Tensor], what: str = "the attention") -> list[torch.Tensor]:
     """d(sum of value)/d(tensors); zeros where a tensor is unused. Refuses a target with no path to the inputs."""
     if not value.requires_grad:

@@ -46,7 +46,7 @@ def accumulate(attn: list[torch.Tensor], grads: list[torch.Tensor], n: int, drop
     for l, (a, g) in enumerate(zip(attn, grads)):
         if l < start_layer:
             continue
-        abar = (g.detach().float() * a.detach().float()).clamp_min(0).mean(0)
+        abar = (engine.on_host(g) * engine.on_host(a)).clamp_min(0).mean(0)
         if drop:
             abar[:, list(drop)] = 0
         rel = rel + abar @ rel
@@ -97,7 +97,7 @@ def run(model, inputs, target, stream, start_layer=0, sinks="keep", queries="gra
     drop = sinklib.discount_positions(tmap) if sinks == "discount" else []
     rel = accumulate([a[0] for a in attn[stream]], [x[0] for x in g[stream]], len(tmap), drop, start_layer)
     if queries == "gradient":
-        w = (last[0].detach().float() * g_last[0].float()).sum(-1).clamp_min(0)[: len(tmap)]
+        w = (engine.on_host(last[0]) * engine.on_host(g_last[0])).sum(-1).clamp_min(0)[: len(tmap)]
     if queries == "declared" or float(w.sum()) <= 0:
         w = torch.zeros(len(tmap))
         w[p.target.queries(tmap)] = 1.0

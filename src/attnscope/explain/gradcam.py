@@ -28,7 +28,7 @@ def run(model, inputs, target, stream, layer=-1, relu=True):
         h = p.block_in[(stream, chosen)]
         (g,) = engine.gradients(p.value, [h], f"block {chosen}'s input")
     tmap = p.tokens[stream][0]
-    h, g = h[0].detach().float()[: len(tmap)], g[0].float()[: len(tmap)]
+    h, g = engine.on_host(h[0])[: len(tmap)], engine.on_host(g[0])[: len(tmap)]
     explained = tmap.positions("image") or [i for i, r in enumerate(tmap.roles) if r != "pad"]
     alpha = g[explained].mean(0)
     cam = h @ alpha

@@ -25,7 +25,7 @@ def run(model, inputs, target, stream, absolute=False):
     with engine.no_model_grads(model.hf):
         p = engine.run(model, fed, target, streams=[], attention=False, grad=True)
         (g,) = engine.gradients(p.value, [leaf], f"`{name}`")
-    attribution = leaf.detach() * g
+    attribution = engine.on_host(leaf) * engine.on_host(g)
     if absolute:
         attribution = attribution.abs()
     tmap = model.token_maps(inputs)[stream][0]

@@ -39,9 +39,9 @@ def run(model, inputs, target, stream):
         h_top = p.block_out[(stream, layers[-1])]
         g0, g_top = engine.gradients(p.value, [h0, h_top], "the token embeddings")
     tmap = p.tokens[stream][0]
-    scores = (h0[0].detach().float() * g0[0].float()).sum(-1)[: len(tmap)]
+    scores = (engine.on_host(h0[0]) * engine.on_host(g0[0])).sum(-1)[: len(tmap)]
     total = float(scores.sum())
     value = float(p.value.detach()[0])
-    top = float((h_top[0].detach().float() * g_top[0].float()).sum())
+    top = float((engine.on_host(h_top[0]) * engine.on_host(g_top[0])).sum())
     extras = {"total_relevance": total, "target_value": value, "bias_relevance": value - total, "top_relevance": top}
     return base.make(model, inputs, p, stream, NAME, {}, scores, extras=extras)

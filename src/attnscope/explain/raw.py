@@ -49,7 +49,7 @@ def run(model, inputs, target, stream, layer=-1, heads=None, head_fusion="mean",
     queries = p.target.queries(tmap)
     rows = []
     for l in layers:
-        fused = engine.fuse_heads(select_heads(p.attention(stream, l), heads), head_fusion)[0]
+        fused = engine.on_host(engine.fuse_heads(select_heads(p.attention(stream, l), heads), head_fusion)[0])
         rows.append(sinklib.discount(fused, drop)[queries].mean(0))
     scores = torch.stack(rows).mean(0)
     params = {"layer": layer, "heads": heads, "head_fusion": head_fusion, "sinks": sinks}

@@ -76,7 +76,7 @@ def layer_graphs(p, stream, head_fusion, discard_ratio, residual, start_layer, d
     for l in layers:
         if l < start:
             continue
-        a = engine.fuse_heads(p.attention(stream, l), head_fusion)[0].detach()
+        a = engine.on_host(engine.fuse_heads(p.attention(stream, l), head_fusion)[0])
         a = sinklib.discount(discard_lowest(a, discard_ratio, discard_over), drop)
         out.append(mixed(a, residual))
     return out

@@ -69,13 +69,14 @@ def _valid(tmap) -> torch.Tensor:
 
 def statistics(hidden: list[torch.Tensor], probs: list[torch.Tensor], tmap) -> tuple:
     """Per-position (norm_ratio, massive_ratio, mass_ratio, mass_layer) from block outputs [N, D] and attention
-    [H, N, N] of one sequence (row 0 already taken)."""
+    [H, N, N] of one sequence (row 0 already taken), reduced on the CPU (the layers of a split model live on several
+    devices)."""
     valid = _valid(tmap)
     n = len(tmap)
     norm = torch.zeros(n)
     massive = torch.zeros(n)
     for h in hidden:
-        h = h.detach().float()[:n]
+        h = h.detach()[:n].float().cpu()
         norms = h.norm(dim=-1)
         norm = torch.maximum(norm, norms / norms[valid].median().clamp_min(1e-12))
         absmax = h.abs().max(-1).values
@@ -83,7 +84,7 @@ def statistics(hidden: list[torch.Tensor], probs: list[torch.Tensor], tmap) -> t
     mass = torch.zeros(n)
     layer_of = torch.zeros(n, dtype=torch.long)
     for layer, a in enumerate(probs):
-        a = a.detach().float().mean(0)  # [Q, K] mean over heads
+        a = a.detach().float().mean(0).cpu()  # [Q, K] mean over heads
         visible = (a > 0) & valid[: a.shape[0], None] & valid[None, : a.shape[1]]
         a = a * visible
         uniform = (visible / visible.sum(-1, keepdim=True).clamp_min(1)).sum(0)  # what uniform attention gives each key

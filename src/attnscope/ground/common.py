@@ -94,7 +94,7 @@ def rows_to_image(model, inputs: dict, queries: list[int], layers: list[int]) ->
     positions, _ = image_positions(model, inputs)
     with capture(model, streams="language", layers=layers, queries=queries) as trace, torch.no_grad():
         model.hf(**inputs)
-    return torch.stack([trace.attention("language", l)[0][..., positions] for l in layers]).float()
+    return torch.stack([trace.attention("language", l)[0][..., positions].float().cpu() for l in layers])
 
 
 def full_attention(model, inputs: dict, layers: list[int]) -> list[torch.Tensor]:

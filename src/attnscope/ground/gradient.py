@@ -28,6 +28,7 @@ def run(model, inputs, photo, question, queries, layers="all"):
         p = engine.run(model, inputs, NextToken(), streams=["language"], grad=True)
         attn = [p.attention("language", l) for l in chosen]
         grads = engine.gradients(p.value, attn)
-    maps = [(a[0].detach() * g[0].clamp_min(0))[:, queries][..., positions].mean(dim=(0, 1)) for a, g in zip(attn, grads)]
+    maps = [(engine.on_host(a[0]) * engine.on_host(g[0]).clamp_min(0))[:, queries][..., positions].mean(dim=(0, 1))
+            for a, g in zip(attn, grads)]
     answer = p.target.describe()
     return sum(maps) / len(maps), {"layers": chosen, "answer_token": answer.get("text")}

@@ -59,11 +59,12 @@ def text_maps(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     """Special, pad, system (inside a ChatML system turn) and text roles per position."""
     special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
     maps = []
+    keep = None if attention_mask is None else attention_mask.bool().tolist()  # one device read, not one per token
     for row, ids in enumerate(input_ids.tolist()):
         pieces = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
         roles, turn = [], None
         for pos, (tid, piece) in enumerate(zip(ids, pieces)):
-            if attention_mask is not None and not attention_mask[row, pos]:
+            if keep is not None and not keep[row][pos]:
                 roles.append("pad")
             elif tid in special:
                 roles.append("special")

@@ -1,0 +1,66 @@
+"""Reads of tensor values into Python (`bool`, `int`, `.item()`, `.tolist()`) wait on a GPU for every queued kernel.
+Capture and steering may make a fixed number of them per attention call, never one per token: counted here on the
+CPU (the same Python code runs on any device) at two prompt lengths, the counts must be equal."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import attnscope
+from attnscope.steer import FastV, steer
+
+READS = ("__bool__", "__int__", "__index__", "__float__", "item", "tolist", "__iter__")
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    counts = collections.Counter()
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def _reads(counts, run) -> dict:
+    counts.clear()
+    run()
+    return dict(counts)
+
+
+def test_capture_reads_do_not_grow_with_the_prompt(smollm, count_reads):
+    def run(n):
+        x = smollm.encode(text="The quick brown fox jumps over the lazy dog. " * 20)
+        x = {k: v[:, :n] for k, v in x.items()}
+
+        def go():
+            with torch.no_grad(), attnscope.capture(smollm, queries="last"):
+                smollm(**x)
+        return go
+
+    run(8)()  # warm-up: lazy initialisation reads once
+    short, long = _reads(count_reads, run(24)), _reads(count_reads, run(96))
+    assert short == long, (short, long)
+
+
+def test_fastv_reads_do_not_grow_with_the_prompt(scene_vlm, count_reads):
+    def run(question):
+        x = scene_vlm.encode(question, image="chelsea")
+
+        def go():
+            with torch.no_grad(), steer(scene_vlm, FastV(k=2, keep=0.5)):
+                scene_vlm(**x)
+        return go, x["input_ids"].shape[1]
+
+    (warm, _), (a, n_a), (b, n_b) = run("Is there a cat?"), run("Is there a cat?"), run(
+        "Is there a cat in the picture, and if there is one, is it sitting on the left or on the right of the bag?")
+    warm()
+    assert n_b > n_a + 10
+    short, long = _reads(count_reads, a), _reads(count_reads, b)
+    assert short == long, (short, long)
