@@ -504,7 +504,7 @@ def main() -> None:
 
     if not args.small and not torch.cuda.is_available():
         sys.exit("error: --run needs a CUDA device (use --small for the CPU smoke run)")
-    run(args.run, args.small)
+    run(args.run, args.small)  # --small --run DIR: the CPU smoke run, written to DIR
 
 
 if __name__ == "__main__":
