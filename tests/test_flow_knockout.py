@@ -9,6 +9,7 @@ import torch
 
 from attnscope.core.dispatch import registered_names
 from attnscope.flow import KnockoutCurve, TokenSetError, knockout_curve, token_sets
+from attnscope.flow.knockout import window_starts
 from attnscope.steer import Knockout, SteerError, steer
 
 PROMPT = "The capital of France is"
@@ -108,6 +109,32 @@ def test_curve_windows_restore_and_round_trip(smollm, tmp_path):
     both = KnockoutCurve.combine([curve, back])
     assert len(both) == 2 and set(both.to_dict()["intervals"]) == set(curve.flows)
     assert curve.save(tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_window_starts_reach_the_last_layer_for_every_stride():
+    for n in (1, 7, 30):
+        for window in range(1, n + 1):
+            for stride in range(1, n + 2):
+                starts = window_starts(n, window, stride)
+                steps = [b - a for a, b in zip(starts, starts[1:])]
+                assert starts[0] == 0 and starts[-1] + window == n  # first layer to last layer
+                assert all(s == stride for s in steps[:-1]) and all(0 < s <= stride for s in steps[-1:])
+
+
+def test_a_stride_that_does_not_divide_still_knocks_out_the_last_layers(smollm):
+    """window 4, stride 5 on 30 layers: the windows 0-3 ... 25-28 leave layer 29 in none; a last window 26-29 is
+    added, and its number equals a forward under the same Knockout done by hand."""
+    curve = knockout_curve(smollm, PROMPT, question="capital of France is", answer=" Paris", chat=False, window=4,
+                           stride=5, flows=["question->last"])
+    assert curve.windows == [(0, 3), (5, 8), (10, 13), (15, 18), (20, 23), (25, 28), (26, 29)]
+    x = smollm.encode(PROMPT, chat=False)
+    question = curve.examples[0]["sets"]["question"]
+    tid = curve.examples[0]["answer_id"]
+    with torch.no_grad():
+        p0 = float(smollm.hf(**x).logits[0, -1].softmax(-1)[tid])
+        with steer(smollm, Knockout(question, "last", range(26, 30))):
+            p = float(smollm.hf(**x).logits[0, -1].softmax(-1)[tid])
+    assert curve.changes["question->last"][0, -1] == pytest.approx((p - p0) / p0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
