@@ -87,6 +87,39 @@ def test_token_sets_follow_roles_and_words(smollm):
         token_sets(smollm, x, subject="Germany")
 
 
+@pytest.mark.parametrize("prompt, subject", [
+    ("Столица Франции — Париж. Столица России —", "России"),  # Cyrillic: 2 bytes a letter, split over tokens
+    ("日本的首都是东京。中国的首都是", "中国"),  # CJK: 3 bytes a character
+    ("The capital of Ελλάδα is", "Ελλάδα"),  # Greek inside an English prompt
+], ids=["cyrillic", "cjk", "greek"])
+def test_subject_words_in_any_script(smollm, prompt, subject):
+    """SmolLM2's byte-level BPE splits these characters' bytes over tokens that alone decode to U+FFFD; the subject
+    is found by the characters the tokenizer itself decodes, and its tokens decode back to exactly the word."""
+    x = smollm.encode(prompt, chat=False)
+    ids = x["input_ids"][0].tolist()
+    sets = token_sets(smollm, x, question=prompt, subject=subject)
+    found = sets["subject"]
+    assert found == list(range(found[0], found[-1] + 1))
+    assert smollm.tokenizer.decode([ids[i] for i in found]).strip() == subject
+    assert any("\ufffd" in smollm.tokenizer.decode([ids[i]]) for i in found)  # a split character, really
+    assert sorted(i for v in sets.values() for i in v) == list(range(len(ids)))  # still a partition
+    with pytest.raises(TokenSetError, match="not in the prompt"):
+        token_sets(smollm, x, subject=subject[::-1] + "ы")
+    curve = knockout_curve(smollm, prompt, subject=subject, chat=False, window=15, stride=15, flows=["subject->last"])
+    assert curve.examples[0]["sets"]["subject"] == found and np.isfinite(curve.changes["subject->last"]).all()
+
+
+def test_cli_flow_takes_a_non_latin_subject(smollm, capsys):
+    from attnscope.cli import main
+
+    assert main(["flow", "smollm2-135m", "--text", "Столица Франции — Париж. Столица России —", "--raw-prompt",
+                 "--subject", "России", "--source", "subject", "--target", "last", "--window", "30"]) == 0
+    assert "| 0-29 |" in capsys.readouterr().out
+    assert main(["flow", "smollm2-135m", "--text", "Столица России —", "--raw-prompt", "--subject", "Германии"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not in the prompt" in err[0]
+
+
 def test_curve_windows_restore_and_round_trip(smollm, tmp_path):
     before = state(smollm)
     curve = knockout_curve(smollm, PROMPT, question="capital of France is", subject="France", answer=" Paris",
