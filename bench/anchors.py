@@ -1,7 +1,8 @@
 """The anchors' way of editing attention, as the papers' reference code does it: the model switched to eager attention
 and its modeling file's `eager_attention_forward` replaced by one that computes the full attention weights and
 lets an edit change them. bench/steer.py times attnscope against it; tests/test_steer_edits.py and
-tests/test_steer_var.py use it as the independent reference for attnscope's edits (each writes its own rule).
+tests/test_steer_var.py use it as the independent reference for attnscope's edits. `var_last_row` is VAR's rule
+written on those weights, shared by the benchmark and the test.
 
     with eager_anchor(model.hf, layers={3, 4}, probs=lambda module, p: edited(p)):
         model.hf.generate(...)
@@ -52,3 +53,22 @@ def eager_anchor(hf, layers, scores: Edit | None = None, probs: Edit | None = No
     finally:
         modeling.eager_attention_forward = original
         hf.set_attn_implementation("sdpa")
+
+
+def var_last_row(probs: torch.Tensor, sink, span, p: float, rho: float, heads: torch.Tensor | None = None):
+    """VAR ("See What You Are Told: Visual Attention Sink in Large Multimodal Models", Kang et al., ICLR 2025) on the
+    last row of probabilities [B, H, Q, K]: in heads whose `span` keys hold at least `rho` of the attention not on
+    the `sink` keys (or in the [B, H, 1] mask `heads`, such as the prefill's choice), a fraction `p` of the sinks'
+    mass moves to the span keys in proportion to their attention. Returns (probabilities, this row's heads test)."""
+    row = probs[:, :, -1]
+    sink_mass = row[..., sink].sum(-1, keepdim=True)
+    tgt = row[..., span]
+    tgt_mass = tgt.sum(-1, keepdim=True)
+    test = tgt_mass >= rho * (1 - sink_mass).clamp_min(1e-9)  # [B, H, 1]
+    new = row.clone()
+    new[..., sink] = row[..., sink] * (1 - p)
+    new[..., span] = tgt + p * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
+    new = new / new.sum(-1, keepdim=True)
+    probs = probs.clone()
+    probs[:, :, -1] = torch.where((test if heads is None else heads) & (tgt_mass > 0), new, row)
+    return probs, test

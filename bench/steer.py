@@ -65,7 +65,7 @@ def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5
     step (`heads_at="prefill"`, attnscope's default), or tested again on every step's row ("step")."""
     import torch
 
-    from anchors import eager_anchor
+    from anchors import eager_anchor, var_last_row
 
     span_t = torch.tensor(span)
     sink_t = torch.tensor(sinks or [0])
@@ -77,21 +77,10 @@ def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5
         return w
 
     def var(module, probs):
-        row = probs[:, :, -1]
-        sink_mass = row[..., sink_t].sum(-1, keepdim=True)
-        tgt = row[..., span_t]
-        tgt_mass = tgt.sum(-1, keepdim=True)
-        centric = (tgt_mass / (1 - sink_mass).clamp_min(1e-9)) >= rho
-        if heads_at == "prefill":
-            if probs.shape[2] > 1:
-                chosen[module.layer_idx] = centric
-            centric = chosen[module.layer_idx]
-        new = row.clone()
-        new[..., sink_t] = row[..., sink_t] * (1 - p)
-        new[..., span_t] = tgt + p * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
-        new = new / new.sum(-1, keepdim=True)
-        probs = probs.clone()
-        probs[:, :, -1] = torch.where(centric & (tgt_mass > 0), new, row)
+        reuse = heads_at == "prefill" and probs.shape[2] == 1  # a decode step: the heads chosen at prefill
+        probs, test = var_last_row(probs, sink_t, span_t, p, rho, chosen[module.layer_idx] if reuse else None)
+        if heads_at == "prefill" and probs.shape[2] > 1:
+            chosen[module.layer_idx] = test
         return probs
 
     def heads(module, out):

@@ -1,6 +1,6 @@
 """Code of bench/ that tests share with the benchmarks, loaded by path (bench/ is a folder of scripts, not a package):
-`eager_anchor`, the anchors' way of editing attention (bench/anchors.py), the independent reference of the steering
-tests."""
+`eager_anchor`, the anchors' way of editing attention, and `var_last_row`, VAR's rule on its weights
+(bench/anchors.py): the independent reference of the steering tests."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,4 +21,4 @@ def load(name: str):
     return sys.modules[key]
 
 
-eager_anchor = load("anchors").eager_anchor
+eager_anchor, var_last_row = load("anchors").eager_anchor, load("anchors").var_last_row

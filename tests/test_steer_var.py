@@ -10,7 +10,7 @@ import torch
 
 from attnscope.steer import VAR, SteerError, steer
 from attnscope.steer.methods import parse
-from bench_modules import eager_anchor
+from bench_modules import eager_anchor, var_last_row
 
 PROMPT = "Tom's favourite colour is blue. Anna's favourite colour is green. Anna's favourite colour is"
 SPAN, P, RHO, NEW = [5, 6, 7], 0.6, 0.2, 4
@@ -25,22 +25,11 @@ def anchors_var(hf, sinks: dict, once: bool, chosen: dict):
 
     def var(module, probs):
         layer = module.layer_idx
-        row = probs[:, :, -1]
-        sink = torch.tensor([i for i in sinks[layer] if i < row.shape[-1]], dtype=torch.long)
-        sink_mass = row[..., sink].sum(-1, keepdim=True)
-        tgt = row[..., span]
-        tgt_mass = tgt.sum(-1, keepdim=True)
-        centric = tgt_mass >= RHO * (1 - sink_mass).clamp_min(1e-9)  # [B, H, 1]
-        if once:
-            if probs.shape[2] > 1:
-                chosen[layer] = centric[..., 0]
-            centric = chosen[layer][..., None]
-        new = row.clone()
-        new[..., sink] = row[..., sink] * (1 - P)
-        new[..., span] = tgt + P * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
-        new = new / new.sum(-1, keepdim=True)
-        probs = probs.clone()
-        probs[:, :, -1] = torch.where(centric & (tgt_mass > 0), new, row)
+        sink = torch.tensor([i for i in sinks[layer] if i < probs.shape[-1]], dtype=torch.long)
+        reuse = once and probs.shape[2] == 1  # a decode step: the heads stored at prefill
+        probs, test = var_last_row(probs, sink, span, P, RHO, chosen[layer][..., None] if reuse else None)
+        if once and probs.shape[2] > 1:
+            chosen[layer] = test[..., 0]
         return probs
 
     return eager_anchor(hf, range(2, hf.config.num_hidden_layers), probs=var)
