@@ -336,6 +336,59 @@ def write_section(md: Path, section: str) -> None:
     md.write_text(new)
 
 
+def stored_sizes(raw: Path) -> dict:
+    """The sizes the stored run used, counted in its raw files: `--report` and the reuse of finished files both
+    ignore this invocation's --n/--chair/--lookback, so the report must not quote them. n: POPE questions per
+    split (an int, or {split: count} where the splits differ), chair: captions, lookback: traced captions, each
+    from the baseline's files (else the first method's); None where nothing is stored. `differ`: {method: its
+    sizes} for methods whose files hold other sizes than that."""
+    def pope_n(path):
+        counts: dict[str, int] = {}
+        for r in load_jsonl(path):
+            if r.get("type") == "answer":
+                counts[r["split"]] = counts.get(r["split"], 0) + 1
+        return next(iter(counts.values())) if len(set(counts.values())) == 1 else (counts or None)
+
+    def chair_n(path):
+        return sum(r.get("type") == "caption" for r in load_jsonl(path)) or None
+
+    per_method: dict[str, dict] = {}
+    for path in sorted(raw.glob("*.jsonl")):
+        task, name = path.stem.split("-", 1)
+        if task in ("pope", "chair"):
+            per_method.setdefault(name, {})["n" if task == "pope" else "chair"] = (pope_n if task == "pope" else chair_n)(path)
+    sizes = {"n": None, "chair": None}
+    for key in sizes:
+        found = [m[key] for name, m in sorted(per_method.items(), key=lambda kv: kv[0] != "baseline") if m.get(key)]
+        sizes[key] = found[0] if found else None
+    traces = raw / "traces.json"
+    sizes["lookback"] = len(json.loads(traces.read_text())) if traces.is_file() else None
+    differ = {name: {k: v for k, v in m.items() if v is not None and v != sizes[k]} for name, m in per_method.items()}
+    sizes["differ"] = {name: d for name, d in differ.items() if d}
+    return sizes
+
+
+def setup_lines(cfg: dict) -> list[str]:
+    """The report's Setup section, from the sizes the stored run used (`stored_sizes`)."""
+    n = cfg["n"]
+    pope = ("not run" if n is None else f"{n} questions per split" if isinstance(n, int) else
+            "questions per split: " + ", ".join(f"{k} {v}" for k, v in n.items()))
+    L = ["## Setup", "",
+         f"* Model: `scene-vlm` ({cfg['model']}).",
+         f"* Scenes: `SceneWorld(seed=0)` test split (co-occurrence knob 0 at test; 0.9 in training for the pairs "
+         f"{', '.join('-'.join(p) for p in cfg['pairs'])}, with 60% of the added partners drawn small and so faint that they are barely distinguishable from the background noise, "
+         "so that the prior pays off in training where the image leaves doubt). Every test object is drawn normally.",
+         f"* POPE: {pope} (3 yes + 3 no per image where possible; adversarial negatives ranked "
+         "by training co-occurrence with the present classes, popular by training frequency); strict parsing.",
+         f"* CHAIR: {'not run' if cfg['chair'] is None else str(cfg['chair']) + ' captions'} (\"Describe the image.\", up to 56 new tokens).",
+         f"* Observations and Lookback Lens: {'not run' if cfg['lookback'] is None else str(cfg['lookback']) + ' further captions'} "
+         "with attention recorded."]
+    for name, m in cfg.get("differ", {}).items():
+        L.append(f"* `{name}` was run with other sizes: " + ", ".join(
+            f"{'POPE questions per split' if k == 'n' else 'CHAIR captions'} {v}" for k, v in m.items()) + ".")
+    return L + [""]
+
+
 def write_report(summary: dict) -> None:
     kept = kept_sections(RESULTS / "hallucination.md")
     L = ["# Object hallucination on scene-vlm: baseline, steering and pruning methods, seed-paper observations", "",
@@ -343,16 +396,7 @@ def write_report(summary: dict) -> None:
          f"{summary['torch']}; {summary['threads']} thread on a 2-core CPU shared with other jobs, so absolute times "
          "are noisy; ratios are to the baseline of the same run). Greedy decoding throughout. Intervals: 95% "
          "bootstrap, resampling images. Raw answers: `bench/results/hallucination/*.jsonl`.", ""]
-    cfg = summary["config"]
-    L += ["## Setup", "",
-          f"* Model: `scene-vlm` ({cfg['model']}).",
-          f"* Scenes: `SceneWorld(seed=0)` test split (co-occurrence knob 0 at test; 0.9 in training for the pairs "
-          f"{', '.join('-'.join(p) for p in cfg['pairs'])}, with 60% of the added partners drawn small and so faint that they are barely distinguishable from the background noise, "
-          "so that the prior pays off in training where the image leaves doubt). Every test object is drawn normally.",
-          f"* POPE: {cfg['n']} questions per split (3 yes + 3 no per image where possible; adversarial negatives ranked "
-          "by training co-occurrence with the present classes, popular by training frequency); strict parsing.",
-          f"* CHAIR: {cfg['chair']} captions (\"Describe the image.\", up to 56 new tokens).",
-          f"* Observations and Lookback Lens: {cfg['lookback']} further captions with attention recorded.", ""]
+    L += setup_lines(summary["config"])
     base = summary["methods"].get("baseline")
     if base and "caption" in base:
         c = base["caption"]
@@ -470,7 +514,7 @@ def summarize_all(args, world) -> dict:
                "threads": torch.get_num_threads(), "attnscope": attnscope.__version__,
                "config": {"model": "DINOv2-S/14 + SmolLM2-135M, 64 image tokens, projector + LoRA r=8 on q/k/v/o trained on 3000 scenes with "
                                          "captions, yes/no questions and the grounding loss (scripts/train_scene_vlm.py)",
-                          "n": args.n, "chair": args.chair, "lookback": args.lookback, "pairs": [list(p) for p in world.pairs]},
+                          **stored_sizes(RAW), "pairs": [list(p) for p in world.pairs]},
                "methods": {}, "notes": list(SKIP_NOTES)}
     base_pope = load_jsonl(RAW / "pope-baseline.jsonl")
     base_pope = [r for r in base_pope if r.get("type") == "answer"]
@@ -501,6 +545,8 @@ def summarize_all(args, world) -> dict:
             summary["notes"].append(f"The observations section is the run of {before.get('observations_when', before['when'])} "
                                     "(its traces.npz is not committed), carried over unchanged.")
             summary["observations_when"] = before.get("observations_when", before["when"])
+    if summary["config"]["lookback"] is None and "observations" in summary:
+        summary["config"]["lookback"] = summary["observations"]["captions"]
     return summary
 
 
@@ -554,7 +600,8 @@ def main(argv=None) -> int:
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
-    ap.add_argument("--report", action="store_true", help="only summarize existing raw files")
+    ap.add_argument("--report", action="store_true",
+                    help="only summarize existing raw files (the report states the sizes they hold, not --n/--chair/--lookback)")
     ap.add_argument("--skip-traces", action="store_true")
     ap.add_argument("--skip-baseline", action="store_true",
                     help="leave the baseline to another process (run several with disjoint --methods to use more cores)")
@@ -612,6 +659,10 @@ def main(argv=None) -> int:
                 log(f"method {name} failed: {type(err).__name__}: {err}")
                 (RAW / f"error-{name}.jsonl").write_text(json.dumps({"error": f"{type(err).__name__}: {err}"[:300]}) + "\n")
     summary = summarize_all(args, world)
+    cfg = summary["config"]
+    stale = {k: cfg[k] for k in ("n", "chair", "lookback") if not args.report and cfg[k] not in (None, getattr(args, k))}
+    if stale:
+        log(f"reused raw files hold other sizes than asked: {stale}; the report states theirs (--force reruns them)")
     (RESULTS / "hallucination.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     write_report(summary)
     log(f"wrote {RESULTS / 'hallucination.md'}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import contextlib
 import gc
 import json
 import os
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/anchors.py, also when this file is loaded by path
 RESULTS = HERE / "results"
 VAR_STEP = "VAR, heads per step"  # VAR(heads_at="step"): the image-centric heads tested again at every decode step
 RHO = 0.1  # VAR's head threshold here: the span is 100 of 1,024 plain-text tokens, so rho=0.5 would leave VAR idle
@@ -58,63 +58,39 @@ def context(m, n: int) -> dict:
 
 
 # --- the anchors' way: eager attention with a patched eager_attention_forward --------------------------------
-@contextlib.contextmanager
 def anchors(hf, edit: str, layers: set[int], span: list[int], alpha: float = 0.5, p: float = 0.6, rho: float = 0.5,
             sinks: list[int] | None = None, scales: dict | None = None, heads_at: str = "prefill"):
-    """PAI, VAR or head scaling on full eager attention weights, as the papers' reference code does it. VAR's
-    image-centric heads: tested on the prefill's last row and reused at every decode step (`heads_at="prefill"`,
-    attnscope's default), or tested again on every step's row ("step")."""
+    """PAI, VAR or head scaling on full eager attention weights, as the papers' reference code does it
+    (`anchors.eager_anchor`). VAR's image-centric heads: tested on the prefill's last row and reused at every decode
+    step (`heads_at="prefill"`, attnscope's default), or tested again on every step's row ("step")."""
     import torch
 
-    modeling = sys.modules[type(hf).__module__]
-    original = modeling.eager_attention_forward
+    from anchors import eager_anchor, var_last_row
+
     span_t = torch.tensor(span)
     sink_t = torch.tensor(sinks or [0])
     chosen = {}  # layer -> [B, H, 1] heads chosen at prefill
 
-    def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if module.layer_idx not in layers:
-            return original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        k = modeling.repeat_kv(key, module.num_key_value_groups)
-        v = modeling.repeat_kv(value, module.num_key_value_groups)
-        w = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if edit == "pai":
-            a = w[:, :, -1:, span_t]
-            w[:, :, -1:, span_t] = a + alpha * a.abs()
-        if attention_mask is not None:
-            w = w + attention_mask[..., : k.shape[-2]]
-        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
-        if edit == "var":
-            row = probs[:, :, -1]
-            sink_mass = row[..., sink_t].sum(-1, keepdim=True)
-            tgt = row[..., span_t]
-            tgt_mass = tgt.sum(-1, keepdim=True)
-            centric = (tgt_mass / (1 - sink_mass).clamp_min(1e-9)) >= rho
-            if heads_at == "prefill":
-                if query.shape[2] > 1:
-                    chosen[module.layer_idx] = centric
-                centric = chosen[module.layer_idx]
-            new = row.clone()
-            new[..., sink_t] = row[..., sink_t] * (1 - p)
-            new[..., span_t] = tgt + p * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
-            new = new / new.sum(-1, keepdim=True)
-            probs = probs.clone()
-            probs[:, :, -1] = torch.where(centric & (tgt_mass > 0), new, row)
-        out = torch.matmul(probs, v)
-        if edit == "heads":
-            s = torch.ones(out.shape[1])
-            for h, f in scales.get(module.layer_idx, {}).items():
-                s[h] = f
-            out = out * s[None, :, None, None]
-        return out.transpose(1, 2).contiguous(), probs
+    def pai(module, w):
+        a = w[:, :, -1:, span_t]
+        w[:, :, -1:, span_t] = a + alpha * a.abs()
+        return w
 
-    hf.set_attn_implementation("eager")
-    modeling.eager_attention_forward = patched
-    try:
-        yield
-    finally:
-        modeling.eager_attention_forward = original
-        hf.set_attn_implementation("sdpa")
+    def var(module, probs):
+        reuse = heads_at == "prefill" and probs.shape[2] == 1  # a decode step: the heads chosen at prefill
+        probs, test = var_last_row(probs, sink_t, span_t, p, rho, chosen[module.layer_idx] if reuse else None)
+        if heads_at == "prefill" and probs.shape[2] > 1:
+            chosen[module.layer_idx] = test
+        return probs
+
+    def heads(module, out):
+        s = torch.ones(out.shape[1])
+        for h, f in scales.get(module.layer_idx, {}).items():
+            s[h] = f
+        return out * s[None, :, None, None]
+
+    return eager_anchor(hf, layers, scores=pai if edit == "pai" else None, probs=var if edit == "var" else None,
+                        heads=heads if edit == "heads" else None)
 
 
 # --- 1. generation -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from attnscope.core.dispatch import registered_names
 from attnscope.flow import KnockoutCurve, TokenSetError, knockout_curve, token_sets
+from attnscope.flow.knockout import window_starts
 from attnscope.steer import Knockout, SteerError, steer
 
 PROMPT = "The capital of France is"
@@ -86,6 +87,39 @@ def test_token_sets_follow_roles_and_words(smollm):
         token_sets(smollm, x, subject="Germany")
 
 
+@pytest.mark.parametrize("prompt, subject", [
+    ("Столица Франции — Париж. Столица России —", "России"),  # Cyrillic: 2 bytes a letter, split over tokens
+    ("日本的首都是东京。中国的首都是", "中国"),  # CJK: 3 bytes a character
+    ("The capital of Ελλάδα is", "Ελλάδα"),  # Greek inside an English prompt
+], ids=["cyrillic", "cjk", "greek"])
+def test_subject_words_in_any_script(smollm, prompt, subject):
+    """SmolLM2's byte-level BPE splits these characters' bytes over tokens that alone decode to U+FFFD; the subject
+    is found by the characters the tokenizer itself decodes, and its tokens decode back to exactly the word."""
+    x = smollm.encode(prompt, chat=False)
+    ids = x["input_ids"][0].tolist()
+    sets = token_sets(smollm, x, question=prompt, subject=subject)
+    found = sets["subject"]
+    assert found == list(range(found[0], found[-1] + 1))
+    assert smollm.tokenizer.decode([ids[i] for i in found]).strip() == subject
+    assert any("\ufffd" in smollm.tokenizer.decode([ids[i]]) for i in found)  # a split character, really
+    assert sorted(i for v in sets.values() for i in v) == list(range(len(ids)))  # still a partition
+    with pytest.raises(TokenSetError, match="not in the prompt"):
+        token_sets(smollm, x, subject=subject[::-1] + "ы")
+    curve = knockout_curve(smollm, prompt, subject=subject, chat=False, window=15, stride=15, flows=["subject->last"])
+    assert curve.examples[0]["sets"]["subject"] == found and np.isfinite(curve.changes["subject->last"]).all()
+
+
+def test_cli_flow_takes_a_non_latin_subject(smollm, capsys):
+    from attnscope.cli import main
+
+    assert main(["flow", "smollm2-135m", "--text", "Столица Франции — Париж. Столица России —", "--raw-prompt",
+                 "--subject", "России", "--source", "subject", "--target", "last", "--window", "30"]) == 0
+    assert "| 0-29 |" in capsys.readouterr().out
+    assert main(["flow", "smollm2-135m", "--text", "Столица России —", "--raw-prompt", "--subject", "Германии"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not in the prompt" in err[0]
+
+
 def test_curve_windows_restore_and_round_trip(smollm, tmp_path):
     before = state(smollm)
     curve = knockout_curve(smollm, PROMPT, question="capital of France is", subject="France", answer=" Paris",
@@ -108,6 +142,32 @@ def test_curve_windows_restore_and_round_trip(smollm, tmp_path):
     both = KnockoutCurve.combine([curve, back])
     assert len(both) == 2 and set(both.to_dict()["intervals"]) == set(curve.flows)
     assert curve.save(tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_window_starts_reach_the_last_layer_for_every_stride():
+    for n in (1, 7, 30):
+        for window in range(1, n + 1):
+            for stride in range(1, n + 2):
+                starts = window_starts(n, window, stride)
+                steps = [b - a for a, b in zip(starts, starts[1:])]
+                assert starts[0] == 0 and starts[-1] + window == n  # first layer to last layer
+                assert all(s == stride for s in steps[:-1]) and all(0 < s <= stride for s in steps[-1:])
+
+
+def test_a_stride_that_does_not_divide_still_knocks_out_the_last_layers(smollm):
+    """window 4, stride 5 on 30 layers: the windows 0-3 ... 25-28 leave layer 29 in none; a last window 26-29 is
+    added, and its number equals a forward under the same Knockout done by hand."""
+    curve = knockout_curve(smollm, PROMPT, question="capital of France is", answer=" Paris", chat=False, window=4,
+                           stride=5, flows=["question->last"])
+    assert curve.windows == [(0, 3), (5, 8), (10, 13), (15, 18), (20, 23), (25, 28), (26, 29)]
+    x = smollm.encode(PROMPT, chat=False)
+    question = curve.examples[0]["sets"]["question"]
+    tid = curve.examples[0]["answer_id"]
+    with torch.no_grad():
+        p0 = float(smollm.hf(**x).logits[0, -1].softmax(-1)[tid])
+        with steer(smollm, Knockout(question, "last", range(26, 30))):
+            p = float(smollm.hf(**x).logits[0, -1].softmax(-1)[tid])
+    assert curve.changes["question->last"][0, -1] == pytest.approx((p - p0) / p0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

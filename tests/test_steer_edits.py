@@ -4,15 +4,13 @@ and additive mask), a capture inside a steer records the edited probabilities, V
 sink mass, head scaling equals zeroing o_proj's input slice, roles follow each row of a left-padded batch."""
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import pytest
 import torch
 
 import attnscope
 from attnscope.core.dispatch import registered_names
 from attnscope.steer import PAI, VAR, HeadMask, HeadScale, LogitBias, MaskKeys, Redistribute, ScaleKeys, SteerError, steer
+from bench_modules import eager_anchor
 
 PROMPT = "Tom's favourite colour is blue. Anna's favourite colour is green. Anna's favourite colour is"
 
@@ -28,36 +26,41 @@ def x(smollm):
     return smollm.encode(PROMPT)
 
 
-@contextlib.contextmanager
 def anchors_pai(hf, alpha, layers, keys, last_only=True, record=None):
     """PAI the way its reference code does it: eager attention, the raw weights of the last row on the chosen keys
-    raised to a + alpha*|a| before the mask and softmax (a patched eager_attention_forward)."""
-    modeling = sys.modules[type(hf).__module__]
-    original = modeling.eager_attention_forward
-
-    def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if module.layer_idx not in layers:
-            return original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        k = modeling.repeat_kv(key, module.num_key_value_groups)
-        v = modeling.repeat_kv(value, module.num_key_value_groups)
-        w = torch.matmul(query, k.transpose(2, 3)) * scaling
+    raised to a + alpha*|a| before the mask and softmax (bench/anchors.py's patched eager_attention_forward)."""
+    def raise_keys(module, w):
         rows = slice(-1, None) if last_only else slice(None)
         a = w[:, :, rows][..., keys]
         w[:, :, rows, keys] = a + alpha * a.abs()
-        if attention_mask is not None:
-            w = w + attention_mask[..., : k.shape[-2]]
-        p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+        return w
+
+    def keep(module, p):
         if record is not None:
             record[module.layer_idx] = p
-        return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+        return p
 
-    hf.set_attn_implementation("eager")
-    modeling.eager_attention_forward = patched
-    try:
-        yield
-    finally:
-        modeling.eager_attention_forward = original
-        hf.set_attn_implementation("sdpa")
+    return eager_anchor(hf, layers, scores=raise_keys, probs=keep)
+
+
+def test_the_anchor_without_edits_is_the_models_own_eager_attention(smollm, x):
+    """The shared reference (bench/anchors.py) recomputes eager attention itself: with no edit it must equal the
+    modeling file's eager attention, and put eager_attention_forward and SDPA back even when the block raises."""
+    before = state(smollm)
+    modeling = __import__(type(smollm.hf).__module__, fromlist=["eager_attention_forward"])
+    original = modeling.eager_attention_forward
+    with torch.no_grad():
+        smollm.hf.set_attn_implementation("eager")
+        try:
+            own = smollm.hf(**x).logits
+        finally:
+            smollm.hf.set_attn_implementation("sdpa")
+        with eager_anchor(smollm.hf, range(30)):
+            anchor = smollm.hf(**x).logits
+        with pytest.raises(ZeroDivisionError), eager_anchor(smollm.hf, range(30), probs=lambda module, p: p * 0):
+            1 / 0  # noqa: B018
+    assert torch.equal(anchor, own)
+    assert state(smollm) == before and modeling.eager_attention_forward is original
 
 
 def test_exit_restores_exactly_also_after_an_exception(smollm, x):

@@ -5,63 +5,34 @@ forms are bit-identical at prefill, where the stored choice is exactly the prefi
 stored heads, so the forms part from there."""
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import pytest
 import torch
 
 from attnscope.steer import VAR, SteerError, steer
 from attnscope.steer.methods import parse
+from bench_modules import eager_anchor, var_last_row
 
 PROMPT = "Tom's favourite colour is blue. Anna's favourite colour is green. Anna's favourite colour is"
 SPAN, P, RHO, NEW = [5, 6, 7], 0.6, 0.2, 4
 
 
-@contextlib.contextmanager
 def anchors_var(hf, sinks: dict, once: bool, chosen: dict):
     """VAR on eager attention weights: the last row's sink mass moves to SPAN in heads whose SPAN share of the
     non-sink mass is >= RHO; with `once`, heads are chosen at the prefill (the forward with several queries) and
-    stored in `chosen`, and decode steps use the stored heads."""
-    modeling = sys.modules[type(hf).__module__]
-    original = modeling.eager_attention_forward
+    stored in `chosen`, and decode steps use the stored heads (bench/anchors.py's patched eager_attention_forward,
+    layers 2 and up)."""
     span = torch.tensor(SPAN)
 
-    def patched(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    def var(module, probs):
         layer = module.layer_idx
-        if layer < 2:
-            return original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        k = modeling.repeat_kv(key, module.num_key_value_groups)
-        v = modeling.repeat_kv(value, module.num_key_value_groups)
-        w = torch.matmul(query, k.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            w = w + attention_mask[..., : k.shape[-2]]
-        probs = torch.softmax(w, dim=-1, dtype=torch.float32)
-        row = probs[:, :, -1]
-        sink = torch.tensor([i for i in sinks[layer] if i < row.shape[-1]], dtype=torch.long)
-        sink_mass = row[..., sink].sum(-1, keepdim=True)
-        tgt = row[..., span]
-        tgt_mass = tgt.sum(-1, keepdim=True)
-        centric = tgt_mass >= RHO * (1 - sink_mass).clamp_min(1e-9)  # [B, H, 1]
-        if once:
-            if query.shape[2] > 1:
-                chosen[layer] = centric[..., 0]
-            centric = chosen[layer][..., None]
-        new = row.clone()
-        new[..., sink] = row[..., sink] * (1 - P)
-        new[..., span] = tgt + P * sink_mass * tgt / tgt_mass.clamp_min(1e-30)
-        new = new / new.sum(-1, keepdim=True)
-        probs = probs.clone()
-        probs[:, :, -1] = torch.where(centric & (tgt_mass > 0), new, row)
-        return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+        sink = torch.tensor([i for i in sinks[layer] if i < probs.shape[-1]], dtype=torch.long)
+        reuse = once and probs.shape[2] == 1  # a decode step: the heads stored at prefill
+        probs, test = var_last_row(probs, sink, span, P, RHO, chosen[layer][..., None] if reuse else None)
+        if once and probs.shape[2] > 1:
+            chosen[layer] = test[..., 0]
+        return probs
 
-    hf.set_attn_implementation("eager")
-    modeling.eager_attention_forward = patched
-    try:
-        yield
-    finally:
-        modeling.eager_attention_forward = original
-        hf.set_attn_implementation("sdpa")
+    return eager_anchor(hf, range(2, hf.config.num_hidden_layers), probs=var)
 
 
 def generate(model, x):

@@ -5,40 +5,21 @@ import re
 
 import pytest
 
-from attnscope.models import zoo
 from attnscope.scenes import SceneWorld, question
-from attnscope.viz.server import create_app
-from attnscope.viz.testing import running_server
-from browser import VIEWPORT, chromium, expect, needs_browser  # noqa: F401 (chromium is a fixture)
+from browser import chromium, expect, needs_browser, open_run, serve  # noqa: F401 (chromium is a fixture)
 
 pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
-def server():
-    try:
-        vlm = zoo.load("scene-vlm")
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    app = create_app()
-    app.state.viewer.slot("scene-vlm").model = vlm
-    with running_server(app) as url:
-        yield url
+def server(scene_vlm):
+    yield from serve({"scene-vlm": scene_vlm})
 
 
 def test_grounding_box_and_points_over_the_image(chromium, server, tmp_path):
     image = tmp_path / "scene.png"
     SceneWorld(seed=0).scene("test", 0).image.save(image)
-    page = chromium.new_page(viewport=VIEWPORT)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server + "/")
-    page.select_option("select[name=model]", "scene-vlm")
-    page.wait_for_selector(".as-img:not(.as-hidden)")
-    page.set_input_files("input[name=image]", str(image))
-    page.fill("textarea[name=text]", question("bag"))
-    page.click("button.as-run")
-    page.wait_for_selector(".as-viewer[data-ready='1']", timeout=120_000)
+    page, errors = open_run(chromium, server, "scene-vlm", question("bag"), image=image)
     panel = page.locator(".as-ground")
     panel.locator("select").select_option("tag")
     panel.locator("input").fill("bag")

@@ -2,32 +2,18 @@
 legend, and a bad window answered by a red error that replaces the stale curve."""
 import pytest
 
-from attnscope.viz.server import create_app
-from attnscope.viz.testing import running_server
-from browser import VIEWPORT, chromium, expect, needs_browser  # noqa: F401 (chromium is a fixture)
+from browser import chromium, expect, needs_browser, open_run, serve  # noqa: F401 (chromium is a fixture)
 
 pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
 def server(smollm):
-    app = create_app()
-    app.state.viewer.slot("smollm2-135m").model = smollm
-    with running_server(app) as url:
-        yield url
+    yield from serve({"smollm2-135m": smollm})
 
 
 def test_knockout_panel_draws_the_curve_and_shows_errors(chromium, server):
-    page = chromium.new_page(viewport=VIEWPORT)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server + "/")
-    page.select_option("select[name=model]", "smollm2-135m")
-    page.wait_for_selector(".as-gen:not(.as-hidden)")
-    page.fill("textarea[name=text]", "The capital of France is")
-    page.fill("input[name=max_new_tokens]", "1")
-    page.click("button.as-run")
-    page.wait_for_selector(".as-viewer[data-ready='1']", timeout=120_000)
+    page, errors = open_run(chromium, server, "smollm2-135m", "The capital of France is", max_new_tokens=1)
     panel = page.locator(".as-knockout")
     page.select_option("select[aria-label='knockout source']", "subject")
     page.select_option("select[aria-label='knockout target']", "last")

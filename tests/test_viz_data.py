@@ -89,3 +89,21 @@ def test_two_thousand_tokens_stay_compact():
     assert len(lazy) < 400_000, len(lazy)  # tokens, metrics, thumbnails: rows come per query
     q, u8, scale = view.block(1000)
     assert u8.nbytes == 30 * 9 * 2000  # one query's block: 540 kB, sent on demand
+
+
+def test_both_view_builders_draw_self_attention_streams_and_refuse_cross_only():
+    """data.stream_views and lazy.stream_views share one rule: cross-attention (not square) is left out, and a run
+    holding only cross-attention is refused with the fix, by both."""
+    import pytest
+
+    from attnscope.viz import lazy
+
+    trace = synthetic_trace(layers=2, heads=2, length=12, queries=[3, 11])
+    run = trace.run()
+    run.records[("cross", 0)] = run.records[("text", 0)]
+    assert [v.name for v in data.stream_views(trace)] == ["text"]
+    assert data.self_attention_streams(run) == ["text"]
+    run.records = {k: v for k, v in run.records.items() if k[0] == "cross"}
+    for build in (data.stream_views, lazy.stream_views):
+        with pytest.raises(ValueError, match="only cross-attention.*capture the encoder or decoder stream"):
+            build(trace)

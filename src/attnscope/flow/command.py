@@ -17,7 +17,7 @@ def add_parser(sub):
     p.add_argument("--source", help=f"the set whose keys are blocked: {', '.join(SETS)}")
     p.add_argument("--target", help="the set whose query rows cannot read them")
     p.add_argument("--window", type=int, default=4, help="layers per window (default 4)")
-    p.add_argument("--stride", type=int, default=1, help="layers between window starts (default 1); windows run up to the last full one, so with a stride above 1 the last layers may be in none (the output lists every window)")
+    p.add_argument("--stride", type=int, default=1, help="layers between window starts (default 1); a last window always ends at the last layer (the output lists every window)")
     p.add_argument("--answer", help="answer word: its first token, so write a leading space where the prompt needs one "
                                     "(' Paris' after 'is'); default the model's most likely next token")
     p.add_argument("--out", help=".json (curve) or .png (figure)")

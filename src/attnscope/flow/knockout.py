@@ -53,6 +53,15 @@ def check_window(n_layers: int, window, stride, stream: str) -> tuple[int, int]:
     return window, stride
 
 
+def window_starts(n_layers: int, window: int, stride: int) -> list[int]:
+    """First layers of the knockout windows: 0, stride, 2*stride, ... and always a last window ending at the last
+    layer (start n_layers - window), so the curve reaches the top of the stack whatever the stride; that last step
+    can be shorter than `stride`. With stride > window the layers between two windows are in none (a sparse sweep;
+    the curve's windows say which were knocked out)."""
+    starts = list(range(0, n_layers - window + 1, stride))
+    return starts if starts[-1] == n_layers - window else starts + [n_layers - window]
+
+
 def answer_token(model, answer) -> int:
     """A token id from an int, or from a word (its first token; write a leading space where the prompt needs one)."""
     vocab = model.hf.get_output_embeddings().weight.shape[0] if model.hf.get_output_embeddings() is not None else None
@@ -86,8 +95,8 @@ def knockout_curve(model, text: str, image=None, *, flows=None, window: int = 4,
                    extra_sets: dict[str, list[int]] | None = None, group=None) -> KnockoutCurve:
     """The knockout curve of one prompt: for each flow (default for a VLM: image->question, image->last,
     question->last; for a text model: subject->last and question->last, subject only when `subject` is given) and
-    each window of `window` layers (starts 0, stride, ... up to the last full window), the relative change of the
-    answer's probability at the last position.
+    each window of `window` layers (starts 0, stride, 2*stride, ..., and a last window ending at the last layer:
+    `window_starts`), the relative change of the answer's probability at the last position.
 
     `text` is the prompt (a VLM puts it in its chat template with the image); `question` the words of the question
     set (default: `text`), `subject` those of the subject set (taken out of the question set). `answer` is a word
@@ -153,7 +162,7 @@ def knockout_inputs(model, inputs: dict, *, question: str | None = None, subject
                                 f"change nothing (did you mean {target}->{source}?)")
     tid = answer_token(model, answer) if answer is not None else None
     spec = {name: ("last" if name == "last" else positions) for name, positions in sets.items()}
-    starts = list(range(0, n_layers - window + 1, stride))
+    starts = window_starts(n_layers, window, stride)
     windows = [(s, s + window - 1) for s in starts]
     edits = {(f, s): Knockout(source=spec[f[0]], target=spec[f[1]], layers=range(s, s + window), stream=stream)
              for f in flows for s in starts}  # built (validated) before the first forward

@@ -9,10 +9,11 @@ hard-coded index ranges.
 | `other`    | every other position of the prompt: not image, question, subject, last, or padding   |
 | `last`     | the last position (the row that predicts the answer)                                |
 
-Words are found by their characters: each position's token piece is turned back into text, whitespace is
-ignored on both sides (so byte-level and SentencePiece tokenizers agree), a match starts and ends on token
-boundaries (no word inside another), and the tokens it covers form the set. A word the prompt does not contain is
-an error naming the fix."""
+Words are found by their characters, in any script: the tokens are decoded by the tokenizer itself, and a
+character whose bytes a byte-level BPE (or SentencePiece's byte fallback) splits over several tokens (Cyrillic, CJK,
+emoji) belongs to each of them (`token_characters`). Whitespace is ignored on both sides (so byte-level and
+SentencePiece tokenizers agree), a match starts and ends on token boundaries (no word inside another), and the
+tokens it covers form the set. A word the prompt does not contain is an error naming the fix."""
 from __future__ import annotations
 
 import re
@@ -45,6 +46,45 @@ def _stream_map(model, inputs):
     raise TokenSetError(f"{model.name} has no language stream to find token sets in (streams: {sorted(maps)})")
 
 
+def token_characters(tok, pieces: list[str], context: int = 8) -> tuple[str, list[set[int]]]:
+    """(text, owners): the text that the token `pieces` spell, as the tokenizer decodes them, and for each character
+    the indices of the pieces that hold it. Each piece's text is what decoding it after up to `context` pieces adds
+    (so WordPiece's '##' and SentencePiece's leading '▁' read as the tokenizer writes them); a character that the
+    earlier pieces left incomplete (a byte-level BPE or byte-fallback piece with the first byte of 'Р' or '中'
+    decodes to U+FFFD) is replaced by the one the later piece completes, and belongs to every piece in between. Pieces the tokenizer's
+    vocabulary does not hold (and every piece without a tokenizer) are their own text."""
+    if tok is None:
+        return "".join(pieces), [{k} for k, p in enumerate(pieces) for _ in p]
+    ids = tok.convert_tokens_to_ids(list(pieces))
+    unk = getattr(tok, "unk_token_id", None)
+    chars: list[str] = []
+    owners: list[set[int]] = []
+    start = 0  # the decoding context begins here (after the last piece outside the vocabulary)
+    for k, (piece, tid) in enumerate(zip(pieces, ids)):
+        if tid is None or (tid == unk and piece != tok.unk_token):
+            chars += piece
+            owners += [{k} for _ in piece]
+            start = k + 1
+            continue
+        start = max(start, k - context)
+        before = tok.decode(ids[start:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        after = tok.decode(ids[start:k + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        same = next((c for c, (x, y) in enumerate(zip(before, after)) if x != y), min(len(before), len(after)))
+        new = after[same:]
+        if not new:  # a middle byte of a character still incomplete (decoded as U+FFFD before and after it)
+            if chars and chars[-1] == "\ufffd":
+                owners[-1].add(k)
+            continue
+        drop = min(len(before) - same, len(chars))  # characters this piece rewrites (completes)
+        replaced = owners[len(owners) - drop:] if drop else []
+        del chars[len(chars) - drop:], owners[len(owners) - drop:]
+        chars += new
+        owners += [{k} for _ in new]
+        for i, own in enumerate(replaced):
+            owners[len(owners) - len(new) + min(i, len(new) - 1)] |= own
+    return "".join(chars), owners
+
+
 def find_words(model, tmap, words: str, allowed: list[int]) -> list[int]:
     """Positions (among `allowed`) whose tokens spell `words` (last occurrence, whitespace ignored). The match must
     start at a token's first character and end at a token's last one: 'he' is not found inside ' cathedral', nor
@@ -52,18 +92,15 @@ def find_words(model, tmap, words: str, allowed: list[int]) -> list[int]:
     wanted = _SPACE.sub("", words or "")
     if not wanted:
         raise TokenSetError("the words to find are empty")
-    tok = model.tokenizer
-    text, owner, starts, ends = [], [], set(), set()
-    for pos in allowed:
-        piece = tmap.tokens[pos]
-        piece = tok.convert_tokens_to_string([piece]) if tok is not None else piece
-        piece = _SPACE.sub("", piece)
-        if piece:
-            starts.add(len(owner))
-            ends.add(len(owner) + len(piece))
-        text.append(piece)
-        owner.extend([pos] * len(piece))
-    joined = "".join(text)
+    text, owners = token_characters(model.tokenizer, [tmap.tokens[pos] for pos in allowed])
+    kept = [(ch, [allowed[k] for k in own]) for ch, own in zip(text, owners) if not ch.isspace()]
+    joined = "".join(ch for ch, _ in kept)
+    first, last = {}, {}
+    for c, (_, own) in enumerate(kept):
+        for pos in own:
+            first.setdefault(pos, c)
+            last[pos] = c + 1
+    starts, ends = set(first.values()), set(last.values())
     at, end = -1, len(joined)
     while True:
         at = joined.rfind(wanted, 0, end)
@@ -76,7 +113,7 @@ def find_words(model, tmap, words: str, allowed: list[int]) -> list[int]:
                                 "whole words as they appear in the prompt")
         raise TokenSetError(f"{words!r} is not in the prompt (its text: {joined[:200]!r}); pass words exactly as they "
                             "appear in the prompt")
-    return sorted(set(owner[at: at + len(wanted)]))
+    return sorted({pos for _, own in kept[at: at + len(wanted)] for pos in own})
 
 
 def token_sets(model, inputs: dict, question: str | None = None, subject: str | None = None) -> dict[str, list[int]]:

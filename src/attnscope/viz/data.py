@@ -168,16 +168,23 @@ class StreamView:
         return out
 
 
+def self_attention_streams(the_run) -> list[str]:
+    """The streams of a trace `Run` the viewer draws (square self-attention; cross-attention's queries are another
+    stream's positions), sorted. A run that holds only cross-attention is refused, naming the fix."""
+    streams = sorted({s for s, _ in the_run.records if s not in QUERY_STREAM})
+    if not streams and the_run.records:
+        raise ValueError("the viewer draws self-attention streams; this trace holds only cross-attention "
+                         f"({sorted({s for s, _ in the_run.records})}): capture the encoder or decoder stream too")
+    return streams
+
+
 def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None,
                  sinks: dict | None = None) -> list[StreamView]:
     """One `StreamView` per stream of `trace.run(run)`, batch row `row`. `tail`: generated tokens that never got
     a forward of their own (generate's final token), shown after the language/text stream. `sinks`: {stream:
     `explain.sinks.SinkReport`} from the model (else the attention-mass criterion on the stored rows)."""
     the_run = trace.run(run)
-    streams = sorted({s for s, _ in the_run.records if s not in QUERY_STREAM})  # cross-attention is not square
-    if not streams and the_run.records:
-        raise ValueError("the viewer draws self-attention streams; this trace holds only cross-attention "
-                         f"({sorted({s for s, _ in the_run.records})}): capture the encoder or decoder stream too")
+    streams = self_attention_streams(the_run)
     views = []
     for stream in streams:
         layers = sorted(layer for s, layer in the_run.records if s == stream)

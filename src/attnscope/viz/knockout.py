@@ -18,7 +18,7 @@ def knockout_view(model, result, body: dict) -> dict:
     """Run the knockout asked for by `body` {source, target (both or neither: the model's default flows), window,
     stride, question, subject} on the run's prompt; ValueError for anything it cannot do."""
     from ..flow import knockout_inputs
-    from ..flow.knockout import _default_flows, check_window
+    from ..flow.knockout import _default_flows, check_window, window_starts
     from ..steer.edits import lm_stream
 
     if not isinstance(body, dict):
@@ -30,7 +30,7 @@ def knockout_view(model, result, body: dict) -> dict:
     stream = lm_stream(model)
     n = model.streams[stream]
     window, stride = check_window(n, _int(body, "window", 4), _int(body, "stride", 1), stream)
-    forwards = ((n - window) // stride + 1) * len(flows) + 1
+    forwards = len(window_starts(n, window, stride)) * len(flows) + 1
     if forwards > MAX_FORWARDS:
         raise ValueError(f"{forwards} forwards asked ({len(flows)} flows x windows); the viewer runs at most "
                          f"{MAX_FORWARDS}: raise the stride or the window, or choose one flow")

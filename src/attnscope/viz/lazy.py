@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..capture.trace import Trace
-from ..core.tokens import QUERY_STREAM, TokenMap
-from .data import ENTROPY, PATTERN, StreamView, _pattern, quantize
+from ..core.tokens import TokenMap
+from .data import ENTROPY, PATTERN, StreamView, _pattern, quantize, self_attention_streams
 
 
 def is_streamed(run) -> bool:
@@ -79,10 +79,7 @@ class LazyStreamView(StreamView):
 def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None) -> list[LazyStreamView]:
     """One `LazyStreamView` per self-attention stream of `trace.run(run)`, batch row `row`."""
     the_run = trace.run(run)
-    streams = sorted({s for s, _ in the_run.records if s not in QUERY_STREAM})
-    if not streams and the_run.records:
-        raise ValueError("the viewer draws self-attention streams; this trace holds only cross-attention "
-                         f"({sorted({s for s, _ in the_run.records})}): capture the encoder or decoder stream too")
+    streams = self_attention_streams(the_run)
     views = []
     for stream in streams:
         layers = sorted(layer for s, layer in the_run.records if s == stream)
