@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import seam
-from .probs import attention_probs
+from .probs import attention_probs, index_on
 from .sites import Site
 
 PREFIX = "attnscope_"
@@ -52,8 +52,8 @@ class AttentionCall:
         edited) mask, with any patched entries written over. `dtype` is the precision a recomputation stores its
         float32 chunks in (an edit's `probs` come as they are)."""
         if self.probs is not None:
-            out = self.probs.index_select(1, heads.to(self.probs.device)).index_select(2, rows.to(self.probs.device))
-            return out if keys is None else out.index_select(-1, keys.to(out.device))
+            out = self.probs.index_select(1, index_on(heads, self.probs.device)).index_select(2, index_on(rows, self.probs.device))
+            return out if keys is None else out.index_select(-1, index_on(keys, out.device))
         if not self.patches:
             return attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs,
                                    heads=heads, rows=rows, keys=keys, chunk=chunk, dtype=dtype)
@@ -68,7 +68,7 @@ class AttentionCall:
             sub = probs[:, hi[:, 1]][:, :, ri[:, 1]].to(out.dtype)
             block = out[:, hi[:, 0]][:, :, ri[:, 0]]
             out[:, hi[:, 0][:, None], ri[:, 0][None, :]] = torch.where(sub_where[..., None], sub, block)
-        return out if keys is None else out.index_select(-1, keys.to(out.device))
+        return out if keys is None else out.index_select(-1, index_on(keys, out.device))
 
 
 class Handler:

@@ -62,6 +62,13 @@ def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, kv_l
     return mask.float()
 
 
+def index_on(index: torch.Tensor, device) -> torch.Tensor:
+    """A small index tensor moved to `device` without waiting for the device's queue: a blocking host-to-GPU copy
+    synchronises the stream, once per attention call; a non-blocking one from ordinary host memory is staged at the
+    call, so the host tensor may change afterwards."""
+    return index.to(device, non_blocking=index.device.type == "cpu")
+
+
 def _is_range(index: torch.Tensor, start: int) -> bool:
     """Whether `index` is start, start + 1, ... (read on the CPU when it lives there)."""
     return index.cpu().tolist() == list(range(start, start + index.numel()))
@@ -97,8 +104,8 @@ def attention_probs(
     # of a device tensor waits for the queue to drain
     all_heads = heads is None or heads.numel() == n_heads and _is_range(heads, 0)
     last_row_only = rows is not None and rows.numel() == 1 and _is_range(rows, q_len - 1)
-    heads = torch.arange(n_heads, device=device) if heads is None else heads.to(device)
-    rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
+    heads = torch.arange(n_heads, device=device) if heads is None else index_on(heads, device)
+    rows = torch.arange(q_len, device=device) if rows is None else index_on(rows, device)
     groups = n_heads // key.shape[1]
     # every head: multiply each key head with its group of query heads, without copying the keys per head
     grouped = all_heads
@@ -115,7 +122,7 @@ def attention_probs(
     min_value = torch.finfo(torch.float32).min
 
     n_keys = kv_len if keys is None else keys.numel()
-    keys = None if keys is None else keys.to(device)
+    keys = None if keys is None else index_on(keys, device)
     out_dtype = torch.float32 if logits else dtype
     single = 0 < rows.numel() <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
