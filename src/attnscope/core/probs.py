@@ -67,6 +67,18 @@ def _is_range(index: torch.Tensor, start: int) -> bool:
     return index.cpu().tolist() == list(range(start, start + index.numel()))
 
 
+def _on(index: torch.Tensor, device) -> torch.Tensor:
+    """`index` on `device`. A run of consecutive indices (every head, every row, the last row) is made there with
+    `arange` instead of copied: PyTorch synchronises the stream after every blocking copy between the host and a
+    GPU, which would make each attention call wait for the GPU's queue."""
+    if index.device == torch.device(device) or index.numel() == 0:
+        return index
+    first = int(index.reshape(-1)[0]) if index.device.type == "cpu" else None
+    if first is not None and index.dim() == 1 and _is_range(index, first):
+        return torch.arange(first, first + index.numel(), device=device, dtype=index.dtype)
+    return index.to(device)
+
+
 def attention_probs(
     module,
     query: torch.Tensor,
@@ -97,8 +109,8 @@ def attention_probs(
     # of a device tensor waits for the queue to drain
     all_heads = heads is None or heads.numel() == n_heads and _is_range(heads, 0)
     last_row_only = rows is not None and rows.numel() == 1 and _is_range(rows, q_len - 1)
-    heads = torch.arange(n_heads, device=device) if heads is None else heads.to(device)
-    rows = torch.arange(q_len, device=device) if rows is None else rows.to(device)
+    heads = torch.arange(n_heads, device=device) if heads is None else _on(heads, device)
+    rows = torch.arange(q_len, device=device) if rows is None else _on(rows, device)
     groups = n_heads // key.shape[1]
     # every head: multiply each key head with its group of query heads, without copying the keys per head
     grouped = all_heads
@@ -115,7 +127,7 @@ def attention_probs(
     min_value = torch.finfo(torch.float32).min
 
     n_keys = kv_len if keys is None else keys.numel()
-    keys = None if keys is None else keys.to(device)
+    keys = None if keys is None else _on(keys, device)
     out_dtype = torch.float32 if logits else dtype
     single = 0 < rows.numel() <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
