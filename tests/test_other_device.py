@@ -71,3 +71,21 @@ def test_the_blur_baseline_stays_on_the_pixels_device():
     pixels = torch.rand(1, 3, 32, 32)
     out = base.blurred(elsewhere(pixels))
     assert isinstance(out, OtherDevice) and torch.equal(out.cpu(), base.blurred(pixels))
+
+
+@pytest.mark.parametrize("baseline", ["blur", "mean"])
+def test_perturbed_pixels_stay_on_the_pixels_device(baseline):
+    """Faithfulness's perturbed copies of an image on another device: its patch mask is made there too."""
+    from types import SimpleNamespace
+
+    from attnscope.evaluate.faithfulness import Perturber
+
+    pixels = torch.rand(1, 3, 28, 28)
+    tokens = SimpleNamespace(patch=[None, (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)])
+
+    def explanation(pv):
+        return SimpleNamespace(_model=object(), _inputs={"pixel_values": pv}, tokens=tokens, _cell=lambda: (14, 14))
+
+    expected = Perturber(explanation(pixels), baseline).build([[1], [2, 4]])["pixel_values"]
+    got = Perturber(explanation(elsewhere(pixels)), baseline).build([[1], [2, 4]])["pixel_values"]
+    assert isinstance(got, OtherDevice) and torch.equal(got.cpu(), expected)
