@@ -401,7 +401,8 @@ def report(res: dict, md: Path) -> None:
     gib = 2 ** 30
     L = [f"# GPU: LLaVA-1.5-7B-shaped model, random weights in bfloat16 ({mc.get('gpu', 'CPU')})", "",
          "Produced by `python bench/gpu.py --run DIR` on the GPU machine, then `python bench/gpu.py --report "
-         "DIR/gpu.json`; raw numbers in `gpu.json`. The model's shapes are LLaVA-1.5-7B's (CLIP ViT-L/14-336 tower, "
+         "DIR/gpu.json`; raw numbers in `gpu.json` (its `summary` and `notes` are written there by hand after the run). "
+         "The model's shapes are LLaVA-1.5-7B's (CLIP ViT-L/14-336 tower, "
          f"Llama-2-7B language model, {res['params'] / 1e9:.2f} B parameters) with random weights: the weights cannot "
          "reach this project's machines, and the shapes alone set the kernels and their cost. "
          f"torch {mc['torch']}, CUDA {mc.get('cuda')}, transformers {mc['transformers']}.", "",
@@ -420,12 +421,16 @@ def report(res: dict, md: Path) -> None:
         L += ["", f"**Float32 check** (the same shapes in float32, TF32 off, {e['tokens']} tokens): the captured last rows "
               f"of all {e['layers']} layers equal eager's to {e['last_vs_eager_max_abs']:.1e} (row sums to "
               f"{e['rowsum_err']:.1e})."]
-    L += ["", "The eager reference runs in bfloat16 too (the model's own eager attention for the last token, after an "
+    L += ["", "`capture(queries=\"last\")` records every stream: where there is an image (1k tokens and up) the last row "
+          "of each of the vision tower's 24 layers too (24 more attention calls than the text-only 256-token row).",
+          "", "The eager reference runs in bfloat16 too (the model's own eager attention for the last token, after an "
           "SDPA prefill of the others), so the differences are bfloat16 rounding of two different kernels.", "",
           "![growth](gpu.png)", "",
           f"## 2. FastV prefill speed-up, K=2 (goal >= {FASTV_GOAL:.1f}x at keep 50%)", "",
           "One 336 px image (576 image tokens) and 41 text tokens. Prefill = one forward with `use_cache=True`, "
-          "`logits_to_keep=1`, the tower and projector included (the same in every configuration).", "",
+          "`logits_to_keep=1`, the tower and projector included (the same in every configuration). With random weights "
+          "the next token means nothing: \"same next token\" says whether pruning moved it, not whether an answer got "
+          "worse.", "",
           "| batch | config | speed-up vs no pruning (median, min..max) | theoretical LM FLOPs ratio | cache length, layers "
           "0-1 / 2 on | same next token | peak above weights |", "|---|---|---|---|---|---|---|"]
     for batch, r in f.items():

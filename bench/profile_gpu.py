@@ -15,6 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import build, configs, inputs, patches  # noqa: E402
 
 
+def kernel_ms(events, n: int) -> float:
+    """GPU time per call in ms: the self time of the device's own events (kernels, copies). An operator's row (aten::mm)
+    repeats the device time of the kernels it launched, so summing every row counts each kernel twice."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / n / 1e3
+
+
 def profile(name: str, fn, warm: int = 2, n: int = 3) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile as prof
@@ -29,7 +37,7 @@ def profile(name: str, fn, warm: int = 2, n: int = 3) -> None:
         torch.cuda.synchronize() if torch.cuda.is_available() else None
     wall = (time.perf_counter() - t0) / n
     ev = p.key_averages()
-    gpu = sum(e.self_device_time_total for e in ev) / n / 1e3
+    gpu = kernel_ms(ev, n)
     syncs = {e.key: e.count // n for e in ev if "Synchronize" in e.key or "Memcpy" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense")}
     print(f"\n===== {name}: wall {wall * 1e3:.1f} ms per call (profiled), GPU kernel time {gpu:.1f} ms, per call: {syncs}")
     print(ev.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))

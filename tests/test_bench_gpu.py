@@ -42,3 +42,19 @@ def test_gpu_bench_small_run_and_report(tmp_path):
     md = (out / "gpu.md").read_text()
     assert all(f"| {t} |" in md for t in res["growth"]) and "FastV K=2 keep 50%" in md and "explain scores" in md
     assert (out / "gpu.png").stat().st_size > 1000
+
+
+def test_profile_counts_each_kernel_once():
+    """bench/profile_gpu.py's GPU time per call: the kernels' own rows, not also the operators that launched them (an
+    aten::mm row repeats its kernels' device time; summing every row doubled the time, as in
+    results/gpu-profile-before-read-fix.txt: 247.6 ms printed for 371.4 ms of kernels over 3 calls)."""
+    from types import SimpleNamespace
+
+    from bench_modules import load
+    from torch.autograd import DeviceType
+
+    rows = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=207999.0),  # aten::mm
+            SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=112583.0),  # its kernels
+            SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=95416.0),
+            SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=0.0)]  # cudaLaunchKernel
+    assert abs(load("profile_gpu").kernel_ms(rows, 3) - (112583.0 + 95416.0) / 3 / 1e3) < 1e-9

@@ -64,3 +64,30 @@ def test_fastv_reads_do_not_grow_with_the_prompt(scene_vlm, count_reads):
     assert n_b > n_a + 10
     short, long = _reads(count_reads, a), _reads(count_reads, b)
     assert short == long, (short, long)
+
+
+def test_index_tensors_reach_the_device_without_a_copy_per_call(monkeypatch):
+    """PyTorch synchronises the stream after every blocking host-to-GPU copy, as it does for a read: the head and row
+    indices of a capture (every head, the last row, a run of rows) are made on the device with `arange`, not copied
+    there. Counted with the query on the meta device (a device other than the CPU, on any machine)."""
+    from attnscope.core.probs import attention_probs
+
+    class Module:
+        is_causal = True
+
+    q, k = torch.randn(1, 4, 6, 8, device="meta"), torch.randn(1, 2, 6, 8, device="meta")
+    copies = []
+    to = torch.Tensor.to
+
+    def counted(self, *args, **kwargs):
+        if self.device.type == "cpu" and not self.is_floating_point():
+            copies.append(self.tolist())
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted)
+    for heads, rows in [(torch.arange(4), torch.tensor([5])), (torch.tensor([1, 2]), torch.arange(2, 6)), (None, None)]:
+        out = attention_probs(Module(), q, k, None, {}, heads=heads, rows=rows)
+        assert out.device.type == "meta" and out.shape[1:3] == (4 if heads is None else len(heads), 6 if rows is None else len(rows))
+    assert copies == []
+    attention_probs(Module(), q, k, None, {}, heads=torch.tensor([1, 0]), rows=torch.tensor([5]))  # no run: copied
+    assert copies == [[1, 0]]

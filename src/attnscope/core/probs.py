@@ -62,16 +62,22 @@ def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, kv_l
     return mask.float()
 
 
-def index_on(index: torch.Tensor, device) -> torch.Tensor:
-    """A small index tensor moved to `device` without waiting for the device's queue: a blocking host-to-GPU copy
-    synchronises the stream, once per attention call; a non-blocking one from ordinary host memory is staged at the
-    call, so the host tensor may change afterwards."""
-    return index.to(device, non_blocking=index.device.type == "cpu")
-
-
 def _is_range(index: torch.Tensor, start: int) -> bool:
     """Whether `index` is start, start + 1, ... (read on the CPU when it lives there)."""
     return index.cpu().tolist() == list(range(start, start + index.numel()))
+
+
+def index_on(index: torch.Tensor, device) -> torch.Tensor:
+    """`index` on `device`. A run of consecutive indices (every head, every row, the last row) is made there with
+    `arange` instead of copied: PyTorch synchronises the stream after every blocking copy between the host and a
+    GPU, which would make each attention call wait for the GPU's queue. Any other index goes by a non-blocking copy
+    (staged from ordinary host memory at the call, so the host tensor may change afterwards)."""
+    if index.device == torch.device(device) or index.numel() == 0:
+        return index
+    first = int(index.reshape(-1)[0]) if index.device.type == "cpu" else None
+    if first is not None and index.dim() == 1 and _is_range(index, first):
+        return torch.arange(first, first + index.numel(), device=device, dtype=index.dtype)
+    return index.to(device, non_blocking=index.device.type == "cpu")
 
 
 def attention_probs(

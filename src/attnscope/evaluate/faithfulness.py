@@ -173,7 +173,7 @@ class Perturber:
             pixels = self.pixels.repeat(n, 1, 1, 1)
             fill = self.fill.repeat(n, 1, 1, 1)
             ph, pw = self.cell
-            mask = torch.zeros(pixels.shape[0], 1, *pixels.shape[-2:], dtype=torch.bool)
+            mask = pixels.new_zeros(pixels.shape[0], 1, *pixels.shape[-2:], dtype=torch.bool)  # on the pixels' device
             for row, positions in enumerate(removed):
                 for pos in positions:
                     where = self.tmap.patch[pos]

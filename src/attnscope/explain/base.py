@@ -109,7 +109,7 @@ def reduce_to_tokens(model, inputs: dict, stream: str, name: str, attribution: t
 def blurred(pixels: torch.Tensor, sigma: float = 8.0) -> torch.Tensor:
     """Gaussian blur of [B, C, H, W] (separable, reflect padding): the 'blur' baseline of perturbation tests and IG."""
     radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    x = pixels.new_tensor(list(range(-radius, radius + 1)), dtype=torch.float32)  # on the pixels' device
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(pixels.dtype)
     channels = pixels.shape[1]

@@ -85,11 +85,24 @@ def token_characters(tok, pieces: list[str], context: int = 8) -> tuple[str, lis
     return "".join(chars), owners
 
 
+def _as_tokenized(tok, words: str) -> str:
+    """`words` as the prompt's decoded tokens spell them: an uncased tokenizer (MiniLM's WordPiece) lowercases and
+    strips accents, so 'Paris' reads 'paris' in its prompt. Words with a character the vocabulary lacks are kept as
+    written (their [UNK] would match any other unknown character)."""
+    if tok is None or not words.strip():
+        return words
+    ids = tok(words, add_special_tokens=False)["input_ids"]
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        return words
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def find_words(model, tmap, words: str, allowed: list[int]) -> list[int]:
     """Positions (among `allowed`) whose tokens spell `words` (last occurrence, whitespace ignored). The match must
     start at a token's first character and end at a token's last one: 'he' is not found inside ' cathedral', nor
     'cat' inside ' catalog'."""
-    wanted = _SPACE.sub("", words or "")
+    wanted = _SPACE.sub("", _as_tokenized(model.tokenizer, words or ""))
     if not wanted:
         raise TokenSetError("the words to find are empty")
     text, owners = token_characters(model.tokenizer, [tmap.tokens[pos] for pos in allowed])

@@ -98,12 +98,13 @@ def rows_to_image(model, inputs: dict, queries: list[int], layers: list[int]) ->
 
 
 def full_attention(model, inputs: dict, layers: list[int]) -> list[torch.Tensor]:
-    """Every row of the language model's attention at `layers`: a list of [heads, N, N], one forward."""
+    """Every row of the language model's attention at `layers`: a list of [heads, N, N] on the CPU (the layers of a
+    model on a GPU, or split over several devices, live on their own devices), one forward."""
     from ..capture.session import capture
 
     with capture(model, streams="language", layers=layers) as trace, torch.no_grad():
         model.hf(**inputs)
-    return [trace.attention("language", l)[0].float() for l in layers]
+    return [trace.attention("language", l)[0].float().cpu() for l in layers]
 
 
 def normalise(grid: torch.Tensor) -> torch.Tensor:
