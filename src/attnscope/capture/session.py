@@ -321,7 +321,7 @@ class capture:
             probs = zeros if probs is None else torch.cat([zeros, probs], -1)
             abs_keys = evicted + (abs_keys if local_keys else [])
         if self.offload:
-            probs = probs.to("cpu", non_blocking=True)
+            probs = probs.to("cpu")  # blocking: a non-blocking copy to the host may be read before it lands
         self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys,
                                      run.steps, part))
 
@@ -359,7 +359,7 @@ class capture:
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:
-            probs = probs.to("cpu", non_blocking=True)
+            probs = probs.to("cpu")  # blocking: a non-blocking copy to the host may be read before it lands
         self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
                                      [key_pos[i] for i in local], run.steps, 0))
 

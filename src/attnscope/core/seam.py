@@ -24,6 +24,8 @@ import torch
 import transformers
 from transformers.cache_utils import Cache
 
+from .probs import index_on
+
 TRANSFORMERS_VERSION = transformers.__version__
 
 # Forward keywords by meaning. Only `cache_keyword` decides which cache name a given model takes.
@@ -171,18 +173,18 @@ def slice_block_kwargs(kwargs: dict, kept: torch.Tensor, L: int) -> dict:
     out = dict(kwargs)
     pe = kwargs.get(POSITION_EMBEDDINGS)
     if isinstance(pe, tuple) and pe and isinstance(pe[0], torch.Tensor) and pe[0].ndim == 3 and pe[0].shape[1] == L:
-        out[POSITION_EMBEDDINGS] = tuple(t.expand(B, -1, -1).gather(1, kept.to(t.device)[..., None].expand(-1, -1, t.shape[-1]))
+        out[POSITION_EMBEDDINGS] = tuple(t.expand(B, -1, -1).gather(1, index_on(kept, t.device)[..., None].expand(-1, -1, t.shape[-1]))
                                          for t in pe)
     mask = kwargs.get(MASK)
     if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
-        idx = kept.to(mask.device)
+        idx = index_on(kept, mask.device)
         if mask.shape[2] == L:
             mask = mask.expand(B, -1, -1, -1).gather(2, idx[:, None, :, None].expand(-1, mask.shape[1], -1, L))
         mask = mask.expand(B, -1, -1, -1).gather(3, idx[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
         out[MASK] = mask
     pid = kwargs.get(POSITION_IDS)
     if isinstance(pid, torch.Tensor) and pid.ndim == 2 and pid.shape[1] == L:
-        out[POSITION_IDS] = pid.expand(B, -1).gather(1, kept.to(pid.device))
+        out[POSITION_IDS] = pid.expand(B, -1).gather(1, index_on(kept, pid.device))
     cp = kwargs.get(CACHE_POSITION)
     if isinstance(cp, torch.Tensor) and cp.ndim == 1 and cp.shape[0] == L:
         out[CACHE_POSITION] = torch.arange(n, device=cp.device) + cp[0]

@@ -20,7 +20,7 @@ from torch import nn
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, exclusive
 from ..core.ledger import Ledger, forget_kept, kept_positions, place
-from ..core.probs import attention_probs, check_terms, sink_logits
+from ..core.probs import attention_probs, check_terms, index_on, sink_logits
 from ..core.tokens import CACHED_STREAMS, ROLES, TokenMap
 from ..models.wrapped import Model
 from .edits import AttentionEdit, Contrast, DropTokens, Edit, HeadScale, SiteEdit, SteerError, lm_stream
@@ -885,7 +885,7 @@ class steer:
             new = base
             if layer in drop.schedule:
                 new = self._keep(st, stream, layer, base, drop.schedule[layer])
-                idx = torch.searchsorted(base.contiguous(), new.contiguous()).to(hidden.device)
+                idx = index_on(torch.searchsorted(base.contiguous(), new.contiguous()), hidden.device)
                 hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
             st.kept[(stream, layer)] = new
             kwargs = seam.slice_block_kwargs(kwargs, new, L)
@@ -897,7 +897,7 @@ class steer:
         kept = st.kept.get((stream, layer))
         mask = kwargs.get(seam.MASK)
         if kept is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
-            kwargs[seam.MASK] = mask.gather(3, kept.to(mask.device)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+            kwargs[seam.MASK] = mask.gather(3, index_on(kept, mask.device)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
             return hidden, kwargs, True
         return hidden, kwargs, False
 
@@ -910,7 +910,7 @@ class steer:
             mask = kwargs.get(seam.MASK)
             if kept is None or not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[1] != st.length(stream):
                 return None
-            kwargs = dict(kwargs, **{seam.MASK: mask.gather(1, kept.to(mask.device))})
+            kwargs = dict(kwargs, **{seam.MASK: mask.gather(1, index_on(kept, mask.device))})
             if kwargs.get(seam.POSITION_IDS) is None:
                 q, L = seam.query_length(kwargs), st.length(stream)
                 kwargs[seam.POSITION_IDS] = torch.arange(L - q, L, device=mask.device)[None, :]
