@@ -285,8 +285,8 @@ _MALLOC_TRIM = _load_trim()
 def _trim_heap() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim) once a full-matrix record is written:
     with glibc's default malloc, the row chunks and score blocks freed while a layer streams otherwise stay in the
-    heap and add up (the streamed peak at 1k tokens measured 0.27-0.29x of eager + output_attentions without it,
-    0.20-0.23x with it, bench/results/stream.md); ~2 ms a record, on the writer thread."""
+    heap and add up (the streamed peak at 1k tokens measured 366-399 MiB, 0.27-0.29x of eager + output_attentions,
+    without it; 0.21-0.22x with it in bench/results/stream.md); ~2 ms a record, on the writer thread."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -295,8 +295,8 @@ def _write_through(path: Path) -> None:
     """Flush a finished shard to disk and drop its pages from the page cache. The capture then keeps at most about
     WRITEBACK_BYTES of its output in the cache however long the trace (8.6 GB at 4k tokens in float16), the pages
     it freed are the ones the next shards are written into, and the trace is on disk when trace.json says it is
-    complete. On the benchmark machine (a VM) writing into pages the kernel had not used recently cost ~2.7 s of
-    CPU per GB, into reused ones ~0.3 s (bench/results/stream.md)."""
+    complete. On the benchmark machine (a VM) writing into pages the kernel had not used in the last seconds cost
+    1.8 s of CPU per GB, written through like this 0.24 s (bench/results/stream.md)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
