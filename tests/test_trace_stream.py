@@ -259,7 +259,7 @@ def test_missing_shard_or_checksum_refused_at_load(minilm, tmp_path):
     out = tmp_path / "t"
     _minilm_dir(minilm, out)
     meta = json.loads((out / stream.META).read_text())
-    del meta["runs"][0]["records"][3]["blake2b"]
+    del meta["runs"][0]["records"][3]["checksum"]
     (out / stream.META).write_text(json.dumps(meta))
     with pytest.raises(TraceFileError, match="no checksum"):
         Trace.load(out)

@@ -3,17 +3,19 @@
 `capture(model, ..., out="trace_dir/")` hands every record to a `TraceWriter` as it is computed, and a background
 thread writes it into a safetensors shard and checksums it; the record then keeps only where it lies. A record of
 at least `SHARD_BYTES` (a full matrix) never exists whole: its query rows are computed a chunk at a time
-(`TraceWriter.add_rows`), each chunk written at its place in its own shard while the next is computed, and the
-checksum is taken by reading the finished shard back. Smaller records (last-token rows, decode steps) are gathered
-into shards of about `SHARD_BYTES`. So memory holds a few row chunks plus at most one gathered shard, whatever
-the number of layers, steps and runs. The directory:
+(`TraceWriter.add_rows`), each chunk written at its place in its own shard while the next is computed, and hashed
+from memory as it is written (XXH3-128 in chunk order, `checksums.py`). Smaller records (last-token rows, decode
+steps) are gathered into shards of about `SHARD_BYTES`. So memory holds a few row chunks plus at most one gathered
+shard, whatever the number of layers, steps and runs. Finished shards are flushed to disk and dropped from the page
+cache once `WRITEBACK_BYTES` more were written (`_write_through`), all of them before the metadata. The directory:
 
     trace_dir/
       INCOMPLETE                 present from the start until the metadata is written; says why if the block raised
       shard-00000.safetensors    plain safetensors files (readable by `safetensors.safe_open`), one or more records each
       ...
       trace.json                 written last (atomically): format, provenance, token maps, one entry per record with
-                                 its shard and blake2b checksum, as in a single-file trace's metadata
+                                 its shard and checksum (algorithm, digest, row order), as in a single-file trace's
+                                 metadata; traces written before the algorithm was named carry "blake2b" and still load
       trace.partial.json         instead of trace.json when the block raised: the records written before it
 
 `Trace.load(dir)` reads `trace.json` only; each record's tensor is memory-mapped from its shard on first access and
@@ -21,12 +23,15 @@ checked against its checksum then (`ShardTensor.read`), so opening a 10 GB trace
 layer reads one layer. A directory without `trace.json`, or still marked INCOMPLETE, is refused
 (`Trace.load(dir, partial=True)` opens the partial metadata). An existing non-empty directory is refused unless
 `overwrite=True`, and even then only a directory holding nothing but an earlier trace's files (its metadata or
-marker among them; another tool's trace.json is not ours) is cleared. A missing shard or a record without a checksum
-is refused when the directory is opened; a shard replaced after it was verified is verified again when next read."""
+marker among them; another tool's trace.json is not ours) is cleared. A missing shard, a record without a checksum
+or with one this version cannot check is refused when the directory is opened; a shard replaced after it was
+verified is verified again when next read."""
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import ctypes.util
 import itertools
+from collections import deque
 import json
 import os
 import queue
@@ -38,10 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, checksum, record_key, run_from_meta
+from .checksums import TensorDigest, entry_checksum, tensor_checksum
+from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, record_key, run_from_meta
 
 META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
 SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
+WRITEBACK_BYTES = 64 * 1024 * 1024  # finished shards left in the page cache before the oldest is flushed (`_write_through`)
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 STREAMED_DTYPES = tuple(_DTYPES)
@@ -83,12 +90,13 @@ class TraceWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MARK).write_text("capture in progress\n")
         self.shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
-        self.entries: dict[str, dict] = {}  # record key -> {"shard", "blake2b"}
+        self.entries: dict[str, dict] = {}  # record key -> {"shard", "checksum"}
         self._names = itertools.count()  # shard numbers, drawn from both threads
         self._pending: list[tuple[str, Record, torch.Tensor]] = []
         self._pending_bytes = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-writer")
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="attnscope-trace-hasher")  # checksums finished shards
+        self._unsynced: deque[tuple[Path, int]] = deque()  # finished shards still in the page cache, oldest first
+        self._unsynced_bytes = 0
         self._idle = threading.Semaphore(1)  # one record in the writer at a time: bounds what is held in memory
         self._error: BaseException | None = None
 
@@ -120,11 +128,12 @@ class TraceWriter:
         name = f"shard-{next(self._names):05d}.safetensors"
         items = sorted(self._pending, key=lambda it: -it[2].element_size())  # keeps every tensor aligned
         sums = write_shard(self.path / name, [(key, tensor) for key, _, tensor in items])
-        for (key, record, tensor), digest in zip(items, sums):
-            self.entries[key] = {"shard": name, "blake2b": digest}
-            record.source = ShardTensor(self.path / name, key, list(tensor.shape), tensor.dtype, digest)
+        for (key, record, tensor), entry in zip(items, sums):
+            self.entries[key] = {"shard": name, "checksum": entry}
+            record.source = ShardTensor(self.path / name, key, list(tensor.shape), tensor.dtype, entry)
             record.probs = None  # the record now reads from the shard
         self._pending, self._pending_bytes = [], 0
+        self._written(self.path / name, (self.path / name).stat().st_size)
 
     def add_rows(self, run: int, stream: str, layer: int, index: int, record: Record, shape: list[int],
                  dtype: torch.dtype, chunks) -> None:
@@ -137,7 +146,7 @@ class TraceWriter:
         self._raise(release=True)
         pieces: queue.Queue = queue.Queue(maxsize=2)  # chunks in flight between the two threads
         record.source = ShardTensor(self.path / name, key, shape, dtype, None)
-        record.source.verified = False  # unreadable until its checksum is taken
+        record.source.verified = False  # unreadable until its rows are written and summed
         record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
         ok = False
         try:
@@ -156,18 +165,25 @@ class TraceWriter:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         except BaseException as err:
             self._error, fd = err, None
-        filled = 0
+        filled, digest = 0, None
         try:
             while (item := pieces.get()) is not None and item is not _ABORT:  # always drained, even after an error
                 start, block = item
                 if fd is None or self._error is not None:
                     continue
                 try:
+                    n = block.shape[2]
+                    if digest is None:  # hashed a chunk at a time, in the order the chunks come (checksums.py)
+                        digest = TensorDigest(dtype, shape, rows=n if n < rows else None)
+                    if start != filled or digest.rows is not None and (n > digest.rows or n < digest.rows and start + n != rows):
+                        raise RuntimeError(f"record {key}: rows {start}..{start + n} came out of order")
                     for b in range(batch):
                         for h in range(heads):
-                            at = len(raw) + ((b * heads + h) * rows + start) * row_bytes
-                            os.pwrite(fd, block[b, h].reshape(-1).view(torch.uint8).numpy(), at)
-                    filled += block.shape[2]
+                            piece = block[b, h]
+                            os.pwrite(fd, piece.reshape(-1).view(torch.uint8).numpy(),
+                                      len(raw) + ((b * heads + h) * rows + start) * row_bytes)
+                            digest.update(piece)
+                    filled += n
                 except BaseException as err:
                     self._error = err
             if fd is not None and item is None and self._error is None:
@@ -176,22 +192,30 @@ class TraceWriter:
                     raise RuntimeError(f"record {key}: {filled} of {rows} query rows were written")
                 os.close(fd)
                 fd = None
-                # the checksum is taken by the other thread, so the next record's rows are written meanwhile
-                record.source.pending = self._hasher.submit(self._checksum_rows, name, key, record, len(raw))
+                entry = (digest or TensorDigest(dtype, shape)).entry()
+                self.entries[key] = {"shard": name, "checksum": entry}
+                record.source.checksum = entry
+                self._written(path, len(raw) + filled * batch * heads * row_bytes)
         except BaseException as err:
             self._error = err
         finally:
             if fd is not None:
                 os.close(fd)
+            _trim_heap()
             self._idle.release()
 
-    def _checksum_rows(self, name: str, key: str, record: Record, start: int) -> None:
-        try:
-            digest = _file_checksum(self.path / name, start, record.source.dtype, record.source.shape)
-            self.entries[key] = {"shard": name, "blake2b": digest}
-            record.source.digest = digest
-        except BaseException as err:
-            self._error = err
+    def _written(self, path: Path, size: int) -> None:
+        """A shard is complete: once more than WRITEBACK_BYTES were written after it, it is flushed to disk and its
+        pages dropped from the page cache (`_write_through`)."""
+        self._unsynced.append((path, size))
+        self._unsynced_bytes += size
+        while self._unsynced and self._unsynced_bytes - self._unsynced[0][1] >= WRITEBACK_BYTES:
+            self._sync_oldest()
+
+    def _sync_oldest(self) -> None:
+        path, size = self._unsynced.popleft()
+        self._unsynced_bytes -= size
+        _write_through(path)
 
     def _raise(self, release: bool = False) -> None:
         if self._error is not None:
@@ -205,7 +229,11 @@ class TraceWriter:
         goes to trace.partial.json and the directory stays marked INCOMPLETE."""
         self._pool.submit(self._flush).result()
         self._pool.shutdown()
-        self._hasher.shutdown()  # after the writer: it submits the last checksums
+        try:  # every shard on disk before the metadata says the trace is complete
+            while self._unsynced:
+                self._sync_oldest()
+        except OSError as err:
+            self._error = self._error or err
         if self._error is not None and error is None:
             self._mark(f"writing failed: {self._error!r}")
             self._raise()
@@ -244,25 +272,52 @@ def _header(items: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _file_checksum(path: Path, start: int, dtype: torch.dtype, shape: list[int], piece: int = 16 << 20) -> str:
-    """`trace.checksum` of a tensor written at `start` of a file, read back sequentially (the same digest)."""
-    digest = hashlib.blake2b(f"{dtype}:{tuple(shape)}:".encode(), digest_size=16)
-    buf = memoryview(bytearray(piece))
-    with open(path, "rb") as f:
-        f.seek(start)
-        while n := f.readinto(buf):
-            digest.update(buf[:n])
-    return digest.hexdigest()
+def _load_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
 
 
-def write_shard(path: Path, items: list[tuple[str, torch.Tensor]]) -> list[str]:
-    """Write contiguous CPU tensors as one safetensors file, straight from their memory; returns their checksums."""
+_MALLOC_TRIM = _load_trim()
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim) once a full-matrix record is written:
+    with glibc's default malloc, the row chunks and score blocks freed while a layer streams otherwise stay in the
+    heap and add up (the streamed peak at 1k tokens measured 366-399 MiB, 0.27-0.29x of eager + output_attentions,
+    without it; 0.21-0.22x with it in bench/results/stream.md); ~2 ms a record, on the writer thread."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _write_through(path: Path) -> None:
+    """Flush a finished shard to disk and drop its pages from the page cache. The capture then keeps at most about
+    WRITEBACK_BYTES of its output in the cache however long the trace (8.6 GB at 4k tokens in float16), the pages
+    it freed are the ones the next shards are written into, and the trace is on disk when trace.json says it is
+    complete. On the benchmark machine (a VM) writing into pages the kernel had not used in the last seconds cost
+    1.8 s of CPU per GB, written through like this 0.24 s (bench/results/stream.md)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:  # a file system without it: the pages stay cached, nothing else changes
+                pass
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: Path, items: list[tuple[str, torch.Tensor]]) -> list[dict]:
+    """Write contiguous CPU tensors as one safetensors file, straight from their memory; returns their checksum
+    entries (checksums.py), taken from the same memory."""
     raw = _header([(key, t.dtype, list(t.shape), t.numel() * t.element_size()) for key, t in items])
     sums = []
     with open(path, "wb") as f:
         f.write(raw)
         for _, t in items:
-            sums.append(checksum(t))
+            sums.append(tensor_checksum(t))
             f.write(t.reshape(-1).view(torch.uint8).numpy())
     return sums
 
@@ -271,9 +326,10 @@ class ShardTensor:
     """Where a record's tensor lies in a shard; `read()` maps it (copy-on-write, the file is never changed) and
     verifies its checksum, raising `TraceFileError` if the shard was altered or cut."""
 
-    def __init__(self, shard: Path, key: str, shape: list[int], dtype: torch.dtype, digest: str | None):
-        self.shard, self.key, self.shape, self.dtype, self.digest = Path(shard), key, list(shape), dtype, digest
-        self.verified = digest is None
+    def __init__(self, shard: Path, key: str, shape: list[int], dtype: torch.dtype, checksum: dict | None):
+        self.shard, self.key, self.shape, self.dtype = Path(shard), key, list(shape), dtype
+        self.checksum = checksum  # {"algorithm", "digest", "rows"?}: see checksums.py
+        self.verified = checksum is None
         self._stamp = None  # (inode, size, mtime) of the shard when its checksum was verified
         self.pending = None  # the writer's job while the shard is being written
 
@@ -281,7 +337,8 @@ class ShardTensor:
         """The whole tensor, memory-mapped, checked against its checksum on the first read."""
         tensor, stamp = self._map()
         if not self.verified or stamp != self._stamp:  # a shard replaced since it was verified is verified again
-            if self.digest is None or checksum(tensor) != self.digest:
+            c = self.checksum
+            if c is None or tensor_checksum(tensor, c["algorithm"], c.get("rows"))["digest"] != c["digest"]:
                 raise TraceFileError(f"{self.shard}: tensor {self.key} does not match its checksum (the shard was "
                                      "changed or damaged after it was written)")
             self.verified, self._stamp = True, stamp
@@ -298,7 +355,7 @@ class ShardTensor:
             job.result()
             if self.pending is job:
                 self.pending = None
-        if not self.verified and self.digest is None:
+        if not self.verified and self.checksum is None:
             raise TraceFileError(f"{self.shard}: tensor {self.key} was not written (the writer failed)")
         try:
             with open(self.shard, "rb") as f:
@@ -351,12 +408,16 @@ def load_dir(cls, path: Path, partial: bool = False):
                 if not shard.is_file():
                     raise TraceFileError(f"{meta_path}: record {rm['key']} lies in {rm['shard']}, which is missing from "
                                          f"{path} (a shard was deleted or not copied)")
-                if not isinstance(rm.get("blake2b"), str):
+                try:
+                    summed = entry_checksum(rm)
+                except ValueError as err:
+                    raise TraceFileError(f"{meta_path}: record {rm['key']}: {err}") from err
+                if summed is None:
                     raise TraceFileError(f"{meta_path}: record {rm['key']} has no checksum (the metadata was edited)")
                 dtype = getattr(torch, rm["dtype"], None)
                 if dtype not in _DTYPES:
                     raise TraceFileError(f"{meta_path}: record {rm['key']} has unsupported dtype {rm['dtype']!r}")
-                source = ShardTensor(shard, rm["key"], rm["shape"], dtype, rm.get("blake2b"))
+                source = ShardTensor(shard, rm["key"], rm["shape"], dtype, summed)
                 rec = Record(None, rm["heads"], rm["queries"], rm["keys"], rm["step"], rm["part"], source=source)
                 run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
             trace.runs.append(run)
