@@ -63,7 +63,8 @@ class capture:
         self.reducer = None
         if summaries is not None:  # reductions in place of rows
             if out is not None:
-                raise ValueError("summaries are kept in memory (they hold no rows); drop out= or capture rows")
+                raise ValueError("summaries are kept in memory (they hold no rows): drop out= and save them after the "
+                                 "block with `.save(path)` (one file), or capture rows to stream them")
             if keys is not None:
                 raise ValueError("summaries reduce over every key of a call; drop keys= (role_mass gives the mass per "
                                  "token role)")

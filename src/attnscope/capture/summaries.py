@@ -25,6 +25,7 @@ gets one record per layer holding its new rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -79,6 +80,9 @@ class SummaryRecord:
         raise TypeError("this capture reduced each call to summaries (capture(..., summaries=...)) and kept no rows; "
                         "capture without `summaries=` to get probabilities")
 
+    def meta(self) -> dict:
+        return {"heads": self.heads, "queries": self.queries, "step": self.step, "part": self.part}
+
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
@@ -101,17 +105,28 @@ class Reducer:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk, self.buffer_elements = topk, chunk, buffer_elements
         self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
-        self._queue: list[tuple] = []  # (record, probs [B, h, c, K], weights): rows not reduced yet
+        # (record, probs [B, h, c, K] or None if deferred, weights, whole call?, (q, k, scaling) if deferred, h, c)
+        self._queue: list[tuple] = []
         self._queued = 0  # elements in the queue
         self._open: list[SummaryRecord] = []  # records whose pieces are not joined yet
         self._filling: SummaryRecord | None = None  # the record whose call is being queued (not complete yet)
         self._rows: dict[int, torch.Tensor] = {}
+        self._last: tuple | None = None  # (token maps, key positions, batch, map length, weights) of the last call
 
     def _weights(self, tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W [B, K, R + 2], key_count [B, R], positions [K]) for keys at absolute positions `key_pos`: one column per
         role (1 where the key has it), then the context and generated keys' weights 1/count, so that p @ W gives
         the role masses and the two means of the lookback ratio in one product. Every layer of a step shares the
         same keys, so the last one is kept (the maps grow by a token per decode step)."""
+        last = self._last
+        if last is not None and last[0] is tmaps and last[1] == key_pos and last[2] == batch and (
+                not tmaps or last[3] == len(tmaps[0])):  # the previous layer's keys (the maps are replaced, not edited)
+            return last[4]
+        found = self._weights_for(tmaps, batch, key_pos)
+        self._last = (tmaps, key_pos, batch, len(tmaps[0]) if tmaps else -1, found)
+        return found
+
+    def _weights_for(self, tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         contiguous = key_pos[-1] - key_pos[0] + 1 == len(key_pos)  # else token pruning kept some positions
         stamp = (len(tmaps[0]) if tmaps else -1, key_pos[0], len(key_pos), batch, None if contiguous else tuple(key_pos))
         cached = self._cache
@@ -150,17 +165,17 @@ class Reducer:
                     call.module, call.query, call.key, call.attention_mask, call.kwargs, heads, rows)
                 if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
                     q = call.query if len(rows) == call.query.shape[2] else call.query.index_select(2, r)
-                    self._add((rec, None, weights, True, (q, call.key, plain)),
-                              q.shape[0] * q.shape[1] * q.shape[2] * call.key.shape[2] + call.key.numel())
+                    b, h, c, k = q.shape[0], q.shape[1], q.shape[2], call.key.shape[2]
+                    self._add((rec, None, weights, True, (q, call.key, plain), h, c), b * h * c * k + call.key.numel())
                 else:
                     p = call.probs_for(heads, r, chunk=self.chunk)  # [B, h, r, K]: the only q x k block
-                    self._add((rec, p, weights, True, None), p.numel())
+                    self._add((rec, p, weights, True, None, p.shape[1], p.shape[2]), p.numel())
                 return
             self._open.append(rec)
             self._filling = rec
             for start in range(0, len(rows), self.chunk):
                 p = call.probs_for(heads, self._rows_tensor(rows[start:start + self.chunk]), chunk=self.chunk)
-                self._add((rec, p, weights, False, None), p.numel())
+                self._add((rec, p, weights, False, None, p.shape[1], p.shape[2]), p.numel())
         finally:
             self._filling = None
             if grad:
@@ -173,22 +188,11 @@ class Reducer:
         self._queued += elements
 
     def flush(self) -> None:
-        """Compute the deferred probabilities and reduce every queued block, a batch per key set; give each record
-        its tensors."""
+        """Compute the deferred rows and reduce every queued block, a batch per key set; give each record its
+        tensors."""
         if not self._queue:
             return
         queue, self._queue, self._queued = self._queue, [], 0
-        stacks: dict[tuple, list[int]] = {}  # deferred calls of the same shapes: one product for all
-        for i, (_, p, _, _, plain) in enumerate(queue):
-            if p is None:
-                q, k, _ = plain
-                stacks.setdefault((q.shape, k.shape, q.dtype, k.dtype, q.device), []).append(i)
-        with torch.no_grad():
-            for where in stacks.values():
-                probs = stacked_probs([queue[i][4][0] for i in where], [queue[i][4][1] for i in where],
-                                      [queue[i][4][2] for i in where])
-                for i, p in zip(where, probs):
-                    queue[i] = queue[i][:1] + (p,) + queue[i][2:4] + (None,)
         groups: dict[int, list] = {}
         for item in queue:
             groups.setdefault(id(item[2]), []).append(item)
@@ -201,17 +205,34 @@ class Reducer:
                     rec.join()
             self._open = [rec for rec in self._open if rec is self._filling]
 
+    @staticmethod
+    def _probs(items: list[tuple]) -> torch.Tensor:
+        """The queued rows of `items` (same keys) side by side: [B, sum h_i c_i, K], deferred ones computed here, all
+        calls of one shape in one `stacked_probs`."""
+        stacks: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            if item[1] is None:
+                q, k, _ = item[4]
+                stacks.setdefault((q.shape, k.shape, q.dtype, k.dtype, q.device), []).append(i)
+        blocks = [item[1] for item in items]
+        for where in stacks.values():
+            probs = stacked_probs(*zip(*(items[i][4] for i in where)))  # [L, B, H, r, K]
+            if len(where) == len(items):  # the usual step: every layer's rows as one block, no copy for one sequence
+                n, batch, _, _, kv_len = probs.shape
+                return probs.transpose(0, 1).reshape(batch, -1, kv_len)
+            for i, p in zip(where, probs):
+                blocks[i] = p
+        batch = blocks[0].shape[0]
+        if len(blocks) == 1:
+            return blocks[0].reshape(batch, -1, blocks[0].shape[-1])
+        return torch.cat([p.reshape(batch, -1, p.shape[-1]) for p in blocks], 1)
+
     def _reduce(self, items: list[tuple]) -> None:
         """One batch: the blocks [B, h_i, c_i, K] (same keys) laid side by side as [B, sum h_i c_i, K]."""
-        want, first = self.which, items[0][1]
-        batch, device = first.shape[0], first.device
+        want = self.which
         weights, _, positions = items[0][2]
-        sizes = [p.shape[1] * p.shape[2] for _, p, _, _, _ in items]
-        if len(items) > 1:
-            p = torch.cat([p.reshape(batch, n, -1) for (_, p, _, _, _), n in zip(items, sizes)], 1)
-        else:
-            p = first.reshape(batch, sizes[0], -1)
-        p = p.float()
+        p = self._probs(items).float()
+        batch, device = p.shape[0], p.device
         out = {}
         if "role_mass" in want or "lookback" in want:
             both = torch.matmul(p, weights.to(device))  # [B, M, R + 2]
@@ -226,16 +247,21 @@ class Reducer:
             out["topk_value"], index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
             out["topk_index"] = positions.to(device)[index]
         del p
+        shapes = {(item[5], item[6]) for item in items}
         for name, value in out.items():
             value = value.cpu()
             rest = value.shape[2:]
-            for (rec, block, _, whole, _), piece in zip(items, value.split(sizes, 1) if len(items) > 1 else (value,)):
-                piece = piece.view(batch, block.shape[1], block.shape[2], *rest) if batch == 1 else \
-                    piece.reshape(batch, block.shape[1], block.shape[2], *rest)
-                if whole:
-                    setattr(rec, name, piece)
+            if len(shapes) == 1 and batch == 1:  # every block [1, h, c]: one view for all
+                h, c = next(iter(shapes))
+                pieces = value.view(len(items), 1, h, c, *rest).unbind(0)
+            else:
+                pieces = [piece.reshape(batch, item[5], item[6], *rest) for item, piece in
+                          zip(items, value.split([item[5] * item[6] for item in items], 1))]
+            for item, piece in zip(items, pieces):
+                if item[3]:
+                    setattr(item[0], name, piece)
                 else:
-                    rec.pieces.setdefault(name, []).append(piece)
+                    item[0].pieces.setdefault(name, []).append(piece)
 
     def _rows_tensor(self, rows: list[int]) -> torch.Tensor:
         """Row indices as a tensor; a single row's is made once (a decode step's call has one query row)."""
@@ -301,9 +327,13 @@ class Summaries(Trace):
         self._sync()
         return sum(rec.nbytes for r in self.runs for v in r.records.values() for rec in v)
 
-    def save(self, path):
-        raise NotImplementedError("saving summaries is not supported yet; read them in the process (or torch.save "
-                                  "the tensors of `record(...)`)")
+    def save(self, path) -> Path:
+        """Write one .safetensors file: every summary tensor plus the trace's JSON metadata, a checksum per tensor
+        (`summaries_file.py`); `Trace.load(path)` reads it back as a `Summaries`."""
+        from . import summaries_file
+
+        self._sync()
+        return summaries_file.save(self, path)
 
     def _get(self, stream: str, layer: int, name: str, step: int | None, part: int, run: int) -> torch.Tensor:
         if step is not None:

@@ -173,8 +173,12 @@ def stacked_probs(queries: list[torch.Tensor], keys: list[torch.Tensor], scaling
     batch, n_heads, r, _ = queries[0].shape
     kv_heads, kv_len = keys[0].shape[1], keys[0].shape[2]
     group = n_heads // kv_heads * r  # each key head with its group of query heads, without copying the keys per head
-    scores = torch.stack([torch.matmul(q.float().reshape(batch, kv_heads, group, -1), k.float().transpose(-1, -2))
-                          for q, k in zip(queries, keys)]).view(len(queries), batch, n_heads, r, kv_len)
+    if queries[0].dtype != torch.float32 or keys[0].dtype != torch.float32:
+        queries, keys = [q.float() for q in queries], [k.float() for k in keys]
+    if kv_heads != n_heads:
+        queries = [q.reshape(batch, kv_heads, group, -1) for q in queries]
+    scores = torch.stack([torch.matmul(q, k.mT) for q, k in zip(queries, keys)])
+    scores = scores.view(len(scores), batch, n_heads, r, kv_len)
     if len(set(scalings)) == 1:
         scores = scores.mul_(scalings[0])
     else:
