@@ -14,7 +14,8 @@ Instead of rows [batch, heads, queries, keys], each selected attention call keep
   probabilities (k = `topk`, or the number of keys if fewer).
 
 The probabilities come from `AttentionCall.probs_for` (what the model really used, edits included), `chunk` query
-rows at a time: nothing of size queries x keys outlives one chunk of [B, h, chunk, K]. Query rows, steps, parts and
+rows at a time, and are reduced for every layer of a forward in one batch (`Reducer`): nothing of size queries x
+keys outlives one chunk of [B, h, chunk, K] or the reducer's 4 MiB queue. Query rows, steps, parts and
 positions are placed exactly as for rows (`capture/session.py`, `core/ledger.py`), so a decode step of `generate`
 gets one record per layer holding its new rows.
 
@@ -94,17 +95,19 @@ class SummaryRecord:
 
 class Reducer:
     """Called by the capture session in place of recording rows. Each call's selected rows are computed (`probs_for`,
-    `chunk` rows at a time) and queued; the queue is reduced in one batch of tensor operations per key set (every
-    layer of a step shares its keys) when the forward ends (`flush`), or as soon as it would hold more than
-    `buffer_elements` probabilities. So a step costs a few operations per layer instead of a dozen, and nothing of
-    size queries x keys is kept beyond one chunk or `buffer_elements` (4 MiB of float32 by default)."""
+    `chunk` rows at a time) and queued, or, where they are plain softmax(q k^T) rows (`core.probs.plain_rows`: a
+    decode step, the last row), their query rows and keys are queued and computed at the flush with the other
+    layers' (`core.probs.stacked_probs`). The queue is reduced in one batch of tensor operations per key set (every
+    layer of a step shares its keys) when the forward ends (`flush`, called by the session), when a reader asks, or
+    as soon as it would hold more than `buffer_elements` numbers (probabilities, and the keys of deferred calls). So
+    a step costs a few operations per layer instead of a dozen, and nothing of size queries x keys is held beyond
+    one chunk or `buffer_elements` (4 MiB of float32 by default)."""
 
     def __init__(self, which, topk: int = 5, chunk: int = 256, buffer_elements: int = 1 << 20):
         self.which = parse_summaries(which)
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk, self.buffer_elements = topk, chunk, buffer_elements
-        self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
         # (record, probs [B, h, c, K] or None if deferred, weights, whole call?, (q, k, scaling) if deferred, h, c)
         self._queue: list[tuple] = []
         self._queued = 0  # elements in the queue
@@ -117,22 +120,18 @@ class Reducer:
         """(W [B, K, R + 2], key_count [B, R], positions [K]) for keys at absolute positions `key_pos`: one column per
         role (1 where the key has it), then the context and generated keys' weights 1/count, so that p @ W gives
         the role masses and the two means of the lookback ratio in one product. Every layer of a step shares the
-        same keys, so the last one is kept (the maps grow by a token per decode step)."""
+        same keys, so the last one is kept: it holds while the call's token maps are the same list of the same length
+        (the session replaces the list when it relabels, and the maps grow by a token per decode step)."""
         last = self._last
         if last is not None and last[0] is tmaps and last[1] == key_pos and last[2] == batch and (
-                not tmaps or last[3] == len(tmaps[0])):  # the previous layer's keys (the maps are replaced, not edited)
+                not tmaps or last[3] == len(tmaps[0])):  # the previous layer's keys
             return last[4]
         found = self._weights_for(tmaps, batch, key_pos)
         self._last = (tmaps, key_pos, batch, len(tmaps[0]) if tmaps else -1, found)
         return found
 
-    def _weights_for(self, tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        contiguous = key_pos[-1] - key_pos[0] + 1 == len(key_pos)  # else token pruning kept some positions
-        stamp = (len(tmaps[0]) if tmaps else -1, key_pos[0], len(key_pos), batch, None if contiguous else tuple(key_pos))
-        cached = self._cache
-        if cached is not None and cached[0] == stamp and len(cached[1]) == len(tmaps or []) and all(
-                a is b for a, b in zip(cached[1], tmaps or [])):
-            return cached[2]
+    @staticmethod
+    def _weights_for(tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         positions = torch.tensor(key_pos, dtype=torch.long)
         if tmaps:
             codes = torch.tensor([[_CODE[t.roles[i]] for i in key_pos] for t in tmaps], dtype=torch.long)
@@ -145,8 +144,7 @@ class Reducer:
         ctx = 1 - new - onehot[..., _PAD]
         weights = torch.cat([onehot, (ctx / ctx.sum(-1, keepdim=True).clamp_min(1))[..., None],
                              (new / new.sum(-1, keepdim=True).clamp_min(1))[..., None]], -1)
-        self._cache = (stamp, list(tmaps or []), (weights, count, positions))
-        return self._cache[2]
+        return weights, count, positions
 
     def record(self, run, call, heads: torch.Tensor, rows: list[int], query_pos: list[int], key_pos,
                tmaps, part: int) -> None:
