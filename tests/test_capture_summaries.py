@@ -165,3 +165,21 @@ def test_rows_batched_at_the_flush_equal_the_per_call_path(smollm, monkeypatch):
             assert a.keys() == b.keys()
             for name in a:
                 torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_a_batch_of_two_reads_as_each_row_alone(smollm):
+    """Batched rows laid out [B, layers x heads x rows, K] at the flush: each batch row's summaries equal those of
+    its sequence captured alone (two prompts of the same length, so no padding)."""
+    texts = ["The capital of France is", "The largest ocean on Earth"]
+    x = smollm.tokenizer(texts, return_tensors="pt")
+    assert x["input_ids"].shape[1] == smollm.tokenizer(texts[0], return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as both:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    for row, text in enumerate(texts):
+        with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as one:
+            smollm.generate(**smollm.tokenizer(text, return_tensors="pt"), max_new_tokens=3, do_sample=False)
+        for layer in LAYERS:
+            for step in range(3):
+                a, b = both.record("text", layer, step=step).tensors(), one.record("text", layer, step=step).tensors()
+                for name in a:
+                    torch.testing.assert_close(a[name][row:row + 1], b[name], atol=1e-5, rtol=0)
