@@ -155,14 +155,18 @@ def write(doc: dict, out: Path) -> None:
              "the uncaptured run of the same repetition. Summaries: role mass, lookback ratio, entropy and top-5 keys "
              "of every layer and head of both streams (DINOv2 tower: 12 layers x 6 heads; language model: 30 x 9). "
              "Answers were identical in every configuration.", "",
-             "| configuration | median s (all questions) | time ratio | goal |", "|---|---|---|---|"]
+             "| configuration | median s (all questions) | time ratio | ratios over repetitions | goal |",
+             "|---|---|---|---|---|"]
     for name, row in t.items():
         goal = "≤1.05x" if name.startswith("summaries, last") else ""
-        lines.append(f"| {name} | {row['median_seconds']:.2f} | {row['ratio']:.3f}x | {goal} |")
+        spread = f"{min(row['ratios']):.3f}–{max(row['ratios']):.3f}" if name != "uncaptured" else ""
+        lines.append(f"| {name} | {row['median_seconds']:.2f} | {row['ratio']:.3f}x | {spread} | {goal} |")
     verdict = t["summaries, last query row"]["ratio"] <= 1.05
+    load = " → ".join(" ".join(f"{x:.2f}" for x in cfg[k]) for k in ("loadavg_start", "loadavg_end") if k in cfg)
     lines += ["", f"Goal ≤1.05x for the harness's selection (last query row of every step): "
               f"{'met' if verdict else 'not met'} ({t['summaries, last query row']['ratio']:.3f}x). Per-repetition "
-              "ratios are in `summaries.json`."]
+              f"ratios are in `summaries.json`; load average (1, 5, 15 min) {load} on a 2-core machine shared with "
+              "other jobs, so a single repetition can be off by tens of percent (the median is what counts)."]
     if m:
         lines += ["", f"## Memory: one capture held over {cfg['memory_questions']} questions, each configuration in a "
                   "fresh process", "",
@@ -172,7 +176,8 @@ def write(doc: dict, out: Path) -> None:
         s, r = m["summaries, every query row"], m["rows, every query row"]
         lines += ["", f"Summaries of every row retain {s['retained_bytes'] / r['retained_bytes']:.3f}x the bytes of the "
                   "rows (a fixed size per row: 10 role masses, lookback, entropy, 5 indices and 5 values, against one "
-                  "probability per key); within a call nothing larger than one chunk of rows [heads, 256, keys] exists."]
+                  "probability per key); nothing larger than one chunk of rows [heads, 256, keys] or the reducer's "
+                  "4 MiB queue (a forward's rows, reduced in one batch when it ends) is held."]
     (out / "summaries.md").write_text("\n".join(lines) + "\n")
 
 
@@ -204,6 +209,7 @@ def main(argv=None) -> int:
                                     if ln.startswith("model name")), platform.processor()),
                        "torch": torch.__version__, "transformers": transformers.__version__},
            "timing": timing(model, inputs, reps)}
+    doc["config"]["loadavg_end"] = os.getloadavg()
     if not args.small:
         doc["config"]["memory_questions"] = 8
         doc["memory"] = memory(8)

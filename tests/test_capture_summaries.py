@@ -130,5 +130,56 @@ def test_model_restored_and_bad_input_refused(smollm):
         smollm(**x)
     with pytest.raises(KeyError, match="not summarised"):
         s2.topk("text", 1)
-    with pytest.raises(NotImplementedError, match="not supported"):
-        s2.save("unused.safetensors")
+    with pytest.raises(ValueError, match="save them after the block"):
+        attnscope.capture(smollm, summaries="all", out="unused_dir")
+
+
+def test_rows_batched_at_the_flush_equal_the_per_call_path(smollm, monkeypatch):
+    """Decode steps' rows are plain softmax(q k^T): the reducer computes them for every layer at the end of the
+    forward (`core.probs.stacked_probs`); forcing the per-call path (`probs_for`) gives the same summaries."""
+    from attnscope.capture import summaries
+    from attnscope.core import probs
+
+    x = smollm.encode(PROMPT)
+    stacked = []
+    spy = probs.stacked_probs
+
+    def counted(*args):
+        stacked.append(len(args[0]))
+        return spy(*args)
+
+    results = []
+    for batched in (True, False):
+        monkeypatch.setattr(summaries, "stacked_probs", counted)
+        if not batched:
+            monkeypatch.setattr(summaries, "plain_rows", lambda *args: None)
+        stacked.clear()
+        with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as s:
+            smollm.generate(**x, max_new_tokens=4, do_sample=False)
+        assert (sum(stacked) == 4 * len(LAYERS)) if batched else not stacked  # every step's calls, in one batch each
+        assert not batched or max(stacked) == len(LAYERS)
+        results.append(s)
+    for layer in LAYERS:
+        for step in range(4):
+            a, b = (r.record("text", layer, step=step).tensors() for r in results)
+            assert a.keys() == b.keys()
+            for name in a:
+                torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_a_batch_of_two_reads_as_each_row_alone(smollm):
+    """Batched rows laid out [B, layers x heads x rows, K] at the flush: each batch row's summaries equal those of
+    its sequence captured alone (two prompts of the same length, so no padding)."""
+    texts = ["The capital of France is", "The largest ocean on Earth"]
+    x = smollm.tokenizer(texts, return_tensors="pt")
+    assert x["input_ids"].shape[1] == smollm.tokenizer(texts[0], return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as both:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    for row, text in enumerate(texts):
+        with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as one:
+            smollm.generate(**smollm.tokenizer(text, return_tensors="pt"), max_new_tokens=3, do_sample=False)
+        for layer in LAYERS:
+            for step in range(3):
+                a, b = both.record("text", layer, step=step).tensors(), one.record("text", layer, step=step).tensors()
+                for name in a:
+                    torch.testing.assert_close(a[name][row:row + 1], b[name], atol=1e-5, rtol=0)

@@ -104,12 +104,27 @@ def cmd_capture(args) -> int:
     if args.text is None and args.image is None:
         print("error: pass --text and/or --image", file=sys.stderr)
         return 2
+    reduced = {}
+    if args.summaries is not None:  # per-row reductions in place of rows, to one file
+        if args.to_dir or args.fp16:
+            print(f"error: --summaries writes one float32 file; drop {'--to-dir' if args.to_dir else '--fp16'}",
+                  file=sys.stderr)
+            return 2
+        from .capture.summaries import parse_summaries
+
+        names = "all" if args.summaries == "all" else [n.strip() for n in args.summaries.split(",") if n.strip()]
+        reduced = {"summaries": parse_summaries(names), "topk": 5 if args.topk is None else args.topk}  # checked early
+        if not isinstance(reduced["topk"], int) or reduced["topk"] < 1:
+            raise ValueError(f"--topk must be a positive number of keys; got {reduced['topk']}")
+    elif args.topk is not None:
+        print("error: --topk is the number of keys of the topk summary; add --summaries", file=sys.stderr)
+        return 2
     model = load(args.model, **placement_options(args))
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
     streamed = {"out": args.out, "overwrite": args.overwrite} if args.to_dir else {}
     streamed["dtype"] = torch.float16 if args.fp16 else torch.float32  # a single file stores float16 too
     with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
-                                  queries=args.queries, **streamed) as trace:
+                                  queries=args.queries, **streamed, **reduced) as trace:
         model(**inputs)
     path = args.out if args.to_dir else trace.save(args.out)
     print(f"wrote {path}: {trace}")
@@ -174,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="stream the trace to the directory --out while the model runs (for long inputs)")
     cap.add_argument("--fp16", action="store_true", help="store float16 (half the disk), in a file or with --to-dir")
     cap.add_argument("--overwrite", action="store_true", help="with --to-dir: replace a trace already in --out")
+    cap.add_argument("--summaries", nargs="?", const="all", metavar="NAMES",
+                     help="keep per-row reductions instead of rows: all (the default with no value) or comma-separated "
+                          "names from role_mass, lookback, entropy, topk; read back with Trace.load")
+    cap.add_argument("--topk", type=int, help="keys kept by the topk summary (default 5)")
     add_prompt_options(cap)
     add_placement_options(cap)
     cap.set_defaults(fn=cmd_capture)

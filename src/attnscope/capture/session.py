@@ -63,11 +63,13 @@ class capture:
         self.reducer = None
         if summaries is not None:  # reductions in place of rows
             if out is not None:
-                raise ValueError("summaries are kept in memory (they hold no rows); drop out= or capture rows")
+                raise ValueError("summaries are kept in memory (they hold no rows): drop out= and save them after the "
+                                 "block with `.save(path)` (one file), or capture rows to stream them")
             if keys is not None:
                 raise ValueError("summaries reduce over every key of a call; drop keys= (role_mass gives the mass per "
                                  "token role)")
             self.reducer, self.trace = Reducer(summaries, topk, chunk), Summaries()
+            self.trace._reducer = self.reducer  # readers reduce what is still queued first
         self._attachment = None
         self._writer = None
         self._hooks = []
@@ -110,6 +112,9 @@ class capture:
 
     def __exit__(self, *exc) -> None:
         self._close()
+        if self.reducer is not None:
+            self.reducer.flush()
+            self.trace._reducer = None
         if exc[0] is None and self.trace.runs:
             self.trace.provenance["weights"] = self.model.fingerprint
         self._finish(exc[1])
@@ -212,6 +217,8 @@ class capture:
 
     def _after_forward(self, module, args, kwargs, output):
         self._in_forward = False
+        if self.reducer is not None:  # every layer of this step was called: reduce them in one batch
+            self.reducer.flush()
         if output is None:  # the forward raised; its own error is the one to see
             return None
         run = self.trace.runs[-1]
@@ -304,7 +311,7 @@ class capture:
             return
         if self.reducer is not None:
             return self.reducer.record(run, call, self._heads[call.module], rows, [r + q_start for r in rows],
-                                       list(range(base, base + kv_len)), tmaps, part)
+                                       range(base, base + kv_len), tmaps, part)
         if self._writer is not None and not evicted:  # a large record goes to disk a chunk of rows at a time
             n_keys = kv_len if local_keys is None else len(local_keys)
             shape = [call.query.shape[0], len(self._heads[call.module]), len(rows), n_keys]

@@ -14,7 +14,8 @@ Instead of rows [batch, heads, queries, keys], each selected attention call keep
   probabilities (k = `topk`, or the number of keys if fewer).
 
 The probabilities come from `AttentionCall.probs_for` (what the model really used, edits included), `chunk` query
-rows at a time: nothing of size queries x keys outlives one chunk of [B, h, chunk, K]. Query rows, steps, parts and
+rows at a time, and are reduced for every layer of a forward in one batch (`Reducer`): nothing of size queries x
+keys outlives one chunk of [B, h, chunk, K] or the reducer's 4 MiB queue. Query rows, steps, parts and
 positions are placed exactly as for rows (`capture/session.py`, `core/ledger.py`), so a decode step of `generate`
 gets one record per layer holding its new rows.
 
@@ -24,16 +25,19 @@ gets one record per layer holding its new rows.
     s.image_ratio("language", 12, step=0)  # [batch, heads, rows]"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..core.probs import plain_rows, stacked_probs
 from ..core.tokens import ROLES
 from .trace import Trace
 
 SUMMARIES = ("role_mass", "lookback", "entropy", "topk")
 _CODE = {role: i for i, role in enumerate(ROLES)}
 _GENERATED, _PAD, _IMAGE = _CODE["generated"], _CODE["pad"], _CODE["image"]
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def parse_summaries(which) -> tuple[str, ...]:
@@ -64,11 +68,21 @@ class SummaryRecord:
     topk_index: torch.Tensor | None = None
     topk_value: torch.Tensor | None = None
     keys = None
+    pieces: dict = field(default_factory=dict, repr=False, compare=False)  # reduced chunks not yet joined
+
+    def join(self) -> None:
+        """Set the tensors from the reduced chunks of rows (one piece per chunk, in order)."""
+        for name, parts in self.pieces.items():
+            setattr(self, name, parts[0] if len(parts) == 1 else torch.cat(parts, 2))
+        self.pieces = {}
 
     @property
     def probs(self):
         raise TypeError("this capture reduced each call to summaries (capture(..., summaries=...)) and kept no rows; "
                         "capture without `summaries=` to get probabilities")
+
+    def meta(self) -> dict:
+        return {"heads": self.heads, "queries": self.queries, "step": self.step, "part": self.part}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
@@ -80,26 +94,44 @@ class SummaryRecord:
 
 
 class Reducer:
-    """Called by the capture session in place of recording rows: reduces one call's selected rows, chunk by chunk."""
+    """Called by the capture session in place of recording rows. Each call's selected rows are computed (`probs_for`,
+    `chunk` rows at a time) and queued, or, where they are plain softmax(q k^T) rows (`core.probs.plain_rows`: a
+    decode step, the last row), their query rows and keys are queued and computed at the flush with the other
+    layers' (`core.probs.stacked_probs`). The queue is reduced in one batch of tensor operations per key set (every
+    layer of a step shares its keys) when the forward ends (`flush`, called by the session), when a reader asks, or
+    as soon as it would hold more than `buffer_elements` numbers (probabilities, and the keys of deferred calls). So
+    a step costs a few operations per layer instead of a dozen, and nothing of size queries x keys is held beyond
+    one chunk or `buffer_elements` (4 MiB of float32 by default)."""
 
-    def __init__(self, which, topk: int = 5, chunk: int = 256):
+    def __init__(self, which, topk: int = 5, chunk: int = 256, buffer_elements: int = 1 << 20):
         self.which = parse_summaries(which)
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
-        self.topk, self.chunk = topk, chunk
-        self._cache: tuple | None = None  # the last keys' role weights (see `_weights`)
+        self.topk, self.chunk, self.buffer_elements = topk, chunk, buffer_elements
+        # (record, probs [B, h, c, K] or None if deferred, weights, whole call?, (q, k, scaling) if deferred, h, c)
+        self._queue: list[tuple] = []
+        self._queued = 0  # elements in the queue
+        self._open: list[SummaryRecord] = []  # records whose pieces are not joined yet
+        self._filling: SummaryRecord | None = None  # the record whose call is being queued (not complete yet)
+        self._rows: dict[int, torch.Tensor] = {}
+        self._last: tuple | None = None  # (token maps, key positions, batch, map length, weights) of the last call
 
-    def _weights(self, tmaps, batch: int, key_pos: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _weights(self, tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W [B, K, R + 2], key_count [B, R], positions [K]) for keys at absolute positions `key_pos`: one column per
         role (1 where the key has it), then the context and generated keys' weights 1/count, so that p @ W gives
         the role masses and the two means of the lookback ratio in one product. Every layer of a step shares the
-        same keys, so the last one is kept (the maps grow by a token per decode step)."""
-        contiguous = key_pos[-1] - key_pos[0] + 1 == len(key_pos)  # else token pruning kept some positions
-        stamp = (len(tmaps[0]) if tmaps else -1, key_pos[0], len(key_pos), batch, None if contiguous else tuple(key_pos))
-        cached = self._cache
-        if cached is not None and cached[0] == stamp and len(cached[1]) == len(tmaps or []) and all(
-                a is b for a, b in zip(cached[1], tmaps or [])):
-            return cached[2]
+        same keys, so the last one is kept: it holds while the call's token maps are the same list of the same length
+        (the session replaces the list when it relabels, and the maps grow by a token per decode step)."""
+        last = self._last
+        if last is not None and last[0] is tmaps and last[1] == key_pos and last[2] == batch and (
+                not tmaps or last[3] == len(tmaps[0])):  # the previous layer's keys
+            return last[4]
+        found = self._weights_for(tmaps, batch, key_pos)
+        self._last = (tmaps, key_pos, batch, len(tmaps[0]) if tmaps else -1, found)
+        return found
+
+    @staticmethod
+    def _weights_for(tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         positions = torch.tensor(key_pos, dtype=torch.long)
         if tmaps:
             codes = torch.tensor([[_CODE[t.roles[i]] for i in key_pos] for t in tmaps], dtype=torch.long)
@@ -112,45 +144,131 @@ class Reducer:
         ctx = 1 - new - onehot[..., _PAD]
         weights = torch.cat([onehot, (ctx / ctx.sum(-1, keepdim=True).clamp_min(1))[..., None],
                              (new / new.sum(-1, keepdim=True).clamp_min(1))[..., None]], -1)
-        self._cache = (stamp, list(tmaps or []), (weights, count, positions))
-        return self._cache[2]
+        return weights, count, positions
 
-    def reduce(self, call, heads: torch.Tensor, rows: list[int], key_pos: list[int], tmaps) -> dict:
-        """Summaries of this call's query `rows` (indices into its queries) for `heads`; `key_pos` are the absolute
-        positions of its key columns."""
-        batch = call.query.shape[0]
-        want = self.which
-        weights, count, positions = self._weights(tmaps, batch, key_pos)
-        parts: dict[str, list[torch.Tensor]] = {}
-        keep = [n for n in ("role_mass", "lookback", "entropy") if n in want] + (["topk_value", "topk_index"]
-                                                                                  if "topk" in want else [])
-        with torch.no_grad():
-            for start in range(0, len(rows), self.chunk):
-                r = torch.tensor(rows[start:start + self.chunk], dtype=torch.long)
-                p = call.probs_for(heads, r, chunk=self.chunk).float()  # [B, h, c, K]: the only q x k block
-                chunk = {}
-                if "role_mass" in want or "lookback" in want:
-                    both = torch.matmul(p, weights.to(p.device)[:, None])  # [B, h, c, R + 2]
-                    chunk["role_mass"] = both[..., :-2]
-                    a_ctx = both[..., -2]  # 0 / 0 (no context and no generated mass) reads as 1
-                    chunk["lookback"] = torch.nan_to_num_(a_ctx / (a_ctx + both[..., -1]), nan=1.0)
-                if "entropy" in want:
-                    chunk["entropy"] = torch.special.entr(p).sum(-1)
-                if "topk" in want:
-                    chunk["topk_value"], index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
-                    chunk["topk_index"] = positions.to(index.device)[index]
-                for name in keep:
-                    parts.setdefault(name, []).append(chunk[name].cpu())
-                del p
-        out = {name: chunks[0] if len(chunks) == 1 else torch.cat(chunks, 2) for name, chunks in parts.items()}
-        out["key_count"] = count
-        return out
-
-    def record(self, run, call, heads: torch.Tensor, rows: list[int], query_pos: list[int], key_pos: list[int],
+    def record(self, run, call, heads: torch.Tensor, rows: list[int], query_pos: list[int], key_pos,
                tmaps, part: int) -> None:
-        out = self.reduce(call, heads, rows, key_pos, tmaps)
-        rec = SummaryRecord(heads.tolist(), query_pos, run.steps, part, **out)
+        """Queue the summaries of this call's query `rows` (indices into its queries) for `heads`; `key_pos` are the
+        absolute positions of its key columns. The record is in the run at once; its tensors are set by `flush`."""
+        weights = self._weights(tmaps, call.query.shape[0], key_pos)
+        rec = SummaryRecord(heads.tolist(), query_pos, run.steps, part, key_count=weights[1])
         run.records.setdefault((call.site.stream, call.site.layer), []).append(rec)
+        grad = torch.is_grad_enabled()
+        if grad:
+            torch.set_grad_enabled(False)
+        try:
+            if len(rows) <= self.chunk:  # one block, the usual case (one row per step)
+                r = self._rows_tensor(rows)
+                plain = None if call.probs is not None or call.patches else plain_rows(
+                    call.module, call.query, call.key, call.attention_mask, call.kwargs, heads, rows)
+                if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
+                    q = call.query if len(rows) == call.query.shape[2] else call.query.index_select(2, r)
+                    b, h, c, k = q.shape[0], q.shape[1], q.shape[2], call.key.shape[2]
+                    self._add((rec, None, weights, True, (q, call.key, plain), h, c), b * h * c * k + call.key.numel())
+                else:
+                    p = call.probs_for(heads, r, chunk=self.chunk)  # [B, h, r, K]: the only q x k block
+                    self._add((rec, p, weights, True, None, p.shape[1], p.shape[2]), p.numel())
+                return
+            self._open.append(rec)
+            self._filling = rec
+            for start in range(0, len(rows), self.chunk):
+                p = call.probs_for(heads, self._rows_tensor(rows[start:start + self.chunk]), chunk=self.chunk)
+                self._add((rec, p, weights, False, None, p.shape[1], p.shape[2]), p.numel())
+        finally:
+            self._filling = None
+            if grad:
+                torch.set_grad_enabled(True)
+
+    def _add(self, item: tuple, elements: int) -> None:
+        if self._queued and self._queued + elements > self.buffer_elements:
+            self.flush()
+        self._queue.append(item)
+        self._queued += elements
+
+    def flush(self) -> None:
+        """Compute the deferred rows and reduce every queued block, a batch per key set; give each record its
+        tensors."""
+        if not self._queue:
+            return
+        queue, self._queue, self._queued = self._queue, [], 0
+        groups: dict[int, list] = {}
+        for item in queue:
+            groups.setdefault(id(item[2]), []).append(item)
+        with torch.no_grad():
+            for items in groups.values():
+                self._reduce(items)
+        if self._open:
+            for rec in self._open:
+                if rec is not self._filling:  # a call queued over several flushes is joined once all its rows are in
+                    rec.join()
+            self._open = [rec for rec in self._open if rec is self._filling]
+
+    @staticmethod
+    def _probs(items: list[tuple]) -> torch.Tensor:
+        """The queued rows of `items` (same keys) side by side: [B, sum h_i c_i, K], deferred ones computed here, all
+        calls of one shape in one `stacked_probs`."""
+        stacks: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            if item[1] is None:
+                q, k, _ = item[4]
+                stacks.setdefault((q.shape, k.shape, q.dtype, k.dtype, q.device), []).append(i)
+        blocks = [item[1] for item in items]
+        for where in stacks.values():
+            probs = stacked_probs(*zip(*(items[i][4] for i in where)))  # [L, B, H, r, K]
+            if len(where) == len(items):  # the usual step: every layer's rows as one block, no copy for one sequence
+                n, batch, _, _, kv_len = probs.shape
+                return probs.transpose(0, 1).reshape(batch, -1, kv_len)
+            for i, p in zip(where, probs):
+                blocks[i] = p
+        batch = blocks[0].shape[0]
+        if len(blocks) == 1:
+            return blocks[0].reshape(batch, -1, blocks[0].shape[-1])
+        return torch.cat([p.reshape(batch, -1, p.shape[-1]) for p in blocks], 1)
+
+    def _reduce(self, items: list[tuple]) -> None:
+        """One batch: the blocks [B, h_i, c_i, K] (same keys) laid side by side as [B, sum h_i c_i, K]."""
+        want = self.which
+        weights, _, positions = items[0][2]
+        p = self._probs(items).float()
+        batch, device = p.shape[0], p.device
+        out = {}
+        if "role_mass" in want or "lookback" in want:
+            both = torch.matmul(p, weights.to(device))  # [B, M, R + 2]
+            if "role_mass" in want:
+                out["role_mass"] = both[..., :-2]
+            if "lookback" in want:
+                a_ctx = both[..., -2]  # 0 / 0 (no context and no generated mass) reads as 1
+                out["lookback"] = torch.nan_to_num_(a_ctx / (a_ctx + both[..., -1]), nan=1.0)
+        if "entropy" in want:  # -sum p ln p, with ln of the smallest normal float where p is 0: 0 ln 0 = 0
+            out["entropy"] = torch.mul(p, p.clamp_min(_TINY).log_()).sum(-1).neg_()
+        if "topk" in want:
+            out["topk_value"], index = torch.topk(p, min(self.topk, p.shape[-1]), dim=-1)
+            out["topk_index"] = positions.to(device)[index]
+        del p
+        shapes = {(item[5], item[6]) for item in items}
+        for name, value in out.items():
+            value = value.cpu()
+            rest = value.shape[2:]
+            if len(shapes) == 1 and batch == 1:  # every block [1, h, c]: one view for all
+                h, c = next(iter(shapes))
+                pieces = value.view(len(items), 1, h, c, *rest).unbind(0)
+            else:
+                pieces = [piece.reshape(batch, item[5], item[6], *rest) for item, piece in
+                          zip(items, value.split([item[5] * item[6] for item in items], 1))]
+            for item, piece in zip(items, pieces):
+                if item[3]:
+                    setattr(item[0], name, piece)
+                else:
+                    item[0].pieces.setdefault(name, []).append(piece)
+
+    def _rows_tensor(self, rows: list[int]) -> torch.Tensor:
+        """Row indices as a tensor; a single row's is made once (a decode step's call has one query row)."""
+        if len(rows) != 1:
+            return torch.tensor(rows, dtype=torch.long)
+        r = self._rows.get(rows[0])
+        if r is None:
+            r = self._rows[rows[0]] = torch.tensor(rows, dtype=torch.long)
+        return r
 
 
 def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prompt") -> torch.Tensor:
@@ -186,18 +304,34 @@ class Summaries(Trace):
     either `step` (one call: [B, h, rows, ...]) or `step=None` (every step's rows stacked: [steps, B, h, ...], for
     one query row per step, e.g. `queries="last"` during generate)."""
 
+    _reducer: Reducer | None = None  # while capturing: calls queued but not reduced yet
+
+    def _sync(self) -> None:
+        if self._reducer is not None:
+            self._reducer.flush()
+
+    def record(self, stream: str, layer: int, step: int = 0, part: int = 0, run: int = -1):
+        self._sync()
+        return super().record(stream, layer, step, part, run)
+
     def __repr__(self) -> str:
+        self._sync()
         n = sum(len(v) for r in self.runs for v in r.records.values())
         return f"Summaries(runs={len(self.runs)}, records={n}, bytes={self.nbytes})"
 
     @property
     def nbytes(self) -> int:
         """Bytes held by every summary tensor of every run."""
+        self._sync()
         return sum(rec.nbytes for r in self.runs for v in r.records.values() for rec in v)
 
-    def save(self, path):
-        raise NotImplementedError("saving summaries is not supported yet; read them in the process (or torch.save "
-                                  "the tensors of `record(...)`)")
+    def save(self, path) -> Path:
+        """Write one .safetensors file: every summary tensor plus the trace's JSON metadata, a checksum per tensor
+        (`summaries_file.py`); `Trace.load(path)` reads it back as a `Summaries`."""
+        from . import summaries_file
+
+        self._sync()
+        return summaries_file.save(self, path)
 
     def _get(self, stream: str, layer: int, name: str, step: int | None, part: int, run: int) -> torch.Tensor:
         if step is not None:
@@ -205,6 +339,7 @@ class Summaries(Trace):
             if value is None:
                 raise KeyError(f"{name!r} was not summarised; capture with summaries including it")
             return value
+        self._sync()
         layer = self.layer_index(stream, layer, run)
         entries = sorted((r for r in self.run(run).records.get((stream, layer), []) if r.part == part),
                          key=lambda r: r.step)

@@ -252,6 +252,8 @@ class Trace:
         (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
         checked for finite values only).
 
+        A file written by `Summaries.save` is read back as a `Summaries` (`summaries_file.py`), checked the same way.
+
         A directory written by `capture(..., out=dir)` is opened lazily instead: metadata now, each tensor
         memory-mapped and checked against its checksum when first read (`stream.load_dir`). A directory whose
         capture did not finish is refused unless `partial=True` (then: the records written before it stopped)."""
@@ -266,6 +268,13 @@ class Trace:
                 if raw is None:
                     raise TraceFileError(f"{path} is a safetensors file but not an attnscope trace (no 'attnscope' metadata)")
                 meta = json.loads(raw)
+                from . import summaries_file
+                from .summaries import Summaries
+
+                if isinstance(meta, dict) and meta.get("format") == summaries_file.FORMAT:  # summaries, not rows
+                    return summaries_file.load(f, meta, path)
+                if issubclass(cls, Summaries):
+                    raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
                 trace = cls(provenance=meta.get("provenance", {}))
                 for run_meta in meta["runs"]:

@@ -170,3 +170,39 @@ def attention_probs(
             return probs.to(out_dtype).contiguous()
         out[:, :, start : start + r.numel()] = probs
     return out
+
+
+def plain_rows(module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict, heads: torch.Tensor,
+               rows: list[int]) -> float | None:
+    """The scaling where `attention_probs` of these rows is nothing but softmax(scaling * q k^T) (every head in order,
+    no mask, no extra logit term, no causal mask that could hide a key from these rows), so that `stacked_probs`
+    may compute them together with other calls'; else None. Raises on unknown terms as `attention_probs` does."""
+    check_terms(module, kwargs)
+    if attention_mask is not None or any(kwargs.get(k) is not None for k in RECOMPUTED):
+        return None
+    n_heads, q_len = query.shape[1], query.shape[2]
+    if heads.numel() != n_heads or n_heads % key.shape[1] or heads.tolist() != list(range(n_heads)):
+        return None
+    if _is_causal(module, kwargs) and not (q_len == 1 or rows == [q_len - 1]):
+        return None
+    return _scaling(module, query, kwargs)
+
+
+def stacked_probs(queries: list[torch.Tensor], keys: list[torch.Tensor], scalings: list[float]) -> torch.Tensor:
+    """Probabilities [L, B, H, r, K] of L calls that `plain_rows` accepted, with the same shapes, from their query
+    rows [B, H, r, D] and keys [B, Hkv, K, D]: a product per call (the keys are not copied), then one scaling and one
+    softmax for all (the same float32 operations as `attention_probs`, per call)."""
+    batch, n_heads, r, _ = queries[0].shape
+    kv_heads, kv_len = keys[0].shape[1], keys[0].shape[2]
+    group = n_heads // kv_heads * r  # each key head with its group of query heads, without copying the keys per head
+    if queries[0].dtype != torch.float32 or keys[0].dtype != torch.float32:
+        queries, keys = [q.float() for q in queries], [k.float() for k in keys]
+    if kv_heads != n_heads:
+        queries = [q.reshape(batch, kv_heads, group, -1) for q in queries]
+    scores = torch.stack([torch.matmul(q, k.mT) for q, k in zip(queries, keys)])
+    scores = scores.view(len(scores), batch, n_heads, r, kv_len)
+    if len(set(scalings)) == 1:
+        scores = scores.mul_(scalings[0])
+    else:
+        scores = scores.mul_(torch.tensor(scalings, dtype=torch.float32, device=scores.device).view(-1, 1, 1, 1, 1))
+    return torch.softmax(scores, dim=-1)

@@ -1,0 +1,81 @@
+"""Summaries in a file: `Summaries.save(path)` writes one .safetensors file holding every summary tensor, with the JSON
+metadata of a trace (format, provenance, token maps, and per record its heads, queries, step and part, plus the shape,
+dtype and blake2b checksum of each of its tensors); `Trace.load(path)` reads it back as a `Summaries`, checking every
+tensor as it does a file of rows (a damaged or altered file raises `TraceFileError`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from ..core.tokens import ROLES
+from .trace import TraceFileError, checksum, run_from_meta
+
+FORMAT = "attnscope.summaries/1"
+NAMES = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
+_RANK = {"key_count": 2, "role_mass": 4, "lookback": 3, "entropy": 3, "topk_index": 4, "topk_value": 4}
+
+
+def save(trace, path: str | Path) -> Path:
+    """Write `trace` (a `Summaries`) to one .safetensors file; tensors are named `<record key>/<summary>`."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def stored(key: str, rec) -> dict:
+        entry = {}
+        for name, value in rec.tensors().items():  # a copy each: records of one batch share storage
+            value = tensors[f"{key}/{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+            entry[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
+                           "blake2b": checksum(value)}
+        return {"tensors": entry}
+
+    meta = trace.metadata(stored) | {"format": FORMAT, "roles": list(ROLES)}
+    path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
+    return path
+
+
+def load(f, meta: dict, path):
+    """The `Summaries` of an open safetensors file `f` whose metadata `meta` has this FORMAT."""
+    from .summaries import Summaries, SummaryRecord
+
+    if meta.get("roles") != list(ROLES):
+        raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
+                             f"are {list(ROLES)}: read it with the attnscope that wrote it")
+    trace = Summaries(provenance=meta.get("provenance", {}))
+    for run_meta in meta["runs"]:
+        run = run_from_meta(run_meta)
+        for rm in run_meta["records"]:
+            values = {name: _tensor(f, rm, name, info, path) for name, info in rm["tensors"].items()}
+            _check_axes(rm, values, path)
+            rec = SummaryRecord(list(rm["heads"]), list(rm["queries"]), int(rm["step"]), int(rm["part"]), **values)
+            run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
+        trace.runs.append(run)
+    return trace
+
+
+def _tensor(f, rm: dict, name: str, info: dict, path) -> torch.Tensor:
+    key = f"{rm['key']}/{name}"
+    if name not in NAMES:
+        raise TraceFileError(f"{path}: record {rm['key']} holds an unknown summary {name!r}; known: {NAMES}")
+    tensor = f.get_tensor(key)
+    if list(tensor.shape) != info["shape"] or str(tensor.dtype).removeprefix("torch.") != info["dtype"]:
+        raise TraceFileError(f"{path}: tensor {key} is {list(tensor.shape)} {tensor.dtype}, metadata says "
+                             f"{info['shape']} {info['dtype']}")
+    if checksum(tensor) != info["blake2b"]:
+        raise TraceFileError(f"{path}: tensor {key} does not match its checksum (the file was changed or damaged after "
+                             "it was written)")
+    return tensor
+
+
+def _check_axes(rm: dict, values: dict, path) -> None:
+    """Every summary is [B, heads, queries, ...] of its record; key counts [B, roles]."""
+    if "key_count" not in values:
+        raise TraceFileError(f"{path}: record {rm['key']} has no key counts")
+    batch = values["key_count"].shape[0]
+    for name, value in values.items():
+        want = [batch, len(ROLES)] if name == "key_count" else [batch, len(rm["heads"]), len(rm["queries"])]
+        if value.dim() != _RANK[name] or list(value.shape[:len(want)]) != want:
+            raise TraceFileError(f"{path}: tensor {rm['key']}/{name} {list(value.shape)} does not match its record's "
+                                 f"batch, heads and queries")

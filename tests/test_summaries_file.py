@@ -1,0 +1,84 @@
+"""Summaries in a file (`Summaries.save`, `Trace.load`, `attnscope capture --summaries`): the round trip is bit for
+bit, a damaged or mismatched file is a `TraceFileError`, the CLI writes a loadable file and refuses bad names in one
+`error:` line naming the valid ones."""
+import struct
+
+import pytest
+import torch
+
+import attnscope
+from attnscope.capture.summaries import SUMMARIES, Summaries
+from attnscope.capture.trace import TraceFileError
+from attnscope.cli import main
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def saved(smollm, tmp_path_factory):
+    x = smollm.encode(PROMPT)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 29], heads=[1, 5], queries="last", summaries="all",
+                                            topk=3) as s:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    return s, s.save(tmp_path_factory.mktemp("summaries") / "s.safetensors")
+
+
+def test_round_trip_is_bit_for_bit(saved):
+    s, path = saved
+    loaded = attnscope.Trace.load(path)
+    assert isinstance(loaded, Summaries) and isinstance(Summaries.load(path), Summaries)
+    assert loaded.provenance == s.provenance
+    assert len(loaded.runs) == len(s.runs) == 1
+    a, b = s.run(), loaded.run()
+    assert a.steps == b.steps == 2 and a.lengths == b.lengths
+    assert b.tokens["text"][0].to_dict() == a.tokens["text"][0].to_dict()
+    assert sorted(a.records) == sorted(b.records) == [("text", 0), ("text", 29)]
+    for key in a.records:
+        assert len(a.records[key]) == len(b.records[key]) == 3
+        for ra, rb in zip(a.records[key], b.records[key]):
+            assert (ra.heads, ra.queries, ra.step, ra.part) == (rb.heads, rb.queries, rb.step, rb.part)
+            ta, tb = ra.tensors(), rb.tensors()
+            assert ta.keys() == tb.keys() and len(ta) == 6
+            for name in ta:
+                assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    assert torch.equal(loaded.lookback("text", 29, step=None), s.lookback("text", 29, step=None))
+    assert loaded.topk("text", 0, step=2)[0].shape == (1, 2, 1, 3)
+
+
+def _data_start(raw: bytes) -> int:
+    return 8 + struct.unpack("<Q", raw[:8])[0]  # safetensors: a u64 header length, the JSON header, then the bytes
+
+
+def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_path):
+    _, path = saved
+    raw = bytearray(path.read_bytes())
+    raw[_data_start(raw) + 9] ^= 0x40  # one bit of one summary tensor
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(TraceFileError, match="checksum"):
+        attnscope.Trace.load(bad)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(TraceFileError, match="not a readable attnscope trace"):
+        attnscope.Trace.load(cut)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as rows:
+        smollm(**smollm.encode(PROMPT))
+    with pytest.raises(TraceFileError, match="not summaries"):
+        Summaries.load(rows.save(tmp_path / "rows.safetensors"))
+
+
+def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    base = ["capture", "--model", "smollm2-135m", "--text", PROMPT, "--layers", "0,-1", "--queries", "last"]
+    assert main(base + ["--summaries", "lookback,topk", "--topk", "2", "--out", str(out)]) == 0
+    s = attnscope.Trace.load(out)
+    assert isinstance(s, Summaries) and s.layers("text") == [0, 29]
+    rec = s.record("text", -1)
+    assert set(rec.tensors()) == {"key_count", "lookback", "topk_index", "topk_value"}
+    assert rec.topk_value.shape == (1, 9, 1, 2) and torch.all(rec.lookback == 1)  # nothing generated: ratio 1
+    capsys.readouterr()
+    for bad, says in ((["--summaries", "entropy,lookback_lens"], list(SUMMARIES)), (["--topk", "3"], ["--summaries"]),
+                      (["--summaries", "--to-dir"], ["--to-dir"])):
+        assert main(base + bad + ["--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and all(w in err[0] for w in says), err
