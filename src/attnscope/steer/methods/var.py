@@ -101,16 +101,40 @@ class VAR(Method):
 class ChosenAtPrefill(Redistribute):
     """`Redistribute` on the last row whose heads are chosen once per sequence: at the sequence's first forward the
     `min_share` test picks them, per batch row ([B, h] in `state.per_row`, which follows beam reorders); later
-    forwards edit only those heads and skip the test (the target must still have mass)."""
+    forwards edit only those heads and skip the test (the target must still have mass). What a decode step needs
+    from the choice (the heads, the per-row choice over them) is derived once per choice, not per step and layer."""
 
-    def _chosen(self, ctx):
-        return ctx.state.per_row.get(("var_heads", ctx.site.stream, ctx.site.layer)) if ctx.state.step else None
+    def _chosen(self, ctx, heads):
+        """(heads chosen in some batch row, chosen [B, h, 1, 1] over them) at a decode step, or None when this layer
+        has no stored choice; derived once while the stored choice is the same tensor (a beam reorder replaces it)."""
+        site = ctx.site
+        chosen = ctx.state.per_row.get(("var_heads", site.stream, site.layer))
+        if chosen is None:
+            return None
+        hit = ctx.state.data.get(("var_heads_used", site.stream, site.layer))
+        if hit is None or hit[0] is not chosen or hit[1] is not heads:
+            used = chosen.any(0)
+            hit = (chosen, heads, heads[used.to(heads.device)], chosen[:, used][:, :, None, None])
+            ctx.state.data[("var_heads_used", site.stream, site.layer)] = hit
+        return hit[2:]
+
+    def skips(self, state, site):
+        """A decode step in a layer where no head was chosen (in any batch row): the backend runs alone."""
+        if state.step == 0:
+            return False
+        chosen = state.per_row.get(("var_heads", site.stream, site.layer))
+        if chosen is None:
+            return True
+        hit = state.data.get(("var_heads_any", site.stream, site.layer))
+        if hit is None or hit[0] is not chosen:
+            hit = state.data[("var_heads_any", site.stream, site.layer)] = (chosen, bool(chosen.any()))
+        return not hit[1]
 
     def heads_for(self, ctx, heads):
-        chosen = self._chosen(ctx)
         if ctx.state.step == 0:
             return heads
-        return heads[chosen.any(0)] if chosen is not None else heads[:0]
+        chosen = self._chosen(ctx, heads)
+        return chosen[0] if chosen is not None else heads[:0]
 
     def apply(self, ctx, probs):
         new, src_mass, tgt_mass = self.moved(ctx, probs)
@@ -118,6 +142,12 @@ class ChosenAtPrefill(Redistribute):
             ok = self.passes(src_mass, tgt_mass)
             ctx.state.per_row[("var_heads", ctx.site.stream, ctx.site.layer)] = ok[:, :, -1, 0]
         else:
-            chosen = self._chosen(ctx)
-            ok = (tgt_mass > 0) & chosen[:, chosen.any(0)][:, :, None, None].to(tgt_mass.device)
+            ok = (tgt_mass > 0) & self._chosen_rows(ctx).to(tgt_mass.device)
         return torch.where(ok, new, probs)
+
+    def _chosen_rows(self, ctx):
+        """chosen [B, h, 1, 1] over the heads `heads_for` returned for this call."""
+        site = ctx.site
+        chosen = ctx.state.per_row[("var_heads", site.stream, site.layer)]
+        hit = ctx.state.data.get(("var_heads_used", site.stream, site.layer))
+        return hit[3] if hit is not None and hit[0] is chosen else chosen[:, chosen.any(0)][:, :, None, None]
