@@ -263,7 +263,13 @@ class Redistribute(AttentionEdit):
 
     def apply(self, ctx, probs):
         new, src_mass, tgt_mass = self.moved(ctx, probs)
-        return torch.where(self.passes(src_mass, tgt_mass), new, probs)
+        return self.changed(ctx, self.passes(src_mass, tgt_mass), new, probs)
+
+    def changed(self, ctx, ok, new, probs):
+        """`new` where `ok` [B, h, r, 1], else `probs`; notes `ok` for `rows_where`, so rows the edit leaves alone keep
+        the backend's output bit for bit (no head passing the test is then the unsteered model exactly)."""
+        ctx.rows_changed[id(self)] = ok[..., 0]
+        return torch.where(ok, new, probs)
 
     def moved(self, ctx, probs):
         """(redistributed probabilities [B, h, r, K], source mass and target mass [B, h, r, 1]) of every row."""
@@ -291,7 +297,11 @@ class Redistribute(AttentionEdit):
         return ok
 
     def rows_where(self, ctx, probs):
-        return None if self.where is None else self.where(ctx, probs)
+        ok = ctx.rows_changed.pop(id(self), None)
+        if self.where is None:
+            return ok
+        where = self.where(ctx, probs)
+        return where if ok is None else ok & where.to(ok.device)
 
     def describe(self):
         return super().describe() | {"fraction": self.fraction, "source": _plain(self.source), "min_share": self.min_share}

@@ -204,6 +204,7 @@ class CallContext:
         self.patch: list = []
         self.done = False
         self._keys: dict = {}
+        self.rows_changed: dict = {}  # id(prob edit) -> bool [B, h, r]: the rows its last `apply` changed
 
     def _select(self, full: torch.Tensor | None, cols: torch.Tensor | None, n: int, offset: int) -> torch.Tensor:
         if full is None:
@@ -502,6 +503,7 @@ class _SiteHandler(Handler):
             rows = torch.unique(torch.cat([r for _, _, _, r in ctx.patch]))
             heads = torch.unique(torch.cat([h for _, h, _, _ in ctx.patch]))
         logits = explicit_logits(call, heads, rows)
+        dev = logits.device
         B, h, r = ctx.B, heads.numel(), rows.numel()
         index: list = []
 
@@ -511,9 +513,7 @@ class _SiteHandler(Handler):
                 index.append({int(x): i for i, x in enumerate(rows.tolist())})
             return torch.tensor([index[0][x] for x in eh.tolist()]), torch.tensor([index[1][x] for x in er.tolist()])
 
-        # bool [B, h, r]: where some edit applied; None while no edit narrowed it (then it is every entry if
-        # `everything`, else none)
-        applied, everything = None, False
+        applied = torch.zeros(B, h, r, dtype=torch.bool, device=dev)  # where an edit changed the row
         for edit, eh, qm, er in ctx.patch:
             if edit.kind != "logit":
                 continue
@@ -522,12 +522,11 @@ class _SiteHandler(Handler):
                 continue
             hi, ri = place(eh, er)
             a = block_logits(call, eh, er, cols) if edit.needs_logits else None
-            b = edit.bias(ctx, a).float().to(logits.device)
-            sel = (qm[:, er][:, None, :, None] & km[:, cols][:, None, None, :]).to(logits.device)
+            b = edit.bias(ctx, a).float().to(dev)
+            sel = (qm[:, er][:, None, :, None] & km[:, cols][:, None, None, :]).to(dev)
             idx = (slice(None), hi[:, None, None], ri[None, :, None], cols[None, None, :])
-            logits[idx] = (logits[idx] + torch.where(sel, b, torch.zeros((), device=logits.device))).clamp_min(MIN)
-            applied = torch.zeros(B, h, r, dtype=torch.bool) if applied is None else applied
-            applied[:, hi[:, None], ri[None, :]] |= qm[:, er][:, None, :]
+            logits[idx] = (logits[idx] + torch.where(sel, b, torch.zeros((), device=dev))).clamp_min(MIN)
+            applied[:, hi[:, None], ri[None, :]] |= qm[:, er][:, None, :].to(dev)
         probs = torch.softmax(logits, -1)
         for edit, eh, qm, er in ctx.patch:
             if edit.kind != "prob":
@@ -539,23 +538,18 @@ class _SiteHandler(Handler):
                 hi, ri = place(eh, er)
                 sub = probs[:, hi[:, None], ri[None, :]]
             new = edit.apply(ctx, sub)
-            # queries="last": its one row is selected in every batch row, the query mask narrows nothing
-            where = None if edit.queries == "last" else qm[:, er][:, None, :].expand(B, eh.numel(), er.numel())
-            extra = edit.rows_where(ctx, sub)
-            if extra is not None:
-                where = extra.to(qm.device) if where is None else where & extra.to(where.device)
-            if where is None and whole and applied is None:
-                probs, everything = new, True
-                continue
+            where = edit.rows_where(ctx, sub)  # None: every selected row
+            if edit.queries != "last":  # "last" is selected in every batch row: the query mask narrows nothing
+                rows_q = qm[:, er][:, None, :].to(dev)
+                where = rows_q if where is None else where.to(dev) & rows_q
             if where is None:
-                where = torch.ones(B, eh.numel(), er.numel(), dtype=torch.bool)
-            if applied is None:
-                applied = torch.full((B, h, r), everything, dtype=torch.bool)
+                where = torch.ones(B, eh.numel(), er.numel(), dtype=torch.bool, device=dev)
+            where = where.to(dev)
             if whole:
-                probs = torch.where(where[..., None].to(sub.device), new, sub)
+                probs = torch.where(where[..., None], new, sub)
                 applied |= where
             else:
-                probs[:, hi[:, None], ri[None, :]] = torch.where(where[..., None].to(sub.device), new, sub)
+                probs[:, hi[:, None], ri[None, :]] = torch.where(where[..., None], new, sub)
                 applied[:, hi[:, None], ri[None, :]] |= where
         rows_out = weighted_values(call, probs, heads)  # [B, h, r, D]
         if output is None:  # computed in place of the backend: every row and head, edited or not
@@ -564,15 +558,8 @@ class _SiteHandler(Handler):
         out = output[0]
         dev = out.device
         new = rows_out.transpose(1, 2).to(out.dtype)
-        whole_block = rows.numel() == ctx.Q and heads.numel() == ctx.H
-        if applied is None:
-            applied = torch.full((B, h, r), everything, dtype=torch.bool)
-            if not whole_block and everything:  # every entry of the block: written over without a gather
-                out = out.clone()
-                out[:, rows.to(dev)[:, None], heads.to(dev)[None, :]] = new
-                call.patches.append((heads, rows, applied, probs))
-                return (out, *output[1:])
-        if whole_block:  # every row and head: no gather/scatter
+        # only where an edit changed a row: elsewhere the backend's output stays, bit for bit
+        if rows.numel() == ctx.Q and heads.numel() == ctx.H:  # every row and head: no gather/scatter
             out = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, out)
         else:
             out = out.clone()

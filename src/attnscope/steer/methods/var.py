@@ -143,7 +143,7 @@ class ChosenAtPrefill(Redistribute):
             ctx.state.per_row[("var_heads", ctx.site.stream, ctx.site.layer)] = ok[:, :, -1, 0]
         else:
             ok = (tgt_mass > 0) & self._chosen_rows(ctx).to(tgt_mass.device)
-        return torch.where(ok, new, probs)
+        return self.changed(ctx, ok, new, probs)
 
     def _chosen_rows(self, ctx):
         """chosen [B, h, 1, 1] over the heads `heads_for` returned for this call."""
