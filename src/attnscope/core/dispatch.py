@@ -120,7 +120,13 @@ def _dispatcher(backend: str) -> Callable:
         entries = _handlers.get(module)
         if entries and _exclusive:
             entries = [e for e in entries if e is _exclusive[-1].handlers.get(module)]
-        if not entries or all(handler.idle() for _, handler in entries):
+        if entries:
+            for _, handler in entries:
+                if not handler.idle():
+                    break
+            else:  # every handler idle: the backend alone
+                entries = None
+        if not entries:
             return original_backend(backend, module)(module, query, key, value, attention_mask, **kwargs)
         call = AttentionCall(entries[0][0], module, query, key, value, attention_mask, kwargs)
         for _, handler in entries:

@@ -563,8 +563,8 @@ class _SiteHandler(Handler):
             out = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, out)
         else:
             out = out.clone()
-            cur = out[:, rows.to(dev)[:, None], heads.to(dev)[None, :]]  # [B, r, h, D]
-            out[:, rows.to(dev)[:, None], heads.to(dev)[None, :]] = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, cur)
+            idx = (slice(None), rows.to(dev)[:, None], heads.to(dev)[None, :])
+            out[idx] = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, out[idx])  # [B, r, h, D]
         call.patches.append((heads, rows, applied, probs))
         return (out, *output[1:])
 
@@ -1009,8 +1009,9 @@ class steer:
         key = (stream, layer)
         pos = st.kept.get(key)
         pad = (st.codes[stream] == CODE["pad"])
-        peak = h.abs().amax(-1).float()  # [B, n]
-        typical = h.abs().float().mean(-1)  # [B, n]; padding is no token of the row: left out of the median
+        magnitude = h.abs()
+        peak = magnitude.amax(-1).float()  # [B, n]
+        typical = magnitude.float().mean(-1)  # [B, n]; padding is no token of the row: left out of the median
         col_pad = (torch.gather(pad, 1, pos.cpu()) if pos is not None else pad[:, :typical.shape[1]]).to(
             typical.device) if pad.shape[0] == typical.shape[0] else torch.zeros_like(typical, dtype=torch.bool)
         scale = torch.stack([row[~skip].median() if bool((~skip).any()) else row.median()
