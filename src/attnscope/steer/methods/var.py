@@ -21,15 +21,19 @@ When the image-centric heads are chosen (`heads_at`): the paper calls them heads
 image, a property of the head for this input, so by default (`heads_at="prefill"`) they are chosen once per
 sequence, from the last prompt row at prefill (the first forward of the sequence), and every decode step
 redistributes in those heads (where its target still has mass) without measuring the share again. Decode steps
-then need explicit probabilities only in the chosen heads; the other heads, and layers with none chosen, stay on
-SDPA. (The abstract does not say whether the paper re-selects per generated token; the full text is not here.)
+then need explicit probabilities only in the chosen heads; the other heads stay on SDPA, and layers with none chosen
+do not enter attnscope's handler at all (`skips`). Rows the edit leaves alone (a head that fails the test at
+prefill) keep SDPA's output, so a sequence where no head is chosen is the unsteered model bit for bit.
+(The abstract does not say whether the paper re-selects per generated token; the full text is not here.)
 Values: the prefill is unchanged; at decode steps a head chosen at prefill is edited even if this step's share
 fell below rho, and a head not chosen is left alone even if it rose above (on SmolLM2 with a 100-token span of
 1,024, rho=0.1: 7 of 252 heads chosen at prefill, 8 at the next step, with a different set).
 `heads_at="step"` is the earlier form: every step computes all heads explicitly and applies the rho test to
-its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, one busy run): "prefill" 1.13x
-of unsteered generation, "step" 1.16x in the same run: choosing once removes only part of VAR's overhead (the
-rest, e.g. the massive-activation measurement in every decoder layer at every step, is not yet profiled there)."""
+its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, 5 of 28 layers with a chosen head):
+"prefill" 1.08x of unsteered generation, "step" 1.13x in the same run. What is left, per decode step
+(profiled): the explicit rows of the chosen heads (about 40 small tensor operations per layer), the massive-activation
+test in every decoder layer (a few operations per layer; its threshold is stored at prefill and a map with no new
+sink is left as it is), and the handler's dispatch in the layers that have a chosen head."""
 from __future__ import annotations
 
 import torch
