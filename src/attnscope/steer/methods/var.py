@@ -30,7 +30,7 @@ fell below rho, and a head not chosen is left alone even if it rose above (on Sm
 1,024, rho=0.1: 7 of 252 heads chosen at prefill, 8 at the next step, with a different set).
 `heads_at="step"` is the earlier form: every step computes all heads explicitly and applies the rho test to
 its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, 5 of 28 layers with a chosen head):
-"prefill" 1.08x of unsteered generation, "step" 1.13x in the same run. What is left, per decode step
+"prefill" 1.09x of unsteered generation (1.08x in two other runs), "step" 1.12x in the same run. What is left, per decode step
 (profiled): the explicit rows of the chosen heads (about 40 small tensor operations per layer), the massive-activation
 test in every decoder layer (a few operations per layer; its threshold is stored at prefill and a map with no new
 sink is left as it is), and the handler's dispatch in the layers that have a chosen head."""
