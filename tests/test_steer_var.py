@@ -2,7 +2,8 @@
 step (`heads_at="step"`), on SmolLM2-135M (real weights) with a text span standing in for the image: each form equals
 an independent eager implementation of its own rule (a patched eager attention) at every generated step; the two
 forms are bit-identical at prefill, where the stored choice is exactly the prefill's rho test; later steps edit the
-stored heads, so the forms part from there."""
+stored heads, so the forms part from there. Decode steps: layers with no chosen head run the backend alone, no chosen
+head at all is the unsteered model bit for bit, and the sinks found at decode steps equal a recomputation."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,7 @@ from bench_modules import eager_anchor, var_last_row
 
 PROMPT = "Tom's favourite colour is blue. Anna's favourite colour is green. Anna's favourite colour is"
 SPAN, P, RHO, NEW = [5, 6, 7], 0.6, 0.2, 4
+TAU = 28.5  # SmolLM2 here: generated tokens cross it in some middle layers and fall below it in the next
 
 
 def anchors_var(hf, sinks: dict, once: bool, chosen: dict):
@@ -86,44 +88,75 @@ def test_decode_steps_edit_only_the_stored_heads(smollm):
             seen.setdefault(ctx.site.layer, set()).update(h for _, heads, _, _ in ctx.patch for h in heads.tolist())
         return original(self, ctx, call, output)
 
+    entered = set()
+    before = session_module._SiteHandler.before
+
+    def spy_before(self, call):
+        if self.session.state.step > 0:
+            entered.add(self.site.layer)
+        return before(self, call)
+
     session_module._SiteHandler._patch = spy
+    session_module._SiteHandler.before = spy_before
     try:
         with torch.no_grad(), steer(smollm, VAR(p=P, rho=0.3, keys=SPAN)) as session:
             generate(smollm, x)
     finally:
         session_module._SiteHandler._patch = original
+        session_module._SiteHandler.before = before
     stored = {layer: session.state.per_row[("var_heads", "text", layer)][0] for layer in range(2, 30)}
     expected = {layer: set(s.nonzero()[:, 0].tolist()) for layer, s in stored.items() if bool(s.any())}
     assert expected and len(expected) < 28  # some layers keep SDPA at every decode step
     assert seen == expected
+    assert entered == set(expected)  # the others do not even enter the handler: the backend runs alone
 
 
-def test_heads_at_is_checked_and_parsed():
-    with pytest.raises(SteerError, match="heads_at must be 'prefill' or 'step'"):
-        VAR(heads_at="decode")
-    assert parse("var:heads_at=step").heads_at == "step"
-    assert VAR().heads_at == "prefill"
+def test_no_chosen_head_is_the_unsteered_model_bit_for_bit(smollm):
+    """rho=1: no head of this prompt passes the test at prefill (asserted), so the explicit rows computed there are
+    left to the backend and decode steps never enter the handler: the logits are the unsteered model's, bit for bit."""
+    x = smollm.encode(PROMPT)
+    with torch.no_grad():
+        plain = generate(smollm, x)
+        with steer(smollm, VAR(p=P, rho=1.0, keys=SPAN)) as session:
+            same = generate(smollm, x)
+    assert session.state.per_row and not any(bool(c.any()) for c in session.state.per_row.values())
+    assert torch.equal(plain.sequences, same.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, same.logits))
 
 
-def test_sink_threshold_ignores_left_padding(smollm):
-    """The massive-activation threshold is tau x the median over the row's own tokens: left padding of a batch must
-    not move it (a padded row finds the same sinks as the row alone)."""
-    tok = smollm.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
+def test_sinks_found_at_decode_steps_equal_a_recomputation(smollm):
+    """Massive activations with a low tau, so that generated tokens become sinks in some layers: after every forward
+    of a generation the cumulative sink maps equal a recomputation from the decoder layers' inputs recorded in the
+    same run (a token is a sink from the first layer where its largest |activation| reaches tau x the prompt's median
+    mean |activation|), including a token that crossed in a layer below and not in this one."""
+    x = smollm.encode(PROMPT)
+    n = x["input_ids"].shape[1]
+    seen: dict[int, list] = {}
+    snaps: list = []
+
+    def record(i):
+        def hook(module, args, kwargs):
+            seen.setdefault(i, []).append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(smollm.hf.model.layers)]
     try:
-        texts = ["The capital of France is", "Once upon a time in a land far far away, there lived a"]
-        batch = tok(texts, return_tensors="pt", padding=True)
-        alone = tok(texts[:1], return_tensors="pt")
-        shift = batch["input_ids"].shape[1] - alone["input_ids"].shape[1]
-
-        def sinks(enc):
-            with torch.no_grad(), steer(smollm, VAR(keys="text", tau=12.0)) as s:
-                smollm(**enc)
-            return s.state.sink.pos, s.state.sink_scale
-
-        (pos_b, scale_b), (pos_a, scale_a) = sinks(batch), sinks(alone)
-        for key in pos_a:
-            assert sorted(p - shift for p in pos_b[key][0]) == sorted(pos_a[key][0]), key
-            assert torch.allclose(scale_b[key][0], scale_a[key][0], rtol=1e-4), key
+        with torch.no_grad(), steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, tau=TAU)) as session:
+            hooks.append(smollm.hf.register_forward_hook(lambda *a: snaps.append(
+                {k: sorted(v[0]) for k, v in session.state.sink.pos.items()})))
+            generate(smollm, x)
     finally:
-        tok.padding_side = side
+        for h in hooks:
+            h.remove()
+    assert len(snaps) == NEW
+    carried = False
+    for step, snap in enumerate(snaps):
+        found: set = set()
+        for layer in range(30):
+            hs = torch.cat(seen[layer][: step + 1], 1)[0]  # the layer's inputs so far [n + step, D]
+            scale = hs[:n].abs().mean(-1).median().clamp_min(1e-6)
+            new = set((hs.abs().amax(-1) >= TAU * scale).nonzero()[:, 0].tolist())
+            carried |= step > 0 and n + step - 1 in found - new  # this step's token: a sink from a layer below only
+            found |= new
+            assert snap[("text", layer)] == sorted(found), (step, layer)
+    assert carried

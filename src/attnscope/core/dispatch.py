@@ -11,7 +11,9 @@ A call on a module with handlers runs, in attach order:
                               see probabilities); it may leave them in `call.probs` for later handlers;
   3. the original backend B, unless step 2 produced the output;
   4. `handler.after(call, output)` may change the output (e.g. scale heads);
-  5. `handler.observe(call, output)` records (capture)."""
+  5. `handler.observe(call, output)` records (capture).
+A module whose handlers all say `idle()` for the coming call runs the backend alone (VAR's decode steps in layers
+where it chose no head)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -72,7 +74,11 @@ class AttentionCall:
 
 
 class Handler:
-    """Base for what capture and steer attach to a module; every hook is optional."""
+    """Base for what capture and steer attach to a module; every hook is optional. `idle()` True means the handler
+    has nothing to do in the coming call (then, if all of a module's handlers say so, the backend runs untouched)."""
+
+    def idle(self) -> bool:
+        return False
 
     def before(self, call: AttentionCall) -> None:
         pass
@@ -114,6 +120,12 @@ def _dispatcher(backend: str) -> Callable:
         entries = _handlers.get(module)
         if entries and _exclusive:
             entries = [e for e in entries if e is _exclusive[-1].handlers.get(module)]
+        if entries:
+            for _, handler in entries:
+                if not handler.idle():
+                    break
+            else:  # every handler idle: the backend alone
+                entries = None
         if not entries:
             return original_backend(backend, module)(module, query, key, value, attention_mask, **kwargs)
         call = AttentionCall(entries[0][0], module, query, key, value, attention_mask, kwargs)

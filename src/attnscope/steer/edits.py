@@ -164,6 +164,11 @@ class AttentionEdit(SiteEdit):
         """Optional bool [B, h, r]: where, among the selected rows and heads, the prob edit applies."""
         return None
 
+    def skips(self, state, site) -> bool:
+        """True when the edit changes nothing in the coming call at `site` (cheap: asked before any call context
+        exists); then `heads_for` would return no head. VAR skips layers where it chose no head at prefill."""
+        return False
+
     def heads_for(self, ctx, heads: torch.Tensor) -> torch.Tensor:
         """The heads this call edits, of the edit's `heads` (all of them unless an edit narrows them per call:
         VAR keeps the image-centric heads it chose at prefill, so the other heads stay on the backend)."""
@@ -258,20 +263,30 @@ class Redistribute(AttentionEdit):
 
     def apply(self, ctx, probs):
         new, src_mass, tgt_mass = self.moved(ctx, probs)
-        return torch.where(self.passes(src_mass, tgt_mass), new, probs)
+        return self.changed(ctx, self.passes(src_mass, tgt_mass), new, probs)
+
+    def changed(self, ctx, ok, new, probs):
+        """`new` where `ok` [B, h, r, 1], else `probs`; notes `ok` for `rows_where`, so rows the edit leaves alone keep
+        the backend's output bit for bit (no head passing the test is then the unsteered model exactly)."""
+        ctx.rows_changed[id(self)] = ok[..., 0]
+        return torch.where(ok, new, probs)
 
     def moved(self, ctx, probs):
         """(redistributed probabilities [B, h, r, K], source mass and target mass [B, h, r, 1]) of every row."""
         B, h, r, K = probs.shape
-        src_m = ctx.key_mask(self.source)
-        tgt_m = ctx.key_mask(self.keys) & ~src_m
-        masks = torch.stack([src_m, tgt_m], -1).to(probs.dtype)  # [B, K, 2]
+        src_m, tgt_m = ctx.key_mask(self.source), ctx.key_mask(self.keys)
+
+        def build():
+            masks = torch.stack([src_m, tgt_m & ~src_m], -1).to(probs.device, probs.dtype)  # [B, K, 2]
+            return masks, 1 - self.fraction * masks[:, None, None, :, 0], masks[:, None, None, :, 1]
+
+        # the layers of a step that see the same source and target masks share these (built once per step)
+        masks, keep, target = ctx.shared(("redistribute", self.fraction, probs.dtype, probs.device), (src_m, tgt_m), build)
         masses = torch.matmul(probs.reshape(B, h * r, K), masks).view(B, h, r, 2)
         src_mass, tgt_mass = masses[..., :1], masses[..., 1:]
         coef = self.fraction * src_mass / tgt_mass.clamp_min(torch.finfo(probs.dtype).tiny)
         # sources lose `fraction` of their mass, targets gain it in proportion to their own probabilities
-        factor = 1 - self.fraction * masks[:, None, None, :, 0] + coef * masks[:, None, None, :, 1]
-        new = probs * factor
+        new = probs * (keep + coef * target)
         return new / new.sum(-1, keepdim=True), src_mass, tgt_mass
 
     def passes(self, src_mass, tgt_mass):
@@ -282,7 +297,11 @@ class Redistribute(AttentionEdit):
         return ok
 
     def rows_where(self, ctx, probs):
-        return None if self.where is None else self.where(ctx, probs)
+        ok = ctx.rows_changed.pop(id(self), None)
+        if self.where is None:
+            return ok
+        where = self.where(ctx, probs)
+        return where if ok is None else ok & where.to(ok.device)
 
     def describe(self):
         return super().describe() | {"fraction": self.fraction, "source": _plain(self.source), "min_share": self.min_share}

@@ -48,6 +48,7 @@ class SeqState:
         self.kept: dict[tuple[str, int], torch.Tensor] = {}
         self.sink = _SinkMaps(self)  # (stream, layer) -> bool [B, L], built from sparse positions
         self.sink_scale: dict[tuple[str, int], torch.Tensor] = {}
+        self.sink_threshold: dict[tuple[str, int], torch.Tensor] = {}  # tau x sink_scale, [B, 1]
         self.scores: dict[tuple[str, int], torch.Tensor] = {}
         self.vision_cls: list[torch.Tensor] = []
         self.data: dict = {}
@@ -82,6 +83,8 @@ class SeqState:
             self.sink.pos[key] = [set(found[i]) for i in idx.tolist()]
         for key, scale in list(self.sink_scale.items()):
             self.sink_scale[key] = scale[idx.to(scale.device)]
+        for key, threshold in list(self.sink_threshold.items()):
+            self.sink_threshold[key] = threshold[idx.to(threshold.device)]
         for key, value in list(self.per_row.items()):
             self.per_row[key] = value[idx.to(value.device)]
         self._masks.clear()
@@ -149,6 +152,7 @@ class _SinkMaps:
     def __init__(self, state: SeqState):
         self.state = state
         self.pos: dict[tuple[str, int], list[set[int]]] = {}
+        self.grown: dict[str, int] = {}  # stream -> the last step at which a sink was added in some layer
 
     def __contains__(self, key) -> bool:
         return key in self.pos
@@ -168,10 +172,14 @@ class _SinkMaps:
         hit = self.state._masks.get(cache_key)
         if hit is None:
             rows = self.pos[key]
-            hit = torch.zeros(len(rows), L or 0, dtype=torch.bool)
-            for b, found in enumerate(rows):
-                if found:
-                    hit[b, sorted(found)] = True
+            same = ("sink-rows", tuple(tuple(sorted(found)) for found in rows), L)  # layers with the same sinks share one
+            hit = self.state._masks.get(same)
+            if hit is None:
+                hit = torch.zeros(len(rows), L or 0, dtype=torch.bool)
+                for b, found in enumerate(same[1]):
+                    if found:
+                        hit[b, list(found)] = True
+                self.state._masks[same] = hit
             self.state._masks[cache_key] = hit
         return hit
 
@@ -196,6 +204,7 @@ class CallContext:
         self.patch: list = []
         self.done = False
         self._keys: dict = {}
+        self.rows_changed: dict = {}  # id(prob edit) -> bool [B, h, r]: the rows its last `apply` changed
 
     def _select(self, full: torch.Tensor | None, cols: torch.Tensor | None, n: int, offset: int) -> torch.Tensor:
         if full is None:
@@ -206,7 +215,27 @@ class CallContext:
             return full.gather(1, cols)
         if not self.known:
             return torch.zeros(self.B, n, dtype=torch.bool)
+        if offset == 0 and n == full.shape[1]:
+            return full  # the same tensor for every layer of a step: lets edits reuse what they derive from it
         return full[:, offset: offset + n]
+
+    def shared(self, key: tuple, deps: tuple, build):
+        """`build()` computed once per forward step and reused by the step's other calls (layers) whose `deps`
+        (tensors it is derived from) are the same objects; cleared with the step's masks."""
+        full = (key, *map(id, deps))
+        hit = self.state._masks.get(full)
+        if hit is None or any(a is not b for a, b in zip(hit[0], deps)):
+            hit = (deps, build())
+            self.state._masks[full] = hit
+        return hit[1]
+
+    def last_row(self) -> torch.Tensor:
+        """The index of the call's last query row, [1] (shared by the step's calls)."""
+        key = ("last-index", self.Q)
+        out = self.state._masks.get(key)
+        if out is None:
+            out = self.state._masks[key] = torch.tensor([self.Q - 1])
+        return out
 
     def key_mask(self, spec) -> torch.Tensor:
         """bool [B, K]: the keys a spec selects in this call (computed once per call and spec)."""
@@ -295,41 +324,49 @@ def vision_scores_to_positions(st: SeqState, stream: str, vis: torch.Tensor) -> 
 
 
 def explicit_logits(call: AttentionCall, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Masked logits [B, h, r, K] in float32, as `core.probs.attention_probs(..., logits=True)` computes them, with
-    a fast path when every head is asked for: grouped-query heads share their key head through a reshape instead of
-    a copy of the keys per query head (the decode step of a steered head is then about one extra attention)."""
+    """Masked logits [B, h, r, K] in float32, as `core.probs.attention_probs(..., logits=True)` computes them (the
+    same operations, so the same numbers), without its generality where the call has no extra term: when every head
+    is asked for, grouped-query heads share their key head through a reshape instead of a copy of the keys per query
+    head (the decode step of a steered head is then about one extra attention); for a few heads (VAR's chosen heads
+    at a decode step), only those heads' queries and their key heads are gathered."""
     q, k = call.query, call.key
     B, H, Q, D = q.shape
     kvH, K = k.shape[1], k.shape[2]
     check_terms(call.module, call.kwargs)
     extra = call.kwargs.get("position_bias") is not None or sink_logits(call.module, call.kwargs) is not None
-    if heads.numel() != H or kvH == H or extra:
-        return attention_probs(call.module, q, k, call.attention_mask, call.kwargs, heads=heads, rows=rows, logits=True)
+    mask = call.attention_mask
+    window = mask is None and call.kwargs.get("sliding_window")
+    if extra or window or (heads.numel() == H and kvH == H):
+        return attention_probs(call.module, q, k, mask, call.kwargs, heads=heads, rows=rows, logits=True)
     g = H // kvH
-    qs = q if rows.numel() == Q else q.index_select(2, rows.to(q.device))
+    dev = q.device
+    qs = q if rows.numel() == Q else q.index_select(2, rows.to(dev))
     r = qs.shape[2]
     scaling = call.kwargs.get("scaling")
     if scaling is None:
         scaling = getattr(call.module, "scaling", None)
     scaling = D ** -0.5 if scaling is None else float(scaling)
-    logits = torch.matmul(qs.float().reshape(B, kvH, g * r, D), k.float().transpose(-1, -2)).view(B, H, r, K)
-    logits = logits * scaling
+    if heads.numel() == H:  # every head (in order: heads come sorted from the selection)
+        logits = torch.matmul(qs.float().reshape(B, kvH, g * r, D), k.float().transpose(-1, -2)).view(B, H, r, K)
+        logits = logits * scaling
+    else:
+        heads = heads.to(dev)
+        ks = k.index_select(1, heads // g).float()
+        logits = torch.matmul(qs.index_select(1, heads).float(), ks.transpose(-1, -2)).mul_(scaling)
     softcap = call.kwargs.get("softcap")
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    mask = call.attention_mask
     if mask is not None:
         m = mask[..., :K]
         m = m if m.shape[2] == 1 else m.index_select(2, rows.to(m.device))
+        m = m if m.shape[1] == 1 or heads.numel() == H else m.index_select(1, heads.to(m.device))
         if m.dtype == torch.bool:
             logits = logits.masked_fill(~m, MIN)
         else:
             logits = logits + m.float()
     elif Q > 1 and _is_causal(call):
-        allowed = torch.arange(K, device=q.device)[None, :] <= (K - Q + rows.to(q.device))[:, None]
+        allowed = torch.arange(K, device=dev)[None, :] <= (K - Q + rows.to(dev))[:, None]
         logits = logits.masked_fill(~allowed, MIN)
-    if mask is None and call.kwargs.get("sliding_window"):
-        return attention_probs(call.module, q, k, None, call.kwargs, heads=heads, rows=rows, logits=True)
     return logits
 
 
@@ -359,6 +396,16 @@ class _SiteHandler(Handler):
         self.heads: list[tuple[HeadScale, torch.Tensor]] = []
         self.observers: list = []
 
+    def idle(self) -> bool:
+        """Nothing to do in this call: no sequence in flight, or every attention edit skips it (and no head scale or
+        observer is attached)."""
+        state = self.session.state
+        if state is None:
+            return True
+        if self.heads or self.observers:
+            return False
+        return all(not e.applies(state.branch) or e.skips(state, self.site) for e, _ in self.attn)
+
     def before(self, call: AttentionCall) -> None:
         state = self.session.state
         if state is None:
@@ -376,7 +423,7 @@ class _SiteHandler(Handler):
             if heads.numel() == 0:
                 continue
             qm = ctx.query_mask(edit.queries)
-            rows = torch.tensor([ctx.Q - 1]) if edit.queries == "last" else qm.any(0).nonzero()[:, 0]
+            rows = ctx.last_row() if edit.queries == "last" else qm.any(0).nonzero()[:, 0]
             if rows.numel() == 0:
                 continue
             if edit.kind == "prob" or rows.numel() * 4 < ctx.Q:
@@ -456,45 +503,53 @@ class _SiteHandler(Handler):
             rows = torch.unique(torch.cat([r for _, _, _, r in ctx.patch]))
             heads = torch.unique(torch.cat([h for _, h, _, _ in ctx.patch]))
         logits = explicit_logits(call, heads, rows)
-        B = ctx.B
-        applied = torch.zeros(B, heads.numel(), rows.numel(), dtype=torch.bool)
-        pos_h = {int(h): i for i, h in enumerate(heads.tolist())}
-        pos_r = {int(r): i for i, r in enumerate(rows.tolist())}
+        dev = logits.device
+        B, h, r = ctx.B, heads.numel(), rows.numel()
+        index: list = []
+
+        def place(eh, er):  # an edit's heads and rows as indices into this block
+            if not index:
+                index.append({int(x): i for i, x in enumerate(heads.tolist())})
+                index.append({int(x): i for i, x in enumerate(rows.tolist())})
+            return torch.tensor([index[0][x] for x in eh.tolist()]), torch.tensor([index[1][x] for x in er.tolist()])
+
+        applied = torch.zeros(B, h, r, dtype=torch.bool, device=dev)  # where an edit changed the row
         for edit, eh, qm, er in ctx.patch:
             if edit.kind != "logit":
                 continue
             km, cols = ctx.key_cols(edit.keys)
             if cols.numel() == 0:
                 continue
-            hi = torch.tensor([pos_h[h] for h in eh.tolist()])
-            ri = torch.tensor([pos_r[r] for r in er.tolist()])
+            hi, ri = place(eh, er)
             a = block_logits(call, eh, er, cols) if edit.needs_logits else None
-            b = edit.bias(ctx, a).float().to(logits.device)
-            sel = (qm[:, er][:, None, :, None] & km[:, cols][:, None, None, :]).to(logits.device)
+            b = edit.bias(ctx, a).float().to(dev)
+            sel = (qm[:, er][:, None, :, None] & km[:, cols][:, None, None, :]).to(dev)
             idx = (slice(None), hi[:, None, None], ri[None, :, None], cols[None, None, :])
-            logits[idx] = (logits[idx] + torch.where(sel, b, torch.zeros((), device=logits.device))).clamp_min(MIN)
-            applied[:, hi[:, None], ri[None, :]] |= qm[:, er][:, None, :]
+            logits[idx] = (logits[idx] + torch.where(sel, b, torch.zeros((), device=dev))).clamp_min(MIN)
+            applied[:, hi[:, None], ri[None, :]] |= qm[:, er][:, None, :].to(dev)
         probs = torch.softmax(logits, -1)
         for edit, eh, qm, er in ctx.patch:
             if edit.kind != "prob":
                 continue
-            whole = eh.numel() == heads.numel() and er.numel() == rows.numel()
+            whole = eh.numel() == h and er.numel() == r
             if whole:
                 sub = probs
             else:
-                hi = torch.tensor([pos_h[h] for h in eh.tolist()])
-                ri = torch.tensor([pos_r[r] for r in er.tolist()])
+                hi, ri = place(eh, er)
                 sub = probs[:, hi[:, None], ri[None, :]]
             new = edit.apply(ctx, sub)
-            where = qm[:, er][:, None, :].expand(B, eh.numel(), er.numel())
-            extra = edit.rows_where(ctx, sub)
-            if extra is not None:
-                where = where & extra.to(where.device)
+            where = edit.rows_where(ctx, sub)  # None: every selected row
+            if edit.queries != "last":  # "last" is selected in every batch row: the query mask narrows nothing
+                rows_q = qm[:, er][:, None, :].to(dev)
+                where = rows_q if where is None else where.to(dev) & rows_q
+            if where is None:
+                where = torch.ones(B, eh.numel(), er.numel(), dtype=torch.bool, device=dev)
+            where = where.to(dev)
             if whole:
-                probs = torch.where(where[..., None].to(sub.device), new, sub)
+                probs = torch.where(where[..., None], new, sub)
                 applied |= where
             else:
-                probs[:, hi[:, None], ri[None, :]] = torch.where(where[..., None].to(sub.device), new, sub)
+                probs[:, hi[:, None], ri[None, :]] = torch.where(where[..., None], new, sub)
                 applied[:, hi[:, None], ri[None, :]] |= where
         rows_out = weighted_values(call, probs, heads)  # [B, h, r, D]
         if output is None:  # computed in place of the backend: every row and head, edited or not
@@ -503,12 +558,13 @@ class _SiteHandler(Handler):
         out = output[0]
         dev = out.device
         new = rows_out.transpose(1, 2).to(out.dtype)
+        # only where an edit changed a row: elsewhere the backend's output stays, bit for bit
         if rows.numel() == ctx.Q and heads.numel() == ctx.H:  # every row and head: no gather/scatter
             out = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, out)
         else:
             out = out.clone()
-            cur = out[:, rows.to(dev)[:, None], heads.to(dev)[None, :]]  # [B, r, h, D]
-            out[:, rows.to(dev)[:, None], heads.to(dev)[None, :]] = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, cur)
+            idx = (slice(None), rows.to(dev)[:, None], heads.to(dev)[None, :])
+            out[idx] = torch.where(applied.transpose(1, 2)[..., None].to(dev), new, out[idx])  # [B, r, h, D]
         call.patches.append((heads, rows, applied, probs))
         return (out, *output[1:])
 
@@ -920,43 +976,55 @@ class steer:
     def _measure_sinks(self, st: SeqState, stream: str, layer: int, hidden: torch.Tensor) -> None:
         """Massive activations (Sun et al. 2024): a token whose largest |activation| entering this block is at least
         `tau` times the block input's typical activation (the median over tokens of their mean |activation|) is a
-        sink from here on (the map is cumulative over layers)."""
-        tau = self._sink_tau
+        sink from here on (the map is cumulative over layers). The typical activation is measured on the prompt;
+        a decode step compares its new tokens with the threshold stored then and, when neither this layer nor one
+        below it found a new sink in this step, leaves the map as it is (a few tensor operations per layer)."""
         key = (stream, layer)
-        prev = st.sink.pos.get((stream, layer - 1))
         with torch.no_grad():
-            h = hidden.detach()
-            peak = h.abs().amax(-1).float()  # [B, n]
-            if st.step == 0:
-                pos = st.kept.get(key)
-                pad = (st.codes[stream] == CODE["pad"])
-                typical = h.abs().float().mean(-1)  # [B, n]; padding is no token of the row: left out of the median
-                col_pad = (torch.gather(pad, 1, pos.cpu()) if pos is not None else pad[:, :typical.shape[1]]).to(
-                    typical.device) if pad.shape[0] == typical.shape[0] else torch.zeros_like(typical, dtype=torch.bool)
-                scale = torch.stack([row[~skip].median() if bool((~skip).any()) else row.median()
-                                     for row, skip in zip(typical, col_pad)]).clamp_min(1e-6)
-                st.sink_scale[key] = scale
-                hits = (peak >= tau * scale[:, None]).cpu()
-                B = hits.shape[0]
-                found = []
-                for b in range(B):
-                    idx = hits[b].nonzero()[:, 0]
-                    where = (pos[b, idx] if pos is not None else idx).tolist()
-                    found.append({p for p in where if not pad[b, p]})
-            else:
-                scale = st.sink_scale.get(key)
-                if scale is None:
+            if st.step:
+                threshold = st.sink_threshold.get(key)
+                if threshold is None:
                     return
-                found = [set(s) for s in st.sink.pos.get(key, [set() for _ in range(peak.shape[0])])]
-                hits = peak >= tau * scale[:, None]
-                if bool(hits.any()):
-                    length = st.length(stream)
-                    for b, col in hits.nonzero().tolist():
-                        found[b].add(length - peak.shape[1] + col)
+                hits = torch.linalg.vector_norm(hidden.detach(), float("inf"), -1) >= threshold  # max |activation|
+                if not bool(hits.any()) and st.sink.grown.get(stream) != st.step:
+                    return
+                old = st.sink.pos.get(key, [set() for _ in range(hits.shape[0])])
+                found = [set(s) for s in old]
+                length = st.length(stream)
+                for b, col in hits.nonzero().tolist():
+                    found[b].add(length - hits.shape[1] + col)
+            else:
+                found = self._prompt_sinks(st, stream, layer, hidden.detach())
+            prev = st.sink.pos.get((stream, layer - 1))
             if prev is not None:
                 found = [a | b for a, b in zip(found, prev)]
+            if st.step and all(len(a) == len(b) for a, b in zip(found, old)):
+                return  # sets only grow: the same sizes are the same sets
             st.sink.pos[key] = found
+            st.sink.grown[stream] = st.step
             st._masks.pop(("sink", key, st.length(stream)), None)
+
+    def _prompt_sinks(self, st: SeqState, stream: str, layer: int, h: torch.Tensor) -> list[set[int]]:
+        """The prompt's sinks at one layer (positions per batch row), storing the layer's threshold."""
+        key = (stream, layer)
+        pos = st.kept.get(key)
+        pad = (st.codes[stream] == CODE["pad"])
+        magnitude = h.abs()
+        peak = magnitude.amax(-1).float()  # [B, n]
+        typical = magnitude.float().mean(-1)  # [B, n]; padding is no token of the row: left out of the median
+        col_pad = (torch.gather(pad, 1, pos.cpu()) if pos is not None else pad[:, :typical.shape[1]]).to(
+            typical.device) if pad.shape[0] == typical.shape[0] else torch.zeros_like(typical, dtype=torch.bool)
+        scale = torch.stack([row[~skip].median() if bool((~skip).any()) else row.median()
+                             for row, skip in zip(typical, col_pad)]).clamp_min(1e-6)
+        st.sink_scale[key] = scale
+        st.sink_threshold[key] = self._sink_tau * scale[:, None]
+        hits = (peak >= st.sink_threshold[key]).cpu()
+        found = []
+        for b in range(hits.shape[0]):
+            idx = hits[b].nonzero()[:, 0]
+            where = (pos[b, idx] if pos is not None else idx).tolist()
+            found.append({p for p in where if not pad[b, p]})
+        return found
 
     _sink_tau = 100.0
 

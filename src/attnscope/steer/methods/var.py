@@ -21,15 +21,19 @@ When the image-centric heads are chosen (`heads_at`): the paper calls them heads
 image, a property of the head for this input, so by default (`heads_at="prefill"`) they are chosen once per
 sequence, from the last prompt row at prefill (the first forward of the sequence), and every decode step
 redistributes in those heads (where its target still has mass) without measuring the share again. Decode steps
-then need explicit probabilities only in the chosen heads; the other heads, and layers with none chosen, stay on
-SDPA. (The abstract does not say whether the paper re-selects per generated token; the full text is not here.)
+then need explicit probabilities only in the chosen heads; the other heads stay on SDPA, and layers with none chosen
+do not enter attnscope's handler at all (`skips`). Rows the edit leaves alone (a head that fails the test at
+prefill) keep SDPA's output, so a sequence where no head is chosen is the unsteered model bit for bit.
+(The abstract does not say whether the paper re-selects per generated token; the full text is not here.)
 Values: the prefill is unchanged; at decode steps a head chosen at prefill is edited even if this step's share
 fell below rho, and a head not chosen is left alone even if it rose above (on SmolLM2 with a 100-token span of
 1,024, rho=0.1: 7 of 252 heads chosen at prefill, 8 at the next step, with a different set).
 `heads_at="step"` is the earlier form: every step computes all heads explicitly and applies the rho test to
-its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, one busy run): "prefill" 1.13x
-of unsteered generation, "step" 1.16x in the same run: choosing once removes only part of VAR's overhead (the
-rest, e.g. the massive-activation measurement in every decoder layer at every step, is not yet profiled there)."""
+its own row. Cost (bench/results/steer-var.md, SmolLM2, 1,024 + 64 tokens, 5 of 28 layers with a chosen head):
+"prefill" 1.09x of unsteered generation (1.08x in two other runs), "step" 1.12x in the same run. What is left, per decode step
+(profiled): the explicit rows of the chosen heads (about 40 small tensor operations per layer), the massive-activation
+test in every decoder layer (a few operations per layer; its threshold is stored at prefill and a map with no new
+sink is left as it is), and the handler's dispatch in the layers that have a chosen head."""
 from __future__ import annotations
 
 import torch
@@ -101,16 +105,40 @@ class VAR(Method):
 class ChosenAtPrefill(Redistribute):
     """`Redistribute` on the last row whose heads are chosen once per sequence: at the sequence's first forward the
     `min_share` test picks them, per batch row ([B, h] in `state.per_row`, which follows beam reorders); later
-    forwards edit only those heads and skip the test (the target must still have mass)."""
+    forwards edit only those heads and skip the test (the target must still have mass). What a decode step needs
+    from the choice (the heads, the per-row choice over them) is derived once per choice, not per step and layer."""
 
-    def _chosen(self, ctx):
-        return ctx.state.per_row.get(("var_heads", ctx.site.stream, ctx.site.layer)) if ctx.state.step else None
+    def _chosen(self, ctx, heads):
+        """(heads chosen in some batch row, chosen [B, h, 1, 1] over them) at a decode step, or None when this layer
+        has no stored choice; derived once while the stored choice is the same tensor (a beam reorder replaces it)."""
+        site = ctx.site
+        chosen = ctx.state.per_row.get(("var_heads", site.stream, site.layer))
+        if chosen is None:
+            return None
+        hit = ctx.state.data.get(("var_heads_used", site.stream, site.layer))
+        if hit is None or hit[0] is not chosen or hit[1] is not heads:
+            used = chosen.any(0)
+            hit = (chosen, heads, heads[used.to(heads.device)], chosen[:, used][:, :, None, None])
+            ctx.state.data[("var_heads_used", site.stream, site.layer)] = hit
+        return hit[2:]
+
+    def skips(self, state, site):
+        """A decode step in a layer where no head was chosen (in any batch row): the backend runs alone."""
+        if state.step == 0:
+            return False
+        chosen = state.per_row.get(("var_heads", site.stream, site.layer))
+        if chosen is None:
+            return True
+        hit = state.data.get(("var_heads_any", site.stream, site.layer))
+        if hit is None or hit[0] is not chosen:
+            hit = state.data[("var_heads_any", site.stream, site.layer)] = (chosen, bool(chosen.any()))
+        return not hit[1]
 
     def heads_for(self, ctx, heads):
-        chosen = self._chosen(ctx)
         if ctx.state.step == 0:
             return heads
-        return heads[chosen.any(0)] if chosen is not None else heads[:0]
+        chosen = self._chosen(ctx, heads)
+        return chosen[0] if chosen is not None else heads[:0]
 
     def apply(self, ctx, probs):
         new, src_mass, tgt_mass = self.moved(ctx, probs)
@@ -118,6 +146,12 @@ class ChosenAtPrefill(Redistribute):
             ok = self.passes(src_mass, tgt_mass)
             ctx.state.per_row[("var_heads", ctx.site.stream, ctx.site.layer)] = ok[:, :, -1, 0]
         else:
-            chosen = self._chosen(ctx)
-            ok = (tgt_mass > 0) & chosen[:, chosen.any(0)][:, :, None, None].to(tgt_mass.device)
-        return torch.where(ok, new, probs)
+            ok = (tgt_mass > 0) & self._chosen_rows(ctx).to(tgt_mass.device)
+        return self.changed(ctx, ok, new, probs)
+
+    def _chosen_rows(self, ctx):
+        """chosen [B, h, 1, 1] over the heads `heads_for` returned for this call."""
+        site = ctx.site
+        chosen = ctx.state.per_row[("var_heads", site.stream, site.layer)]
+        hit = ctx.state.data.get(("var_heads_used", site.stream, site.layer))
+        return hit[3] if hit is not None and hit[0] is chosen else chosen[:, chosen.any(0)][:, :, None, None]
