@@ -6,11 +6,9 @@ stored heads, so the forms part from there. Decode steps: layers with no chosen 
 head at all is the unsteered model bit for bit, and the sinks found at decode steps equal a recomputation."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from attnscope.steer import VAR, SteerError, steer
-from attnscope.steer.methods import parse
+from attnscope.steer import VAR, steer
 from bench_modules import eager_anchor, var_last_row
 
 PROMPT = "Tom's favourite colour is blue. Anna's favourite colour is green. Anna's favourite colour is"
