@@ -2,6 +2,7 @@
 against a digest computed by hand from the shard's bytes), blake2b traces written before still load and verify,
 edited checksum fields are refused, and every shard is on disk before the metadata."""
 import hashlib
+import os
 import json
 
 import pytest
@@ -153,3 +154,71 @@ def test_every_shard_is_on_disk_before_the_metadata(minilm, tmp_path, monkeypatc
     assert sorted(name for name, _ in flushed) == shards and len(shards) > 1
     assert not any(meta_written for _, meta_written in flushed)
     assert Trace.load(out).attention("text", 0).shape[-1] > 0
+
+
+def _swap_layers(records):
+    records[0]["layer"], records[1]["layer"] = records[1]["layer"], records[0]["layer"]
+
+
+def _duplicate(records):
+    records.append(dict(records[0]))
+
+
+def _duplicate_as_next_step(records):
+    records.append(dict(records[0], step=1))
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize("edit", [_swap_layers, _duplicate, _duplicate_as_next_step])
+def test_records_whose_labels_disagree_with_their_keys_are_refused(minilm, tmp_path, monkeypatch, edit, partial):
+    """The checksum covers a tensor, not its labels: a trace.json whose records were relabelled (two records' layers
+    swapped) or duplicated loaded with every checksum passing and the wrong layer's matrix under a label. Each
+    record's tensor name says which run, stream, layer and index it is; an entry that disagrees is refused."""
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    out = tmp_path / "t"
+    _capture(minilm, out, layers=[0, 1], chunk=3)
+    meta, records = _entries(out)
+    edit(records)
+    if partial:
+        (out / stream.META).unlink()
+        (out / stream.MARK).write_text("the capture block raised\n")
+    (out / (stream.PARTIAL if partial else stream.META)).write_text(json.dumps(meta))
+    with pytest.raises(TraceFileError, match="r0/text/"):
+        Trace.load(out, partial=partial)
+
+
+def test_unedited_partial_trace_still_loads(minilm, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    out = tmp_path / "t"
+    memory = _capture(minilm, out, layers=[0, 1], chunk=3)
+    (out / stream.META).rename(out / stream.PARTIAL)
+    (out / stream.MARK).write_text("the capture block raised\n")
+    loaded = Trace.load(out, partial=True)
+    for layer in (0, 1):
+        assert torch.equal(loaded.attention("text", layer), memory.attention("text", layer))
+
+
+def test_short_positional_writes_are_continued(minilm, tmp_path, monkeypatch):
+    """os.pwrite may write fewer bytes than asked (a full disk, a signal, a file-size limit) and says so only in its
+    return value: the writer ignored it, so the capture reported success over a shard with a hole in it and the
+    trace failed its checksum when read. Every chunk is now written to its last byte."""
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    real = os.pwrite
+    short = []
+
+    def pwrite(fd, data, offset):
+        data = memoryview(data).cast("B")
+        if len(data) > 1 and len(short) < 5:  # the first few calls write only half their bytes
+            short.append(offset)
+            return real(fd, data[: len(data) // 2], offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with torch.no_grad(), attnscope.capture(minilm, chunk=3) as memory:
+        minilm(**minilm.encode("The capital of France is"))
+    streamed = _capture(minilm, tmp_path / "s", chunk=3)
+    assert len(short) == 5
+    loaded = Trace.load(tmp_path / "s")
+    for trace in (streamed, loaded):
+        for layer in trace.layers("text"):
+            assert torch.equal(trace.attention("text", layer), memory.attention("text", layer))

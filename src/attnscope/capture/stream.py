@@ -24,7 +24,8 @@ layer reads one layer. A directory without `trace.json`, or still marked INCOMPL
 (`Trace.load(dir, partial=True)` opens the partial metadata). An existing non-empty directory is refused unless
 `overwrite=True`, and even then only a directory holding nothing but an earlier trace's files (its metadata or
 marker among them; another tool's trace.json is not ours) is cleared. A missing shard, a record without a checksum
-or with one this version cannot check is refused when the directory is opened; a shard replaced after it was
+or with one this version cannot check, or whose run/stream/layer/index disagree with its tensor's name (a relabelled or
+duplicated entry: a checksum covers the tensor, not its labels) is refused when the directory is opened; a shard replaced after it was
 verified is verified again when next read."""
 from __future__ import annotations
 
@@ -180,14 +181,14 @@ class TraceWriter:
                     for b in range(batch):
                         for h in range(heads):
                             piece = block[b, h]
-                            os.pwrite(fd, piece.reshape(-1).view(torch.uint8).numpy(),
-                                      len(raw) + ((b * heads + h) * rows + start) * row_bytes)
+                            _pwrite_all(fd, piece.reshape(-1).view(torch.uint8).numpy(),
+                                        len(raw) + ((b * heads + h) * rows + start) * row_bytes)
                             digest.update(piece)
                     filled += n
                 except BaseException as err:
                     self._error = err
             if fd is not None and item is None and self._error is None:
-                os.pwrite(fd, raw, 0)
+                _pwrite_all(fd, raw, 0)
                 if filled != rows:
                     raise RuntimeError(f"record {key}: {filled} of {rows} query rows were written")
                 os.close(fd)
@@ -259,6 +260,17 @@ def _write_json(path: Path, meta: dict) -> None:
 
 
 _ABORT = object()  # ends a chunked record whose rows could not all be computed
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """os.pwrite until every byte is written: one call may write fewer than asked (a full disk, a signal, a
+    file-size limit) and says so only in what it returns; a call that writes nothing raises."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"pwrite wrote {n} of {len(view)} bytes at offset {offset}")
+        view, offset = view[n:], offset + n
 
 
 def _header(items: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
@@ -398,10 +410,17 @@ def load_dir(cls, path: Path, partial: bool = False):
         meta = json.loads(meta_path.read_text())
         check_format(meta, meta_path)
         trace = cls(provenance=meta.get("provenance", {}))
-        for run_meta in meta["runs"]:
+        for run_index, run_meta in enumerate(meta["runs"]):
             run = run_from_meta(run_meta)
             for rm in run_meta["records"]:
                 check_axes(rm, meta_path)
+                # a checksum covers a tensor, not its labels: the tensor's name (record_key) must say the same run,
+                # stream and layer as the entry, at the next index of that layer (no record relabelled or duplicated)
+                index = len(run.records.get((rm["stream"], rm["layer"]), []))
+                if rm["key"] != record_key(run_index, rm["stream"], rm["layer"], index):
+                    raise TraceFileError(f"{meta_path}: record {rm['key']} is labelled run {run_index}, stream "
+                                         f"{rm['stream']!r}, layer {rm['layer']}, record {index} of that layer: the "
+                                         "metadata was edited (records relabelled, reordered or duplicated)")
                 shard = path / rm["shard"]
                 if Path(rm["shard"]).name != rm["shard"] or not _is_ours(rm["shard"]):
                     raise TraceFileError(f"{meta_path}: record {rm['key']} names shard {rm['shard']!r}, outside the trace")
