@@ -131,6 +131,10 @@ def test_raising_block_leaves_incomplete_trace_and_model_restored(smollm, tmp_pa
         Trace.load(out)
     partial = Trace.load(out, partial=True)  # what was written before the error, checksummed as usual
     assert torch.equal(partial.attention("text", 5), trace.attention("text", 5))
+    (out / stream.PARTIAL).rename(out / stream.META)  # the partial metadata passed off as complete
+    (out / stream.MARK).unlink()
+    with pytest.raises(TraceFileError, match="did not finish.*stop here"):
+        Trace.load(out)
 
 
 def test_existing_directory_refused_unless_overwrite(smollm, tmp_path):

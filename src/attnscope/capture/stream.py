@@ -409,6 +409,9 @@ def load_dir(cls, path: Path, partial: bool = False):
     try:
         meta = json.loads(meta_path.read_text())
         check_format(meta, meta_path)
+        if meta.get("incomplete") and not partial:  # a partial trace's metadata put in trace.json's place
+            raise TraceFileError(f"{meta_path} describes a capture that did not finish ({meta['incomplete']}); "
+                                 "open it with Trace.load(path, partial=True)")
         trace = cls(provenance=meta.get("provenance", {}))
         for run_index, run_meta in enumerate(meta["runs"]):
             run = run_from_meta(run_meta)
