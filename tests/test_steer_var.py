@@ -197,3 +197,17 @@ def test_two_var_edits_each_keep_their_own_heads(smollm):
     for layer in range(2, 30):
         assert torch.equal(stored_choice(session.state, layer, 0), chosen["a", layer])
         assert torch.equal(stored_choice(session.state, layer, 1), chosen["b", layer])
+
+
+def test_two_var_edits_with_different_tau_are_refused(smollm):
+    """The sink maps are measured once per sequence with one tau: two VAR methods asking for different ones would
+    silently share the last one's; the block refuses them before touching the model (one tau is fine)."""
+    import pytest
+    from attnscope.steer import SteerError
+
+    with pytest.raises(SteerError, match="tau"):
+        with steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, tau=50), VAR(p=P, rho=RHO, keys=[10, 11], tau=100)):
+            pass
+    assert not smollm.hf._forward_pre_hooks and not smollm.hf._forward_hooks
+    with steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, tau=50), VAR(p=P, rho=RHO, keys=[10, 11], tau=50)):
+        pass
