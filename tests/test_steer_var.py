@@ -211,3 +211,32 @@ def test_two_var_edits_with_different_tau_are_refused(smollm):
     assert not smollm.hf._forward_pre_hooks and not smollm.hf._forward_hooks
     with steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, tau=50), VAR(p=P, rho=RHO, keys=[10, 11], tau=50)):
         pass
+
+
+def test_sinks_inside_the_span_are_no_target(smollm):
+    """VAR's sinks are image tokens themselves: a span that holds a sink (here the first token, SmolLM2's sink)
+    redistributes onto its non-sink keys only, and the rho test counts only those; the eager anchor follows the same
+    rule (bench/anchors.py), step by step."""
+    x = smollm.encode(PROMPT)
+    span = [0] + SPAN
+    with torch.no_grad():
+        with steer(smollm, VAR(p=P, rho=RHO, keys=span)) as session:
+            out = generate(smollm, x)
+        sinks = {layer: sorted(session.state.sink.pos[("text", layer)][0]) for layer in range(2, 30)}
+        assert all(s == [0] for s in sinks.values())
+        chosen = {}
+
+        def var(module, probs):
+            layer = module.layer_idx
+            reuse = probs.shape[2] == 1
+            probs, test = var_last_row(probs, torch.tensor([0]), torch.tensor(span), P, RHO,
+                                       chosen[layer][..., None] if reuse else None)
+            if not reuse:
+                chosen[layer] = test[..., 0]
+            return probs
+
+        with eager_anchor(smollm.hf, range(2, smollm.hf.config.num_hidden_layers), probs=var):
+            ref = generate(smollm, x)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=0)
