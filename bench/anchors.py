@@ -59,7 +59,12 @@ def var_last_row(probs: torch.Tensor, sink, span, p: float, rho: float, heads: t
     """VAR ("See What You Are Told: Visual Attention Sink in Large Multimodal Models", Kang et al., ICLR 2025) on the
     last row of probabilities [B, H, Q, K]: in heads whose `span` keys hold at least `rho` of the attention not on
     the `sink` keys (or in the [B, H, 1] mask `heads`, such as the prefill's choice), a fraction `p` of the sinks'
-    mass moves to the span keys in proportion to their attention. Returns (probabilities, this row's heads test)."""
+    mass moves to the span keys in proportion to their attention. Sinks inside the span (VAR's visual sinks are image
+    tokens) are no target: the span means its non-sink keys, in the test and in the move. Returns (probabilities,
+    this row's heads test)."""
+    sink = torch.as_tensor(sink, dtype=torch.long)
+    span = torch.as_tensor(span, dtype=torch.long)
+    span = span[~torch.isin(span, sink)]
     row = probs[:, :, -1]
     sink_mass = row[..., sink].sum(-1, keepdim=True)
     tgt = row[..., span]

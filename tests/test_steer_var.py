@@ -35,6 +35,12 @@ def anchors_var(hf, sinks: dict, once: bool, chosen: dict):
     return eager_anchor(hf, range(2, hf.config.num_hidden_layers), probs=var)
 
 
+def stored_choice(state, layer: int, n: int = 0):
+    """The heads the `n`-th VAR edit of the block chose at prefill in `layer` ([B, H])."""
+    found = [v for k, v in state.per_row.items() if k[:3] == ("var_heads", "text", layer)]
+    return found[n]
+
+
 def generate(model, x):
     return model.generate(**x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
                           return_dict_in_generate=True)
@@ -61,7 +67,7 @@ def test_heads_chosen_at_prefill_are_the_prefill_test_and_are_reused_at_every_st
         for a, b in zip(out[mode].logits, ref[mode].logits):
             torch.testing.assert_close(a, b, atol=5e-4, rtol=0)
     # the stored choice is the prefill's own rho test, and some heads are chosen, some not
-    stored = {layer: states["prefill"].per_row[("var_heads", "text", layer)] for layer in range(2, 30)}
+    stored = {layer: stored_choice(states["prefill"], layer) for layer in range(2, 30)}
     for layer in range(2, 30):
         assert torch.equal(stored[layer], chosen[layer]), layer
     n = sum(int(s.sum()) for s in stored.values())
@@ -102,7 +108,7 @@ def test_decode_steps_edit_only_the_stored_heads(smollm):
     finally:
         session_module._SiteHandler._patch = original
         session_module._SiteHandler.before = before
-    stored = {layer: session.state.per_row[("var_heads", "text", layer)][0] for layer in range(2, 30)}
+    stored = {layer: stored_choice(session.state, layer)[0] for layer in range(2, 30)}
     expected = {layer: set(s.nonzero()[:, 0].tolist()) for layer, s in stored.items() if bool(s.any())}
     assert expected and len(expected) < 28  # some layers keep SDPA at every decode step
     assert seen == expected
@@ -158,3 +164,79 @@ def test_sinks_found_at_decode_steps_equal_a_recomputation(smollm):
             found |= new
             assert snap[("text", layer)] == sorted(found), (step, layer)
     assert carried
+
+
+def test_two_var_edits_each_keep_their_own_heads(smollm):
+    """Two VAR methods in one block (other target spans, the same layers): each edit's decode steps use the heads it
+    chose itself at prefill, as two VAR rules applied one after the other on eager weights do (the second one tested
+    on the first one's output), not the other edit's choice."""
+    x = smollm.encode(PROMPT)
+    other = [10, 11, 12]
+    with torch.no_grad():
+        with steer(smollm, VAR(p=P, rho=0.3, keys=SPAN), VAR(p=P, rho=0.3, keys=other)) as session:
+            out = generate(smollm, x)
+        assert all(sorted(session.state.sink.pos[("text", layer)][0]) == [0] for layer in range(2, 30))
+        chosen = {}
+
+        def var(module, probs):
+            layer = module.layer_idx
+            reuse = probs.shape[2] == 1
+            for name, span in (("a", SPAN), ("b", other)):
+                probs, test = var_last_row(probs, torch.tensor([0]), torch.tensor(span), P, 0.3,
+                                           chosen[name, layer][..., None] if reuse else None)
+                if not reuse:
+                    chosen[name, layer] = test[..., 0]
+            return probs
+
+        with eager_anchor(smollm.hf, range(2, smollm.hf.config.num_hidden_layers), probs=var):
+            ref = generate(smollm, x)
+    assert any(not torch.equal(chosen["a", layer], chosen["b", layer]) for layer in range(2, 30))  # the choices differ
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=0)
+    for layer in range(2, 30):
+        assert torch.equal(stored_choice(session.state, layer, 0), chosen["a", layer])
+        assert torch.equal(stored_choice(session.state, layer, 1), chosen["b", layer])
+
+
+def test_two_var_edits_with_different_tau_are_refused(smollm):
+    """The sink maps are measured once per sequence with one tau: two VAR methods asking for different ones would
+    silently share the last one's; the block refuses them before touching the model (one tau is fine)."""
+    import pytest
+    from attnscope.steer import SteerError
+
+    with pytest.raises(SteerError, match="tau"):
+        with steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, tau=50), VAR(p=P, rho=RHO, keys=[10, 11], tau=100)):
+            pass
+    assert not smollm.hf._forward_pre_hooks and not smollm.hf._forward_hooks
+    with steer(smollm, VAR(p=P, rho=RHO, keys=SPAN, tau=50), VAR(p=P, rho=RHO, keys=[10, 11], tau=50)):
+        pass
+
+
+def test_sinks_inside_the_span_are_no_target(smollm):
+    """VAR's sinks are image tokens themselves: a span that holds a sink (here the first token, SmolLM2's sink)
+    redistributes onto its non-sink keys only, and the rho test counts only those; the eager anchor follows the same
+    rule (bench/anchors.py), step by step."""
+    x = smollm.encode(PROMPT)
+    span = [0] + SPAN
+    with torch.no_grad():
+        with steer(smollm, VAR(p=P, rho=RHO, keys=span)) as session:
+            out = generate(smollm, x)
+        sinks = {layer: sorted(session.state.sink.pos[("text", layer)][0]) for layer in range(2, 30)}
+        assert all(s == [0] for s in sinks.values())
+        chosen = {}
+
+        def var(module, probs):
+            layer = module.layer_idx
+            reuse = probs.shape[2] == 1
+            probs, test = var_last_row(probs, torch.tensor([0]), torch.tensor(span), P, RHO,
+                                       chosen[layer][..., None] if reuse else None)
+            if not reuse:
+                chosen[layer] = test[..., 0]
+            return probs
+
+        with eager_anchor(smollm.hf, range(2, smollm.hf.config.num_hidden_layers), probs=var):
+            ref = generate(smollm, x)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=0)

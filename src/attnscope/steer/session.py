@@ -721,6 +721,10 @@ class steer:
                             raise SteerError(f"conflicting head edits on {site.stream} layer {site.layer} head {h}: one ablates "
                                              "it (scale 0), another scales it; drop one")
                         scaled[key] = f
+        taus = sorted({float(e.tau) for e in edits if hasattr(e, "tau")})
+        if len(taus) > 1:  # one set of sink maps per sequence, measured with one threshold
+            raise SteerError(f"sink edits with different tau ({', '.join(f'{t:g}' for t in taus)}) in one block: the "
+                             "massive-activation sinks are measured once per sequence with one threshold; give them one tau")
         if len([e for e in edits if isinstance(e, Contrast)]) > 1:
             raise SteerError("one contrastive decoder at a time (each replaces the next-token logits); pick one")
         self.edits = edits

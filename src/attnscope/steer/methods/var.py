@@ -108,30 +108,35 @@ class ChosenAtPrefill(Redistribute):
     forwards edit only those heads and skip the test (the target must still have mass). What a decode step needs
     from the choice (the heads, the per-row choice over them) is derived once per choice, not per step and layer."""
 
+    def slot(self, site, what: str = "var_heads") -> tuple:
+        """Where this edit keeps its choice for `site` in `state.per_row` (and what it derives from it in
+        `state.data`): per edit, so two VAR edits in one block (other keys, overlapping layers) each keep their own."""
+        return (what, site.stream, site.layer, id(self))
+
     def _chosen(self, ctx, heads):
         """(heads chosen in some batch row, chosen [B, h, 1, 1] over them) at a decode step, or None when this layer
         has no stored choice; derived once while the stored choice is the same tensor (a beam reorder replaces it)."""
         site = ctx.site
-        chosen = ctx.state.per_row.get(("var_heads", site.stream, site.layer))
+        chosen = ctx.state.per_row.get(self.slot(site))
         if chosen is None:
             return None
-        hit = ctx.state.data.get(("var_heads_used", site.stream, site.layer))
+        hit = ctx.state.data.get(self.slot(site, "var_heads_used"))
         if hit is None or hit[0] is not chosen or hit[1] is not heads:
             used = chosen.any(0)
             hit = (chosen, heads, heads[used.to(heads.device)], chosen[:, used][:, :, None, None])
-            ctx.state.data[("var_heads_used", site.stream, site.layer)] = hit
+            ctx.state.data[self.slot(site, "var_heads_used")] = hit
         return hit[2:]
 
     def skips(self, state, site):
         """A decode step in a layer where no head was chosen (in any batch row): the backend runs alone."""
         if state.step == 0:
             return False
-        chosen = state.per_row.get(("var_heads", site.stream, site.layer))
+        chosen = state.per_row.get(self.slot(site))
         if chosen is None:
             return True
-        hit = state.data.get(("var_heads_any", site.stream, site.layer))
+        hit = state.data.get(self.slot(site, "var_heads_any"))
         if hit is None or hit[0] is not chosen:
-            hit = state.data[("var_heads_any", site.stream, site.layer)] = (chosen, bool(chosen.any()))
+            hit = state.data[self.slot(site, "var_heads_any")] = (chosen, bool(chosen.any()))
         return not hit[1]
 
     def heads_for(self, ctx, heads):
@@ -144,7 +149,7 @@ class ChosenAtPrefill(Redistribute):
         new, src_mass, tgt_mass = self.moved(ctx, probs)
         if ctx.state.step == 0:
             ok = self.passes(src_mass, tgt_mass)
-            ctx.state.per_row[("var_heads", ctx.site.stream, ctx.site.layer)] = ok[:, :, -1, 0]
+            ctx.state.per_row[self.slot(ctx.site)] = ok[:, :, -1, 0]
         else:
             ok = (tgt_mass > 0) & self._chosen_rows(ctx).to(tgt_mass.device)
         return self.changed(ctx, ok, new, probs)
@@ -152,6 +157,6 @@ class ChosenAtPrefill(Redistribute):
     def _chosen_rows(self, ctx):
         """chosen [B, h, 1, 1] over the heads `heads_for` returned for this call."""
         site = ctx.site
-        chosen = ctx.state.per_row[("var_heads", site.stream, site.layer)]
-        hit = ctx.state.data.get(("var_heads_used", site.stream, site.layer))
+        chosen = ctx.state.per_row[self.slot(site)]
+        hit = ctx.state.data.get(self.slot(site, "var_heads_used"))
         return hit[3] if hit is not None and hit[0] is chosen else chosen[:, chosen.any(0)][:, :, None, None]
