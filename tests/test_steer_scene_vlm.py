@@ -86,3 +86,18 @@ def test_vtc_cls_on_the_pooled_grid_equals_masking(vlm):
     assert torch.equal(pruned.sequences, masked.sequences)
     for a, b in zip(pruned.logits, masked.logits):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", [VCD(), VHR()], ids=lambda m: type(m).__name__)
+def test_contrastive_and_observing_methods_run_under_beams(scene_vlm, method):
+    """generate encodes the image once per prompt and then expands the rows for beams: the method's second forward
+    gets the image repeated for every beam, and the first step's logits of every beam equal greedy decoding's."""
+    x = scene_vlm.encode("Is there a bag in the image?", image="chelsea")
+    outs = []
+    for beams in (1, 3):
+        with torch.no_grad(), steer(scene_vlm, method):
+            outs.append(scene_vlm.generate(**x, num_beams=beams, max_new_tokens=2, do_sample=False, output_logits=True,
+                                           return_dict_in_generate=True))
+    greedy, beam = outs[0].logits[0], outs[1].logits[0]
+    assert beam.shape[0] == 3
+    torch.testing.assert_close(beam, greedy.expand(3, -1), atol=1e-4, rtol=0)

@@ -616,6 +616,23 @@ def remove_positions(model: Model, inputs: dict, drop, state: SeqState | None = 
     return out
 
 
+def _beam_images(kw: dict) -> dict:
+    """A branch's images for every row of its ids: generate encodes each prompt's images once and expands the rows
+    for beams (or num_return_sequences) afterwards, so the recorded pixel values may have one row per prompt while
+    the ids have one per beam; each prompt's image is repeated for its beams, as the ids are."""
+    ids, pv = kw.get("input_ids"), kw.get("pixel_values")
+    if ids is None or not isinstance(pv, torch.Tensor) or pv.ndim != 4 or pv.shape[0] == ids.shape[0]:
+        return kw  # (patch-flattened images, as Qwen2-VL's, carry no row per prompt: left as they are)
+    if ids.shape[0] % pv.shape[0]:
+        raise SteerError(f"this branch has {ids.shape[0]} rows of ids but pixel values of shape {tuple(pv.shape)}; "
+                         "the ids' rows must be each prompt's rows repeated (beams, num_return_sequences)")
+    k = ids.shape[0] // pv.shape[0]
+    out = dict(kw, pixel_values=pv.repeat_interleave(k, 0))
+    if isinstance(kw.get("image_sizes"), torch.Tensor) and kw["image_sizes"].shape[0] == pv.shape[0]:
+        out["image_sizes"] = kw["image_sizes"].repeat_interleave(k, 0)
+    return out
+
+
 _FORWARD_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids",
                  "token_type_ids", seam.POSITION_IDS)
 
@@ -632,7 +649,7 @@ class _BranchRun:
 
     def prefill(self, inputs: dict) -> torch.Tensor:
         hf = self.session.model.hf
-        kw = {k: v for k, v in inputs.items() if k in _FORWARD_KEYS and v is not None}
+        kw = _beam_images({k: v for k, v in inputs.items() if k in _FORWARD_KEYS and v is not None})
         mask = kw.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(kw["input_ids"])
@@ -1169,6 +1186,7 @@ class steer:
         """One forward of the top model for a branch or an observation pass: only this session's handlers run,
         the main sequence's state is put back after. Returns the last position's logits (or the output)."""
         hf = self.model.hf
+        inputs = _beam_images(inputs)
         saved, self.state, busy = self.state, state, self._busy
         self._busy = True
         try:
