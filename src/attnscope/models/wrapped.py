@@ -141,6 +141,9 @@ class Model:
                 texts = [self.chat_prompt(t, n if len(texts) == 1 else 1 if n else 0) for t in texts]
                 text = texts[0] if isinstance(text, str) else texts
                 kwargs.setdefault("add_special_tokens", False)
+        if text is not None and len(texts) > 1 and self.spec.kind in ("text", "vlm") and _generates(self.hf):
+            kwargs.setdefault("padding_side", "left")  # a batch for generate: every row's last token is its own
+            kwargs.setdefault("padding", True)
         if self.processor is not None and images is not None and text is not None:
             batch = self.processor(text=text, images=images, return_tensors="pt", **kwargs)
         elif images is not None:
@@ -154,7 +157,7 @@ class Model:
             if self.tokenizer is None:
                 raise ValueError(f"{self.name} was given no tokenizer, so it cannot encode text: pass image=..., or wrap "
                                  "it with one: attnscope.wrap(hf_model, tokenizer=AutoTokenizer.from_pretrained(...))")
-            batch = self.tokenizer(text, return_tensors="pt", padding=True, **kwargs)
+            batch = self.tokenizer(text, return_tensors="pt", **({"padding": True} | kwargs))
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def vision_token_maps(self, inputs: dict) -> dict[str, list[TokenMap]]:
@@ -179,3 +182,8 @@ class Model:
             out["text"] = roles.text_maps(self.tokenizer, inputs["input_ids"], inputs.get("attention_mask"))
         return out
 
+
+def _generates(hf) -> bool:
+    """A decoder that continues its input (generate pads a batch on the left)."""
+    can = getattr(hf, "can_generate", None)
+    return bool(can()) if callable(can) else False
