@@ -183,3 +183,28 @@ def test_a_batch_of_two_reads_as_each_row_alone(smollm):
                 a, b = both.record("text", layer, step=step).tensors(), one.record("text", layer, step=step).tensors()
                 for name in a:
                     torch.testing.assert_close(a[name][row:row + 1], b[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # the call's only block, or its second chunk of rows
+def test_a_call_that_raises_leaves_no_record_without_its_rows(smollm, monkeypatch, fail_at):
+    """An error inside a call's reduction (out of memory, say) leaves no record of that call, as a capture of rows
+    does, instead of one without tensors ("not summarised") or with only its first chunk of rows under every query
+    position; the calls before it keep their summaries."""
+    x = smollm.encode("The capital of France is a city called")
+    calls, probs_for = [], AttentionCall.probs_for
+
+    def failing(self, heads, rows, *args, **kwargs):
+        if self.site.layer == 14:
+            calls.append(rows)
+            if len(calls) == fail_at:
+                raise MemoryError("simulated")
+        return probs_for(self, heads, rows, *args, **kwargs)
+
+    monkeypatch.setattr(AttentionCall, "probs_for", failing)
+    chunk = 256 if fail_at == 1 else 4
+    with pytest.raises(MemoryError), torch.no_grad():
+        with attnscope.capture(smollm, layers=[0, 14], summaries="all", chunk=chunk) as s:
+            smollm(**x)
+    assert ("text", 14) not in s.run().records
+    rec = s.record("text", 0)
+    assert rec.entropy.shape == (1, 9, len(rec.queries)) == (1, 9, x["input_ids"].shape[1])

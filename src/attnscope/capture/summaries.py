@@ -174,10 +174,28 @@ class Reducer:
             for start in range(0, len(rows), self.chunk):
                 p = call.probs_for(heads, self._rows_tensor(rows[start:start + self.chunk]), chunk=self.chunk)
                 self._add((rec, p, weights, False, None, p.shape[1], p.shape[2]), p.numel())
+        except BaseException:  # e.g. out of memory: no record of this call (as with rows), not a record without rows
+            self._drop(run, call, rec)
+            raise
         finally:
             self._filling = None
             if grad:
                 torch.set_grad_enabled(True)
+
+    def _drop(self, run, call, rec: SummaryRecord) -> None:
+        """Forget `rec`, whose call raised while being queued: its queued blocks are left out of the next flush and
+        the run does not list it (a record with none or only some of its rows would misread as summarised)."""
+        entries = run.records.get((call.site.stream, call.site.layer), [])
+        entries[:] = [r for r in entries if r is not rec]
+        if not entries:
+            run.records.pop((call.site.stream, call.site.layer), None)
+        self._open = [r for r in self._open if r is not rec]
+        kept = [item for item in self._queue if item[0] is not rec]
+        if len(kept) != len(self._queue):  # recount what is queued (deferred blocks count their keys too)
+            self._queue = kept
+            self._queued = sum(item[1].numel() if item[1] is not None else
+                               item[4][0].numel() // item[4][0].shape[-1] * item[4][1].shape[2] + item[4][1].numel()
+                               for item in kept)
 
     def _add(self, item: tuple, elements: int) -> None:
         if self._queued and self._queued + elements > self.buffer_elements:
