@@ -78,6 +78,7 @@ def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
     assert rec.topk_value.shape == (1, 9, 1, 2) and torch.all(rec.lookback == 1)  # nothing generated: ratio 1
     capsys.readouterr()
     for bad, says in ((["--summaries", "entropy,lookback_lens"], list(SUMMARIES)), (["--topk", "3"], ["--summaries"]),
+                      (["--summaries", "lookback", "--topk", "3"], ["--topk", "topk"]),
                       (["--summaries", "--to-dir"], ["--to-dir"])):
         assert main(base + bad + ["--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
