@@ -208,3 +208,32 @@ def test_a_call_that_raises_leaves_no_record_without_its_rows(smollm, monkeypatc
     assert ("text", 14) not in s.run().records
     rec = s.record("text", 0)
     assert rec.entropy.shape == (1, 9, len(rec.queries)) == (1, 9, x["input_ids"].shape[1])
+
+
+def test_a_flush_that_raises_leaves_no_record_without_tensors(smollm, monkeypatch):
+    """An error while a forward's queue is reduced (out of memory at the flush, say) takes the records it did not
+    reduce out of the run, so every record left reads its summaries; a dataset loop that catches the error and goes
+    on gets complete runs after it."""
+    import attnscope.capture.summaries as summaries
+
+    x = smollm.encode(PROMPT)
+    calls, stacked = [], summaries.stacked_probs
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step's flush
+            raise MemoryError("simulated")
+        return stacked(*args)
+
+    monkeypatch.setattr(summaries, "stacked_probs", failing)
+    with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as s:
+        with pytest.raises(MemoryError):
+            smollm.generate(**x, max_new_tokens=3, do_sample=False)
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    assert len(s.runs) == 2
+    failed, ok = s.runs
+    assert all(rec.entropy is not None and rec.lookback is not None for run in s.runs
+               for recs in run.records.values() for rec in recs)
+    assert all([r.step for r in failed.records[("text", layer)]] == [0] for layer in LAYERS)
+    assert all([r.step for r in ok.records[("text", layer)]] == [0, 1, 2] for layer in LAYERS)
+    assert s.lookback("text", 14, step=None, run=0).shape == (1, 1, 9)
