@@ -115,6 +115,10 @@ def test_model_restored_and_bad_input_refused(smollm):
         attnscope.capture(smollm, summaries=["entropy", "lookback_lens"])
     with pytest.raises(ValueError, match="drop keys="):
         attnscope.capture(smollm, keys="text", summaries="all")
+    with pytest.raises(ValueError, match="drop grad=True"):  # was accepted, and the summaries had no gradients
+        attnscope.capture(smollm, summaries="all", grad=True)
+    with pytest.raises(ValueError, match="drop dtype=torch.float16"):  # was float32, with provenance "float16"
+        attnscope.capture(smollm, summaries="all", dtype=torch.float16)
     with pytest.raises(ValueError, match="topk"):
         attnscope.capture(smollm, summaries="topk", topk=0)
     with pytest.raises(ValueError, match="topk"):  # a bool is an int to Python, not a count of keys
