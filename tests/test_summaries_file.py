@@ -1,10 +1,13 @@
 """Summaries in a file (`Summaries.save`, `Trace.load`, `attnscope capture --summaries`): the round trip is bit for
 bit, a damaged or mismatched file is a `TraceFileError`, the CLI writes a loadable file and refuses bad names in one
 `error:` line naming the valid ones."""
+import json
 import struct
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 import attnscope
 from attnscope.capture.summaries import SUMMARIES, Summaries
@@ -65,6 +68,17 @@ def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_pat
         smollm(**smollm.encode(PROMPT))
     with pytest.raises(TraceFileError, match="not summaries"):
         Summaries.load(rows.save(tmp_path / "rows.safetensors"))
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], out=tmp_path / "rows-dir"):
+        smollm(**smollm.encode(PROMPT))
+    with pytest.raises(TraceFileError, match="not summaries"):  # was a Summaries holding rows
+        Summaries.load(tmp_path / "rows-dir")
+    with safe_open(str(path), "pt") as f:  # a later summaries format: named as such, not "holds attention rows"
+        meta, tensors = json.loads(f.metadata()["attnscope"]), {k: f.get_tensor(k) for k in f.keys()}
+    later = tmp_path / "later.safetensors"
+    later.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta | {"format": "attnscope.summaries/2"})}))
+    for load in (Summaries.load, attnscope.Trace.load):
+        with pytest.raises(TraceFileError, match="unsupported summaries format 'attnscope.summaries/2'"):
+            load(later)
 
 
 def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
