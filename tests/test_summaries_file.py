@@ -3,6 +3,7 @@ bit, a damaged or mismatched file is a `TraceFileError`, the CLI writes a loadab
 `error:` line naming the valid ones."""
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import attnscope
 from attnscope.capture.summaries import SUMMARIES, Summaries
-from attnscope.capture.trace import TraceFileError
+from attnscope.capture.trace import TraceFileError, checksum
 from attnscope.cli import main
 
 PROMPT = "The capital of France is"
@@ -79,6 +80,27 @@ def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_pat
     for load in (Summaries.load, attnscope.Trace.load):
         with pytest.raises(TraceFileError, match="unsupported summaries format 'attnscope.summaries/2'"):
             load(later)
+
+    def rewritten(name: str, edit) -> Path:
+        """The file with `edit(tensors)` applied and the metadata's shapes, dtypes and checksums made to agree."""
+        edited = dict(tensors)
+        edit(edited)
+        records = [rm for run in meta["runs"] for rm in run["records"]]
+        for rm in records:
+            for key, info in rm["tensors"].items():
+                t = edited[f"{rm['key']}/{key}"]
+                info.update(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."), blake2b=checksum(t))
+        out = tmp_path / name
+        out.write_bytes(safetensors_bytes(edited, metadata={"attnscope": json.dumps(meta)}))
+        return out
+
+    first = meta["runs"][0]["records"][0]["key"]
+    edits = {"roles": lambda t: t.update({f"{first}/role_mass": t[f"{first}/role_mass"][..., :-1].contiguous()}),
+             "pair up": lambda t: t.update({f"{first}/topk_value": t[f"{first}/topk_value"][..., :-1].contiguous()}),
+             "NaN": lambda t: t.update({f"{first}/entropy": torch.full_like(t[f"{first}/entropy"], float("nan"))})}
+    for says, edit in edits.items():  # each was loaded as it was
+        with pytest.raises(TraceFileError, match=says):
+            attnscope.Trace.load(rewritten(f"{says}.safetensors", edit))
 
 
 def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
