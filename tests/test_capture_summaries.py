@@ -241,3 +241,16 @@ def test_a_flush_that_raises_leaves_no_record_without_tensors(smollm, monkeypatc
     assert all([r.step for r in failed.records[("text", layer)]] == [0] for layer in LAYERS)
     assert all([r.step for r in ok.records[("text", layer)]] == [0, 1, 2] for layer in LAYERS)
     assert s.lookback("text", 14, step=None, run=0).shape == (1, 1, 9)
+
+
+def test_step_none_refused_after_beam_reorders(smollm):
+    """Beam search reorders the rows between steps: stacking row b of every step (step=None) would read as one
+    sequence's trace but mixes hypotheses, so it is refused; one step at a time still reads."""
+    x = smollm.encode(PROMPT)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="all") as s:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False, num_beams=3)
+    assert s.run().eras
+    for read in (s.lookback, s.entropy, s.key_count, s.role_mass):
+        with pytest.raises(ValueError, match="beam search reordered"):
+            read("text", 0, step=None)
+    assert s.lookback("text", 0, step=2).shape == (3, 9, 1)

@@ -323,10 +323,15 @@ def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prom
     return torch.where(denom > 0, a_ctx / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
 
 
-def _one_per_step(entries, stream, layer):
+def _one_per_step(entries, stream, layer, run=None):
     """Raise where two records of one (stream, layer, part) share a step: a steer method's second forward of the
     same step (a contrastive branch: VCD, M3ID, RITUAL, DeCoRe) was captured beside the main one, and stacking them
-    by step would mix the two sequences."""
+    by step would mix the two sequences. Raise too where beam search reordered the rows between steps (`run.eras`):
+    row b of one step and row b of the next are then not one sequence."""
+    if run is not None and run.eras:
+        raise ValueError(f"({stream!r}, layer {layer}): beam search reordered the batch rows between steps (at steps "
+                         f"{[last for last, _ in run.eras]}), so row b of one step does not continue row b of the one "
+                         "before; step=None would stack different hypotheses. Read one step at a time (step=k)")
     steps = [r.step for r in entries]
     if len(set(steps)) != len(steps):
         raise ValueError(f"({stream!r}, layer {layer}) has several records for one step (steps {steps}): another "
@@ -380,7 +385,7 @@ class Summaries(Trace):
                          key=lambda r: r.step)
         if not entries:
             self.record(stream, layer, 0, part, run)  # raises naming what was captured
-        _one_per_step(entries, stream, layer)
+        _one_per_step(entries, stream, layer, self.run(run))
         values = [self._get(stream, layer, name, r.step, part, run) for r in entries]
         if any(v.shape[2] != 1 for v in values):
             raise ValueError("step=None stacks one query row per step; this selection has several rows in a step "
@@ -417,7 +422,7 @@ class Summaries(Trace):
             return self.record(stream, layer, step, part, run).key_count
         layer = self.layer_index(stream, layer, run)
         entries = sorted((r for r in self.run(run).records[(stream, layer)] if r.part == part), key=lambda r: r.step)
-        _one_per_step(entries, stream, layer)
+        _one_per_step(entries, stream, layer, self.run(run))
         return torch.stack([r.key_count for r in entries])
 
     def entropy(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1) -> torch.Tensor:
