@@ -115,6 +115,10 @@ def test_model_restored_and_bad_input_refused(smollm):
         attnscope.capture(smollm, summaries=["entropy", "lookback_lens"])
     with pytest.raises(ValueError, match="drop keys="):
         attnscope.capture(smollm, keys="text", summaries="all")
+    with pytest.raises(ValueError, match="drop grad=True"):  # was accepted, and the summaries had no gradients
+        attnscope.capture(smollm, summaries="all", grad=True)
+    with pytest.raises(ValueError, match="drop dtype=torch.float16"):  # was float32, with provenance "float16"
+        attnscope.capture(smollm, summaries="all", dtype=torch.float16)
     with pytest.raises(ValueError, match="topk"):
         attnscope.capture(smollm, summaries="topk", topk=0)
     with pytest.raises(ValueError, match="topk"):  # a bool is an int to Python, not a count of keys
@@ -183,3 +187,70 @@ def test_a_batch_of_two_reads_as_each_row_alone(smollm):
                 a, b = both.record("text", layer, step=step).tensors(), one.record("text", layer, step=step).tensors()
                 for name in a:
                     torch.testing.assert_close(a[name][row:row + 1], b[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # the call's only block, or its second chunk of rows
+def test_a_call_that_raises_leaves_no_record_without_its_rows(smollm, monkeypatch, fail_at):
+    """An error inside a call's reduction (out of memory, say) leaves no record of that call, as a capture of rows
+    does, instead of one without tensors ("not summarised") or with only its first chunk of rows under every query
+    position; the calls before it keep their summaries."""
+    x = smollm.encode("The capital of France is a city called")
+    calls, probs_for = [], AttentionCall.probs_for
+
+    def failing(self, heads, rows, *args, **kwargs):
+        if self.site.layer == 14:
+            calls.append(rows)
+            if len(calls) == fail_at:
+                raise MemoryError("simulated")
+        return probs_for(self, heads, rows, *args, **kwargs)
+
+    monkeypatch.setattr(AttentionCall, "probs_for", failing)
+    chunk = 256 if fail_at == 1 else 4
+    with pytest.raises(MemoryError), torch.no_grad():
+        with attnscope.capture(smollm, layers=[0, 14], summaries="all", chunk=chunk) as s:
+            smollm(**x)
+    assert ("text", 14) not in s.run().records
+    rec = s.record("text", 0)
+    assert rec.entropy.shape == (1, 9, len(rec.queries)) == (1, 9, x["input_ids"].shape[1])
+
+
+def test_a_flush_that_raises_leaves_no_record_without_tensors(smollm, monkeypatch):
+    """An error while a forward's queue is reduced (out of memory at the flush, say) takes the records it did not
+    reduce out of the run, so every record left reads its summaries; a dataset loop that catches the error and goes
+    on gets complete runs after it."""
+    import attnscope.capture.summaries as summaries
+
+    x = smollm.encode(PROMPT)
+    calls, stacked = [], summaries.stacked_probs
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step's flush
+            raise MemoryError("simulated")
+        return stacked(*args)
+
+    monkeypatch.setattr(summaries, "stacked_probs", failing)
+    with torch.no_grad(), attnscope.capture(smollm, layers=LAYERS, queries="last", summaries="all") as s:
+        with pytest.raises(MemoryError):
+            smollm.generate(**x, max_new_tokens=3, do_sample=False)
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    assert len(s.runs) == 2
+    failed, ok = s.runs
+    assert all(rec.entropy is not None and rec.lookback is not None for run in s.runs
+               for recs in run.records.values() for rec in recs)
+    assert all([r.step for r in failed.records[("text", layer)]] == [0] for layer in LAYERS)
+    assert all([r.step for r in ok.records[("text", layer)]] == [0, 1, 2] for layer in LAYERS)
+    assert s.lookback("text", 14, step=None, run=0).shape == (1, 1, 9)
+
+
+def test_step_none_refused_after_beam_reorders(smollm):
+    """Beam search reorders the rows between steps: stacking row b of every step (step=None) would read as one
+    sequence's trace but mixes hypotheses, so it is refused; one step at a time still reads."""
+    x = smollm.encode(PROMPT)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="all") as s:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False, num_beams=3)
+    assert s.run().eras
+    for read in (s.lookback, s.entropy, s.key_count, s.role_mass):
+        with pytest.raises(ValueError, match="beam search reordered"):
+            read("text", 0, step=None)
+    assert s.lookback("text", 0, step=2).shape == (3, 9, 1)

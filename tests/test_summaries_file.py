@@ -1,14 +1,18 @@
 """Summaries in a file (`Summaries.save`, `Trace.load`, `attnscope capture --summaries`): the round trip is bit for
 bit, a damaged or mismatched file is a `TraceFileError`, the CLI writes a loadable file and refuses bad names in one
 `error:` line naming the valid ones."""
+import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 import attnscope
 from attnscope.capture.summaries import SUMMARIES, Summaries
-from attnscope.capture.trace import TraceFileError
+from attnscope.capture.trace import TraceFileError, checksum
 from attnscope.cli import main
 
 PROMPT = "The capital of France is"
@@ -65,6 +69,38 @@ def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_pat
         smollm(**smollm.encode(PROMPT))
     with pytest.raises(TraceFileError, match="not summaries"):
         Summaries.load(rows.save(tmp_path / "rows.safetensors"))
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], out=tmp_path / "rows-dir"):
+        smollm(**smollm.encode(PROMPT))
+    with pytest.raises(TraceFileError, match="not summaries"):  # was a Summaries holding rows
+        Summaries.load(tmp_path / "rows-dir")
+    with safe_open(str(path), "pt") as f:  # a later summaries format: named as such, not "holds attention rows"
+        meta, tensors = json.loads(f.metadata()["attnscope"]), {k: f.get_tensor(k) for k in f.keys()}
+    later = tmp_path / "later.safetensors"
+    later.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta | {"format": "attnscope.summaries/2"})}))
+    for load in (Summaries.load, attnscope.Trace.load):
+        with pytest.raises(TraceFileError, match="unsupported summaries format 'attnscope.summaries/2'"):
+            load(later)
+
+    def rewritten(name: str, edit) -> Path:
+        """The file with `edit(tensors)` applied and the metadata's shapes, dtypes and checksums made to agree."""
+        edited = dict(tensors)
+        edit(edited)
+        records = [rm for run in meta["runs"] for rm in run["records"]]
+        for rm in records:
+            for key, info in rm["tensors"].items():
+                t = edited[f"{rm['key']}/{key}"]
+                info.update(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."), blake2b=checksum(t))
+        out = tmp_path / name
+        out.write_bytes(safetensors_bytes(edited, metadata={"attnscope": json.dumps(meta)}))
+        return out
+
+    first = meta["runs"][0]["records"][0]["key"]
+    edits = {"roles": lambda t: t.update({f"{first}/role_mass": t[f"{first}/role_mass"][..., :-1].contiguous()}),
+             "pair up": lambda t: t.update({f"{first}/topk_value": t[f"{first}/topk_value"][..., :-1].contiguous()}),
+             "NaN": lambda t: t.update({f"{first}/entropy": torch.full_like(t[f"{first}/entropy"], float("nan"))})}
+    for says, edit in edits.items():  # each was loaded as it was
+        with pytest.raises(TraceFileError, match=says):
+            attnscope.Trace.load(rewritten(f"{says}.safetensors", edit))
 
 
 def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
@@ -78,6 +114,7 @@ def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
     assert rec.topk_value.shape == (1, 9, 1, 2) and torch.all(rec.lookback == 1)  # nothing generated: ratio 1
     capsys.readouterr()
     for bad, says in ((["--summaries", "entropy,lookback_lens"], list(SUMMARIES)), (["--topk", "3"], ["--summaries"]),
+                      (["--summaries", "lookback", "--topk", "3"], ["--topk", "topk"]),
                       (["--summaries", "--to-dir"], ["--to-dir"])):
         assert main(base + bad + ["--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -116,6 +116,10 @@ def cmd_capture(args) -> int:
         reduced = {"summaries": parse_summaries(names), "topk": 5 if args.topk is None else args.topk}  # checked early
         if not isinstance(reduced["topk"], int) or reduced["topk"] < 1:
             raise ValueError(f"--topk must be a positive number of keys; got {reduced['topk']}")
+        if args.topk is not None and "topk" not in reduced["summaries"]:  # it would be ignored without a word
+            print(f"error: --topk is the number of keys of the topk summary, which --summaries {args.summaries} leaves "
+                  "out; add topk to --summaries or drop --topk", file=sys.stderr)
+            return 2
     elif args.topk is not None:
         print("error: --topk is the number of keys of the topk summary; add --summaries", file=sys.stderr)
         return 2

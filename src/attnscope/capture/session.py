@@ -68,6 +68,9 @@ class capture:
             if keys is not None:
                 raise ValueError("summaries reduce over every key of a call; drop keys= (role_mass gives the mass per "
                                  "token role)")
+            if grad or dtype != torch.float32:  # the reductions are float32 and outside the autograd graph
+                raise ValueError(f"summaries are float32 numbers without gradients; drop "
+                                 f"{'grad=True' if grad else f'dtype={dtype}'} (capture rows for that)")
             self.reducer, self.trace = Reducer(summaries, topk, chunk), Summaries()
             self.trace._reducer = self.reducer  # readers reduce what is still queued first
         self._attachment = None

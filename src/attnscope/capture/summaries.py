@@ -108,7 +108,8 @@ class Reducer:
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk, self.buffer_elements = topk, chunk, buffer_elements
-        # (record, probs [B, h, c, K] or None if deferred, weights, whole call?, (q, k, scaling) if deferred, h, c)
+        # (record, probs [B, h, c, K] or None if deferred, weights, whole call?, (q, k, scaling) if deferred, h, c,
+        # (run, (stream, layer)) the record is in)
         self._queue: list[tuple] = []
         self._queued = 0  # elements in the queue
         self._open: list[SummaryRecord] = []  # records whose pieces are not joined yet
@@ -153,6 +154,7 @@ class Reducer:
         weights = self._weights(tmaps, call.query.shape[0], key_pos)
         rec = SummaryRecord(heads.tolist(), query_pos, run.steps, part, key_count=weights[1])
         run.records.setdefault((call.site.stream, call.site.layer), []).append(rec)
+        where = (run, (call.site.stream, call.site.layer))
         grad = torch.is_grad_enabled()
         if grad:
             torch.set_grad_enabled(False)
@@ -164,20 +166,36 @@ class Reducer:
                 if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
                     q = call.query if len(rows) == call.query.shape[2] else call.query.index_select(2, r)
                     b, h, c, k = q.shape[0], q.shape[1], q.shape[2], call.key.shape[2]
-                    self._add((rec, None, weights, True, (q, call.key, plain), h, c), b * h * c * k + call.key.numel())
+                    self._add((rec, None, weights, True, (q, call.key, plain), h, c, where),
+                              b * h * c * k + call.key.numel())
                 else:
                     p = call.probs_for(heads, r, chunk=self.chunk)  # [B, h, r, K]: the only q x k block
-                    self._add((rec, p, weights, True, None, p.shape[1], p.shape[2]), p.numel())
+                    self._add((rec, p, weights, True, None, p.shape[1], p.shape[2], where), p.numel())
                 return
             self._open.append(rec)
             self._filling = rec
             for start in range(0, len(rows), self.chunk):
                 p = call.probs_for(heads, self._rows_tensor(rows[start:start + self.chunk]), chunk=self.chunk)
-                self._add((rec, p, weights, False, None, p.shape[1], p.shape[2]), p.numel())
+                self._add((rec, p, weights, False, None, p.shape[1], p.shape[2], where), p.numel())
+        except BaseException:  # e.g. out of memory: no record of this call (as with rows), not a record without rows
+            self._drop(run, call, rec)
+            raise
         finally:
             self._filling = None
             if grad:
                 torch.set_grad_enabled(True)
+
+    def _drop(self, run, call, rec: SummaryRecord) -> None:
+        """Forget `rec`, whose call raised while being queued: its queued blocks are left out of the next flush and
+        the run does not list it (a record with none or only some of its rows would misread as summarised)."""
+        _forget(rec, run, (call.site.stream, call.site.layer))
+        self._open = [r for r in self._open if r is not rec]
+        kept = [item for item in self._queue if item[0] is not rec]
+        if len(kept) != len(self._queue):  # recount what is queued (deferred blocks count their keys too)
+            self._queue = kept
+            self._queued = sum(item[1].numel() if item[1] is not None else
+                               item[4][0].numel() // item[4][0].shape[-1] * item[4][1].shape[2] + item[4][1].numel()
+                               for item in kept)
 
     def _add(self, item: tuple, elements: int) -> None:
         if self._queued and self._queued + elements > self.buffer_elements:
@@ -194,9 +212,18 @@ class Reducer:
         groups: dict[int, list] = {}
         for item in queue:
             groups.setdefault(id(item[2]), []).append(item)
-        with torch.no_grad():
-            for items in groups.values():
-                self._reduce(items)
+        pending = list(groups.values())
+        try:
+            with torch.no_grad():
+                while pending:
+                    self._reduce(pending[0])
+                    pending.pop(0)
+        except BaseException:  # e.g. out of memory: the records not reduced leave their runs (no record, not one
+            lost = {id(item[0]): item for items in pending for item in items}  # without tensors)
+            for rec, *_, where in lost.values():
+                _forget(rec, *where)
+            self._open = [rec for rec in self._open if id(rec) not in lost]
+            raise
         if self._open:
             for rec in self._open:
                 if rec is not self._filling:  # a call queued over several flushes is joined once all its rows are in
@@ -271,6 +298,14 @@ class Reducer:
         return r
 
 
+def _forget(rec: SummaryRecord, run, key: tuple) -> None:
+    """Take `rec` out of `run`'s records under `key`."""
+    entries = run.records.get(key, [])
+    entries[:] = [r for r in entries if r is not rec]
+    if not entries:
+        run.records.pop(key, None)
+
+
 def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prompt") -> torch.Tensor:
     """Lookback ratio from role masses [..., R] and key counts broadcastable to them: mean attention on the context
     (every non-generated, non-pad key; or the image keys with `context="image"`) over itself plus the mean on
@@ -288,10 +323,15 @@ def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prom
     return torch.where(denom > 0, a_ctx / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
 
 
-def _one_per_step(entries, stream, layer):
+def _one_per_step(entries, stream, layer, run=None):
     """Raise where two records of one (stream, layer, part) share a step: a steer method's second forward of the
     same step (a contrastive branch: VCD, M3ID, RITUAL, DeCoRe) was captured beside the main one, and stacking them
-    by step would mix the two sequences."""
+    by step would mix the two sequences. Raise too where beam search reordered the rows between steps (`run.eras`):
+    row b of one step and row b of the next are then not one sequence."""
+    if run is not None and run.eras:
+        raise ValueError(f"({stream!r}, layer {layer}): beam search reordered the batch rows between steps (at steps "
+                         f"{[last for last, _ in run.eras]}), so row b of one step does not continue row b of the one "
+                         "before; step=None would stack different hypotheses. Read one step at a time (step=k)")
     steps = [r.step for r in entries]
     if len(set(steps)) != len(steps):
         raise ValueError(f"({stream!r}, layer {layer}) has several records for one step (steps {steps}): another "
@@ -345,7 +385,7 @@ class Summaries(Trace):
                          key=lambda r: r.step)
         if not entries:
             self.record(stream, layer, 0, part, run)  # raises naming what was captured
-        _one_per_step(entries, stream, layer)
+        _one_per_step(entries, stream, layer, self.run(run))
         values = [self._get(stream, layer, name, r.step, part, run) for r in entries]
         if any(v.shape[2] != 1 for v in values):
             raise ValueError("step=None stacks one query row per step; this selection has several rows in a step "
@@ -382,7 +422,7 @@ class Summaries(Trace):
             return self.record(stream, layer, step, part, run).key_count
         layer = self.layer_index(stream, layer, run)
         entries = sorted((r for r in self.run(run).records[(stream, layer)] if r.part == part), key=lambda r: r.step)
-        _one_per_step(entries, stream, layer)
+        _one_per_step(entries, stream, layer, self.run(run))
         return torch.stack([r.key_count for r in entries])
 
     def entropy(self, stream: str, layer: int, step: int | None = 0, part: int = 0, run: int = -1) -> torch.Tensor:

@@ -79,3 +79,12 @@ def _check_axes(rm: dict, values: dict, path) -> None:
         if value.dim() != _RANK[name] or list(value.shape[:len(want)]) != want:
             raise TraceFileError(f"{path}: tensor {rm['key']}/{name} {list(value.shape)} does not match its record's "
                                  f"batch, heads and queries")
+        if name == "role_mass" and value.shape[-1] != len(ROLES):
+            raise TraceFileError(f"{path}: tensor {rm['key']}/role_mass has {value.shape[-1]} roles, not {len(ROLES)}")
+        if value.is_floating_point() and not torch.isfinite(value).all():  # as a file of rows is checked
+            raise TraceFileError(f"{path}: tensor {rm['key']}/{name} holds NaN or infinite values")
+    index, top = values.get("topk_index"), values.get("topk_value")
+    if (index is None) != (top is None) or index is not None and (
+            index.shape != top.shape or index.dtype != torch.long or top.dtype != torch.float32):
+        raise TraceFileError(f"{path}: record {rm['key']} has top-k keys and values that do not pair up (both int64 "
+                             "and float32 of one shape are written)")

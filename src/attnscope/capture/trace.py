@@ -260,7 +260,11 @@ class Trace:
         path = Path(path)
         if path.is_dir():
             from .stream import load_dir
+            from .summaries import Summaries
 
+            if issubclass(cls, Summaries):  # summaries are never streamed to a directory
+                raise TraceFileError(f"{path} is a directory of attention rows, not summaries (a file written by "
+                                     "Summaries.save): open it with Trace.load")
             return load_dir(cls, path, partial)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -273,6 +277,10 @@ class Trace:
 
                 if isinstance(meta, dict) and meta.get("format") == summaries_file.FORMAT:  # summaries, not rows
                     return summaries_file.load(f, meta, path)
+                found = meta.get("format") if isinstance(meta, dict) else None
+                if isinstance(found, str) and found.startswith("attnscope.summaries/"):
+                    raise TraceFileError(f"{path}: unsupported summaries format {found!r}; this attnscope reads "
+                                         f"{summaries_file.FORMAT}")
                 if issubclass(cls, Summaries):
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
