@@ -110,7 +110,6 @@ def attention_probs(
     # of a device tensor waits for the queue to drain
     all_heads = heads is None or heads.numel() == n_heads and _is_range(heads, 0)
     last_row_only = rows is not None and rows.numel() == 1 and _is_range(rows, q_len - 1)
-    host_rows = torch.arange(q_len) if rows is None else rows if rows.device.type == "cpu" else None
     heads = torch.arange(n_heads, device=device) if heads is None else index_on(heads, device)
     rows = torch.arange(q_len, device=device) if rows is None else index_on(rows, device)
     groups = n_heads // key.shape[1]
@@ -134,22 +133,16 @@ def attention_probs(
     single = 0 < rows.numel() <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
     unmasked = window is None and (q_len == 1 or last_row_only)
-    # causal rows see no key after their own position: a chunk's scores stop at its last row's key, the rest is 0
-    # (what the softmax gives a key masked with the lowest float); only where nothing else reads those logits
-    cut = causal and not unmasked and host_rows is not None and not logits and sinks is None and bias is None \
-        and keys is None
     out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=out_dtype, device=device)
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
-        seen = min(kv_len, kv_len - q_len + int(host_rows[start : start + chunk].max()) + 1) if cut else kv_len
-        k_seen = k_sel if seen == kv_len else k_sel[:, :, :seen]
         q = query.index_select(2, r)  # rows first: only these rows are copied
         q = (q if grouped else q.index_select(1, heads)).float()
         if grouped and groups > 1:
             q = q.reshape(batch, key.shape[1], groups * r.numel(), q.shape[-1])
-            scores = torch.matmul(q, k_seen.transpose(-1, -2)).view(batch, n_heads, r.numel(), seen).mul_(scaling)
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, r.numel(), kv_len).mul_(scaling)
         else:
-            scores = torch.matmul(q, k_seen.transpose(-1, -2)).mul_(scaling)
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
@@ -158,8 +151,8 @@ def attention_probs(
             scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
         if (causal or window) and not unmasked:
             q_pos = (kv_len - q_len + r)[:, None]
-            key_pos = torch.arange(seen, device=device)
-            allowed = torch.ones(r.numel(), seen, dtype=torch.bool, device=device)
+            key_pos = torch.arange(kv_len, device=device)
+            allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
             if causal:
                 allowed &= key_pos[None, :] <= q_pos
             if window:
@@ -173,12 +166,6 @@ def attention_probs(
         else:
             probs = torch.softmax(scores, dim=-1)
         probs = probs if keys is None else probs.index_select(-1, keys)
-        if seen < kv_len:
-            if single:
-                out = torch.zeros(batch, heads.numel(), r.numel(), n_keys, dtype=out_dtype, device=device)
-            out[:, :, start : start + r.numel(), :seen] = probs
-            out[:, :, start : start + r.numel(), seen:] = 0
-            continue
         if single:
             return probs.to(out_dtype).contiguous()
         out[:, :, start : start + r.numel()] = probs
