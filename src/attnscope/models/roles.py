@@ -59,7 +59,14 @@ def text_maps(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     """Special, pad, system (inside a ChatML system turn) and text roles per position."""
     special = set(getattr(tokenizer, "all_special_ids", []) or []) if tokenizer is not None else set()
     maps = []
-    keep = None if attention_mask is None else attention_mask.bool().tolist()  # one device read, not one per token
+    keep = None
+    if attention_mask is not None:  # it covers cached positions, then these ids: the last columns are the ids'
+        width = input_ids.shape[1]
+        if attention_mask.ndim != 2 or attention_mask.shape[1] < width:
+            raise TokenMapError(f"the attention mask has shape {tuple(attention_mask.shape)} for input_ids of shape "
+                                f"{tuple(input_ids.shape)}; attnscope labels padding from a 2D mask with a column per "
+                                "cached and new token (a static or pre-allocated cache is not supported)")
+        keep = attention_mask[:, attention_mask.shape[1] - width:].bool().tolist()  # one device read, not per token
     for row, ids in enumerate(input_ids.tolist()):
         pieces = tokenizer.convert_ids_to_tokens(ids) if tokenizer is not None else [str(i) for i in ids]
         roles, turn = [], None
