@@ -91,3 +91,37 @@ def test_index_tensors_reach_the_device_without_a_copy_per_call(monkeypatch):
     assert copies == []
     attention_probs(Module(), q, k, None, {}, heads=torch.tensor([1, 0]), rows=torch.tensor([5]))  # no run: copied
     assert copies == [[1, 0]]
+
+
+def test_token_pruning_cuts_the_block_arguments_once_per_forward(scene_vlm, monkeypatch):
+    """Every block after a pruning layer gets the same position embeddings, mask and position ids, cut to the same kept
+    positions: they are cut once per forward (a gather and an index copy each), not once per layer. The number of
+    gathers must not depend on how many layers follow the pruning layer; the logits must equal an uncached cut."""
+    from attnscope.steer import session as steer_session
+
+    gathers = []
+    gather = torch.Tensor.gather
+
+    def counted(self, *args, **kwargs):
+        gathers.append(tuple(self.shape))
+        return gather(self, *args, **kwargs)
+
+    x = scene_vlm.encode("Is there a cat?", image="chelsea")
+    n_layers = scene_vlm.streams["language"]
+
+    def run(k):
+        gathers.clear()
+        monkeypatch.setattr(torch.Tensor, "gather", counted)
+        try:
+            with torch.no_grad(), steer(scene_vlm, FastV(k=k, keep=0.5)):
+                logits = scene_vlm(**x, use_cache=True).logits
+        finally:
+            monkeypatch.setattr(torch.Tensor, "gather", gather)
+        return len(gathers), logits
+
+    early, late = 2, n_layers - 2
+    (n_early, logits), (n_late, _) = run(early), run(late)
+    assert n_early == n_late, (n_early, n_late)
+    monkeypatch.setattr(steer_session, "_sliced", lambda st, kwargs, kept, cut: cut())  # cut at every layer
+    uncached = run(early)[1]
+    assert torch.equal(logits, uncached)

@@ -38,6 +38,7 @@ INPUTS_EMBEDS = "inputs_embeds"
 USE_CACHE = "use_cache"
 LOGITS_TO_KEEP = "logits_to_keep"
 ENCODED_IMAGES = "mm_encoder_outputs"  # image features generate encoded once and re-feeds (no-cache generation)
+BLOCK_ARGUMENTS = (POSITION_EMBEDDINGS, MASK, POSITION_IDS, CACHE_POSITION)  # what `slice_block_kwargs` may cut
 _CACHE_NAMES = ("cache", "past_key_values")
 
 

@@ -58,6 +58,7 @@ class SeqState:
         self.version = 0
         self.from_vision = False
         self._masks: dict = {}
+        self.sliced = None  # (version, the block arguments and kept positions they came from, their cut versions)
         self.ledger: Ledger | None = None if branch is None else Ledger()  # a branch runs its own cache
 
     def prepend_unknown(self, n: int) -> None:
@@ -955,8 +956,7 @@ class steer:
         kwargs = dict(kwargs)
         if st.step == 0:
             prev = st.kept.get((stream, layer - 1)) if layer > 0 else None
-            full = torch.arange(L).expand(B, -1)
-            base = prev if prev is not None else full
+            base = prev if prev is not None else torch.arange(L).expand(B, -1)
             if hidden.shape[1] != base.shape[1]:
                 raise RuntimeError(f"layer {layer} got {hidden.shape[1]} positions; expected {base.shape[1]}")
             new = base
@@ -965,7 +965,7 @@ class steer:
                 idx = index_on(torch.searchsorted(base.contiguous(), new.contiguous()), hidden.device)
                 hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
             st.kept[(stream, layer)] = new
-            kwargs = seam.slice_block_kwargs(kwargs, new, L)
+            kwargs.update(_sliced(st, kwargs, new, lambda: seam.slice_block_kwargs(kwargs, new, L)))
             return hidden, kwargs, True
         if drop.rerank:
             raise SteerError(f"{_label(drop)} re-ranks the tokens at every new token without a KV cache; call "
@@ -974,7 +974,8 @@ class steer:
         kept = st.kept.get((stream, layer))
         mask = kwargs.get(seam.MASK)
         if kept is not None and isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] == L:
-            kwargs[seam.MASK] = mask.gather(3, index_on(kept, mask.device)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+            kwargs.update(_sliced(st, kwargs, kept, lambda: {seam.MASK: mask.gather(3, index_on(kept, mask.device)[
+                :, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))}))
             return hidden, kwargs, True
         return hidden, kwargs, False
 
@@ -1146,6 +1147,8 @@ class steer:
                                      "(a text-only prompt?); pass an image, or target other keys")
 
     def _post_forward(self, module, args, kwargs, output):
+        if self.state is not None:
+            self.state.sliced = None  # the cut block arguments of this forward are not needed again
         if self._busy:
             return None
         self._in_forward = False
@@ -1216,6 +1219,20 @@ class _null:
 
     def __exit__(self, *exc):
         return None
+
+
+def _sliced(st: SeqState, kwargs: dict, kept: torch.Tensor, cut) -> dict:
+    """The block arguments `cut()` returns for `kept`, cut once per forward: every block of the stack gets the same
+    position embeddings, mask and position ids objects, and the blocks after a pruning layer the same kept
+    positions, so they share one cut (gathers and index copies once, not per layer). Changed entries only."""
+    key = (kept, *(kwargs.get(k) for k in seam.BLOCK_ARGUMENTS))
+    memo = st.sliced
+    if memo is not None and memo[0] == st.version and all(a is b for a, b in zip(memo[1], key)):
+        return memo[2]
+    out = cut()
+    changed = {k: v for k, v in out.items() if v is not kwargs.get(k)}
+    st.sliced = (st.version, key, changed)
+    return changed
 
 
 def _raise(err):
