@@ -1,6 +1,7 @@
 """Summaries reduced in the attention call on scene-vlm: both streams, every generate step, under steering, and the
 Lookback Lens traces read from them, each equal to the same quantity from captured rows (themselves checked against
 the model's eager attention by `attnscope check` and tests/test_capture_*)."""
+import numpy as np
 import pytest
 import torch
 
@@ -92,21 +93,27 @@ def test_summaries_under_steering_equal_rows_under_steering(vlm):
         assert image_keys == (32 if isinstance(method, FastV) else 64)  # FastV kept half of the 64 image tokens
 
 
-def test_contrastive_branch_steps_are_not_stacked(scene_vlm):
-    """VCD runs a second (distorted-image) forward at every step; the capture records it beside the main one with
-    the same step, so reading every step at once (and generate_traced's per-step means) must refuse, not interleave
-    the two sequences as if they were consecutive steps."""
+def test_contrastive_branch_steps_are_not_recorded(scene_vlm):
+    """VCD runs a second (distorted-image) forward at every step, in its steer block's `exclusive`: the capture beside
+    it records the main sequence only, so every step can be read at once, its prefill equals an unsteered capture's,
+    and generate_traced's per-step means run under VCD."""
     from attnscope.evaluate.lookback import generate_traced
     from attnscope.steer import VCD
 
     x = scene_vlm.encode("Is there a bag in the image?", image="chelsea")
-    with torch.no_grad(), attnscope.steer(scene_vlm, VCD()), attnscope.capture(
-            scene_vlm, streams="language", layers=[5], queries="last", summaries="all") as s:
-        scene_vlm.generate(**x, max_new_tokens=2, do_sample=False)
-    for read in (s.lookback, s.entropy, s.key_count):
-        with pytest.raises(ValueError, match="several records for one step"):
-            read("language", 5, step=None)
+    with torch.no_grad():
+        with attnscope.capture(scene_vlm, streams="language", layers=[5], queries="last", summaries="all") as plain:
+            scene_vlm(**x)
+        with attnscope.steer(scene_vlm, VCD()), attnscope.capture(
+                scene_vlm, streams="language", layers=[5], queries="last", summaries="all") as s:
+            scene_vlm.generate(**x, max_new_tokens=3, do_sample=False)
+    assert [r.step for r in s.run().records[("language", 5)]] == [0, 1, 2]
+    for read in ("lookback", "entropy", "key_count"):
+        every = getattr(s, read)("language", 5, step=None)
+        assert every.shape[0] == 3
+        torch.testing.assert_close(every[0].flatten(), getattr(plain, read)("language", 5, step=0).flatten(), atol=0, rtol=0)
     for share in (False, True):
-        with pytest.raises(ValueError, match="several records for one step"):
-            generate_traced(scene_vlm, "chelsea", "Is there a bag in the image?", max_new_tokens=2, steer=VCD(),
-                            keep_image_share=share)
+        traced = generate_traced(scene_vlm, "chelsea", "Is there a bag in the image?", max_new_tokens=2, steer=VCD(),
+                                 keep_image_share=share)
+        assert traced.ctx_mean.shape[0] == len(traced.token_ids) and np.isfinite(traced.image_mass).all()
+        assert (traced.image_share is not None) == share

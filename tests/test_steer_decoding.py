@@ -152,3 +152,27 @@ def test_imbalance_fix_selects_image_tokens_and_modulates_by_head_sensitivity():
         s = data["visual_sensitivity"][layer]
         torch.testing.assert_close(bias, torch.log1p(s / s.amax(-1, keepdim=True)))
     assert not torch.equal(steered[:, -1], plain[:, -1]) and torch.equal(steered[:, :-1], plain[:, :-1])
+
+
+@pytest.mark.parametrize("make", [lambda: VCD(), lambda: RITUAL()], ids=["vcd", "ritual"])
+@pytest.mark.parametrize("capture_first", [False, True], ids=["capture-inside", "capture-outside"])
+def test_a_capture_beside_a_contrastive_decoder_records_only_the_main_sequence(scene_vlm, make, capture_first):
+    """A contrastive branch (VCD's noised image, RITUAL's transformed one) is an extra forward of the same model: a
+    capture open beside the steer block must not record it under the main sequence's steps (these methods edit no
+    attention, so their branch ran with no handler of its own). One record per layer and step, and the prefill's
+    rows equal an unsteered capture's (the main forward is not edited; only its logits are combined)."""
+    import attnscope
+
+    x = scene_vlm.encode("Is there a cat?", image="chelsea")
+    with torch.no_grad():
+        with attnscope.capture(scene_vlm, streams="language", queries="last") as plain:
+            scene_vlm(**x)
+        capture = attnscope.capture(scene_vlm, streams="language", queries="last")
+        outer, inner = (capture, steer(scene_vlm, make())) if capture_first else (steer(scene_vlm, make()), capture)
+        with outer, inner:
+            scene_vlm.hf.generate(**x, max_new_tokens=3, do_sample=False)
+    run = capture.trace.runs[0]
+    assert len(capture.trace.runs) == 1 and run.steps == 2
+    for (stream, layer), recs in run.records.items():
+        assert [r.step for r in recs] == [0, 1, 2], (layer, [r.step for r in recs])
+        assert torch.equal(recs[0].probs, plain.runs[0].records[(stream, layer)][0].probs)

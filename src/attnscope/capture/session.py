@@ -5,7 +5,7 @@ import torch
 
 from .. import __version__
 from ..core import seam
-from ..core.dispatch import AttentionCall, Handler, attach
+from ..core.dispatch import AttentionCall, Handler, attach, excluded
 from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
@@ -159,7 +159,7 @@ class capture:
         return [self.model.hf.get_submodule(p) for p, s in self.model.spec.streams.items() if s == "encoder"]
 
     def _before_encoder(self, module, args, kwargs):
-        if self._in_forward:
+        if self._in_forward or excluded(self._attachment):  # a steer block's branch forward is not this sequence
             return None
         ids = args[0] if args else kwargs.get(seam.INPUT_IDS)
         self._pending = {seam.INPUT_IDS: ids, seam.MASK: kwargs.get(seam.MASK)}
@@ -167,7 +167,7 @@ class capture:
         return None
 
     def _before_vision(self, module, args, kwargs):
-        if self._in_forward:
+        if self._in_forward or excluded(self._attachment):
             return None
         pixel_values = args[0] if args else kwargs.get("pixel_values")
         grid = kwargs.get("grid_thw", kwargs.get("image_grid_thw"))
@@ -176,6 +176,8 @@ class capture:
         return None
 
     def _before_forward(self, module, args, kwargs):
+        if excluded(self._attachment):
+            return None
         self._in_forward = True
         inputs = self.model.bind(args, kwargs)
         begin = self._ledger.begin(inputs, pruning=bool(kept_positions(self.model.hf, create=False)))
@@ -219,6 +221,8 @@ class capture:
         run.reorder(beam_idx.tolist(), CACHED_STREAMS)
 
     def _after_forward(self, module, args, kwargs, output):
+        if excluded(self._attachment):
+            return None
         self._in_forward = False
         if self.reducer is not None:  # every layer of this step was called: reduce them in one batch
             self.reducer.flush()

@@ -324,9 +324,9 @@ def lookback_ratio(mass: torch.Tensor, count: torch.Tensor, context: str = "prom
 
 
 def _one_per_step(entries, stream, layer, run=None):
-    """Raise where two records of one (stream, layer, part) share a step: a steer method's second forward of the
-    same step (a contrastive branch: VCD, M3ID, RITUAL, DeCoRe) was captured beside the main one, and stacking them
-    by step would mix the two sequences. Raise too where beam search reordered the rows between steps (`run.eras`):
+    """Raise where two records of one (stream, layer, part) share a step: stacking them by step would mix two
+    sequences (a steer method's own forwards, such as contrastive branches, are never recorded: they run in their
+    block's `dispatch.exclusive`; this guards any other way two forwards could share a step). Raise too where beam search reordered the rows between steps (`run.eras`):
     row b of one step and row b of the next are then not one sequence."""
     if run is not None and run.eras:
         raise ValueError(f"({stream!r}, layer {layer}): beam search reordered the batch rows between steps (at steps "
@@ -335,8 +335,7 @@ def _one_per_step(entries, stream, layer, run=None):
     steps = [r.step for r in entries]
     if len(set(steps)) != len(steps):
         raise ValueError(f"({stream!r}, layer {layer}) has several records for one step (steps {steps}): another "
-                         "forward of the same step (e.g. a contrastive steering branch) was captured too; read one "
-                         "record at a time (`record`) or capture without that method")
+                         "forward of the same step was captured too; read one record at a time (`record`)")
 
 
 class Summaries(Trace):

@@ -100,14 +100,21 @@ _exclusive: list = []  # while not empty, only the handlers of its last attachme
 
 
 @contextmanager
-def exclusive(attachment: Attachment):
-    """Within the block only `attachment`'s handlers run (the others' modules call the backend untouched): for
-    the extra forwards an edit makes itself (a contrastive branch), which other sessions must not record."""
+def exclusive(attachment: Attachment | None):
+    """Within the block only `attachment`'s handlers run (the others' modules call the backend untouched; with None,
+    no handler runs): for the extra forwards an edit makes itself (a contrastive branch), which other sessions must
+    not record."""
     _exclusive.append(attachment)
     try:
         yield
     finally:
         _exclusive.pop()
+
+
+def excluded(attachment: Attachment | None) -> bool:
+    """Whether a forward running now belongs to another attachment's `exclusive` block (a branch `attachment` must
+    not see: its hooks ignore it as its handlers do)."""
+    return bool(_exclusive) and (_exclusive[-1] is None or _exclusive[-1] is not attachment)
 
 
 def original_backend(backend: str, module: nn.Module) -> Callable:
@@ -119,7 +126,8 @@ def _dispatcher(backend: str) -> Callable:
     def attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         entries = _handlers.get(module)
         if entries and _exclusive:
-            entries = [e for e in entries if e is _exclusive[-1].handlers.get(module)]
+            owner = _exclusive[-1]
+            entries = [] if owner is None else [e for e in entries if e is owner.handlers.get(module)]
         if entries:
             for _, handler in entries:
                 if not handler.idle():

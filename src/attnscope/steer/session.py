@@ -1195,8 +1195,7 @@ class steer:
         try:
             self.begin({**inputs, **extra}, state=state)
             kw = seam.keep_logits(hf, dict(inputs, **extra), 1, override=False)
-            ctx = exclusive(self._attachment) if self._attachment is not None else _null()
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), exclusive(self._attachment):  # a capture open beside must not record the branch
                 out = hf.forward(**kw)
         finally:
             self.state, self._busy = saved, busy
@@ -1211,14 +1210,6 @@ class steer:
         if contrast is None:
             raise SteerError("no contrastive decoder in this steer block")
         return ContrastiveProcessor(self.model, contrast)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _sliced(st: SeqState, kwargs: dict, kept: torch.Tensor, cut) -> dict:
