@@ -150,7 +150,7 @@ def test_report_title_and_provenance(dinov2, minilm, use, tmp_path, capsys):
     assert main(["report", "--model", "dinov2-small", "--image", "chelsea", "--out", str(tmp_path / "i.html")]) == 0
     page = (tmp_path / "i.html").read_text()
     assert '"inputs": []' not in page and '"inputs":[]' not in page
-    assert "image: chelsea" in page and "pixel_values [1, 3, 224, 224] blake2b:" in page
+    assert "image: chelsea" in page and "pixel_values [1, 3, 224, 224] xxh3_128:" in page
     capsys.readouterr()
 
 

@@ -15,7 +15,8 @@ from ..models.wrapped import Model
 from .selection import Selection, resolve_positions
 from .stream import STREAMED_DTYPES, TraceWriter
 from .summaries import Reducer, Summaries
-from .trace import Record, Run, Trace, checksum
+from .checksums import tensor_checksum
+from .trace import Record, Run, Trace
 
 _open_captures: set[int] = set()
 
@@ -264,7 +265,8 @@ class capture:
             if stream in CACHED_STREAMS and maps and self.model.tokenizer is not None:
                 self.trace.provenance["inputs"].append("".join(maps[0].tokens)[:2000])
         if isinstance(pixels, torch.Tensor):  # images: their model input's shape and a checksum identify them
-            self.trace.provenance["inputs"].append(f"pixel_values {list(pixels.shape)} blake2b:{checksum(pixels)}")
+            digest = tensor_checksum(pixels)  # XXH3: a pixel tensor is hashed at every prefill
+            self.trace.provenance["inputs"].append(f"pixel_values {list(pixels.shape)} {digest['algorithm']}:{digest['digest']}")
 
     # --- the recorder called from the attention function ------------------------------------------------
     def record(self, call: AttentionCall, output) -> None:
