@@ -114,8 +114,7 @@ def attention_probs(
     rows = torch.arange(q_len, device=device) if rows is None else index_on(rows, device)
     groups = n_heads // key.shape[1]
     # every head: multiply each key head with its group of query heads, without copying the keys per head
-    grouped = all_heads
-    k_sel = key.float() if grouped else key.index_select(1, heads // groups).float()
+    k_sel = key.float() if all_heads else key.index_select(1, heads // groups).float()
     scaling = _scaling(module, query, kwargs)
     softcap = kwargs.get("softcap")
     window = kwargs.get("sliding_window") if attention_mask is None else None
@@ -137,8 +136,8 @@ def attention_probs(
     for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         r = rows[start : start + chunk]
         q = query.index_select(2, r)  # rows first: only these rows are copied
-        q = (q if grouped else q.index_select(1, heads)).float()
-        if grouped and groups > 1:
+        q = (q if all_heads else q.index_select(1, heads)).float()
+        if all_heads and groups > 1:
             q = q.reshape(batch, key.shape[1], groups * r.numel(), q.shape[-1])
             scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, r.numel(), kv_len).mul_(scaling)
         else:
@@ -181,7 +180,7 @@ def plain_rows(module, query: torch.Tensor, key: torch.Tensor, attention_mask, k
     if attention_mask is not None or any(kwargs.get(k) is not None for k in RECOMPUTED):
         return None
     n_heads, q_len = query.shape[1], query.shape[2]
-    if heads.numel() != n_heads or n_heads % key.shape[1] or heads.tolist() != list(range(n_heads)):
+    if heads.numel() != n_heads or n_heads % key.shape[1] or not _is_range(heads, 0):
         return None
     if _is_causal(module, kwargs) and not (q_len == 1 or rows == [q_len - 1]):
         return None
