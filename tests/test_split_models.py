@@ -39,6 +39,20 @@ def test_split_model_is_really_offloaded_and_fingerprints_its_real_weights(lm):
     assert split_model.device == plain.device  # inputs go to the execution device
 
 
+def test_split_model_is_not_hashed_again_after_each_capture(lm, monkeypatch):
+    """accelerate puts new meta tensors in place of offloaded weights at every forward; they hold no bytes, so they
+    are not a change: the offloaded bytes are not read again."""
+    from attnscope.models import fingerprint
+
+    _, split_model = lm
+    first = split_model.fingerprint
+    monkeypatch.setattr(fingerprint, "weights_hash", lambda *a: pytest.fail("hashed the unchanged weights again"))
+    x = split_model.encode(TEXT)
+    with torch.no_grad(), attnscope.capture(split_model, layers=[0, 29], queries="last") as trace:
+        split_model.generate(**x, max_new_tokens=2, do_sample=False)
+    assert trace.provenance["weights"] == first == split_model.fingerprint
+
+
 def test_capture_during_generate_equals_the_unsplit_model(lm):
     plain, split_model = lm
     x = plain.encode(TEXT)

@@ -1,9 +1,7 @@
 """`Model`: a Hugging Face model with its processor, architecture spec, attention-site map and role builder."""
 from __future__ import annotations
 
-import hashlib
 import inspect
-from functools import cached_property
 
 import torch
 from torch import nn
@@ -11,8 +9,8 @@ from torch import nn
 from ..core.sites import Site, find_sites
 from ..core.tokens import TokenMap
 from . import roles
+from .fingerprint import Fingerprint
 from .images import load_image
-from .placement import stored
 from .spec import Spec, spec_for
 
 
@@ -33,6 +31,7 @@ class Model:
         self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules, self.spec.cross)
         self._signature = inspect.signature(hf.forward)
         self.vision_cls = roles.has_cls(hf)
+        self._fingerprint = Fingerprint()
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{s}: {n} layers" for s, n in self.streams.items())
@@ -67,18 +66,17 @@ class Model:
                 return site
         raise KeyError(f"no site ({stream}, {layer}); streams: {self.streams}")
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
-        """blake2b over parameter names, shapes and bytes: identifies the weights a trace came from."""
-        digest = hashlib.blake2b(digest_size=16)
-        for name, tensor in self.hf.state_dict().items():
-            if tensor.device.type == "meta":  # offloaded: the real bytes sit in accelerate's weights map
-                tensor = stored(self.hf, name)
-                if tensor is None:
-                    return "unavailable: offloaded weights without a readable weights map"
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        """blake2b over parameter and buffer names, shapes, dtypes and bytes: identifies the weights a trace came from.
+        Hashed again only when the weights changed (an optimizer step, `load_state_dict`, an in-place write), which
+        is told without reading them (`models/fingerprint.py`); `refresh_fingerprint()` forces a new hash."""
+        return self._fingerprint.of(self.hf)
+
+    def refresh_fingerprint(self) -> str:
+        """Hash every byte again (after a write the cheap check cannot see: a few elements changed through `p.data`)."""
+        self._fingerprint.refresh()
+        return self.fingerprint
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         """Forward arguments by name, whether passed positionally or not."""

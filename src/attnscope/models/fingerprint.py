@@ -1,0 +1,91 @@
+"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and buffer's name, shape, dtype and
+bytes, recomputed only when the weights changed.
+
+Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
+block, so `Fingerprint` keeps the hash with a `key` of the weights that reads no bytes but a small sample: per
+tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an optimizer step,
+`load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device, plus up to
+`SAMPLE` of its elements on a grid over its dimensions. The sample catches writes through `p.data` (PyTorch gives
+`.data` a counter of its own, so those writes leave `_version` alone) that touch a sampled element: any dense write
+(`p.data.add_`, `copy_`, a rank-one edit); a write of a few elements through `.data` may go unseen, `refresh()` then
+forces a new hash. Offloaded weights (accelerate leaves them on the meta device between forwards and swaps in new
+meta tensors at each forward) are keyed by name, shape and dtype: their bytes are read from the weights map
+(`placement.stored`) only when hashing."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from .placement import stored
+
+SAMPLE = 1024  # elements sampled per tensor for the key
+
+
+def weights_hash(hf: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """blake2b over parameter and buffer names, shapes, dtypes and bytes (offloaded ones read from the weights map)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in state.items():
+        if tensor.device.type == "meta":  # offloaded: the real bytes sit in accelerate's weights map
+            tensor = stored(hf, name)
+            if tensor is None:
+                return "unavailable: offloaded weights without a readable weights map"
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _grid(tensor: torch.Tensor) -> torch.Tensor:
+    """Up to about SAMPLE elements of `tensor` on an evenly spaced grid over its dimensions (a view, any layout)."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1)
+    per_dim = math.ceil(SAMPLE ** (1 / tensor.dim()))
+    return tensor[tuple(slice(None, None, max(1, size // per_dim)) for size in tensor.shape)].reshape(-1)
+
+
+def weights_key(state: dict[str, torch.Tensor]) -> tuple | None:
+    """What identifies the weights without reading them (see the module docstring); None where PyTorch counts no
+    writes (inference tensors), so the caller hashes every time."""
+    entries, samples = [], {}
+    for name, t in state.items():
+        if t.device.type == "meta":
+            entries.append((name, tuple(t.shape), t.dtype, "meta"))
+            continue
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor: no write counter
+            return None
+        entries.append((name, id(t), version, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+                        t.device))
+        if t.numel():
+            samples.setdefault((t.device, t.dtype), []).append(_grid(t.detach()))
+    # one copy per device and dtype, read as bytes (so NaN equals NaN); compared on the device, one read of a flag
+    sampled = {where: torch.cat(parts).view(torch.uint8) for where, parts in samples.items()}
+    return tuple(entries), sampled
+
+
+def same_key(a: tuple | None, b: tuple | None) -> bool:
+    if a is None or b is None or a[0] != b[0] or a[1].keys() != b[1].keys():
+        return False
+    return all(torch.equal(a[1][where], b[1][where]) for where in a[1])
+
+
+class Fingerprint:
+    """The hash of a model's weights, kept while `weights_key` says they did not change."""
+
+    def __init__(self):
+        self._key, self._hash = None, None
+
+    def of(self, hf: nn.Module) -> str:
+        with torch.no_grad():
+            state = hf.state_dict(keep_vars=True)
+            key = weights_key(state)
+            if self._hash is None or not same_key(key, self._key):
+                self._hash, self._key = weights_hash(hf, state), key
+        return self._hash
+
+    def refresh(self) -> None:
+        """Forget the hash: the next `of` reads every byte again."""
+        self._key, self._hash = None, None

@@ -1,0 +1,117 @@
+"""The weights fingerprint follows the weights (SmolLM2): a write in place (under no_grad, through `.data`, by
+`load_state_dict`, by an optimizer step) or a replaced parameter gives a new fingerprint, in `Model.fingerprint` and
+in the provenance of the next trace, equal to a hash of the bytes computed afresh; undoing the write gives the first
+one back. Unchanged weights are not hashed again: not by a capture block, a steer block or a forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnscope
+from attnscope.models import fingerprint as fp
+from attnscope.steer import HeadMask, steer
+
+
+def fresh_hash(model) -> str:
+    """An independent reference: every byte hashed now, nothing kept."""
+    return fp.weights_hash(model.hf, model.hf.state_dict())
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """Counts the full hashes `Model.fingerprint` computes."""
+    calls = []
+    real = fp.weights_hash
+
+    def counted(hf, state):
+        calls.append(1)
+        return real(hf, state)
+
+    monkeypatch.setattr(fp, "weights_hash", counted)
+    return calls
+
+
+def _norm(model):
+    return model.hf.model.norm.weight
+
+
+def _no_grad_mul(model):
+    with torch.no_grad():
+        _norm(model).mul_(2.0)
+
+
+def _data_add(model):
+    _norm(model).data.add_(1.0)  # `.data` has a write counter of its own: PyTorch does not count this write
+
+
+def _load_state_dict(model):
+    model.hf.model.norm.load_state_dict({"weight": _norm(model).detach() * 3.0})
+
+
+def _optimizer_step(model):
+    weight = model.hf.model.layers[0].self_attn.q_proj.weight
+    opt = torch.optim.SGD([weight], lr=1.0)
+    (weight.float() ** 2).sum().backward()
+    opt.step()
+    weight.grad = None
+
+
+def _replace_parameter(model):
+    norm = model.hf.model.norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() + 1.0)
+
+
+@pytest.mark.parametrize("write", [_no_grad_mul, _data_add, _load_state_dict, _optimizer_step, _replace_parameter])
+def test_a_write_to_the_weights_changes_the_fingerprint_and_undoing_it_restores_it(smollm, write):
+    x = smollm.encode("The capital of France is")
+    before = smollm.fingerprint  # equal to a fresh hash: test_unchanged_weights_are_not_hashed_again
+    saved = {name: t.detach().clone() for name, t in smollm.hf.state_dict().items()}
+    norm, weight = smollm.hf.model.norm, _norm(smollm)
+    try:
+        write(smollm)
+        changed = smollm.fingerprint
+        assert changed != before and changed == fresh_hash(smollm)
+        with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as trace:
+            smollm(**x)
+        assert trace.provenance["weights"] == changed
+    finally:
+        norm.weight = weight  # the same Parameter objects, the saved values
+        with torch.no_grad():
+            for name, t in smollm.hf.state_dict(keep_vars=True).items():
+                t.copy_(saved[name])
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as trace:
+        smollm(**x)
+    assert trace.provenance["weights"] == before == smollm.fingerprint
+
+
+def test_unchanged_weights_are_not_hashed_again(smollm, hashes):
+    x = smollm.encode("The capital of France is")
+    first = smollm.fingerprint
+    calls = len(hashes)
+    with torch.no_grad():
+        for _ in range(2):
+            with attnscope.capture(smollm, layers="all", queries="last") as trace:
+                smollm.generate(**x, max_new_tokens=2, do_sample=False)
+            assert trace.provenance["weights"] == first
+        with steer(smollm, HeadMask("0.1+3.2")):  # steering edits attention outputs, never the weights
+            smollm(**x)
+        with attnscope.capture(smollm, layers=[0], summaries="all") as s:
+            smollm(**x)
+    assert s.provenance["weights"] == first
+    assert len(hashes) == calls  # four fingerprints read, no byte hashed again
+    assert smollm.fingerprint == first == fresh_hash(smollm)
+
+
+def test_refresh_hashes_again_and_agrees(smollm, hashes):
+    first = smollm.fingerprint
+    calls = len(hashes)
+    assert smollm.refresh_fingerprint() == first and len(hashes) == calls + 1
+
+
+def test_the_key_reads_no_more_than_a_sample_per_tensor(smollm):
+    key = fp.weights_key(smollm.hf.state_dict(keep_vars=True))
+    sampled = sum(v.numel() for v in key[1].values())
+    n_tensors = len(smollm.hf.state_dict())
+    element = next(smollm.hf.parameters()).element_size()
+    assert sampled <= n_tensors * 2 * fp.SAMPLE * element  # a grid per tensor, never its bytes
+    assert sampled < sum(t.numel() * t.element_size() for t in smollm.hf.state_dict().values()) / 100
