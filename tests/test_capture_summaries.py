@@ -254,3 +254,21 @@ def test_step_none_refused_after_beam_reorders(smollm):
         with pytest.raises(ValueError, match="beam search reordered"):
             read("text", 0, step=None)
     assert s.lookback("text", 0, step=2).shape == (3, 9, 1)
+
+
+def test_topk_without_the_topk_summary_is_refused_and_the_default_works(smollm):
+    """topk= sets the keys of the "topk" summary: passed with summaries that leave it out (or with rows) it would be
+    ignored without a word. Left at its default, every choice of summaries works."""
+    for summaries in ("entropy", ["lookback", "role_mass"]):
+        with pytest.raises(ValueError, match=r"add 'topk' to summaries.*or drop topk="):
+            attnscope.capture(smollm, layers=[0], summaries=summaries, topk=3)
+    with pytest.raises(ValueError, match=r"summaries=.*or drop topk="):
+        attnscope.capture(smollm, layers=[0], topk=3)
+    x = smollm.encode(PROMPT)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], summaries="entropy") as s:
+        smollm(**x)
+    assert s.entropy("text", 0).shape[-1] == x["input_ids"].shape[1]
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="topk") as s:
+        smollm(**x)
+    index, value = s.topk("text", 0)
+    assert index.shape[-1] == value.shape[-1] == 5  # the documented default

@@ -113,9 +113,9 @@ def cmd_capture(args) -> int:
         from .capture.summaries import parse_summaries
 
         names = "all" if args.summaries == "all" else [n.strip() for n in args.summaries.split(",") if n.strip()]
-        reduced = {"summaries": parse_summaries(names), "topk": 5 if args.topk is None else args.topk}  # checked early
-        if not isinstance(reduced["topk"], int) or reduced["topk"] < 1:
-            raise ValueError(f"--topk must be a positive number of keys; got {reduced['topk']}")
+        reduced = {"summaries": parse_summaries(names), "topk": args.topk}  # checked early
+        if args.topk is not None and args.topk < 1:
+            raise ValueError(f"--topk must be a positive number of keys; got {args.topk}")
         if args.topk is not None and "topk" not in reduced["summaries"]:  # it would be ignored without a word
             print(f"error: --topk is the number of keys of the topk summary, which --summaries {args.summaries} leaves "
                   "out; add topk to --summaries or drop --topk", file=sys.stderr)

@@ -45,11 +45,12 @@ class capture:
     `overwrite=True`.
 
     `summaries=("role_mass", "lookback", "entropy", "topk")` (or "all") keeps per-row reductions computed inside
-    each call instead of rows, `topk` keys each, and the block yields a `Summaries` (`capture/summaries.py`)."""
+    each call instead of rows, `topk` keys each (default 5; passing it without the "topk" summary is an error), and
+    the block yields a `Summaries` (`capture/summaries.py`)."""
 
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
                  offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
-                 out=None, overwrite: bool = False, summaries=None, topk: int = 5):
+                 out=None, overwrite: bool = False, summaries=None, topk: int | None = None):
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
@@ -62,6 +63,9 @@ class capture:
         self._itemsize = torch.empty((), dtype=dtype).element_size()
         self.trace = Trace()
         self.reducer = None
+        if summaries is None and topk is not None:  # it would be ignored without a word
+            raise ValueError(f"topk={topk!r} is the number of keys of the 'topk' summary, and rows are captured: pass "
+                             "summaries=('topk', ...) (or 'all'), or drop topk=")
         if summaries is not None:  # reductions in place of rows
             if out is not None:
                 raise ValueError("summaries are kept in memory (they hold no rows): drop out= and save them after the "

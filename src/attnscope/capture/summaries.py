@@ -11,7 +11,7 @@ Instead of rows [batch, heads, queries, keys], each selected attention call keep
   the tokens generated before; 1 where no token was generated yet;
 - `entropy` [B, h, r]: -sum p ln p of the row, in nats (0 ln 0 = 0);
 - `topk_index` / `topk_value` [B, h, r, k]: the k keys with the most attention, as absolute positions, and their
-  probabilities (k = `topk`, or the number of keys if fewer).
+  probabilities (k = `topk`, default 5, or the number of keys if fewer; `topk=` without this summary is refused).
 
 The probabilities come from `AttentionCall.probs_for` (what the model really used, edits included), `chunk` query
 rows at a time, and are reduced for every layer of a forward in one batch (`Reducer`): nothing of size queries x
@@ -35,6 +35,7 @@ from ..core.tokens import ROLES
 from .trace import Trace
 
 SUMMARIES = ("role_mass", "lookback", "entropy", "topk")
+TOPK = 5  # keys kept by the "topk" summary unless `topk=` says otherwise
 _CODE = {role: i for i, role in enumerate(ROLES)}
 _GENERATED, _PAD, _IMAGE = _CODE["generated"], _CODE["pad"], _CODE["image"]
 _TINY = torch.finfo(torch.float32).tiny
@@ -103,8 +104,12 @@ class Reducer:
     a step costs a few operations per layer instead of a dozen, and nothing of size queries x keys is held beyond
     one chunk or `buffer_elements` (4 MiB of float32 by default)."""
 
-    def __init__(self, which, topk: int = 5, chunk: int = 256, buffer_elements: int = 1 << 20):
+    def __init__(self, which, topk: int | None = None, chunk: int = 256, buffer_elements: int = 1 << 20):
         self.which = parse_summaries(which)
+        if topk is not None and "topk" not in self.which:  # it would be ignored without a word
+            raise ValueError(f"topk={topk!r} is the number of keys of the 'topk' summary, which summaries="
+                             f"{list(self.which)} leaves out: add 'topk' to summaries (or pass 'all'), or drop topk=")
+        topk = TOPK if topk is None else topk
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be a positive int; got {topk!r}")
         self.topk, self.chunk, self.buffer_elements = topk, chunk, buffer_elements
