@@ -119,3 +119,20 @@ def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
         assert main(base + bad + ["--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and all(w in err[0] for w in says), err
+
+
+def test_summary_records_whose_labels_disagree_with_their_keys_are_refused(saved, tmp_path):
+    """Layers 0 and 29 hold summaries of one shape: swapping their entries' layers passed every tensor check and put
+    layer 29's numbers under layer 0. The tensors' names say which record they are; a disagreeing entry is refused."""
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnscope"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    records = meta["runs"][0]["records"]
+    a = next(i for i, rm in enumerate(records) if rm["layer"] == 0)
+    b = next(i for i, rm in enumerate(records) if rm["layer"] == 29)
+    records[a]["layer"], records[b]["layer"] = 29, 0
+    bad = tmp_path / "relabelled.safetensors"
+    bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
+    with pytest.raises(TraceFileError, match="is labelled run 0"):
+        attnscope.Trace.load(bad)

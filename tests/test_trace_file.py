@@ -75,3 +75,34 @@ def test_metadata_of_the_wrong_shape_is_a_trace_file_error(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path), metadata={"attnscope": "[1, 2]"})
     with pytest.raises(TraceFileError):
         attnscope.Trace.load(path)
+
+
+def _swap_layers(records):
+    records[0]["layer"], records[1]["layer"] = records[1]["layer"], records[0]["layer"]
+
+
+def _duplicate(records):
+    records.append(dict(records[0]))
+
+
+def _duplicate_as_next_step(records):
+    records.append(dict(records[0], step=1))
+
+
+@pytest.mark.parametrize("edit", [_swap_layers, _duplicate, _duplicate_as_next_step])
+def test_records_whose_labels_disagree_with_their_keys_are_refused(saved, tmp_path, edit):
+    """As in a streamed directory (test_trace_checksums.py): the checksum covers a tensor, not its labels. Layers 1
+    and 3 have tensors of one shape, so a file whose entries were relabelled (layers swapped) or duplicated loaded
+    with every check passing and layer 3's matrix under layer 1. The tensor's name says which run, stream, layer and
+    index it is; an entry that disagrees is refused, as the directory's loader refuses it."""
+    from safetensors import safe_open
+
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnscope"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta["runs"][0]["records"])
+    bad = tmp_path / "relabelled.safetensors"
+    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
+    with pytest.raises(TraceFileError, match=r"r0/text/\d/0 is labelled run 0, stream 'text', layer \d, record \d"):
+        attnscope.Trace.load(bad)

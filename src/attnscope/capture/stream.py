@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .checksums import TensorDigest, entry_checksum, tensor_checksum
-from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, record_key, run_from_meta
+from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, check_label, record_key, run_from_meta
 
 META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
 SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
@@ -417,13 +417,7 @@ def load_dir(cls, path: Path, partial: bool = False):
             run = run_from_meta(run_meta)
             for rm in run_meta["records"]:
                 check_axes(rm, meta_path)
-                # a checksum covers a tensor, not its labels: the tensor's name (record_key) must say the same run,
-                # stream and layer as the entry, at the next index of that layer (no record relabelled or duplicated)
-                index = len(run.records.get((rm["stream"], rm["layer"]), []))
-                if rm["key"] != record_key(run_index, rm["stream"], rm["layer"], index):
-                    raise TraceFileError(f"{meta_path}: record {rm['key']} is labelled run {run_index}, stream "
-                                         f"{rm['stream']!r}, layer {rm['layer']}, record {index} of that layer: the "
-                                         "metadata was edited (records relabelled, reordered or duplicated)")
+                check_label(rm, run_index, run, meta_path)
                 shard = path / rm["shard"]
                 if Path(rm["shard"]).name != rm["shard"] or not _is_ours(rm["shard"]):
                     raise TraceFileError(f"{meta_path}: record {rm['key']} names shard {rm['shard']!r}, outside the trace")

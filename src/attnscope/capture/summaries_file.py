@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import ROLES
-from .trace import TraceFileError, checksum, run_from_meta
+from .trace import TraceFileError, check_label, checksum, run_from_meta
 
 FORMAT = "attnscope.summaries/1"
 NAMES = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
@@ -44,9 +44,10 @@ def load(f, meta: dict, path):
         raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
                              f"are {list(ROLES)}: read it with the attnscope that wrote it")
     trace = Summaries(provenance=meta.get("provenance", {}))
-    for run_meta in meta["runs"]:
+    for run_index, run_meta in enumerate(meta["runs"]):
         run = run_from_meta(run_meta)
         for rm in run_meta["records"]:
+            check_label(rm, run_index, run, path)
             values = {name: _tensor(f, rm, name, info, path) for name, info in rm["tensors"].items()}
             _check_axes(rm, values, path)
             rec = SummaryRecord(list(rm["heads"]), list(rm["queries"]), int(rm["step"]), int(rm["part"]), **values)

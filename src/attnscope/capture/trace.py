@@ -250,7 +250,7 @@ class Trace:
     def load(cls, path: str | Path, partial: bool = False) -> Trace:
         """Read a trace written by `save`, validating every tensor against its recorded shape, dtype and checksum
         (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
-        checked for finite values only).
+        checked for finite values only), and every entry's labels against its tensor's name (`check_label`).
 
         A file written by `Summaries.save` is read back as a `Summaries` (`summaries_file.py`), checked the same way.
 
@@ -285,9 +285,10 @@ class Trace:
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
                 trace = cls(provenance=meta.get("provenance", {}))
-                for run_meta in meta["runs"]:
+                for run_index, run_meta in enumerate(meta["runs"]):
                     run = run_from_meta(run_meta)
                     for rm in run_meta["records"]:
+                        check_label(rm, run_index, run, path)
                         tensor = f.get_tensor(rm["key"])
                         if list(tensor.shape) != rm["shape"] or str(tensor.dtype).removeprefix("torch.") != rm["dtype"]:
                             raise TraceFileError(f"{path}: tensor {rm['key']} is {list(tensor.shape)} {tensor.dtype}, "
@@ -329,6 +330,16 @@ def run_from_meta(run_meta: dict) -> Run:
                lengths=list(run_meta.get("lengths", [])),
                eras=[(int(last), {s: [TokenMap.from_dict(t) for t in maps] for s, maps in m.items()})
                      for last, m in run_meta.get("eras", [])])
+
+
+def check_label(rm: dict, run_index: int, run: Run, path) -> None:
+    """A checksum covers a tensor, not its labels: the tensor's name (`record_key`) must say the same run, stream and
+    layer as the entry, at the next index of that layer in `run` (no record relabelled, reordered or duplicated)."""
+    index = len(run.records.get((rm["stream"], rm["layer"]), []))
+    if rm["key"] != record_key(run_index, rm["stream"], rm["layer"], index):
+        raise TraceFileError(f"{path}: record {rm['key']} is labelled run {run_index}, stream {rm['stream']!r}, layer "
+                             f"{rm['layer']}, record {index} of that layer: the metadata was edited (records "
+                             "relabelled, reordered or duplicated)")
 
 
 def check_axes(rm: dict, path) -> None:
