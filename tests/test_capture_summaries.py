@@ -272,3 +272,55 @@ def test_topk_without_the_topk_summary_is_refused_and_the_default_works(smollm):
         smollm(**x)
     index, value = s.topk("text", 0)
     assert index.shape[-1] == value.shape[-1] == 5  # the documented default
+
+
+def _split_at(monkeypatch, first: int) -> None:
+    """The calls of layers >= `first` come from the stand-in second device (tests/other_device.py), as the later
+    layers of a model split with accelerate's device_map: their q, k, v and mask live there."""
+    from dataclasses import replace
+
+    from attnscope.capture.summaries import Reducer
+    from other_device import elsewhere
+
+    record = Reducer.record
+
+    def moved(self, run, call, *args):
+        if call.site.layer >= first:
+            mask = call.attention_mask
+            call = replace(call, query=elsewhere(call.query), key=elsewhere(call.key), value=elsewhere(call.value),
+                           attention_mask=None if mask is None else elsewhere(mask))
+        return record(self, run, call, *args)
+
+    monkeypatch.setattr(Reducer, "record", moved)
+
+
+@pytest.mark.parametrize("queries, buffer", [(None, None), (None, 4096), ("last", None)])
+def test_summaries_of_a_model_split_over_two_devices_equal_the_unsplit_run(smollm, monkeypatch, queries, buffer):
+    """The reducer's queue holds every layer of a step; split over two devices, its batch stacked tensors of both and
+    raised. Each device's rows are reduced on that device: the same numbers as the unsplit run (prefill rows, the
+    decode steps' plain rows computed at the flush, and a queue flushed mid-forward with a small buffer)."""
+    from other_device import second_device
+
+    x = smollm.encode(PROMPT)
+
+    def summarise():
+        session = attnscope.capture(smollm, layers=[0, 7, 14, 15, 22, 29], queries=queries, summaries="all")
+        if buffer is not None:
+            session.reducer.buffer_elements = buffer
+        with torch.no_grad(), session as s:
+            ids = smollm.generate(**x, max_new_tokens=3, do_sample=False)
+        return s, ids
+
+    plain, ids = summarise()
+    _split_at(monkeypatch, 15)
+    with second_device():
+        split, split_ids = summarise()
+    assert torch.equal(split_ids, ids)
+    assert split.runs[0].records.keys() == plain.runs[0].records.keys()
+    for key, records in plain.runs[0].records.items():
+        assert [r.step for r in split.runs[0].records[key]] == [r.step for r in records] == [0, 1, 2]
+        for a, b in zip(records, split.runs[0].records[key]):
+            assert a.tensors().keys() == b.tensors().keys()
+            for name, value in a.tensors().items():
+                assert type(b.tensors()[name]) is torch.Tensor  # read back on the CPU
+                assert torch.equal(b.tensors()[name], value), (key, a.step, name)

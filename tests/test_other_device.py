@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from other_device import OtherDevice, elsewhere
+from other_device import SECOND, OtherDevice, elsewhere, second_device
 
 import attnscope
 from attnscope.capture.trace import Trace
@@ -65,6 +65,17 @@ def test_grounding_on_another_device_equals_the_cpu(scene_vlm, method, request):
     expected = attnscope.ground(scene_vlm, scene.image, question("bag"), **ask).map
     request.getfixturevalue("other_device")
     assert (attnscope.ground(scene_vlm, scene.image, question("bag"), **ask).map == expected).all()
+
+
+def test_the_second_device_stand_in_has_a_device_of_its_own():
+    a, w = elsewhere(torch.ones(2, 2)), torch.eye(2)
+    with second_device():
+        assert a.device == SECOND != w.device
+        assert isinstance(torch.arange(2, device=a.device), OtherDevice) and isinstance(w.to(a.device), OtherDevice)
+        assert torch.equal((a @ w.to(a.device)).cpu(), torch.ones(2, 2)) and type(a.to("cpu")) is torch.Tensor
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.cat([a, w])
+    assert a.device == w.device  # outside the block: the plain stand-in
 
 
 def test_the_blur_baseline_stays_on_the_pixels_device():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.probs import plain_rows, stacked_probs
+from ..core.probs import index_on, plain_rows, stacked_probs
 from ..core.tokens import ROLES
 from .trace import Trace
 
@@ -99,9 +99,9 @@ class Reducer:
     `chunk` rows at a time) and queued, or, where they are plain softmax(q k^T) rows (`core.probs.plain_rows`: a
     decode step, the last row), their query rows and keys are queued and computed at the flush with the other
     layers' (`core.probs.stacked_probs`). The queue is reduced in one batch of tensor operations per key set (every
-    layer of a step shares its keys) when the forward ends (`flush`, called by the session), when a reader asks, or
-    as soon as it would hold more than `buffer_elements` numbers (probabilities, and the keys of deferred calls). So
-    a step costs a few operations per layer instead of a dozen, and nothing of size queries x keys is held beyond
+    layer of a step shares its keys) and device (a model split with a device_map has layers on several) when the
+    forward ends (`flush`, called by the session), when a reader asks, or as soon as it would hold more than
+    `buffer_elements` numbers (probabilities, and the keys of deferred calls). So a step costs a few operations per layer instead of a dozen, and nothing of size queries x keys is held beyond
     one chunk or `buffer_elements` (4 MiB of float32 by default)."""
 
     def __init__(self, which, topk: int | None = None, chunk: int = 256, buffer_elements: int = 1 << 20):
@@ -169,7 +169,8 @@ class Reducer:
                 plain = None if call.probs is not None or call.patches else plain_rows(
                     call.module, call.query, call.key, call.attention_mask, call.kwargs, heads, rows)
                 if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
-                    q = call.query if len(rows) == call.query.shape[2] else call.query.index_select(2, r)
+                    q = call.query if len(rows) == call.query.shape[2] else call.query.index_select(
+                        2, index_on(r, call.query.device))  # the rows' indices made where the queries are
                     b, h, c, k = q.shape[0], q.shape[1], q.shape[2], call.key.shape[2]
                     self._add((rec, None, weights, True, (q, call.key, plain), h, c, where),
                               b * h * c * k + call.key.numel())
@@ -209,14 +210,14 @@ class Reducer:
         self._queued += elements
 
     def flush(self) -> None:
-        """Compute the deferred rows and reduce every queued block, a batch per key set; give each record its
-        tensors."""
+        """Compute the deferred rows and reduce every queued block, a batch per key set and device; give each record
+        its tensors."""
         if not self._queue:
             return
         queue, self._queue, self._queued = self._queue, [], 0
-        groups: dict[int, list] = {}
-        for item in queue:
-            groups.setdefault(id(item[2]), []).append(item)
+        groups: dict[tuple, list] = {}
+        for item in queue:  # a model split over devices (device_map): each device's rows are reduced there
+            groups.setdefault((id(item[2]), (item[1] if item[1] is not None else item[4][0]).device), []).append(item)
         pending = list(groups.values())
         try:
             with torch.no_grad():
