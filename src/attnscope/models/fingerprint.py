@@ -4,13 +4,14 @@ bytes, recomputed only when the weights changed.
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `Fingerprint` keeps the hash with a `key` of the weights that reads no bytes but a small sample: per
 tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an optimizer step,
-`load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device, plus up to
-`SAMPLE` of its elements on a grid over its dimensions. The sample catches writes through `p.data` (PyTorch gives
-`.data` a counter of its own, so those writes leave `_version` alone) that touch a sampled element: any dense write
-(`p.data.add_`, `copy_`, a rank-one edit); a write of a few elements through `.data` may go unseen, `refresh()` then
-forces a new hash. Offloaded weights (accelerate leaves them on the meta device between forwards and swaps in new
-meta tensors at each forward) are keyed by name, shape and dtype: their bytes are read from the weights map
-(`placement.stored`) only when hashing."""
+`load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device, plus
+`SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row. The sample catches
+writes through `p.data` (PyTorch gives `.data` a counter of its own, so those writes leave `_version` alone) that
+touch a sampled element: any dense write (`p.data.add_`, `copy_`, a rank-one edit) and any write of whole rows (a
+token's embedding, an output unit); a write of a few elements through `.data` may go unseen:
+`Model.refresh_fingerprint()` then hashes again. Offloaded weights (accelerate leaves them on the meta device between
+forwards and swaps in new meta tensors at each forward) are keyed by name, shape and dtype: their bytes are read from
+the weights map (`placement.stored`) only when hashing."""
 from __future__ import annotations
 
 import hashlib
@@ -37,10 +38,13 @@ def weights_hash(hf: nn.Module, state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _grid(tensor: torch.Tensor) -> torch.Tensor:
-    """Up to about SAMPLE elements of `tensor` on an evenly spaced grid over its dimensions (a view, any layout)."""
-    if tensor.dim() == 0:
-        return tensor.reshape(1)
+def _sample(tensor: torch.Tensor) -> torch.Tensor:
+    """At least SAMPLE elements of `tensor` (or all), evenly spaced through its memory and at least one in every slice
+    along its first dimension (a matrix's row: an embedding's token, a projection's output unit): a view. A tensor of
+    another layout: a grid over its dimensions (a copy of about SAMPLE elements)."""
+    if tensor.is_contiguous():
+        numel = tensor.numel()
+        return tensor.view(-1)[:: max(1, min(numel // SAMPLE, numel // max(1, tensor.shape[0] if tensor.dim() else 1)))]
     per_dim = math.ceil(SAMPLE ** (1 / tensor.dim()))
     return tensor[tuple(slice(None, None, max(1, size // per_dim)) for size in tensor.shape)].reshape(-1)
 
@@ -60,7 +64,7 @@ def weights_key(state: dict[str, torch.Tensor]) -> tuple | None:
         entries.append((name, id(t), version, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
                         t.device))
         if t.numel():
-            samples.setdefault((t.device, t.dtype), []).append(_grid(t.detach()))
+            samples.setdefault((t.device, t.dtype), []).append(_sample(t.detach()))
     # one copy per device and dtype, read as bytes (so NaN equals NaN); compared on the device, one read of a flag
     sampled = {where: torch.cat(parts).view(torch.uint8) for where, parts in samples.items()}
     return tuple(entries), sampled
