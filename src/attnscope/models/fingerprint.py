@@ -2,8 +2,8 @@
 bytes, recomputed only when the weights changed.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
-block, so `Fingerprint` keeps the hash with a `key` of the weights that reads no bytes but a small sample: per
-tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an optimizer step,
+block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
+sample: per tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an optimizer step,
 `load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device, plus
 `SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row. The sample catches
 writes through `p.data` (PyTorch gives `.data` a counter of its own, so those writes leave `_version` alone) that
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -76,20 +77,23 @@ def same_key(a: tuple | None, b: tuple | None) -> bool:
     return all(torch.equal(a[1][where], b[1][where]) for where in a[1])
 
 
-class Fingerprint:
-    """The hash of a model's weights, kept while `weights_key` says they did not change."""
+_KEPT: WeakKeyDictionary = WeakKeyDictionary()  # module -> (key, hash): every `Model` wrapping it shares them
 
-    def __init__(self):
-        self._key, self._hash = None, None
 
-    def of(self, hf: nn.Module) -> str:
-        with torch.no_grad():
-            state = hf.state_dict(keep_vars=True)
-            key = weights_key(state)
-            if self._hash is None or not same_key(key, self._key):
-                self._hash, self._key = weights_hash(hf, state), key
-        return self._hash
+def fingerprint(hf: nn.Module) -> str:
+    """The weights' hash, kept per module (a model wrapped again, as `capture(hf_model)` does, is not hashed again)
+    while `weights_key` says they did not change."""
+    with torch.no_grad():
+        state = hf.state_dict(keep_vars=True)
+        key = weights_key(state)
+        kept = _KEPT.get(hf)
+        if kept is not None and same_key(key, kept[0]):
+            return kept[1]
+        digest = weights_hash(hf, state)
+        _KEPT[hf] = (key, digest)
+    return digest
 
-    def refresh(self) -> None:
-        """Forget the hash: the next `of` reads every byte again."""
-        self._key, self._hash = None, None
+
+def forget(hf: nn.Module) -> None:
+    """Drop the kept hash: the next `fingerprint(hf)` reads every byte again."""
+    _KEPT.pop(hf, None)

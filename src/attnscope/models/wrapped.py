@@ -9,7 +9,7 @@ from torch import nn
 from ..core.sites import Site, find_sites
 from ..core.tokens import TokenMap
 from . import roles
-from .fingerprint import Fingerprint
+from .fingerprint import fingerprint as weights_fingerprint, forget as forget_fingerprint
 from .images import load_image
 from .spec import Spec, spec_for
 
@@ -31,7 +31,6 @@ class Model:
         self.sites: dict[nn.Module, Site] = find_sites(hf, self.spec.streams, attention_modules, self.spec.cross)
         self._signature = inspect.signature(hf.forward)
         self.vision_cls = roles.has_cls(hf)
-        self._fingerprint = Fingerprint()
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{s}: {n} layers" for s, n in self.streams.items())
@@ -71,11 +70,11 @@ class Model:
         """blake2b over parameter and buffer names, shapes, dtypes and bytes: identifies the weights a trace came from.
         Hashed again only when the weights changed (an optimizer step, `load_state_dict`, an in-place write), which
         is told without reading them (`models/fingerprint.py`); `refresh_fingerprint()` forces a new hash."""
-        return self._fingerprint.of(self.hf)
+        return weights_fingerprint(self.hf)
 
     def refresh_fingerprint(self) -> str:
         """Hash every byte again (after a write the cheap check cannot see: a few elements changed through `p.data`)."""
-        self._fingerprint.refresh()
+        forget_fingerprint(self.hf)
         return self.fingerprint
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
