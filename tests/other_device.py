@@ -45,7 +45,8 @@ def _is_second(value) -> bool:
 
 
 def _wrap(out):
-    return tree_map(lambda t: elsewhere(t) if isinstance(t, torch.Tensor) and not isinstance(t, OtherDevice) else t, out)
+    moved = lambda t: elsewhere(t) if isinstance(t, torch.Tensor) and not isinstance(t, OtherDevice) else t  # noqa: E731
+    return tree_map(moved, out)
 
 
 class second_device(TorchFunctionMode):

@@ -101,8 +101,9 @@ class Reducer:
     layers' (`core.probs.stacked_probs`). The queue is reduced in one batch of tensor operations per key set (every
     layer of a step shares its keys) and device (a model split with a device_map has layers on several) when the
     forward ends (`flush`, called by the session), when a reader asks, or as soon as it would hold more than
-    `buffer_elements` numbers (probabilities, and the keys of deferred calls). So a step costs a few operations per layer instead of a dozen, and nothing of size queries x keys is held beyond
-    one chunk or `buffer_elements` (4 MiB of float32 by default)."""
+    `buffer_elements` numbers (probabilities, and the keys of deferred calls). So a step costs a few operations per
+    layer instead of a dozen, and nothing of size queries x keys is held beyond one chunk or `buffer_elements` (4 MiB
+    of float32 by default)."""
 
     def __init__(self, which, topk: int | None = None, chunk: int = 256, buffer_elements: int = 1 << 20):
         self.which = parse_summaries(which)

@@ -3,9 +3,9 @@ bytes, recomputed only when the weights changed.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
-sample: per tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an optimizer step,
-`load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device, plus
-`SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row. The sample catches
+sample: per tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an
+optimizer step, `load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device,
+plus `SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row. The sample catches
 writes through `p.data` (PyTorch gives `.data` a counter of its own, so those writes leave `_version` alone) that
 touch a sampled element: any dense write (`p.data.add_`, `copy_`, a rank-one edit) and any write of whole rows (a
 token's embedding, an output unit); a write of a few elements through `.data` may go unseen:
