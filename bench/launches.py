@@ -7,8 +7,10 @@ FastV adds costs about one launch, whatever its size. Operators do not depend on
 (layers, calls, heads, selections), so they are counted here on the CPU, exactly, with the LLaVA-1.5-7B structure
 (a CLIP ViT-L/14-336 tower of 24 layers, 576 patches; a Llama-2-7B language model of 32 layers x 32 heads) at tiny
 widths, with `TorchDispatchMode`. A "kernel" is an operator that is not a view (views launch nothing on a GPU);
-"copies" are `_to_copy`/`copy_` (one per host-to-device index copy on a GPU); "reads" are `_local_scalar_dense`
-(a tensor value read into Python: a wait for the GPU queue when the tensor lives there).
+"copies" are `_to_copy`/`copy_` made on the CPU as well (an index already on the CPU is not copied here: on a GPU,
+`core/probs.index_on` adds one non-blocking host-to-device copy per index that is not a run, such as FastV's kept
+positions once per cut); "reads" are `_local_scalar_dense` (a tensor value read into Python: a wait for the GPU
+queue when the tensor lives there).
 
     python bench/launches.py            # -> bench/results/launches.md and .json
     python bench/launches.py --small    # tiny structure, no files (tests/test_bench_launches.py)"""
