@@ -22,6 +22,20 @@ def test_counts_are_the_same_at_two_prompt_lengths():
     c = short["counts"]
     calls = short["attention_calls"]["image"]
     added = c["image: capture(queries='last')"]["kernels"] - c["image: plain SDPA"]["kernels"]
-    assert 0 < added <= 5 * calls + 2  # a handful per attention call, nothing per token
+    assert 0 < added <= 7 * calls + 2  # a handful per attention call, nothing per token
     base = c["image: plain SDPA, use_cache"]["kernels"]
     assert c["image: FastV K=2 keep 50%"]["kernels"] - base < c["image: FastV K=2 keep 50%, arguments cut per layer"]["kernels"] - base
+
+
+def test_host_indices_are_counted_as_a_gpu_places_them():
+    """On a GPU, `index_on` makes capture's host-built heads and rows on the device (an `arange` each per attention
+    call) and copies FastV's kept positions there (a `_to_copy` per cut tensor); on the CPU it returns them untouched.
+    The counts are a GPU's cost, so they must include those: the per-layer cut copies its index at every layer."""
+    res = launches.run(True, 40, only=ONLY)
+    c, calls = res["counts"], res["attention_calls"]["image"]
+    arange = lambda name: c[name]["by_kernel"].get("arange", 0)  # noqa: E731
+    assert arange("image: capture(queries='last')") - arange("image: plain SDPA") == 2 * calls
+    per_layer = c["image: FastV K=2 keep 50%, arguments cut per layer"]["copies"]
+    shared = c["image: FastV K=2 keep 50%"]["copies"]
+    layers_after = res["layers"]["language"] - 3  # the blocks after the pruning layer K=2
+    assert per_layer - shared == 3 * layers_after  # cos, sin and position ids: the SDPA mask is None here

@@ -96,3 +96,44 @@ def test_empty_capture_gives_clear_error(minilm):
         pass
     with pytest.raises(ValueError, match="trace is empty"):
         trace.attention("text", 0)
+
+
+@pytest.mark.parametrize("owner", ["none", "other-attachment"])
+def test_an_exclusive_block_in_another_thread_hides_nothing_here(smollm, minilm, owner):
+    """The viewer server runs different models at once, one thread each: a steer block's branch forward in one
+    thread (VCD's `exclusive(None)`, DeCoRe's `exclusive(its attachment)`) must not hide another thread's capture of
+    another model. Before, the exclusive stack was global: the capture lost whole forwards and layers, silently."""
+    import threading
+
+    from attnscope.core import dispatch
+
+    x = smollm.encode("The capital of France is Paris. The capital of Italy is")
+    with torch.no_grad(), attnscope.capture(smollm, queries="last") as alone:
+        smollm(**x)
+    entered, release, errors = threading.Event(), threading.Event(), []
+
+    def branch():
+        try:
+            with torch.no_grad(), attnscope.capture(minilm) as other:  # an attachment on another model
+                attachment = dispatch.attachments(minilm.hf)[-1] if owner == "other-attachment" else None
+                with dispatch.exclusive(attachment):
+                    entered.set()
+                    release.wait(60)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+        finally:
+            entered.set()
+
+    t = threading.Thread(target=branch)
+    t.start()
+    try:
+        entered.wait(60)
+        with torch.no_grad(), attnscope.capture(smollm, queries="last") as beside:
+            smollm(**x)
+    finally:
+        release.set()
+        t.join()
+    assert not errors, errors
+    assert len(beside.runs) == 1 and set(beside.runs[0].records) == set(alone.runs[0].records)
+    for key, recs in alone.runs[0].records.items():
+        assert torch.equal(beside.runs[0].records[key][0].probs, recs[0].probs), key

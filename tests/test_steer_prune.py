@@ -258,3 +258,13 @@ def test_capture_inside_fastv_labels_pruned_layers_with_the_kept_positions():
             attnscope.capture(arch.m, streams="language", layers=[1], queries=kept, keys=kept) as masked:
         arch.hf(**arch.inputs)
     torch.testing.assert_close(rec.probs, masked.attention("language", 1), atol=1e-5, rtol=0)
+
+
+def test_vtc_cls_under_beam_search_is_refused_by_name(scene_vlm):
+    """Beam search repeats the prompt's rows but runs the vision tower once: VTC-CLS's tower scores then cover fewer
+    images than the language batch holds. Before, this was an IndexError from inside the score mapping."""
+    x = scene_vlm.encode("Is there a cat?", image="chelsea")
+    with pytest.raises(SteerError, match="beam search"), torch.no_grad(), steer(scene_vlm, VTCCLS(keep=0.3)):
+        scene_vlm.hf.generate(**x, max_new_tokens=2, do_sample=False, num_beams=2)
+    with torch.no_grad(), steer(scene_vlm, VTCCLS(keep=0.3)):  # one beam: still ranks and generates
+        scene_vlm.hf.generate(**x, max_new_tokens=2, do_sample=False)

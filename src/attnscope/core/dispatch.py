@@ -16,6 +16,7 @@ A module whose handlers all say `idle()` for the coming call runs the backend al
 where it chose no head)."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,7 +97,17 @@ class Handler:
 _handlers: dict[nn.Module, list[tuple[Site, Handler]]] = {}
 _registered: set[str] = set()
 _sessions: list = []
-_exclusive: list = []  # while not empty, only the handlers of its last attachment run
+_exclusive_local = threading.local()  # per thread: the viewer server runs other models in other threads
+
+
+def _exclusive() -> list:
+    """This thread's stack of `exclusive` blocks: while not empty, only the handlers of its last attachment run
+    (none for None). Per thread, so a branch forward in one thread hides nothing from a capture running another
+    model in another thread."""
+    stack = getattr(_exclusive_local, "stack", None)
+    if stack is None:
+        stack = _exclusive_local.stack = []
+    return stack
 
 
 @contextmanager
@@ -104,17 +115,19 @@ def exclusive(attachment: Attachment | None):
     """Within the block only `attachment`'s handlers run (the others' modules call the backend untouched; with None,
     no handler runs): for the extra forwards an edit makes itself (a contrastive branch), which other sessions must
     not record."""
-    _exclusive.append(attachment)
+    stack = _exclusive()
+    stack.append(attachment)
     try:
         yield
     finally:
-        _exclusive.pop()
+        stack.pop()
 
 
 def excluded(attachment: Attachment | None) -> bool:
     """Whether a forward running now belongs to another attachment's `exclusive` block (a branch `attachment` must
     not see: its hooks ignore it as its handlers do)."""
-    return bool(_exclusive) and (_exclusive[-1] is None or _exclusive[-1] is not attachment)
+    stack = _exclusive()
+    return bool(stack) and (stack[-1] is None or stack[-1] is not attachment)
 
 
 def original_backend(backend: str, module: nn.Module) -> Callable:
@@ -125,8 +138,9 @@ def original_backend(backend: str, module: nn.Module) -> Callable:
 def _dispatcher(backend: str) -> Callable:
     def attnscope_attention(module, query, key, value, attention_mask, **kwargs):
         entries = _handlers.get(module)
-        if entries and _exclusive:
-            owner = _exclusive[-1]
+        stack = _exclusive() if entries else None
+        if stack:
+            owner = stack[-1]
             entries = [] if owner is None else [e for e in entries if e is owner.handlers.get(module)]
         if entries:
             for _, handler in entries:

@@ -310,6 +310,11 @@ def vision_scores_to_positions(st: SeqState, stream: str, vis: torch.Tensor) -> 
     lists them; where the language grid is coarser than the tower's (2x2 pooling projectors such as scene-vlm's),
     an image token gets the mean score of the tower patches it covers."""
     vgrid = st.tmaps["vision"][0].grids[0] if st.tmaps.get("vision") else None
+    slots = sum(len(t.grids) for t in st.tmaps[stream])
+    if vis.shape[0] != slots:
+        raise SteerError(f"the vision tower scored {vis.shape[0]} image(s), but the {stream} batch holds {slots} (beam "
+                         "search repeats the prompt's rows, not its image, so the tower runs once for all beams): "
+                         "generate with num_beams=1, or rank by the language model's attention (FastV, PyramidDrop)")
     out = torch.full((st.codes[stream].shape[0], st.length(stream)), float("-inf"))
     taken = 0
     for b, tmap in enumerate(st.tmaps[stream]):
