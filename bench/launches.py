@@ -192,13 +192,13 @@ def report(res: dict, md: Path) -> None:
         calls = f"{(a['kernels'] - b['kernels']) / res['attention_calls'][per]:.2f}" if per else "-"
         L.append(f"| {name} | {base} | {a['kernels'] - b['kernels']:+d} | {calls} | {a['copies'] - b['copies']:+d} | "
                  f"{a['reads'] - b['reads']:+d} | {top} |")
-    L += ["", "Reading it: `capture(queries='last')` adds a fixed handful of kernels per attention call (the row "
-          "recomputation: an index, a product, a scaling, a softmax; and two `arange`s, its head and row indices, "
-          "built on the host, made again on the device at every call), none per token. FastV adds its ranking at "
-          "layer K-1 and its cut at layer K once per prefill (four host-to-device index copies); before the cut block "
-          "arguments were shared, every later layer cut the position embeddings and position ids again, each with "
-          "its own index copy (the row 'arguments cut per layer'). Eager attention, what attention tools without an "
-          "attention-function seam run, adds fewer kernels per call than the capture does (about 5 against 6)."]
+    L += ["", "Reading it: `capture(queries='last')` adds three kernels per attention call (the row recomputation: a "
+          "product, a scaling, a softmax; its rows, a run, are a view of the queries and every head needs no index, so "
+          "nothing is indexed or made on the device), none per token; eager attention, what attention tools without an "
+          "attention-function seam run, adds about 5 per call. FastV adds its ranking at layer K-1 and its cut at layer "
+          "K once per prefill (host-to-device index copies of its kept positions); before the cut block arguments were "
+          "shared, every later layer cut the position embeddings and position ids again, each with its own index copy "
+          "(the row 'arguments cut per layer')."]
     md.write_text("\n".join(L) + "\n")
 
 

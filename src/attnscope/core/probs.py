@@ -49,12 +49,38 @@ def sink_logits(module, kwargs: dict):
     return None if sinks is None else sinks.reshape(-1)
 
 
-def _mask_rows(mask: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Additive float mask for the chosen query rows, broadcastable to [B, h, r, K]."""
+class _Rows(tuple):
+    """A run of consecutive query rows (start, length): taken as a view, never through an index."""
+
+    def __new__(cls, start: int, length: int):
+        return super().__new__(cls, (start, length))
+
+    @property
+    def start(self) -> int:
+        return self[0]
+
+
+def _take(t: torch.Tensor, dim: int, rows) -> torch.Tensor:
+    """`t`'s entries along `dim` at `rows`: a view for a run (`_Rows`), an index_select for an index tensor."""
+    return t.narrow(dim, rows[0], rows[1]) if isinstance(rows, _Rows) else t.index_select(dim, rows)
+
+
+def _run_start(index: torch.Tensor) -> int | None:
+    """The first index when `index` is a non-empty run of consecutive indices on the CPU, else None (an index on
+    another device is not read: that read would wait for its queue)."""
+    if index.device.type != "cpu" or index.dim() != 1 or index.numel() == 0:
+        return None
+    values = index.tolist()
+    return values[0] if values == list(range(values[0], values[0] + len(values))) else None
+
+
+def _mask_rows(mask: torch.Tensor, rows, heads: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+    """Additive float mask for the chosen query rows (`_Rows` or an index) and heads (None: every head),
+    broadcastable to [B, h, r, K]."""
     mask = mask[..., :kv_len]
-    if mask.shape[1] > 1:
+    if mask.shape[1] > 1 and heads is not None:
         mask = mask.index_select(1, heads)
-    mask = mask.index_select(2, rows) if mask.shape[2] > 1 else mask
+    mask = _take(mask, 2, rows) if mask.shape[2] > 1 else mask
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
             ~mask, torch.finfo(torch.float32).min
@@ -107,11 +133,15 @@ def attention_probs(
     kv_len = key.shape[2]
     device = query.device
     # what the Python side needs from `heads` and `rows` is read before they move to the device: on a GPU every read
-    # of a device tensor waits for the queue to drain
+    # of a device tensor waits for the queue to drain. A run of consecutive rows (every row, the last row) is taken as
+    # a view of the queries, and every head needs no index at all: no index kernel, no index made on the device
     all_heads = heads is None or heads.numel() == n_heads and _is_range(heads, 0)
-    last_row_only = rows is not None and rows.numel() == 1 and _is_range(rows, q_len - 1)
-    heads = torch.arange(n_heads, device=device) if heads is None else index_on(heads, device)
-    rows = torch.arange(q_len, device=device) if rows is None else index_on(rows, device)
+    row_start = 0 if rows is None else _run_start(rows)
+    n_rows = q_len if rows is None else rows.numel()
+    last_row_only = n_rows == 1 and row_start == q_len - 1
+    heads = None if all_heads else index_on(heads, device)
+    rows = None if row_start is not None else index_on(rows, device)
+    n_sel = n_heads if heads is None else heads.numel()
     groups = n_heads // key.shape[1]
     # every head: multiply each key head with its group of query heads, without copying the keys per head
     k_sel = key.float() if all_heads else key.index_select(1, heads // groups).float()
@@ -129,29 +159,31 @@ def attention_probs(
     n_keys = kv_len if keys is None else keys.numel()
     keys = None if keys is None else index_on(keys, device)
     out_dtype = torch.float32 if logits else dtype
-    single = 0 < rows.numel() <= chunk  # one block: returned as it is
+    single = 0 < n_rows <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
     unmasked = window is None and (q_len == 1 or last_row_only)
-    out = None if single else torch.empty(batch, heads.numel(), rows.numel(), n_keys, dtype=out_dtype, device=device)
-    for start in range(0, rows.numel(), chunk):  # one [B, h, chunk, K] score block at a time, edited in place
-        r = rows[start : start + chunk]
-        q = query.index_select(2, r)  # rows first: only these rows are copied
-        q = (q if all_heads else q.index_select(1, heads)).float()
+    out = None if single else torch.empty(batch, n_sel, n_rows, n_keys, dtype=out_dtype, device=device)
+    for start in range(0, n_rows, chunk):  # one [B, h, chunk, K] score block at a time, edited in place
+        n = min(chunk, n_rows - start)
+        block = _Rows(row_start + start, n) if rows is None else rows[start : start + chunk]  # this chunk's query rows
+        q = _take(query, 2, block)  # rows first: only these rows are copied (a run is a view)
+        q = (q if heads is None else q.index_select(1, heads)).float()
         if all_heads and groups > 1:
-            q = q.reshape(batch, key.shape[1], groups * r.numel(), q.shape[-1])
-            scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, r.numel(), kv_len).mul_(scaling)
+            q = q.reshape(batch, key.shape[1], groups * n, q.shape[-1])
+            scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, n, kv_len).mul_(scaling)
         else:
             scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
-            scores = scores.add_(_mask_rows(bias, r, heads, kv_len))
+            scores = scores.add_(_mask_rows(bias, block, heads, kv_len))
         if attention_mask is not None:
-            scores = scores.add_(_mask_rows(attention_mask, r, heads, kv_len))
+            scores = scores.add_(_mask_rows(attention_mask, block, heads, kv_len))
         if (causal or window) and not unmasked:
+            r = torch.arange(block.start, block.start + n, device=device) if isinstance(block, _Rows) else block
             q_pos = (kv_len - q_len + r)[:, None]
             key_pos = torch.arange(kv_len, device=device)
-            allowed = torch.ones(r.numel(), kv_len, dtype=torch.bool, device=device)
+            allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device)
             if causal:
                 allowed &= key_pos[None, :] <= q_pos
             if window:
@@ -160,14 +192,15 @@ def attention_probs(
         if logits:
             probs = scores
         elif sinks is not None:
-            col = sinks.to(device).float().index_select(0, heads)[None, :, None, None].expand(batch, -1, r.numel(), 1)
+            col = sinks.to(device).float()
+            col = (col if heads is None else col.index_select(0, heads))[None, :, None, None].expand(batch, -1, n, 1)
             probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)
         probs = probs if keys is None else probs.index_select(-1, keys)
         if single:
             return probs.to(out_dtype).contiguous()
-        out[:, :, start : start + r.numel()] = probs
+        out[:, :, start : start + n] = probs
     return out
 
 
