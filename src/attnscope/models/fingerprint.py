@@ -1,5 +1,6 @@
-"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and buffer's name, shape, dtype and
-bytes, recomputed only when the weights changed.
+"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and persistent buffer's name, shape,
+dtype and bytes (the `state_dict()`: a non-persistent buffer, such as RoPE's `inv_freq`, is not in it), recomputed only
+when the weights changed.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
