@@ -153,3 +153,21 @@ def test_a_row_or_column_written_through_data_is_seen(smollm, where):
     finally:
         weight.data[index] = saved
     assert smollm.fingerprint == before
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_every_row_and_column_of_a_permuted_layout_is_sampled(layout):
+    """A conv weight in channels_last (`model.to(memory_format=torch.channels_last)`) or a transposed matrix is not
+    contiguous; it was sampled on a coarse grid that missed most output channels (one written through `.data` went
+    unseen). It is read in memory order, as a contiguous tensor is: every output channel / row and column holds a
+    sampled element."""
+    if layout == "channels_last":
+        t = torch.arange(384 * 3 * 14 * 14, dtype=torch.float64).reshape(384, 3, 14, 14)
+        t = t.contiguous(memory_format=torch.channels_last)
+        first, rest = 384, 3 * 14 * 14
+    else:
+        t = torch.arange(300 * 700, dtype=torch.float64).reshape(300, 700).t()  # [700, 300] with strides (1, 700)
+        first, rest = 300, 700
+    assert not t.is_contiguous()
+    index = fp._sample(t).long()  # the values are the elements' positions in the unpermuted tensor
+    assert len(set((index // rest).tolist())) == first and len(set((index % rest).tolist())) == rest

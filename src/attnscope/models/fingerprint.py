@@ -46,8 +46,12 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
     (a slice along its first dimension of more than one: an embedding's token, a projection's output unit) and in
     every column (an embedding's dimension, a projection's input unit: a neuron's weights in a down projection): a
     view whose step is no longer than a row nor than the number of rows and prime to the row's length, so that the
-    sampled elements' columns go through every column. A tensor of another layout: a grid over its dimensions (a copy
-    of about SAMPLE elements)."""
+    sampled elements' columns go through every column. A permuted layout (channels_last, a transposed matrix) is read
+    in memory order (its rows: the dimension of the largest stride). Any other layout: a grid over its dimensions (a
+    copy of about SAMPLE elements)."""
+    if not tensor.is_contiguous():  # a permuted layout (channels_last, a transpose): its dimensions in memory order
+        permuted = tensor.permute(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+        tensor = permuted if permuted.is_contiguous() else tensor
     if tensor.is_contiguous():
         numel, dims = tensor.numel(), list(tensor.shape)
         while len(dims) > 1 and dims[0] == 1:  # [1, N, D] (a position embedding): its rows are the N
