@@ -69,6 +69,29 @@ def test_capture_during_generate_equals_the_unsplit_model(lm):
     assert traces[0].tokens("text", step=2).roles == traces[1].tokens("text", step=2).roles
 
 
+@pytest.mark.parametrize("queries", [None, "last"])
+def test_summaries_during_generate_equal_the_unsplit_model(lm, queries):
+    """Summaries reduced in the call (prefill rows, and decode steps' plain rows stacked at the flush) on the model
+    placed by accelerate: the same numbers as the unsplit model (over two GPUs: each device's layers reduced there)."""
+    plain, split_model = lm
+    x = plain.encode(TEXT)
+    out = []
+    for model in (plain, split_model):
+        with torch.no_grad(), attnscope.capture(model, layers=[0, 7, 14, 15, 22, 29], queries=queries,
+                                                summaries="all", topk=7) as s:
+            ids = model.generate(**{k: v.to(model.device) for k, v in x.items()}, max_new_tokens=3, do_sample=False)
+        out.append((s, ids))
+    (a, ids_a), (b, ids_b) = out
+    assert torch.equal(ids_a.cpu(), ids_b.cpu())
+    assert a.run().records.keys() == b.run().records.keys()
+    for key, records in a.run().records.items():
+        assert [r.step for r in b.run().records[key]] == [r.step for r in records] == [0, 1, 2]
+        for r1, r2 in zip(records, b.run().records[key]):
+            assert r1.tensors().keys() == r2.tensors().keys()
+            for name, value in r1.tensors().items():
+                same(r2.tensors()[name], value)
+
+
 def test_steering_and_explanations_equal_the_unsplit_model(lm):
     plain, split_model = lm
     x = plain.encode(TEXT)

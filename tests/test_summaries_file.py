@@ -136,3 +136,22 @@ def test_summary_records_whose_labels_disagree_with_their_keys_are_refused(saved
     bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
     with pytest.raises(TraceFileError, match="is labelled run 0"):
         attnscope.Trace.load(bad)
+
+
+@pytest.mark.parametrize("edit", ["last record", "one summary"])
+def test_summary_entries_taken_out_of_the_metadata_are_refused(saved, tmp_path, edit):
+    """An entry taken out of the metadata (a layer's last step, or one summary of a record) loaded without it, its
+    tensors left in the file unread; every tensor of the file must be named by the metadata."""
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnscope"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    records = meta["runs"][0]["records"]
+    if edit == "last record":
+        records.pop()
+    else:
+        records[0]["tensors"].pop("entropy")
+    bad = tmp_path / "edited.safetensors"
+    bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
+    with pytest.raises(TraceFileError, match=r"have no entry in its metadata: the metadata was edited"):
+        attnscope.Trace.load(bad)

@@ -106,3 +106,36 @@ def test_records_whose_labels_disagree_with_their_keys_are_refused(saved, tmp_pa
     save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
     with pytest.raises(TraceFileError, match=r"r0/text/\d/0 is labelled run 0, stream 'text', layer \d, record \d"):
         attnscope.Trace.load(bad)
+
+
+def _drop_last(records):
+    records.pop()
+
+
+def _drop_layer(records):
+    records[:] = [rm for rm in records if rm["layer"] != records[-1]["layer"]]
+
+
+def _layer_as_text(records):
+    for rm in records:
+        rm["layer"] = str(rm["layer"])
+
+
+@pytest.mark.parametrize("edit, says", [(_drop_last, r"1 tensor\(s\) of the file \(r0/text/3/0\) have no entry"),
+                                        (_drop_layer, r"have no entry in its metadata: .*records removed"),
+                                        (_layer_as_text, r"layer '1': a stream is a name and a layer an integer")])
+def test_records_taken_out_of_the_metadata_or_relabelled_by_type_are_refused(saved, tmp_path, edit, says):
+    """Entries taken out of the metadata (the last record of a layer, a whole layer) passed every check: the trace
+    loaded without them, and their tensors stayed in the file unread. A layer written as "1" spelled the same tensor
+    name and loaded under ('text', '1'), apart from layer 1. Each is refused by name."""
+    from safetensors import safe_open
+
+    _, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnscope"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta["runs"][0]["records"])
+    bad = tmp_path / "edited.safetensors"
+    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
+    with pytest.raises(TraceFileError, match=says):
+        attnscope.Trace.load(bad)

@@ -112,24 +112,10 @@ def test_refresh_hashes_again_and_agrees(smollm, hashes):
 def test_the_key_reads_a_sample_of_each_tensor(smollm):
     state = smollm.hf.state_dict(keep_vars=True)
     sampled = sum(v.numel() for v in fp.weights_key(state)[1].values())  # bytes
-    rows = sum(t.shape[0] if t.dim() else 1 for t in state.values())
+    lines = sum(t.shape[0] + t[0].numel() if t.dim() > 1 else 1 for t in state.values())  # rows and columns
     element = next(smollm.hf.parameters()).element_size()
-    assert sampled <= (len(state) * 2 * fp.SAMPLE + 2 * rows) * element  # SAMPLE or a row's one each, never the bytes
+    assert sampled <= (len(state) * 2 * fp.SAMPLE + 2 * lines) * element  # SAMPLE, or a row's or column's one each
     assert sampled < sum(t.numel() * t.element_size() for t in state.values()) / 100
-
-
-def test_a_row_written_through_data_is_seen(smollm):
-    """A write PyTorch does not count (`.data`) of one row of the largest matrix (one token's embedding, 576 of its
-    28 million numbers): every row of a matrix holds a sampled element."""
-    embed = smollm.hf.get_input_embeddings().weight
-    before = smollm.fingerprint
-    row = embed[1234].detach().clone()
-    try:
-        embed.data[1234] += 1.0
-        assert smollm.fingerprint != before
-    finally:
-        embed.data[1234] = row
-    assert smollm.fingerprint == before
 
 
 def test_a_model_wrapped_again_is_not_hashed_again(smollm, hashes):
@@ -137,3 +123,51 @@ def test_a_model_wrapped_again_is_not_hashed_again(smollm, hashes):
     first = smollm.fingerprint
     calls = len(hashes)
     assert attnscope.wrap(smollm.hf).fingerprint == first and len(hashes) == calls
+
+
+def _down_proj_neuron(model):
+    return model.hf.model.layers[3].mlp.down_proj.weight, (slice(None), 7)  # MLP neuron 7's output weights
+
+
+def _embedding_dimension(model):
+    return model.hf.get_input_embeddings().weight, (slice(None), 5)  # dimension 5 of every token's embedding
+
+
+def _token_row(model):
+    return model.hf.get_input_embeddings().weight, 1234
+
+
+@pytest.mark.parametrize("where", [_down_proj_neuron, _embedding_dimension, _token_row])
+def test_a_row_or_column_written_through_data_is_seen(smollm, where):
+    """Writes PyTorch does not count (`.data`) of one row or one column of a matrix: zeroing an MLP neuron's column of
+    its down projection (neuron ablation) or one embedding dimension left every sampled element alone when the sample
+    held one element per row at fixed columns, and the trace kept the old fingerprint. Every row and every column of
+    a matrix holds a sampled element."""
+    weight, index = where(smollm)
+    before = smollm.fingerprint
+    saved = weight.detach()[index].clone()
+    try:
+        weight.data[index] = 0.0
+        assert smollm.fingerprint != before
+        assert smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        weight.data[index] = saved
+    assert smollm.fingerprint == before
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_every_row_and_column_of_a_permuted_layout_is_sampled(layout):
+    """A conv weight in channels_last (`model.to(memory_format=torch.channels_last)`) or a transposed matrix is not
+    contiguous; it was sampled on a coarse grid that missed most output channels (one written through `.data` went
+    unseen). It is read in memory order, as a contiguous tensor is: every output channel / row and column holds a
+    sampled element."""
+    if layout == "channels_last":
+        t = torch.arange(384 * 3 * 14 * 14, dtype=torch.float64).reshape(384, 3, 14, 14)
+        t = t.contiguous(memory_format=torch.channels_last)
+        first, rest = 384, 3 * 14 * 14
+    else:
+        t = torch.arange(300 * 700, dtype=torch.float64).reshape(300, 700).t()  # [700, 300] with strides (1, 700)
+        first, rest = 300, 700
+    assert not t.is_contiguous()
+    index = fp._sample(t).long()  # the values are the elements' positions in the unpermuted tensor
+    assert len(set((index // rest).tolist())) == first and len(set((index % rest).tolist())) == rest

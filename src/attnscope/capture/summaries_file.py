@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import ROLES
-from .trace import TraceFileError, check_label, checksum, run_from_meta
+from .trace import TraceFileError, check_label, check_listed, checksum, run_from_meta
 
 FORMAT = "attnscope.summaries/1"
 NAMES = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
@@ -44,6 +44,8 @@ def load(f, meta: dict, path):
         raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
                              f"are {list(ROLES)}: read it with the attnscope that wrote it")
     trace = Summaries(provenance=meta.get("provenance", {}))
+    check_listed(f, [f"{rm['key']}/{name}" for run_meta in meta["runs"] for rm in run_meta["records"]
+                     for name in rm["tensors"]], path)
     for run_index, run_meta in enumerate(meta["runs"]):
         run = run_from_meta(run_meta)
         for rm in run_meta["records"]:

@@ -285,6 +285,7 @@ class Trace:
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
                 trace = cls(provenance=meta.get("provenance", {}))
+                check_listed(f, [rm["key"] for run_meta in meta["runs"] for rm in run_meta["records"]], path)
                 for run_index, run_meta in enumerate(meta["runs"]):
                     run = run_from_meta(run_meta)
                     for rm in run_meta["records"]:
@@ -332,9 +333,22 @@ def run_from_meta(run_meta: dict) -> Run:
                      for last, m in run_meta.get("eras", [])])
 
 
+def check_listed(f, names: list[str], path) -> None:
+    """Every tensor of a single file is named by an entry of its metadata: an entry taken out (a layer's last records,
+    a whole layer) would leave a trace missing records with every other check passing."""
+    unlisted = sorted(set(f.keys()) - set(names))
+    if unlisted:
+        raise TraceFileError(f"{path}: {len(unlisted)} tensor(s) of the file ({', '.join(unlisted[:3])}) have no "
+                             "entry in its metadata: the metadata was edited (records removed)")
+
+
 def check_label(rm: dict, run_index: int, run: Run, path) -> None:
     """A checksum covers a tensor, not its labels: the tensor's name (`record_key`) must say the same run, stream and
-    layer as the entry, at the next index of that layer in `run` (no record relabelled, reordered or duplicated)."""
+    layer as the entry, at the next index of that layer in `run` (no record relabelled, reordered or duplicated); the
+    stream is a str and the layer an int (a layer "1" would spell the same name and be filed apart from layer 1)."""
+    if not isinstance(rm["stream"], str) or not isinstance(rm["layer"], int) or isinstance(rm["layer"], bool):
+        raise TraceFileError(f"{path}: record {rm['key']} is labelled stream {rm['stream']!r}, layer {rm['layer']!r}: "
+                             "a stream is a name and a layer an integer (the metadata was edited)")
     index = len(run.records.get((rm["stream"], rm["layer"]), []))
     if rm["key"] != record_key(run_index, rm["stream"], rm["layer"], index):
         raise TraceFileError(f"{path}: record {rm['key']} is labelled run {run_index}, stream {rm['stream']!r}, layer "

@@ -1,14 +1,16 @@
-"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and buffer's name, shape, dtype and
-bytes, recomputed only when the weights changed.
+"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and persistent buffer's name, shape,
+dtype and bytes (the `state_dict()`: a non-persistent buffer, such as RoPE's `inv_freq`, is not in it), recomputed only
+when the weights changed.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
 sample: per tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an
 optimizer step, `load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device,
-plus `SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row. The sample catches
-writes through `p.data` (PyTorch gives `.data` a counter of its own, so those writes leave `_version` alone) that
-touch a sampled element: any dense write (`p.data.add_`, `copy_`, a rank-one edit) and any write of whole rows (a
-token's embedding, an output unit); a write of a few elements through `.data` may go unseen:
+plus `SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row and in every column.
+The sample catches writes through `p.data` (PyTorch gives `.data` a counter of its own, so those writes leave
+`_version` alone) that touch a sampled element: any dense write (`p.data.add_`, `copy_`, a rank-one edit), any write
+of whole rows (a token's embedding, an output unit) and of whole columns (a neuron zeroed in a down projection, an
+embedding dimension); a write of a few elements through `.data` may go unseen:
 `Model.refresh_fingerprint()` then hashes again. Offloaded weights (accelerate leaves them on the meta device between
 forwards and swaps in new meta tensors at each forward) are keyed by name, shape and dtype: their bytes are read from
 the weights map (`placement.stored`) only when hashing."""
@@ -40,12 +42,26 @@ def weights_hash(hf: nn.Module, state: dict[str, torch.Tensor]) -> str:
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    """At least SAMPLE elements of `tensor` (or all), evenly spaced through its memory and at least one in every slice
-    along its first dimension (a matrix's row: an embedding's token, a projection's output unit): a view. A tensor of
-    another layout: a grid over its dimensions (a copy of about SAMPLE elements)."""
+    """At least SAMPLE elements of `tensor` (or all), evenly spaced through its memory, with one at least in every row
+    (a slice along its first dimension of more than one: an embedding's token, a projection's output unit) and in
+    every column (an embedding's dimension, a projection's input unit: a neuron's weights in a down projection): a
+    view whose step is no longer than a row nor than the number of rows and prime to the row's length, so that the
+    sampled elements' columns go through every column. A permuted layout (channels_last, a transposed matrix) is read
+    in memory order (its rows: the dimension of the largest stride). Any other layout: a grid over its dimensions (a
+    copy of about SAMPLE elements)."""
+    if not tensor.is_contiguous():  # a permuted layout (channels_last, a transpose): its dimensions in memory order
+        permuted = tensor.permute(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+        tensor = permuted if permuted.is_contiguous() else tensor
     if tensor.is_contiguous():
-        numel = tensor.numel()
-        return tensor.view(-1)[:: max(1, min(numel // SAMPLE, numel // max(1, tensor.shape[0] if tensor.dim() else 1)))]
+        numel, dims = tensor.numel(), list(tensor.shape)
+        while len(dims) > 1 and dims[0] == 1:  # [1, N, D] (a position embedding): its rows are the N
+            dims.pop(0)
+        rows = dims[0] if len(dims) > 1 else numel
+        row = numel // max(1, rows)
+        step = max(1, min(numel // SAMPLE, row, rows))
+        while math.gcd(step, row) != 1:
+            step -= 1
+        return tensor.view(-1)[::step]
     per_dim = math.ceil(SAMPLE ** (1 / tensor.dim()))
     return tensor[tuple(slice(None, None, max(1, size // per_dim)) for size in tensor.shape)].reshape(-1)
 
