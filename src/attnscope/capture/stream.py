@@ -4,7 +4,10 @@
 thread writes it into a safetensors shard and checksums it; the record then keeps only where it lies. A record of
 at least `SHARD_BYTES` (a full matrix) never exists whole: its query rows are computed a chunk at a time
 (`TraceWriter.add_rows`), each chunk written at its place in its own shard while the next is computed, and hashed
-from memory as it is written (XXH3-128 in chunk order, `checksums.py`). Smaller records (last-token rows, decode
+from memory as it is written (XXH3-128 in chunk order, `checksums.py`). The chunks are computed in page-aligned
+buffers the writer hands out and takes back (`TraceWriter.buffers`: no fresh memory per chunk) and their rows go to
+disk by direct I/O where offsets and lengths allow (`_write_piece`: no copy into the page cache; the time this saves is in
+bench/results/stream.md). Smaller records (last-token rows, decode
 steps) are gathered into shards of about `SHARD_BYTES`. So memory holds a few row chunks plus at most one gathered
 shard, whatever the number of layers, steps and runs. Finished shards are flushed to disk and dropped from the page
 cache once `WRITEBACK_BYTES` more were written (`_write_through`), all of them before the metadata. The directory:
@@ -52,7 +55,7 @@ META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
 SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
 WRITEBACK_BYTES = 64 * 1024 * 1024  # finished shards left in the page cache before the oldest is flushed (`_write_through`)
 ALIGN = 4096  # row-chunk buffers, a chunked shard's data and each direct write start (and end) at multiples of this
-SPARE_BUFFERS = 4  # row-chunk buffers kept for reuse: one being computed, two queued, one being written
+SPARE_BUFFERS = 4  # row-chunk buffers in flight and kept for reuse: one being computed, two queued, one being written
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 STREAMED_DTYPES = tuple(_DTYPES)
@@ -171,7 +174,7 @@ class TraceWriter:
         self._idle.acquire()
         self._raise(release=True)
         self._lent.clear()  # the previous record is written: a buffer still listed was not used for its chunk
-        pieces: queue.Queue = queue.Queue(maxsize=2)  # chunks in flight between the two threads
+        pieces: queue.Queue = queue.Queue(maxsize=SPARE_BUFFERS - 2)  # chunks in flight between the two threads
         record.source = ShardTensor(self.path / name, key, shape, dtype, None)
         record.source.verified = False  # unreadable until its rows are written and summed
         record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
