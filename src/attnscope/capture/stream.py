@@ -368,7 +368,7 @@ _MALLOC_TRIM = _load_trim()
 def _trim_heap() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim) once a full-matrix record is written:
     with glibc's default malloc, the row chunks and score blocks freed while a layer streams otherwise stay in the
-    heap and add up (bench/results/stream.md: 0.20-0.22x of eager + output_attentions at 1k tokens with it; the
+    heap and add up (bench/results/stream.md: 0.21-0.23x of eager + output_attentions at 1k tokens with it; the
     same bench before this trim, with blake2b checksums, gave 0.30-0.33x); ~2 ms a record, on the writer thread."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
