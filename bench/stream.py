@@ -197,31 +197,43 @@ def checksum_rates(size: int = 256 << 20) -> dict:
 
 def page_cache_cost(scratch: Path, shards: int = 16, shard: int = 32 << 20, pause: float = 3.0) -> dict:
     """CPU seconds per GB of writing shards with pwrite (1 MiB pieces), left in the page cache vs written through
-    (`stream._write_through`: flushed and dropped once 64 MiB more were written, as the writer does)."""
+    (`stream._write_through`: flushed and dropped once 64 MiB more were written, as the writer does) vs by direct I/O
+    from one page-aligned buffer (`stream._write_piece`, what the writer does for a full matrix's aligned rows; None
+    where the file system has no direct I/O)."""
     import torch
 
     from attnscope.capture import stream
 
     piece = torch.rand(1 << 18).view(torch.uint8).numpy()  # 1 MiB
+    raw = torch.empty((1 << 20) + stream.ALIGN, dtype=torch.uint8)
+    aligned = raw[-raw.data_ptr() % stream.ALIGN:][: 1 << 20].copy_(torch.from_numpy(piece))
     out = {}
-    for mode in ("page cache", "write-through"):
+    for mode in ("page cache", "write-through", "direct"):
         time.sleep(pause)  # freed pages left alone for a while, as between runs
         paths, c0 = [], time.process_time()
         for i in range(shards):
             path = scratch / f"pc-{i}.bin"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            direct = stream._open_direct(path) if mode == "direct" else None
+            if mode == "direct" and direct is None:
+                os.close(fd)
+                break
             for off in range(0, shard, len(piece)):
-                os.pwrite(fd, piece, off)
-            os.close(fd)
+                if direct is None:
+                    os.pwrite(fd, piece, off)
+                else:
+                    direct = stream._write_piece(fd, direct, aligned, off)
+            for f in {fd, direct} - {None}:
+                os.close(f)
             paths.append(path)
-            if mode == "write-through" and len(paths) > stream.WRITEBACK_BYTES // shard:
+            if mode != "page cache" and len(paths) > stream.WRITEBACK_BYTES // shard:
                 stream._write_through(paths.pop(0))
         for path in paths:
-            if mode == "write-through":
+            if mode != "page cache":
                 stream._write_through(path)
-        out[mode] = (time.process_time() - c0) / (shards * shard / 1e9)
+        out[mode] = (time.process_time() - c0) / (shards * shard / 1e9) if paths or mode != "direct" else None
         for i in range(shards):
-            (scratch / f"pc-{i}.bin").unlink()
+            (scratch / f"pc-{i}.bin").unlink(missing_ok=True)
     return out
 
 
@@ -269,11 +281,13 @@ def write_report(res: dict, path: Path) -> None:
              "and head. **Baseline (1.0x): `eager+oa`**, eager attention with `output_attentions=True`, which returns "
              "every layer's float32 matrix held in memory and writes nothing to disk. `stream fp32`/`stream fp16`: "
              "`attnscope.capture(model, queries=None, dtype=..., out=dir)`: the plain SDPA forward, and each layer's "
-             "rows recomputed a chunk of 256 query rows at a time, each chunk written at its place in that layer's "
-             "safetensors shard by a background thread while the next is computed and hashed from memory as it is "
-             "written (XXH3-128), each finished shard flushed to disk (fdatasync) and dropped from the page cache once "
-             "64 MiB more were written, all of them before trace.json: the streamed runs pay for putting every byte "
-             "on disk, the baseline does not. `eager+oa+save` (timed only, context): the baseline, then its attentions "
+             "rows recomputed a chunk of 256 query rows at a time into one of four page-aligned buffers the writer "
+             "hands out and takes back (scores and softmax in place), each chunk written at its place in that layer's "
+             "safetensors shard by a background thread while the next is computed, by direct I/O (O_DIRECT: from the "
+             "buffer to the disk, no copy into the page cache; rows of 1024 float32 or float16 keys are 4 KiB-aligned) "
+             "and hashed from memory as it is written (XXH3-128), each finished shard flushed to disk (fdatasync) and "
+             "dropped from the page cache once 64 MiB more were written, all of them before trace.json: the streamed "
+             "runs pay for putting every byte on disk, the baseline does not. `eager+oa+save` (timed only, context): the baseline, then its attentions "
              "written to one safetensors file with the same checksum per tensor (left in the page cache, not flushed). "
              "Peak = peak RSS increase of the measured call over the RSS just before it (model loaded, warmed up), in "
              "a fresh process per cell; the absolute peak RSS of that process is in parentheses. Each cell ran twice: "
@@ -345,9 +359,14 @@ def write_report(res: dict, path: Path) -> None:
                  f"read back to hash it); writing into the page cache costs {pc['page cache']:.2f} s of CPU per GB when "
                  f"it has to take pages not used in the last seconds (on this VM touching such memory is slow), "
                  f"{pc['write-through']:.2f} s per GB written through (each shard flushed and dropped, so the "
-                 "next shards reuse its pages). Before these changes (blake2b read back, "
-                 "writes left in the page cache) the streamed run measured 2.13x (fp32) and 2.06x (fp16) at 1024 tokens "
-                 "(bench/results/stream.md at commit f7729ec). The baseline pays no disk at all; "
+                 "next shards reuse its pages), "
+                 + (f"{pc['direct']:.2f} s per GB by direct I/O from one page-aligned buffer (what the writer now does "
+                    "with the reused chunk buffers)" if pc.get("direct") is not None else
+                    "direct I/O not available on this file system") + ". "
+                 "Before the reused page-aligned chunk buffers and direct writes the 1024-token float32 stream measured "
+                 "1.031x (0.96..1.07) (bench/results/stream.md at commit ea78d22); before XXH3 and write-through "
+                 "(blake2b read back, writes left in the page cache) 2.13x (fp32) and 2.06x (fp16) (at commit f7729ec). "
+                 "The baseline pays no disk at all; "
                  "`eager+oa+save` shows what the eager way costs once the same rows go to disk.\n")
     L.append("\n## Where eager + `output_attentions` stops\n")
     L.append(f"Its float32 attention tensors alone need layers x heads x L^2 x 4 bytes = {res['layers']} x {res['heads']} "
@@ -372,10 +391,12 @@ def write_report(res: dict, path: Path) -> None:
                  "(tests/test_trace_stream.py).\n")
     L.append("Notes: a streamed full matrix never exists whole in memory: at most four chunks of 256 query rows (two "
              "queued, one being written by the background writer thread, one being computed); records under 16 MiB are "
-             "gathered into shards of about 16 MiB. After each full-matrix record the writer gives the heap's free "
-             "pages back (glibc malloc_trim), which is what keeps the default-malloc peak near the mmap-64K one. The "
-             "written files' pages are the kernel's page cache, not the process's memory, and at most ~64 MiB of them "
-             "stay cached. The 4k-token stream is stored in float16 (float32 would be ~18 GB on disk). Every output "
+             "gathered into shards of about 16 MiB. The four chunk buffers are kept from one full-matrix record to the "
+             "next until the capture ends (no fresh pages to fault in for every chunk; 36 MiB at 1024 tokens in "
+             "float32, part of the peak above). After each full-matrix record the writer gives the heap's free "
+             "pages back (glibc malloc_trim), which is what keeps the default-malloc peak near the mmap-64K one. Rows "
+             "written by direct I/O never enter the page cache; other written files' pages are the kernel's page cache, "
+             "not the process's memory, and at most ~64 MiB of them stay cached. The 4k-token stream is stored in float16 (float32 would be ~18 GB on disk). Every output "
              "directory is deleted after its measurement.\n")
     path.write_text("\n".join(L))
 

@@ -207,11 +207,11 @@ def test_failure_inside_a_chunked_record(smollm, tmp_path, monkeypatch):
     cap = attnscope.capture(smollm, layers=[0, 3], queries=None, chunk=2, out=tmp_path / "f")
     original = type(cap)._probs
 
-    def failing(self, call, rows, keys):
+    def failing(self, call, rows, keys, **out):
         calls.append(1)
         if len(calls) == 5:  # layer 3's second chunk (layer 0 has 3 chunks of 2 rows)
             raise RuntimeError("chunk failed")
-        return original(self, call, rows, keys)
+        return original(self, call, rows, keys, **out)
 
     monkeypatch.setattr(type(cap), "_probs", failing)
     with pytest.raises(RuntimeError, match="chunk failed"):

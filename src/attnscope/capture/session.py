@@ -331,7 +331,8 @@ class capture:
             if shape[0] * shape[1] * shape[2] * shape[3] * self._itemsize >= self._writer.shard_bytes:
                 abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
                 rec = Record(None, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part)
-                return self._keep(run, call, rec, (shape, self._row_chunks(call, rows, local_keys)))
+                chunks = self._row_chunks(call, rows, local_keys, self._writer.buffers(shape, self.dtype))
+                return self._keep(run, call, rec, (shape, chunks))
         with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
             probs = self._probs(call, rows, local_keys) if local_keys != [] else None
         abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
@@ -354,12 +355,14 @@ class capture:
         elif self._writer is not None:
             self._writer.add(*where)
 
-    def _row_chunks(self, call: AttentionCall, rows: list[int], keys: list[int] | None):
+    def _row_chunks(self, call: AttentionCall, rows: list[int], keys: list[int] | None, buffer):
         """(first row, probs [B, H, chunk, K]) for consecutive chunks of `rows`, as `_probs` would compute them in one
-        call (the same chunks, so the same bits), for a record streamed to disk."""
+        call (the same chunks, so the same bits), for a record streamed to disk; each computed in `buffer(rows)`, a
+        tensor the writer hands out (`TraceWriter.buffers`)."""
         for start in range(0, len(rows), self.chunk):
+            part = rows[start: start + self.chunk]
             with torch.no_grad():
-                yield start, self._probs(call, rows[start: start + self.chunk], keys)
+                yield start, self._probs(call, part, keys, out=buffer(len(part)))
 
     def _record_at(self, call: AttentionCall, run: Run, key_pos: list[int], tmaps) -> None:
         """Record a call of a layer whose keys are the original positions `key_pos` (token pruning dropped the
@@ -383,11 +386,11 @@ class capture:
         self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
                                      [key_pos[i] for i in local], run.steps, 0))
 
-    def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None) -> torch.Tensor:
+    def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None, out=None) -> torch.Tensor:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches)
         return call.probs_for(self._heads[call.module], torch.tensor(rows),
                               None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
-                              dtype=self.dtype).to(self.dtype)
+                              dtype=self.dtype, out=out).to(self.dtype)
 
 
 class _Recorder(Handler):

@@ -4,7 +4,10 @@
 thread writes it into a safetensors shard and checksums it; the record then keeps only where it lies. A record of
 at least `SHARD_BYTES` (a full matrix) never exists whole: its query rows are computed a chunk at a time
 (`TraceWriter.add_rows`), each chunk written at its place in its own shard while the next is computed, and hashed
-from memory as it is written (XXH3-128 in chunk order, `checksums.py`). Smaller records (last-token rows, decode
+from memory as it is written (XXH3-128 in chunk order, `checksums.py`). The chunks are computed in page-aligned
+buffers the writer hands out and takes back (`TraceWriter.buffers`: no fresh memory per chunk) and their rows go to
+disk by direct I/O where offsets and lengths allow (`_write_piece`: no copy into the page cache; the time this saves is in
+bench/results/stream.md). Smaller records (last-token rows, decode
 steps) are gathered into shards of about `SHARD_BYTES`. So memory holds a few row chunks plus at most one gathered
 shard, whatever the number of layers, steps and runs. Finished shards are flushed to disk and dropped from the page
 cache once `WRITEBACK_BYTES` more were written (`_write_through`), all of them before the metadata. The directory:
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import itertools
 from collections import deque
 import json
@@ -50,6 +54,8 @@ from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, che
 META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
 SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
 WRITEBACK_BYTES = 64 * 1024 * 1024  # finished shards left in the page cache before the oldest is flushed (`_write_through`)
+ALIGN = 4096  # row-chunk buffers, a chunked shard's data and each direct write start (and end) at multiples of this
+SPARE_BUFFERS = 4  # row-chunk buffers in flight and kept for reuse: one being computed, two queued, one being written
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 STREAMED_DTYPES = tuple(_DTYPES)
@@ -99,6 +105,8 @@ class TraceWriter:
         self._unsynced: deque[tuple[Path, int]] = deque()  # finished shards still in the page cache, oldest first
         self._unsynced_bytes = 0
         self._idle = threading.Semaphore(1)  # one record in the writer at a time: bounds what is held in memory
+        self._spare: list[torch.Tensor] = []  # row-chunk buffers written and free again (`buffers`)
+        self._lent: dict[int, torch.Tensor] = {}  # address of a chunk handed out -> the buffer it lies in
         self._error: BaseException | None = None
 
     # --- records -------------------------------------------------------------------------------------------------
@@ -136,16 +144,37 @@ class TraceWriter:
         self._pending, self._pending_bytes = [], 0
         self._written(self.path / name, (self.path / name).stat().st_size)
 
+    def buffers(self, shape: list[int], dtype: torch.dtype):
+        """For a record of `shape` [B, H, rows, K]: a function n -> an empty [B, H, n, K] tensor of `dtype` to compute
+        a chunk of n rows in, ALIGN-aligned (so its rows go to disk by direct I/O, `_write_rows`) and taken from the
+        chunks already written (their pages stay mapped: no fresh memory to fault in for every chunk)."""
+        batch, heads, _, width = shape
+        itemsize = torch.empty((), dtype=dtype).element_size()
+
+        def take(n: int) -> torch.Tensor:
+            size = batch * heads * n * width * itemsize
+            buf = self._spare.pop() if self._spare else None  # only this (the capturing) thread pops
+            if buf is None or buf.numel() < size + ALIGN:
+                buf = torch.empty(size + ALIGN, dtype=torch.uint8)
+            start = -buf.data_ptr() % ALIGN
+            chunk = buf[start: start + size].view(dtype).view(batch, heads, n, width)
+            self._lent[chunk.data_ptr()] = buf
+            return chunk
+
+        return take
+
     def add_rows(self, run: int, stream: str, layer: int, index: int, record: Record, shape: list[int],
                  dtype: torch.dtype, chunks) -> None:
-        """Write a large record chunk by chunk: `chunks` yields (first row, probs [B, H, rows, K]) in `dtype`; the
-        record (created without a tensor) reads from its own shard once the writer has finished it."""
+        """Write a large record chunk by chunk: `chunks` yields (first row, probs [B, H, rows, K]) in `dtype`,
+        computed in `buffers(shape, dtype)`'s tensors or not; the record (created without a tensor) reads from its own
+        shard once the writer has finished it."""
         self._raise()
         key = record_key(run, stream, layer, index)
         name = f"shard-{next(self._names):05d}.safetensors"
         self._idle.acquire()
         self._raise(release=True)
-        pieces: queue.Queue = queue.Queue(maxsize=2)  # chunks in flight between the two threads
+        self._lent.clear()  # the previous record is written: a buffer still listed was not used for its chunk
+        pieces: queue.Queue = queue.Queue(maxsize=SPARE_BUFFERS - 2)  # chunks in flight between the two threads
         record.source = ShardTensor(self.path / name, key, shape, dtype, None)
         record.source.verified = False  # unreadable until its rows are written and summed
         record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
@@ -161,9 +190,11 @@ class TraceWriter:
         path, item = self.path / name, None
         batch, heads, rows, width = shape
         row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        direct = None
         try:
-            raw = _header([(key, dtype, shape, batch * heads * rows * row_bytes)])
+            raw = _header([(key, dtype, shape, batch * heads * rows * row_bytes)], align=ALIGN)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            direct = _open_direct(path)
         except BaseException as err:
             self._error, fd = err, None
         filled, digest = 0, None
@@ -171,6 +202,7 @@ class TraceWriter:
             while (item := pieces.get()) is not None and item is not _ABORT:  # always drained, even after an error
                 start, block = item
                 if fd is None or self._error is not None:
+                    self._give_back(block)
                     continue
                 try:
                     n = block.shape[2]
@@ -181,10 +213,10 @@ class TraceWriter:
                     for b in range(batch):
                         for h in range(heads):
                             piece = block[b, h]
-                            _pwrite_all(fd, piece.reshape(-1).view(torch.uint8).numpy(),
-                                        len(raw) + ((b * heads + h) * rows + start) * row_bytes)
+                            direct = _write_piece(fd, direct, piece, len(raw) + ((b * heads + h) * rows + start) * row_bytes)
                             digest.update(piece)
                     filled += n
+                    self._give_back(block)
                 except BaseException as err:
                     self._error = err
             if fd is not None and item is None and self._error is None:
@@ -200,10 +232,17 @@ class TraceWriter:
         except BaseException as err:
             self._error = err
         finally:
-            if fd is not None:
-                os.close(fd)
+            for f in (fd, direct):
+                if f is not None:
+                    os.close(f)
             _trim_heap()
             self._idle.release()
+
+    def _give_back(self, block: torch.Tensor) -> None:
+        """A chunk is written: the buffer it was computed in (if `buffers` lent it) is free for the next chunk."""
+        buf = self._lent.pop(block.data_ptr(), None)
+        if buf is not None and len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(buf)
 
     def _written(self, path: Path, size: int) -> None:
         """A shard is complete: once more than WRITEBACK_BYTES were written after it, it is flushed to disk and its
@@ -230,6 +269,8 @@ class TraceWriter:
         goes to trace.partial.json and the directory stays marked INCOMPLETE."""
         self._pool.submit(self._flush).result()
         self._pool.shutdown()
+        self._spare.clear()
+        self._lent.clear()
         try:  # every shard on disk before the metadata says the trace is complete
             while self._unsynced:
                 self._sync_oldest()
@@ -273,14 +314,44 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _header(items: list[tuple[str, torch.dtype, list[int], int]]) -> bytes:
-    """The safetensors header (length prefix included) for (key, dtype, shape, bytes) laid end to end."""
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor of `path` for direct I/O (O_DIRECT: the bytes go from the process's memory to the disk,
+    not copied into the page cache first); None where the system or file system has none."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _write_piece(fd: int, direct: int | None, piece: torch.Tensor, offset: int) -> int | None:
+    """Write a contiguous tensor's bytes at `offset`: by direct I/O when its address, offset and length are
+    multiples of ALIGN (what O_DIRECT asks), else through the page cache. Returns the direct descriptor, or None
+    once the file system refused a direct write (the rest go through the page cache)."""
+    data = piece.reshape(-1).view(torch.uint8).numpy()
+    if direct is not None and not (piece.data_ptr() | offset | data.nbytes) % ALIGN:
+        try:
+            _pwrite_all(direct, data, offset)
+            return direct
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            os.close(direct)
+            direct = None
+    _pwrite_all(fd, data, offset)
+    return direct
+
+
+def _header(items: list[tuple[str, torch.dtype, list[int], int]], align: int = 8) -> bytes:
+    """The safetensors header (length prefix included) for (key, dtype, shape, bytes) laid end to end, padded with
+    spaces so that the data starts at a multiple of `align` (8, as safetensors writes it, or ALIGN)."""
     header, offset = {}, 0
     for key, dtype, shape, size in items:
         header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    raw += b" " * (-(len(raw) + 8) % align)
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -297,7 +368,7 @@ _MALLOC_TRIM = _load_trim()
 def _trim_heap() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim) once a full-matrix record is written:
     with glibc's default malloc, the row chunks and score blocks freed while a layer streams otherwise stay in the
-    heap and add up (bench/results/stream.md: 0.20-0.22x of eager + output_attentions at 1k tokens with it; the
+    heap and add up (bench/results/stream.md: 0.21-0.23x of eager + output_attentions at 1k tokens with it; the
     same bench before this trim, with blake2b checksums, gave 0.30-0.33x); ~2 ms a record, on the writer thread."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

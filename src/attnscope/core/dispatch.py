@@ -49,17 +49,18 @@ class AttentionCall:
     patches: list = field(default_factory=list)
 
     def probs_for(self, heads: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor | None = None,
-                  chunk: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  chunk: int = 256, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         """Probabilities [B, len(heads), len(rows), keys] the model used for these heads, query rows (indices into
         this call's queries) and key columns: `probs` if an edit set it, else recomputed from q, k and the (possibly
         edited) mask, with any patched entries written over. `dtype` is the precision a recomputation stores its
-        float32 chunks in (an edit's `probs` come as they are)."""
+        float32 chunks in (an edit's `probs` come as they are). `out`: where a plain recomputation writes its result
+        (`attention_probs`); edited probabilities come in their own tensor."""
         if self.probs is not None:
             out = self.probs.index_select(1, index_on(heads, self.probs.device)).index_select(2, index_on(rows, self.probs.device))
             return out if keys is None else out.index_select(-1, index_on(keys, out.device))
         if not self.patches:
             return attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs,
-                                   heads=heads, rows=rows, keys=keys, chunk=chunk, dtype=dtype)
+                                   heads=heads, rows=rows, keys=keys, chunk=chunk, dtype=dtype, out=out)
         out = attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs, heads=heads,
                               rows=rows, chunk=chunk)
         for p_heads, p_rows, where, probs in self.patches:

@@ -118,6 +118,7 @@ def attention_probs(
     chunk: int = 256,
     logits: bool = False,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities [B, h, r, k] for query heads `heads`, query rows `rows` (indices into this call's
     queries) and key columns `keys` (indices into this call's keys), computed in float32 and stored as `dtype`
@@ -127,7 +128,12 @@ def attention_probs(
     Handles scaling, boolean or additive masks, causal masking when the backend got no mask (bottom-right
     aligned, as with a KV cache), sliding windows passed as a kwarg, logit soft-capping, GQA/MQA, T5's additive
     `position_bias` and gpt-oss's attention sinks (with `logits=True` sinks are refused: a caller that edits
-    logits would have to renormalise with them). Any other keyword raises `UnsupportedAttentionError`."""
+    logits would have to renormalise with them). Any other keyword raises `UnsupportedAttentionError`.
+
+    `out` (contiguous, [B, h, r, k] in `dtype`, rows within one chunk): the probabilities are written there and it is
+    returned. For every key column in float32 on the query's device the scores are computed in it and the softmax runs in place (no block
+    of the chunk's size is allocated: what a streamed capture hands its writer); otherwise the result is copied in.
+    The same kernels run either way, so the bits are the same."""
     check_terms(module, kwargs)
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -162,7 +168,13 @@ def attention_probs(
     single = 0 < n_rows <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
     unmasked = window is None and (q_len == 1 or last_row_only)
-    out = None if single else torch.empty(batch, n_sel, n_rows, n_keys, dtype=out_dtype, device=device)
+    if out is not None and (not single or not out.is_contiguous() or out.dtype != out_dtype
+                            or list(out.shape) != [batch, n_sel, n_rows, n_keys]):
+        raise ValueError(f"out= must be a contiguous {out_dtype} tensor {[batch, n_sel, n_rows, n_keys]} "
+                         f"of at most chunk={chunk} rows; got {out.dtype} {list(out.shape)}")
+    into = (out if out is not None and keys is None and sinks is None and not logits and out_dtype == torch.float32
+            and out.device == device else None)
+    given, out = out, None if single else torch.empty(batch, n_sel, n_rows, n_keys, dtype=out_dtype, device=device)
     for start in range(0, n_rows, chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         n = min(chunk, n_rows - start)
         block = _Rows(row_start + start, n) if rows is None else rows[start : start + chunk]  # this chunk's query rows
@@ -170,9 +182,10 @@ def attention_probs(
         q = (q if heads is None else q.index_select(1, heads)).float()
         if all_heads and groups > 1:
             q = q.reshape(batch, key.shape[1], groups * n, q.shape[-1])
-            scores = torch.matmul(q, k_sel.transpose(-1, -2)).view(batch, n_heads, n, kv_len).mul_(scaling)
+            target = None if into is None else into.view(batch, key.shape[1], groups * n, kv_len)
+            scores = torch.matmul(q, k_sel.transpose(-1, -2), out=target).view(batch, n_heads, n, kv_len).mul_(scaling)
         else:
-            scores = torch.matmul(q, k_sel.transpose(-1, -2)).mul_(scaling)
+            scores = torch.matmul(q, k_sel.transpose(-1, -2), out=into).mul_(scaling)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if bias is not None:
@@ -195,9 +208,13 @@ def attention_probs(
             col = sinks.to(device).float()
             col = (col if heads is None else col.index_select(0, heads))[None, :, None, None].expand(batch, -1, n, 1)
             probs = torch.softmax(torch.cat([scores, col], -1), dim=-1)[..., :-1]
+        elif into is not None:
+            return torch.softmax(scores, dim=-1, out=into)  # in place: the scores were computed in `out`
         else:
             probs = torch.softmax(scores, dim=-1)
         probs = probs if keys is None else probs.index_select(-1, keys)
+        if given is not None:
+            return given.copy_(probs)
         if single:
             return probs.to(out_dtype).contiguous()
         out[:, :, start : start + n] = probs

@@ -1,0 +1,148 @@
+"""Streamed full matrices computed in the writer's buffers and written by direct I/O: the same bits as the in-memory
+capture, the same result when the file system refuses direct writes, and the buffers reused from chunk to chunk."""
+import errno
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import attnscope
+from attnscope.capture import stream
+from attnscope.capture.trace import Trace
+from attnscope.core.probs import attention_probs
+
+
+class _Attn(torch.nn.Module):
+    is_causal = True
+
+
+def _case(heads=6, kv_heads=2, q_len=40, kv_len=40, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, heads, q_len, dim, generator=g), torch.randn(2, kv_heads, kv_len, dim, generator=g)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("term", ["causal", "mask", "keys", "sinks", "softcap"])
+def test_probs_computed_in_a_given_tensor_are_the_same_bits(kv_heads, dtype, term):
+    q, k = _case(kv_heads=kv_heads)
+    mask, kw, keys = None, {}, None
+    if term == "mask":
+        mask = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(1)) > 0.3
+    if term == "sinks":
+        kw = {"sinks": torch.linspace(-1, 1, 6)}
+    if term == "softcap":
+        kw = {"softcap": 5.0}
+    if term == "keys":
+        keys = torch.tensor([0, 3, 7, 39])
+    rows = torch.arange(8, 24)
+    plain = attention_probs(_Attn(), q, k, mask, kw, rows=rows, keys=keys, chunk=16, dtype=dtype)
+    given = torch.full_like(plain, float("nan"))
+    got = attention_probs(_Attn(), q, k, mask, kw, rows=rows, keys=keys, chunk=16, dtype=dtype, out=given)
+    assert got.data_ptr() == given.data_ptr()
+    assert torch.equal(given, plain)
+    whole = attention_probs(_Attn(), q, k, mask, kw, keys=keys, chunk=16, dtype=dtype)  # in-memory chunking
+    assert torch.equal(given, whole[:, :, 8:24])
+    if term == "causal":
+        assert torch.allclose(given.float().sum(-1), torch.ones(2, 6, 16), atol=1e-3)
+
+
+def test_a_given_tensor_of_the_wrong_shape_or_rows_beyond_a_chunk_is_refused():
+    q, k = _case()
+    with pytest.raises(ValueError, match="out="):
+        attention_probs(_Attn(), q, k, None, {}, rows=torch.arange(4), out=torch.empty(2, 6, 5, 40))
+    with pytest.raises(ValueError, match="out="):
+        attention_probs(_Attn(), q, k, None, {}, chunk=16, out=torch.empty(2, 6, 40, 40))
+
+
+def _direct_io_works(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0)))
+        return hasattr(os, "O_DIRECT")
+    except OSError:
+        return False
+
+
+def _capture(model, x, out=None, **kw):
+    with torch.no_grad(), attnscope.capture(model, layers=[0, 1, 29], queries=None, chunk=64, out=out, **kw) as trace:
+        model(**x)
+    return trace
+
+
+def _same(memory, streamed):
+    for key, records in memory.runs[0].records.items():
+        for a, b in zip(records, streamed.runs[0].records[key]):
+            assert torch.equal(a.probs, b.source.read())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_full_matrices_written_by_direct_io_are_the_in_memory_bits(smollm, tmp_path, monkeypatch, dtype):
+    """256 tokens: rows of 1 (float32) or 0.5 KiB, chunks of 64 rows, so every piece is ALIGN-aligned."""
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    x = {k: v[:, :256] for k, v in smollm.encode("The capital of France is Paris. " * 40).items()}
+    assert x["input_ids"].shape[1] == 256
+    direct, writes = set(), []
+    open_direct, pwrite_all = stream._open_direct, stream._pwrite_all
+    monkeypatch.setattr(stream, "_open_direct", lambda p: direct.add(fd := open_direct(p)) or fd)
+    monkeypatch.setattr(stream, "_pwrite_all", lambda fd, data, at: writes.append((fd, at)) or pwrite_all(fd, data, at))
+    memory = _capture(smollm, x, dtype=dtype)
+    _capture(smollm, x, tmp_path / "d", dtype=dtype)
+    _same(memory, Trace.load(tmp_path / "d"))
+    if _direct_io_works(tmp_path / "probe"):
+        through = [at for fd, at in writes if fd in direct]
+        assert len(through) == 3 * 9 * 4  # every (head, chunk) piece of the three layers, none through the cache
+        assert all(at % stream.ALIGN == 0 for at in through)
+    for shard in (tmp_path / "d").glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:  # a plain safetensors file, its data page-aligned
+            (key,) = f.keys()
+            assert f.get_tensor(key).dtype == dtype
+        assert (int.from_bytes(shard.read_bytes()[:8], "little") + 8) % stream.ALIGN == 0
+
+
+def test_refused_direct_writes_go_through_the_page_cache(smollm, tmp_path, monkeypatch):
+    """A file system that refuses a direct write (EINVAL) gets the rest through the page cache: the same bits."""
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    refused = []
+
+    def refusing(fd, data, at):
+        if fd in opened:
+            refused.append(at)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return pwrite_all(fd, data, at)
+
+    opened, pwrite_all, open_direct = set(), stream._pwrite_all, stream._open_direct
+    monkeypatch.setattr(stream, "_open_direct", lambda p: opened.add(fd := open_direct(p) or os.open(p, os.O_WRONLY)) or fd)
+    monkeypatch.setattr(stream, "_pwrite_all", refusing)
+    monkeypatch.setattr(stream, "ALIGN", 4)  # every piece qualifies for a direct write
+    x = smollm.encode("The capital of France is")
+    memory = _capture(smollm, x)
+    _capture(smollm, x, tmp_path / "r")
+    _same(memory, Trace.load(tmp_path / "r"))
+    assert len(refused) == 3  # one refusal per record, then the page cache for its other pieces
+
+
+def test_chunk_buffers_are_reused_and_released(smollm, tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    x = smollm.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    memory = {}
+    buffers = stream.TraceWriter.buffers
+
+    def spying(self, shape, dtype):
+        take = buffers(self, shape, dtype)
+        memory.setdefault("writer", self)
+
+        def counted(n):
+            chunk = take(n)
+            memory.setdefault("bases", set()).add(id(self._lent[chunk.data_ptr()]))
+            memory["chunks"] = memory.get("chunks", 0) + 1
+            return chunk
+        return counted
+
+    monkeypatch.setattr(stream.TraceWriter, "buffers", spying)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 1, 2, 3, 4, 5], queries=None, chunk=2,
+                                            out=tmp_path / "b"):
+        smollm(**x)
+    assert memory["chunks"] >= 6 * 7
+    assert len(memory["bases"]) <= stream.SPARE_BUFFERS + 1
+    assert memory["writer"]._spare == [] and memory["writer"]._lent == {}  # nothing held after the block
