@@ -199,3 +199,32 @@ def test_a_refused_direct_write_then_a_failed_write_closes_each_descriptor_once(
     (direct,) = opened
     assert closed.count(direct) == 1
     assert isinstance(writer._error, OSError) and writer._error.errno == errno.ENOSPC  # the write's own error
+
+
+@pytest.mark.parametrize("chunk", [0, -5, 2.5, True])
+def test_a_chunk_that_is_not_a_positive_integer_is_refused(smollm, chunk):
+    """chunk=-5 computed no chunk at all and returned torch.empty's uninitialised memory as the probabilities."""
+    q, k = _case()
+    with pytest.raises(ValueError, match="positive integer"):
+        attention_probs(_Attn(), q, k, None, {}, chunk=chunk)
+    with pytest.raises(ValueError, match="positive integer"):
+        attnscope.capture(smollm, queries=None, chunk=chunk)
+
+
+def test_a_misused_out_is_refused_with_what_is_wrong_and_gradients_still_flow():
+    q, k = _case()
+    cases = [(torch.empty(2, 6, 40, 40).transpose(-1, -2), "not contiguous"),
+             (torch.empty(2, 6, 40, 40, dtype=torch.float16), "torch.float16"),
+             (torch.empty(2 * 6 * 40 * 40), "shape"),
+             ([0.0], "a list, not a tensor")]
+    for out, why in cases:
+        with pytest.raises(ValueError, match=f"out=.*got {why}"):
+            attention_probs(_Attn(), q, k, None, {}, out=out)
+    with pytest.raises(ValueError, match="0 rows"):
+        attention_probs(_Attn(), q, k, None, {}, rows=torch.tensor([], dtype=torch.long), out=torch.empty(2, 6, 0, 40))
+    q.requires_grad_()
+    given = torch.empty(2, 6, 40, 40)
+    got = attention_probs(_Attn(), q, k, None, {}, out=given)
+    assert got.data_ptr() == given.data_ptr() and torch.equal(got, attention_probs(_Attn(), q, k, None, {}))
+    got.sum().backward()
+    assert q.grad is not None
