@@ -146,3 +146,85 @@ def test_chunk_buffers_are_reused_and_released(smollm, tmp_path, monkeypatch):
     assert memory["chunks"] >= 6 * 7
     assert len(memory["bases"]) <= stream.SPARE_BUFFERS + 1
     assert memory["writer"]._spare == [] and memory["writer"]._lent == {}  # nothing held after the block
+
+
+def test_a_failed_write_leaves_a_partial_trace_that_says_why(smollm, tmp_path, monkeypatch):
+    """A write that fails (a full disk) while the next full-matrix record is handed over: the capture raises the write
+    error itself, the directory keeps the records written before it in trace.partial.json and INCOMPLETE says why (a
+    record refused before its source was set made the metadata raise AttributeError instead)."""
+    monkeypatch.setattr(stream, "SHARD_BYTES", 1)
+    pwrite_all, calls = stream._pwrite_all, []
+
+    def full(fd, data, at):
+        calls.append(at)
+        if len(calls) == 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite_all(fd, data, at)
+
+    monkeypatch.setattr(stream, "_pwrite_all", full)
+    x = smollm.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    memory = _capture(smollm, x)
+    with pytest.raises(stream.TraceFileError, match="No space left"):
+        with torch.no_grad(), attnscope.capture(smollm, queries=None, chunk=4, out=tmp_path / "f"):
+            smollm(**x)
+    assert "No space left" in (tmp_path / "f" / stream.MARK).read_text()
+    partial = Trace.load(tmp_path / "f", partial=True)
+    kept = [(key, rec) for key, recs in partial.runs[0].records.items() for rec in recs]
+    assert 0 < len(kept) < 30
+    for key, rec in kept:
+        if key[1] in (0, 1, 29):
+            assert torch.equal(rec.probs, memory.runs[0].records[key][0].probs)
+
+
+def test_a_refused_direct_write_then_a_failed_write_closes_each_descriptor_once(tmp_path, monkeypatch):
+    """EINVAL from a direct write gives up the direct descriptor; if the page-cache write of the same piece then
+    fails, the descriptor was closed a second time at the end of the record (EBADF raised from the writer's cleanup,
+    which then never released its slot: the next record waited forever, or another file's descriptor was closed)."""
+    closed, real_close, real_open_direct = [], os.close, stream._open_direct
+    opened = set()
+    monkeypatch.setattr(stream.os, "close", lambda fd: closed.append(fd) or real_close(fd))
+    monkeypatch.setattr(stream, "_open_direct",
+                        lambda p: opened.add(fd := real_open_direct(p) or os.open(p, os.O_WRONLY)) or fd)
+
+    def pwrite_all(fd, data, at):
+        raise OSError(errno.EINVAL if fd in opened else errno.ENOSPC, "refused")
+
+    monkeypatch.setattr(stream, "_pwrite_all", pwrite_all)
+    monkeypatch.setattr(stream, "ALIGN", 4)  # every piece qualifies for a direct write
+    writer = stream.TraceWriter(tmp_path / "w")
+    rec = stream.Record(None, [0], list(range(4)), None)
+    writer.add_rows(0, "text", 0, 0, rec, [1, 1, 4, 4], torch.float32, iter([(0, torch.ones(1, 1, 4, 4))]))
+    writer._pool.submit(lambda: None).result()  # the record's writer job has ended
+    assert writer._idle.acquire(timeout=5)  # its slot was released
+    (direct,) = opened
+    assert closed.count(direct) == 1
+    assert isinstance(writer._error, OSError) and writer._error.errno == errno.ENOSPC  # the write's own error
+
+
+@pytest.mark.parametrize("chunk", [0, -5, 2.5, True])
+def test_a_chunk_that_is_not_a_positive_integer_is_refused(smollm, chunk):
+    """chunk=-5 computed no chunk at all and returned torch.empty's uninitialised memory as the probabilities."""
+    q, k = _case()
+    with pytest.raises(ValueError, match="positive integer"):
+        attention_probs(_Attn(), q, k, None, {}, chunk=chunk)
+    with pytest.raises(ValueError, match="positive integer"):
+        attnscope.capture(smollm, queries=None, chunk=chunk)
+
+
+def test_a_misused_out_is_refused_with_what_is_wrong_and_gradients_still_flow():
+    q, k = _case()
+    cases = [(torch.empty(2, 6, 40, 40).transpose(-1, -2), "not contiguous"),
+             (torch.empty(2, 6, 40, 40, dtype=torch.float16), "torch.float16"),
+             (torch.empty(2 * 6 * 40 * 40), "shape"),
+             ([0.0], "a list, not a tensor")]
+    for out, why in cases:
+        with pytest.raises(ValueError, match=f"out=.*got {why}"):
+            attention_probs(_Attn(), q, k, None, {}, out=out)
+    with pytest.raises(ValueError, match="0 rows"):
+        attention_probs(_Attn(), q, k, None, {}, rows=torch.tensor([], dtype=torch.long), out=torch.empty(2, 6, 0, 40))
+    q.requires_grad_()
+    given = torch.empty(2, 6, 40, 40)
+    got = attention_probs(_Attn(), q, k, None, {}, out=given)
+    assert got.data_ptr() == given.data_ptr() and torch.equal(got, attention_probs(_Attn(), q, k, None, {}))
+    got.sum().backward()
+    assert q.grad is not None

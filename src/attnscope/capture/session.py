@@ -1,6 +1,8 @@
 """`attnscope.capture`: record attention rows during any forward or generate call, backend untouched."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import __version__
@@ -51,6 +53,8 @@ class capture:
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
                  offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
                  out=None, overwrite: bool = False, summaries=None, topk: int | None = None):
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:  # range() would give
+            raise ValueError(f"chunk is the number of query rows computed at a time: a positive integer, not {chunk!r}")
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad

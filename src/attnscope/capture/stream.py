@@ -168,15 +168,17 @@ class TraceWriter:
         """Write a large record chunk by chunk: `chunks` yields (first row, probs [B, H, rows, K]) in `dtype`,
         computed in `buffers(shape, dtype)`'s tensors or not; the record (created without a tensor) reads from its own
         shard once the writer has finished it."""
-        self._raise()
         key = record_key(run, stream, layer, index)
         name = f"shard-{next(self._names):05d}.safetensors"
+        # set before anything can raise: the record is already listed in the trace, and a record refused here is
+        # left out of trace.partial.json by its missing entry (without a source its metadata could not be written)
+        record.source = ShardTensor(self.path / name, key, shape, dtype, None)
+        record.source.verified = False  # unreadable until its rows are written and summed
+        self._raise()
         self._idle.acquire()
         self._raise(release=True)
         self._lent.clear()  # the previous record is written: a buffer still listed was not used for its chunk
         pieces: queue.Queue = queue.Queue(maxsize=SPARE_BUFFERS - 2)  # chunks in flight between the two threads
-        record.source = ShardTensor(self.path / name, key, shape, dtype, None)
-        record.source.verified = False  # unreadable until its rows are written and summed
         record.source.pending = self._pool.submit(self._write_rows, name, key, record, shape, dtype, pieces)
         ok = False
         try:
@@ -213,7 +215,10 @@ class TraceWriter:
                     for b in range(batch):
                         for h in range(heads):
                             piece = block[b, h]
-                            direct = _write_piece(fd, direct, piece, len(raw) + ((b * heads + h) * rows + start) * row_bytes)
+                            still = _write_piece(fd, direct, piece, len(raw) + ((b * heads + h) * rows + start) * row_bytes)
+                            if still is None and direct is not None:  # refused: closed here, once (the finally
+                                os.close(direct)                      # below closes it if the write raised)
+                            direct = still
                             digest.update(piece)
                     filled += n
                     self._give_back(block)
@@ -328,7 +333,8 @@ def _open_direct(path: Path) -> int | None:
 def _write_piece(fd: int, direct: int | None, piece: torch.Tensor, offset: int) -> int | None:
     """Write a contiguous tensor's bytes at `offset`: by direct I/O when its address, offset and length are
     multiples of ALIGN (what O_DIRECT asks), else through the page cache. Returns the direct descriptor, or None
-    once the file system refused a direct write (the rest go through the page cache)."""
+    once the file system refused a direct write (the rest go through the page cache); the caller closes it then (and
+    only the caller: if the page-cache write raises, the caller still holds the descriptor and closes it once)."""
     data = piece.reshape(-1).view(torch.uint8).numpy()
     if direct is not None and not (piece.data_ptr() | offset | data.nbytes) % ALIGN:
         try:
@@ -337,7 +343,6 @@ def _write_piece(fd: int, direct: int | None, piece: torch.Tensor, offset: int) 
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-            os.close(direct)
             direct = None
     _pwrite_all(fd, data, offset)
     return direct

@@ -4,6 +4,8 @@ The backend (SDPA, flash, flex) never returns probabilities; this recomputes onl
 for, in query chunks, so a full [heads, Q, K] matrix exists only when it was requested."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -135,6 +137,8 @@ def attention_probs(
     of the chunk's size is allocated: what a streamed capture hands its writer); otherwise the result is copied in.
     The same kernels run either way, so the bits are the same."""
     check_terms(module, kwargs)
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:  # no chunk loop: `out` unset
+        raise ValueError(f"chunk is the number of query rows computed at a time: a positive integer, not {chunk!r}")
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     device = query.device
@@ -168,12 +172,18 @@ def attention_probs(
     single = 0 < n_rows <= chunk  # one block: returned as it is
     # a causal mask hides nothing from the final query row (bottom-right aligned): skip it when that is all we have
     unmasked = window is None and (q_len == 1 or last_row_only)
-    if out is not None and (not single or not out.is_contiguous() or out.dtype != out_dtype
-                            or list(out.shape) != [batch, n_sel, n_rows, n_keys]):
-        raise ValueError(f"out= must be a contiguous {out_dtype} tensor {[batch, n_sel, n_rows, n_keys]} "
-                         f"of at most chunk={chunk} rows; got {out.dtype} {list(out.shape)}")
+    if out is not None:
+        wrong = [] if isinstance(out, torch.Tensor) else [f"a {type(out).__name__}, not a tensor"]
+        wrong += [] if wrong or single else [f"{n_rows} rows: out= takes 1 to chunk={chunk} rows"]
+        wrong += [] if wrong or out.is_contiguous() else ["not contiguous"]
+        wrong += [] if wrong or out.dtype == out_dtype else [f"{out.dtype}"]
+        wrong += [] if wrong or list(out.shape) == [batch, n_sel, n_rows, n_keys] else [f"shape {list(out.shape)}"]
+        if wrong:
+            raise ValueError(f"out= must be a contiguous {out_dtype} tensor {[batch, n_sel, n_rows, n_keys]} of 1 to "
+                             f"chunk={chunk} rows; got {wrong[0]}")
     into = (out if out is not None and keys is None and sinks is None and not logits and out_dtype == torch.float32
-            and out.device == device else None)
+            and out.device == device and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
+            else None)  # matmul/softmax with out= refuse inputs that need a gradient: those are computed, then copied
     given, out = out, None if single else torch.empty(batch, n_sel, n_rows, n_keys, dtype=out_dtype, device=device)
     for start in range(0, n_rows, chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         n = min(chunk, n_rows - start)
