@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 import attnscope
 from attnscope.capture.trace import TraceFileError
+from test_trace_checksums import _duplicate, _duplicate_as_next_step, _swap_layers
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +78,16 @@ def test_metadata_of_the_wrong_shape_is_a_trace_file_error(tmp_path):
         attnscope.Trace.load(path)
 
 
-def _swap_layers(records):
-    records[0]["layer"], records[1]["layer"] = records[1]["layer"], records[0]["layer"]
+def _with_records_edited(path, bad, edit):
+    """A copy of the trace file at `path`, written to `bad`, whose first run's record entries `edit` changed."""
+    from safetensors import safe_open
 
-
-def _duplicate(records):
-    records.append(dict(records[0]))
-
-
-def _duplicate_as_next_step(records):
-    records.append(dict(records[0], step=1))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnscope"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta["runs"][0]["records"])
+    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
+    return bad
 
 
 @pytest.mark.parametrize("edit", [_swap_layers, _duplicate, _duplicate_as_next_step])
@@ -95,15 +96,7 @@ def test_records_whose_labels_disagree_with_their_keys_are_refused(saved, tmp_pa
     and 3 have tensors of one shape, so a file whose entries were relabelled (layers swapped) or duplicated loaded
     with every check passing and layer 3's matrix under layer 1. The tensor's name says which run, stream, layer and
     index it is; an entry that disagrees is refused, as the directory's loader refuses it."""
-    from safetensors import safe_open
-
-    _, path = saved
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["attnscope"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(meta["runs"][0]["records"])
-    bad = tmp_path / "relabelled.safetensors"
-    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
+    bad = _with_records_edited(saved[1], tmp_path / "relabelled.safetensors", edit)
     with pytest.raises(TraceFileError, match=r"r0/text/\d/0 is labelled run 0, stream 'text', layer \d, record \d"):
         attnscope.Trace.load(bad)
 
@@ -128,14 +121,6 @@ def test_records_taken_out_of_the_metadata_or_relabelled_by_type_are_refused(sav
     """Entries taken out of the metadata (the last record of a layer, a whole layer) passed every check: the trace
     loaded without them, and their tensors stayed in the file unread. A layer written as "1" spelled the same tensor
     name and loaded under ('text', '1'), apart from layer 1. Each is refused by name."""
-    from safetensors import safe_open
-
-    _, path = saved
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["attnscope"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    edit(meta["runs"][0]["records"])
-    bad = tmp_path / "edited.safetensors"
-    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
+    bad = _with_records_edited(saved[1], tmp_path / "edited.safetensors", edit)
     with pytest.raises(TraceFileError, match=says):
         attnscope.Trace.load(bad)
