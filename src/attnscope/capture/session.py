@@ -8,6 +8,7 @@ import torch
 from .. import __version__
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, excluded
+from ..core.probs import RowRun
 from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
@@ -92,7 +93,11 @@ class capture:
         if id(hf) in _open_captures:
             raise RuntimeError("a capture is already open on this model; nested captures on one model are not supported")
         chosen = self.selection.sites(self.model.sites)  # validates before anything is touched
-        self._heads = {m: torch.tensor(self.selection.head_indices(s)) for m, s in chosen.items()}
+        self._head_list = {m: self.selection.head_indices(s) for m, s in chosen.items()}
+        # every head in order needs no index: None until something asks for the index (`_head_index`)
+        self._head_sel = {m: None if h == list(range(chosen[m].num_heads)) else torch.tensor(h)
+                          for m, h in self._head_list.items()}
+        self._all_heads = {m for m, h in self._head_sel.items() if h is None}
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._parts, self._bases = {}, {}
         self._ledger = Ledger(on_reorder=self._reorder)
@@ -243,7 +248,7 @@ class capture:
             roles = sorted({r for maps in run.tokens.values() for t in maps[:1] for r in t.roles})
             raise ValueError(f"the selection queries={self.selection.queries!r}, keys={self.selection.keys!r} selects "
                              f"no position of this input (its roles: {roles}); capture would return an empty trace")
-        if run.steps == 0 and self._calls_this_forward == 0 and self._heads:
+        if run.steps == 0 and self._calls_this_forward == 0 and self._head_list:
             raise NoAttentionError(
                 f"{type(module).__name__} ran without calling the attention function of any selected module; its "
                 "attention does not go through transformers' AttentionInterface for these inputs. Pass "
@@ -327,27 +332,26 @@ class capture:
         if not rows or (local_keys == [] and not evicted):
             return
         if self.reducer is not None:
-            return self.reducer.record(run, call, self._heads[call.module], rows, [r + q_start for r in rows],
+            return self.reducer.record(run, call, self._head_index(call.module), rows, [r + q_start for r in rows],
                                        range(base, base + kv_len), tmaps, part)
         if self._writer is not None and not evicted:  # a large record goes to disk a chunk of rows at a time
             n_keys = kv_len if local_keys is None else len(local_keys)
-            shape = [call.query.shape[0], len(self._heads[call.module]), len(rows), n_keys]
+            shape = [call.query.shape[0], len(self._head_list[call.module]), len(rows), n_keys]
             if shape[0] * shape[1] * shape[2] * shape[3] * self._itemsize >= self._writer.shard_bytes:
                 abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
-                rec = Record(None, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys, run.steps, part)
+                rec = Record(None, list(self._head_list[call.module]), [r + q_start for r in rows], abs_keys, run.steps, part)
                 chunks = self._row_chunks(call, rows, local_keys, self._writer.buffers(shape, self.dtype))
                 return self._keep(run, call, rec, (shape, chunks))
-        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            probs = self._probs(call, rows, local_keys) if local_keys != [] else None
+        probs = self._probs(call, rows, local_keys) if local_keys != [] else None
         abs_keys = None if local_keys is None and base == 0 else [base + k for k in (local_keys or range(kv_len))]
         if evicted:
-            zeros = torch.zeros(call.query.shape[0], len(self._heads[call.module]), len(rows), len(evicted),
+            zeros = torch.zeros(call.query.shape[0], len(self._head_list[call.module]), len(rows), len(evicted),
                                 dtype=self.dtype, device=call.query.device)
             probs = zeros if probs is None else torch.cat([zeros, probs], -1)
             abs_keys = evicted + (abs_keys if local_keys else [])
         if self.offload:
             probs = probs.to("cpu")  # blocking: a non-blocking copy to the host may be read before it lands
-        self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [r + q_start for r in rows], abs_keys,
+        self._keep(run, call, Record(probs, list(self._head_list[call.module]), [r + q_start for r in rows], abs_keys,
                                      run.steps, part))
 
     def _keep(self, run: Run, call: AttentionCall, rec: Record, rows=None) -> None:
@@ -381,20 +385,29 @@ class capture:
         if not rows or not local:
             return
         if self.reducer is not None:
-            return self.reducer.record(run, call, self._heads[call.module], rows, [query_pos[r] for r in rows],
+            return self.reducer.record(run, call, self._head_index(call.module), rows, [query_pos[r] for r in rows],
                                        key_pos, tmaps, 0)
-        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
-            probs = self._probs(call, rows, None if keys is None else local)
+        probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:
             probs = probs.to("cpu")  # blocking: a non-blocking copy to the host may be read before it lands
-        self._keep(run, call, Record(probs, self._heads[call.module].tolist(), [query_pos[r] for r in rows],
+        self._keep(run, call, Record(probs, list(self._head_list[call.module]), [query_pos[r] for r in rows],
                                      [key_pos[i] for i in local], run.steps, 0))
 
+    def _head_index(self, module) -> torch.Tensor:
+        """The selected heads of `module` as an index tensor (every head included), made once per block."""
+        if self._head_sel[module] is None:
+            self._head_sel[module] = torch.tensor(self._head_list[module])
+        return self._head_sel[module]
+
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None, out=None) -> torch.Tensor:
-        # an edit may have computed the probabilities the model really used (call.probs or call.patches)
-        return call.probs_for(self._heads[call.module], torch.tensor(rows),
-                              None if keys is None else torch.tensor(keys, dtype=torch.long), chunk=self.chunk,
-                              dtype=self.dtype, out=out).to(self.dtype)
+        # an edit may have computed the probabilities the model really used (call.probs or call.patches); every head
+        # and a run of rows go as such (no index tensor built and read back per call)
+        heads = None if call.module in self._all_heads else self._head_index(call.module)
+        args = (heads, RowRun.of(rows) or torch.tensor(rows), None if keys is None else torch.tensor(keys, dtype=torch.long))
+        if torch.is_grad_enabled() and not self.grad:  # rows kept out of the graph unless grad=True
+            with torch.no_grad():
+                return call.probs_for(*args, chunk=self.chunk, dtype=self.dtype, out=out).to(self.dtype)
+        return call.probs_for(*args, chunk=self.chunk, dtype=self.dtype, out=out).to(self.dtype)
 
 
 class _Recorder(Handler):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import seam
-from .probs import attention_probs, index_on
+from .probs import RowRun, as_index, attention_probs, index_on
 from .sites import Site
 
 PREFIX = "attnscope_"
@@ -48,19 +48,22 @@ class AttentionCall:
     probs: object = None
     patches: list = field(default_factory=list)
 
-    def probs_for(self, heads: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor | None = None,
+    def probs_for(self, heads: torch.Tensor | None, rows: torch.Tensor | RowRun, keys: torch.Tensor | None = None,
                   chunk: int = 256, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Probabilities [B, len(heads), len(rows), keys] the model used for these heads, query rows (indices into
-        this call's queries) and key columns: `probs` if an edit set it, else recomputed from q, k and the (possibly
+        """Probabilities [B, len(heads), len(rows), keys] the model used for these heads (None: every head), query rows
+        (indices into this call's queries, or a `RowRun`) and key columns: `probs` if an edit set it, else recomputed from q, k and the (possibly
         edited) mask, with any patched entries written over. `dtype` is the precision a recomputation stores its
         float32 chunks in (an edit's `probs` come as they are). `out`: where a plain recomputation writes its result
         (`attention_probs`); edited probabilities come in their own tensor."""
         if self.probs is not None:
-            out = self.probs.index_select(1, index_on(heads, self.probs.device)).index_select(2, index_on(rows, self.probs.device))
+            where = self.probs.device
+            heads, rows = as_index(heads, self.query.shape[1], where), as_index(rows, self.query.shape[2], where)
+            out = self.probs.index_select(1, heads).index_select(2, rows)
             return out if keys is None else out.index_select(-1, index_on(keys, out.device))
         if not self.patches:
             return attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs,
                                    heads=heads, rows=rows, keys=keys, chunk=chunk, dtype=dtype, out=out)
+        heads, rows = as_index(heads, self.query.shape[1], "cpu"), as_index(rows, self.query.shape[2], "cpu")
         out = attention_probs(self.module, self.query, self.key, self.attention_mask, self.kwargs, heads=heads,
                               rows=rows, chunk=chunk)
         for p_heads, p_rows, where, probs in self.patches:

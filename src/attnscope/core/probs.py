@@ -27,6 +27,7 @@ NEUTRAL = {"dropout", "scaling", "is_causal", "position_ids", "use_cache", "outp
            "past_key_values", "layer_idx", "output_hidden_states", "return_dict", "token_type_ids",
            "deterministic"}
 RECOMPUTED = {"sliding_window", "softcap", "s_aux", "sinks", "position_bias"}
+KNOWN = frozenset(NEUTRAL | RECOMPUTED)
 
 
 class UnsupportedAttentionError(RuntimeError):
@@ -36,7 +37,9 @@ class UnsupportedAttentionError(RuntimeError):
 def check_terms(module, kwargs: dict) -> None:
     """Refuse any keyword the recomputation does not know (a packed-sequence layout, a new logit term): its
     probabilities would differ from the model's without a sign."""
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in NEUTRAL and k not in RECOMPUTED)
+    if kwargs.keys() <= KNOWN:  # the usual call: every keyword known (a set test in C, per attention call)
+        return
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in KNOWN)
     if unknown:
         raise UnsupportedAttentionError(
             f"{type(module).__name__} passes {unknown} to its attention function; attnscope does not know how "
@@ -51,8 +54,10 @@ def sink_logits(module, kwargs: dict):
     return None if sinks is None else sinks.reshape(-1)
 
 
-class _Rows(tuple):
-    """A run of consecutive query rows (start, length): taken as a view, never through an index."""
+class RowRun(tuple):
+    """A run of consecutive query rows (start, length): taken as a view, never through an index. Callers that know
+    their rows are a run (a capture of the last row, of every row) pass one instead of an index tensor, so nothing is
+    built and read back per attention call."""
 
     def __new__(cls, start: int, length: int):
         return super().__new__(cls, (start, length))
@@ -61,10 +66,27 @@ class _Rows(tuple):
     def start(self) -> int:
         return self[0]
 
+    @classmethod
+    def of(cls, rows: list[int]) -> RowRun | None:
+        """The run `rows` is (a non-empty list of consecutive ints), else None."""
+        if not rows or rows[-1] - rows[0] != len(rows) - 1 or rows != list(range(rows[0], rows[0] + len(rows))):
+            return None
+        return cls(rows[0], len(rows))
+
+    def index(self, device=None) -> torch.Tensor:
+        return torch.arange(self[0], self[0] + self[1], device=device)
+
+
+def as_index(selection, n: int, device) -> torch.Tensor:
+    """A head or row selection as an index tensor on `device`: None (all `n`), a `RowRun` or an index tensor."""
+    if selection is None:
+        return torch.arange(n, device=device)
+    return selection.index(device) if isinstance(selection, RowRun) else index_on(selection, device)
+
 
 def _take(t: torch.Tensor, dim: int, rows) -> torch.Tensor:
-    """`t`'s entries along `dim` at `rows`: a view for a run (`_Rows`), an index_select for an index tensor."""
-    return t.narrow(dim, rows[0], rows[1]) if isinstance(rows, _Rows) else t.index_select(dim, rows)
+    """`t`'s entries along `dim` at `rows`: a view for a run (`RowRun`), an index_select for an index tensor."""
+    return t.narrow(dim, rows[0], rows[1]) if isinstance(rows, RowRun) else t.index_select(dim, rows)
 
 
 def _run_start(index: torch.Tensor) -> int | None:
@@ -77,7 +99,7 @@ def _run_start(index: torch.Tensor) -> int | None:
 
 
 def _mask_rows(mask: torch.Tensor, rows, heads: torch.Tensor | None, kv_len: int) -> torch.Tensor:
-    """Additive float mask for the chosen query rows (`_Rows` or an index) and heads (None: every head),
+    """Additive float mask for the chosen query rows (`RowRun` or an index) and heads (None: every head),
     broadcastable to [B, h, r, K]."""
     mask = mask[..., :kv_len]
     if mask.shape[1] > 1 and heads is not None:
@@ -115,7 +137,7 @@ def attention_probs(
     attention_mask: torch.Tensor | None,
     kwargs: dict,
     heads: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
+    rows: torch.Tensor | RowRun | None = None,
     keys: torch.Tensor | None = None,
     chunk: int = 256,
     logits: bool = False,
@@ -123,7 +145,7 @@ def attention_probs(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities [B, h, r, k] for query heads `heads`, query rows `rows` (indices into this call's
-    queries) and key columns `keys` (indices into this call's keys), computed in float32 and stored as `dtype`
+    queries, or a `RowRun`) and key columns `keys` (indices into this call's keys), computed in float32 and stored as `dtype`
     chunk by chunk (so a float16 result never has a float32 copy of its size); with `logits=True` the masked
     logits the softmax would see instead, in float32 (for edits that change them before the softmax).
 
@@ -137,7 +159,7 @@ def attention_probs(
     of the chunk's size is allocated: what a streamed capture hands its writer); otherwise the result is copied in.
     The same kernels run either way, so the bits are the same."""
     check_terms(module, kwargs)
-    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:  # no chunk loop: `out` unset
+    if type(chunk) is not int and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)) or chunk < 1:
         raise ValueError(f"chunk is the number of query rows computed at a time: a positive integer, not {chunk!r}")
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -146,8 +168,13 @@ def attention_probs(
     # of a device tensor waits for the queue to drain. A run of consecutive rows (every row, the last row) is taken as
     # a view of the queries, and every head needs no index at all: no index kernel, no index made on the device
     all_heads = heads is None or heads.numel() == n_heads and _is_range(heads, 0)
-    row_start = 0 if rows is None else _run_start(rows)
-    n_rows = q_len if rows is None else rows.numel()
+    if isinstance(rows, RowRun):
+        if rows[1] < 1 or rows[0] < 0 or rows[0] + rows[1] > q_len:
+            raise IndexError(f"rows {rows[0]}..{rows[0] + rows[1] - 1} are not within this call's {q_len} queries")
+        row_start, n_rows = rows
+    else:
+        row_start = 0 if rows is None else _run_start(rows)
+        n_rows = q_len if rows is None else rows.numel()
     last_row_only = n_rows == 1 and row_start == q_len - 1
     heads = None if all_heads else index_on(heads, device)
     rows = None if row_start is not None else index_on(rows, device)
@@ -187,7 +214,7 @@ def attention_probs(
     given, out = out, None if single else torch.empty(batch, n_sel, n_rows, n_keys, dtype=out_dtype, device=device)
     for start in range(0, n_rows, chunk):  # one [B, h, chunk, K] score block at a time, edited in place
         n = min(chunk, n_rows - start)
-        block = _Rows(row_start + start, n) if rows is None else rows[start : start + chunk]  # this chunk's query rows
+        block = RowRun(row_start + start, n) if rows is None else rows[start : start + chunk]  # this chunk's query rows
         q = _take(query, 2, block)  # rows first: only these rows are copied (a run is a view)
         q = (q if heads is None else q.index_select(1, heads)).float()
         if all_heads and groups > 1:
@@ -203,7 +230,7 @@ def attention_probs(
         if attention_mask is not None:
             scores = scores.add_(_mask_rows(attention_mask, block, heads, kv_len))
         if (causal or window) and not unmasked:
-            r = torch.arange(block.start, block.start + n, device=device) if isinstance(block, _Rows) else block
+            r = torch.arange(block.start, block.start + n, device=device) if isinstance(block, RowRun) else block
             q_pos = (kv_len - q_len + r)[:, None]
             key_pos = torch.arange(kv_len, device=device)
             allowed = torch.ones(n, kv_len, dtype=torch.bool, device=device)
