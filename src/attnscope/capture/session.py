@@ -116,7 +116,7 @@ class capture:
             raise
         self.trace.provenance = {
             "model": self.model.name, "class": type(hf).__name__, "attnscope": __version__,
-            "backend": {s.stream: seam.get_implementation(m.config) for m, s in chosen.items()},
+            "backend": {s.stream: seam.get_implementation(m.config) for m, s in _first_per_stream(chosen).items()},
             "dtype": str(self.dtype).removeprefix("torch."), "model_dtype": str(next(hf.parameters()).dtype).removeprefix("torch."),
             "selection": self.selection.to_dict(), "inputs": [], "streams": dict(self.model.streams),
         }
@@ -408,6 +408,14 @@ class capture:
             with torch.no_grad():
                 return call.probs_for(*args, chunk=self.chunk, dtype=self.dtype, out=out).to(self.dtype)
         return call.probs_for(*args, chunk=self.chunk, dtype=self.dtype, out=out).to(self.dtype)
+
+
+def _first_per_stream(chosen: dict) -> dict:
+    """The first selected module of each stream (one config read per stream, not per layer)."""
+    first = {}
+    for module, site in chosen.items():
+        first.setdefault(site.stream, (module, site))
+    return dict(first.values())
 
 
 class _Recorder(Handler):
