@@ -21,6 +21,9 @@ width 1024, 576 patches, feature layer -2), a 2-layer GELU projector, and a Llam
    The tower and projector cost the same in every configuration. The theoretical language-model FLOPs ratio is
    given beside the measured one.
    The same check is repeated in float32 with TF32 off at 1k tokens (bfloat16 rounding alone hides errors).
+   Host costs: the weights fingerprint of the 7B model (read at the end of every capture block) timed alone, and
+   bench/host.py (the same structure at tiny widths, host-bound) on this machine's CPU: what the growth ratios at short
+   contexts are made of.
 3. Split model: the same architecture cut to 8 language layers and 4 tower layers, in float32 (TF32 off), placed
    over the GPU, the CPU and disk with an explicit device map, against the unsplit model on the GPU: captured
    attention of both streams, FastV's kept positions and logits, a VCD generation, and `explain`. GPU and CPU
@@ -228,6 +231,28 @@ def exact_check(cfg, plan: dict, device: str) -> dict:
     return out
 
 
+def host_costs(m, small: bool, device: str) -> dict:
+    """What capture costs the host here, to read the growth ratios by: the weights fingerprint of this model with its
+    weights unchanged (read at the end of every capture block, synchronised), and bench/host.py on this machine's
+    CPU (the host work per attention call, at tiny widths)."""
+    import host
+
+    def fingerprint():
+        m.fingerprint
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    fingerprint()
+    times = [timed(fingerprint, device) for _ in range(5)]
+    out = {"fingerprint_s": statistics.median(times), "tensors": len(m.hf.state_dict()),
+           "host_bench": host.run(small, 2 if small else 9)}
+    print(f"host: fingerprint {out['fingerprint_s'] * 1e3:.2f} ms; host.py ratios "
+          f"{ {k: round(v['ratio'], 3) for k, v in out['host_bench']['ratios'].items()} }", flush=True)
+    return out
+
+
 # --- 2. FastV prefill -----------------------------------------------------------------------------------------
 def lm_flops(ns: list[int], t) -> float:
     """Language-model FLOPs of one prefill (projections, dense QK^T and PV, gated MLP), per layer."""
@@ -359,7 +384,8 @@ def run(out_dir: Path | None, small: bool) -> dict:
     res["build_s"] = time.perf_counter() - t0
     res["params"] = sum(p.numel() for p in m.hf.parameters())
     parts = {"growth": lambda: growth(m, cfg, plan, device, dtype), "fastv": lambda: fastv(m, cfg, plan, device, dtype),
-             "exact": lambda: exact_check(cfg, plan, device), "split": lambda: split_check(small, device)}
+             "host": lambda: host_costs(m, small, device), "exact": lambda: exact_check(cfg, plan, device),
+             "split": lambda: split_check(small, device)}
     for part, fn in parts.items():
         if part == "exact":
             del m
@@ -421,6 +447,12 @@ def report(res: dict, md: Path) -> None:
         L += ["", f"**Float32 check** (the same shapes in float32, TF32 off, {e['tokens']} tokens): the captured last rows "
               f"of all {e['layers']} layers equal eager's to {e['last_vs_eager_max_abs']:.1e} (row sums to "
               f"{e['rowsum_err']:.1e})."]
+    if res.get("host"):
+        h, hb = res["host"], res["host"]["host_bench"]
+        L += ["", f"**Host costs on this machine**: the weights fingerprint ({h['tensors']} tensors, weights unchanged), "
+              f"read at the end of every capture block, takes {h['fingerprint_s'] * 1e3:.2f} ms; `bench/host.py` on its "
+              "CPU (the same structure at tiny widths, host-bound): " + "; ".join(
+                  f"{k} {v['ratio']:.3f}x" for k, v in hb["ratios"].items()) + "."]
     L += ["", "`capture(queries=\"last\")` records every stream: where there is an image (1k tokens and up) the last row "
           "of each of the vision tower's 24 layers too (24 more attention calls than the text-only 256-token row).",
           "", "The eager reference runs in bfloat16 too (the model's own eager attention for the last token, after an "
@@ -456,7 +488,7 @@ def report(res: dict, md: Path) -> None:
               f"| VCD logits: max abs difference | {s['vcd_logits_max_abs']:.1e} |",
               f"| explain scores: max abs difference (largest score {s['explain_scores_max']:.1e}) | "
               f"{s['explain_scores_max_abs']:.1e} |"]
-    for part in ("growth", "fastv", "exact", "split"):
+    for part in ("growth", "fastv", "host", "exact", "split"):
         if res.get(f"{part}_error"):
             last = res[f"{part}_error"].strip().splitlines()[-1]
             L += ["", f"**{part} failed in this run:** `{last}`" + (f" {res['notes'][part]}" if part in res.get("notes", {}) else "")]

@@ -25,6 +25,9 @@ def test_gpu_bench_small_run_and_report(tmp_path):
         for check in row["checks"].values():
             assert check["cache_len_layers_2_on"] == [check["expected_2_on"]]
             assert check["cache_len_layers_0_1"] == [row["tokens"]] * 2
+    host = res["host"]["host_bench"]  # bench/host.py's captures recorded one row per attention call
+    assert host["records"] == {f"{k}: capture(queries='last')": n for k, n in host["attention_calls"].items()}
+    assert res["host"]["fingerprint_s"] > 0 and res["host"]["tensors"] > 0
     split = res["split"]
     assert {"cpu", "disk"} <= set(split["devices"])
     assert split["capture_roles_equal"] and split["fastv_kept_equal"] and split["vcd_tokens_equal"]
@@ -41,6 +44,7 @@ def test_gpu_bench_small_run_and_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "gpu.md").read_text()
     assert all(f"| {t} |" in md for t in res["growth"]) and "FastV K=2 keep 50%" in md and "explain scores" in md
+    assert "Host costs on this machine" in md
     assert (out / "gpu.png").stat().st_size > 1000
 
 
