@@ -176,8 +176,9 @@ def test_files_without_a_metadata_checksum_still_load_with_a_warning(written, tm
     old_dir = _copy_dir(written["dir"], tmp_path / "old", _drop_seal)
     old_summaries = _rewrite_file(written["summaries_file"], tmp_path / "old-s.safetensors", _drop_seal)
     for path, memory in ((old_file, "memory"), (old_dir, "memory"), (old_summaries, "summaries")):
-        with pytest.warns(UncheckedMetadataWarning, match="no checksum"):
+        with pytest.warns(UncheckedMetadataWarning, match="no checksum") as caught:
             loaded = Trace.load(path)
+        assert [w.filename for w in caught] == [__file__]  # one warning, pointing at the caller of Trace.load
         _same(written[memory], loaded)
     resaved = tmp_path / "resaved.safetensors"
     with pytest.warns(UncheckedMetadataWarning):

@@ -43,7 +43,7 @@ def load(f, meta: dict, path):
     """The `Summaries` of an open safetensors file `f` whose metadata `meta` has this FORMAT."""
     from .summaries import Summaries, SummaryRecord
 
-    check_metadata(meta, path)
+    check_metadata(meta, path, stacklevel=4)
     if meta.get("roles") != list(ROLES):
         raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
                              f"are {list(ROLES)}: read it with the attnscope that wrote it")

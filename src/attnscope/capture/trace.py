@@ -261,7 +261,9 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path, partial: bool = False) -> Trace:
-        """Read a trace written by `save`, validating every tensor against its recorded shape, dtype and checksum
+        """Read a trace written by `save`, validating its metadata against the checksum written with it (labels edited
+        after writing raise `TraceFileError`; a file written before it carried one loads with an
+        `UncheckedMetadataWarning`, `check_metadata`), every tensor against its recorded shape, dtype and checksum
         (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
         checked for finite values only), and every entry's labels against its tensor's name (`check_label`).
 
@@ -338,16 +340,17 @@ def check_format(meta, path) -> None:
         raise TraceFileError(f"{path}: unsupported trace format {found!r}; expected {FORMAT}")
 
 
-def check_metadata(meta: dict, path) -> None:
+def check_metadata(meta: dict, path, stacklevel: int = 3) -> None:
     """The metadata matches the checksum it was written with (`checksums.sealed`): a record's heads, queries, keys,
     step or part, a token's role, a grid, the steps, eras or provenance edited after writing (each of which leaves
     every tensor's checksum passing) is refused. Metadata without one (an attnscope before it) passes with a
-    warning; one this version cannot check (unknown algorithm, malformed field) is refused."""
+    warning (`stacklevel`: frames up to the caller of `Trace.load`); one this version cannot check (unknown
+    algorithm, malformed field) is refused."""
     entry = meta.get(METADATA_FIELD)
     if entry is None:
         warnings.warn(f"{path} was written by an attnscope whose trace metadata had no checksum: its labels (heads, "
                       "queries, steps, token roles, provenance) are checked for consistency only; save it again "
-                      "(Trace.save) to add one", UncheckedMetadataWarning, stacklevel=3)
+                      "(Trace.save) to add one", UncheckedMetadataWarning, stacklevel=stacklevel)
         return
     if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
         raise TraceFileError(f"{path}: malformed {METADATA_FIELD} field (the metadata was edited or damaged)")
