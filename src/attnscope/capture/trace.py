@@ -352,7 +352,7 @@ def check_metadata(meta: dict, path, stacklevel: int = 3) -> None:
                       "queries, steps, token roles, provenance) are checked for consistency only; save it again "
                       "(Trace.save) to add one", UncheckedMetadataWarning, stacklevel=stacklevel)
         return
-    if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("algorithm", "digest")):
         raise TraceFileError(f"{path}: malformed {METADATA_FIELD} field (the metadata was edited or damaged)")
     try:
         digest = metadata_digest(meta, entry.get("algorithm"))
