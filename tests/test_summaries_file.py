@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import attnscope
+from attnscope.capture.checksums import sealed
 from attnscope.capture.summaries import SUMMARIES, Summaries
 from attnscope.capture.trace import TraceFileError, checksum
 from attnscope.cli import main
@@ -91,7 +92,7 @@ def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_pat
                 t = edited[f"{rm['key']}/{key}"]
                 info.update(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."), blake2b=checksum(t))
         out = tmp_path / name
-        out.write_bytes(safetensors_bytes(edited, metadata={"attnscope": json.dumps(meta)}))
+        out.write_bytes(safetensors_bytes(edited, metadata={"attnscope": json.dumps(sealed(meta))}))
         return out
 
     first = meta["runs"][0]["records"][0]["key"]
@@ -133,7 +134,7 @@ def test_summary_records_whose_labels_disagree_with_their_keys_are_refused(saved
     b = next(i for i, rm in enumerate(records) if rm["layer"] == 29)
     records[a]["layer"], records[b]["layer"] = 29, 0
     bad = tmp_path / "relabelled.safetensors"
-    bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
+    bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(sealed(meta))}))
     with pytest.raises(TraceFileError, match="is labelled run 0"):
         attnscope.Trace.load(bad)
 
@@ -152,6 +153,6 @@ def test_summary_entries_taken_out_of_the_metadata_are_refused(saved, tmp_path, 
     else:
         records[0]["tensors"].pop("entropy")
     bad = tmp_path / "edited.safetensors"
-    bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
+    bad.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(sealed(meta))}))
     with pytest.raises(TraceFileError, match=r"have no entry in its metadata: the metadata was edited"):
         attnscope.Trace.load(bad)

@@ -11,6 +11,7 @@ import xxhash
 from safetensors import safe_open
 
 import attnscope
+from attnscope.capture.checksums import sealed
 from attnscope.capture import stream
 from attnscope.capture.trace import Trace, TraceFileError
 
@@ -73,7 +74,7 @@ def legacy(minilm, tmp_path, monkeypatch):
     for rm in records:
         del rm["checksum"]
         rm["blake2b"] = _by_hand(_tensor(out, rm), lambda: hashlib.blake2b(digest_size=16))
-    (out / stream.META).write_text(json.dumps(meta))
+    (out / stream.META).write_text(json.dumps(sealed(meta)))
     return out, records, memory
 
 
@@ -95,7 +96,7 @@ def test_blake2b_named_in_the_checksum_field_verifies_too(legacy):
     meta, records = _entries(out)
     for rm in records:
         rm["checksum"] = {"algorithm": "blake2b", "digest": rm.pop("blake2b")}
-    (out / stream.META).write_text(json.dumps(meta))
+    (out / stream.META).write_text(json.dumps(sealed(meta)))
     assert torch.equal(Trace.load(out).attention("text", 1), memory.attention("text", 1))
 
 
@@ -114,7 +115,7 @@ def test_edited_checksum_fields_are_refused(minilm, tmp_path, monkeypatch, edit,
     _capture(minilm, out, chunk=3)
     meta, records = _entries(out)
     edit(records[0]["checksum"])
-    (out / stream.META).write_text(json.dumps(meta))
+    (out / stream.META).write_text(json.dumps(sealed(meta)))
     if when == "load":
         with pytest.raises(TraceFileError, match=records[0]["key"]):
             Trace.load(out)
@@ -182,7 +183,7 @@ def test_records_whose_labels_disagree_with_their_keys_are_refused(minilm, tmp_p
     if partial:
         (out / stream.META).unlink()
         (out / stream.MARK).write_text("the capture block raised\n")
-    (out / (stream.PARTIAL if partial else stream.META)).write_text(json.dumps(meta))
+    (out / (stream.PARTIAL if partial else stream.META)).write_text(json.dumps(sealed(meta)))
     with pytest.raises(TraceFileError, match="r0/text/"):
         Trace.load(out, partial=partial)
 

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import attnscope
+from attnscope.capture.checksums import sealed
 from attnscope.capture.trace import TraceFileError
 from test_trace_checksums import _duplicate, _duplicate_as_next_step, _swap_layers
 
@@ -55,7 +56,7 @@ def test_metadata_that_lies_about_shapes(saved, tmp_path):
         meta = json.loads(f.metadata()["attnscope"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta["runs"][0]["records"][0]["shape"][2] = 5
-    save_file(tensors, str(path), metadata={"attnscope": json.dumps(meta)})
+    save_file(tensors, str(path), metadata={"attnscope": json.dumps(sealed(meta))})
     with pytest.raises(TraceFileError, match="metadata says"):
         attnscope.Trace.load(path)
 
@@ -86,7 +87,7 @@ def _with_records_edited(path, bad, edit):
         meta = json.loads(f.metadata()["attnscope"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     edit(meta["runs"][0]["records"])
-    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(meta)})
+    save_file(tensors, str(bad), metadata={"attnscope": json.dumps(sealed(meta))})
     return bad
 
 

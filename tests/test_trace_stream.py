@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 import attnscope
+from attnscope.capture.checksums import sealed
 from attnscope.capture import stream
 from attnscope.capture.trace import Trace, TraceFileError
 from attnscope.core.dispatch import registered_names
@@ -264,7 +265,7 @@ def test_missing_shard_or_checksum_refused_at_load(minilm, tmp_path):
     _minilm_dir(minilm, out)
     meta = json.loads((out / stream.META).read_text())
     del meta["runs"][0]["records"][3]["checksum"]
-    (out / stream.META).write_text(json.dumps(meta))
+    (out / stream.META).write_text(json.dumps(sealed(meta)))
     with pytest.raises(TraceFileError, match="no checksum"):
         Trace.load(out)
     _minilm_dir(minilm, out)

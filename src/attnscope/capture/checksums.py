@@ -8,10 +8,17 @@ A record's entry in `trace.json` carries `"checksum": {"algorithm": ..., "digest
 - `digest`: hex, over `"{dtype}:{shape}:"` then the tensor's bytes.
 - `rows` (optional): the bytes were fed a block of that many query rows at a time, every batch row and head of
   one block before the next block (the order a record streamed chunk by chunk is written in, so the writer
-  hashes each chunk while it is in memory instead of reading the shard back); absent: in memory order."""
+  hashes each chunk while it is in memory instead of reading the shard back); absent: in memory order.
+
+The metadata itself (a file's "attnscope" JSON, a directory's trace.json or trace.partial.json, a summaries file's
+JSON) carries `"metadata_checksum": {"algorithm": "xxh3_128", "digest": ...}` (`sealed`): XXH3-128 of the
+canonical JSON of every other field (keys sorted, compact separators, ASCII), so a label edited after writing (a
+record's heads, queries or step, a token's role, the provenance) is caught on load like an edited tensor
+(`trace.check_metadata`). Files written before it carry none and are still read (with a warning)."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 import xxhash
@@ -69,3 +76,28 @@ def entry_checksum(rm: dict) -> dict | None:
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise ValueError(f"malformed checksum rows {rows!r}")
     return {"algorithm": c["algorithm"], "digest": c["digest"]} | ({"rows": rows} if rows is not None else {})
+
+
+METADATA_FIELD = "metadata_checksum"  # the field of the metadata that holds its own checksum
+
+
+def canonical_json(meta: dict) -> bytes:
+    """The bytes the metadata checksum is taken over: `meta` as JSON with sorted keys and compact separators, ASCII
+    only. Taken over `meta` as read back from JSON, so tuples, int keys and floats hash as they will be read."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def metadata_digest(meta: dict, algorithm: str = WRITTEN) -> str:
+    """The hex digest of `meta` (its checksum field left out) under `algorithm`."""
+    if algorithm not in _NEW:
+        raise ValueError(f"metadata checksum algorithm {algorithm!r} is not known to this attnscope (known: "
+                         f"{sorted(_NEW)}); it may come from a newer version")
+    h = _NEW[algorithm]()
+    h.update(canonical_json({k: v for k, v in meta.items() if k != METADATA_FIELD}))
+    return h.hexdigest()
+
+
+def sealed(meta: dict) -> dict:
+    """`meta` as it will be read back from JSON, plus its checksum field (what every trace writer stores)."""
+    plain = json.loads(json.dumps({k: v for k, v in meta.items() if k != METADATA_FIELD}))
+    return plain | {METADATA_FIELD: {"algorithm": WRITTEN, "digest": metadata_digest(plain)}}

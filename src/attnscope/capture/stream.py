@@ -21,6 +21,10 @@ cache once `WRITEBACK_BYTES` more were written (`_write_through`), all of them b
                                  metadata; traces written before the algorithm was named carry "blake2b" and still load
       trace.partial.json         instead of trace.json when the block raised: the records written before it
 
+Both metadata files carry the checksum of their own content in the field "metadata_checksum" (XXH3-128 of the
+canonical JSON of every other field, `checksums.sealed`), checked when the directory is opened: a record's heads,
+queries, step or part, a token's role or the provenance edited in trace.json is refused like an edited shard.
+
 `Trace.load(dir)` reads `trace.json` only; each record's tensor is memory-mapped from its shard on first access and
 checked against its checksum then (`ShardTensor.read`), so opening a 10 GB trace costs its metadata and reading one
 layer reads one layer. A directory without `trace.json`, or still marked INCOMPLETE, is refused
@@ -28,8 +32,10 @@ layer reads one layer. A directory without `trace.json`, or still marked INCOMPL
 `overwrite=True`, and even then only a directory holding nothing but an earlier trace's files (its metadata or
 marker among them; another tool's trace.json is not ours) is cleared. A missing shard, a record without a checksum
 or with one this version cannot check, or whose run/stream/layer/index disagree with its tensor's name (a relabelled or
-duplicated entry: a checksum covers the tensor, not its labels) is refused when the directory is opened; a shard replaced after it was
-verified is verified again when next read."""
+duplicated entry: a checksum covers the tensor, not its labels) is refused when the directory is opened, as is a tensor in
+a shard that trace.json does not list (records taken out of the metadata; found from the shards' safetensors
+headers, `check_shards_listed`, no tensor bytes read); a shard replaced after it was verified is verified again
+when next read."""
 from __future__ import annotations
 
 import ctypes
@@ -48,8 +54,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checksums import TensorDigest, entry_checksum, tensor_checksum
-from .trace import FORMAT, Record, TraceFileError, check_axes, check_format, check_label, record_key, run_from_meta
+from .checksums import TensorDigest, entry_checksum, sealed, tensor_checksum
+from .trace import (FORMAT, Record, TraceFileError, check_axes, check_format, check_label, check_metadata, record_key,
+                    run_from_meta)
 
 META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
 SHARD_BYTES = 16 * 1024 * 1024  # records smaller than this are gathered into shards of about this size
@@ -301,7 +308,7 @@ class TraceWriter:
 
 def _write_json(path: Path, meta: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta))
+    tmp.write_text(json.dumps(sealed(meta)))
     os.replace(tmp, path)
 
 
@@ -485,6 +492,7 @@ def load_dir(cls, path: Path, partial: bool = False):
     try:
         meta = json.loads(meta_path.read_text())
         check_format(meta, meta_path)
+        check_metadata(meta, meta_path, stacklevel=4)
         if meta.get("incomplete") and not partial:  # a partial trace's metadata put in trace.json's place
             raise TraceFileError(f"{meta_path} describes a capture that did not finish ({meta['incomplete']}); "
                                  "open it with Trace.load(path, partial=True)")
@@ -513,8 +521,52 @@ def load_dir(cls, path: Path, partial: bool = False):
                 rec = Record(None, rm["heads"], rm["queries"], rm["keys"], rm["step"], rm["part"], source=source)
                 run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
             trace.runs.append(run)
+        check_shards_listed(path, meta_path, meta, partial)
         return trace
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OSError) as err:
         if isinstance(err, TraceFileError):
             raise
         raise TraceFileError(f"{meta_path} is not readable attnscope trace metadata: {err}") from err
+
+
+def shard_keys(shard: Path) -> set[str]:
+    """The tensor names in a shard's safetensors header (its first bytes only; no tensor data is read)."""
+    with open(shard, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("no safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError("header length out of range")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return set(header) - {"__metadata__"}
+
+
+def check_shards_listed(path: Path, meta_path: Path, meta: dict, partial: bool) -> None:
+    """Every tensor in the directory's shards has an entry in the metadata, and every entry's tensor is in the shard
+    it names (as `check_listed` does for a single file): an entry taken out of trace.json would otherwise leave a
+    trace missing records with every other check passing. Reads the shards' headers only. A partial trace may hold
+    a shard its metadata does not name (a record whose writing failed is left out of it); such a shard is skipped."""
+    listed: dict[str, set[str]] = {}
+    for run_meta in meta["runs"]:
+        for rm in run_meta["records"]:
+            listed.setdefault(rm["shard"], set()).add(rm["key"])
+    for name in sorted({p.name for p in path.glob("shard-*.safetensors")} | set(listed)):
+        shard, names = path / name, listed.get(name)
+        if names is None and partial:
+            continue
+        try:
+            keys = shard_keys(shard)
+        except (OSError, ValueError, struct.error) as err:
+            raise TraceFileError(f"{shard}: cannot read its header ({err}); the shard was damaged, or it is not part "
+                                 f"of the trace that {meta_path.name} describes") from err
+        unlisted, absent = sorted(keys - (names or set())), sorted((names or set()) - keys)
+        if unlisted:
+            raise TraceFileError(f"{shard}: {len(unlisted)} tensor(s) ({', '.join(unlisted[:3])}) have no entry in "
+                                 f"{meta_path.name}: the metadata was edited (records removed) or the shard does not "
+                                 "belong to this trace")
+        if absent:
+            raise TraceFileError(f"{meta_path}: record(s) {', '.join(absent[:3])} are not in {shard.name}, the shard "
+                                 "their entries name (the shard was replaced or the metadata edited)")

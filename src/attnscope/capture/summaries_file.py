@@ -1,7 +1,9 @@
 """Summaries in a file: `Summaries.save(path)` writes one .safetensors file holding every summary tensor, with the JSON
 metadata of a trace (format, provenance, token maps, and per record its heads, queries, step and part, plus the shape,
-dtype and blake2b checksum of each of its tensors); `Trace.load(path)` reads it back as a `Summaries`, checking every
-tensor as it does a file of rows (a damaged or altered file raises `TraceFileError`)."""
+dtype and blake2b checksum of each of its tensors, and the XXH3-128 checksum of the metadata itself in its
+"metadata_checksum" field, `checksums.sealed`); `Trace.load(path)` reads it back as a `Summaries`, checking the
+metadata and every tensor as it does a file of rows (a damaged or altered file, labels included, raises
+`TraceFileError`)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import ROLES
-from .trace import TraceFileError, check_label, check_listed, checksum, run_from_meta
+from .checksums import sealed
+from .trace import TraceFileError, check_label, check_listed, check_metadata, checksum, run_from_meta
 
 FORMAT = "attnscope.summaries/1"
 NAMES = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
@@ -31,7 +34,7 @@ def save(trace, path: str | Path) -> Path:
                            "blake2b": checksum(value)}
         return {"tensors": entry}
 
-    meta = trace.metadata(stored) | {"format": FORMAT, "roles": list(ROLES)}
+    meta = sealed(trace.metadata(stored) | {"format": FORMAT, "roles": list(ROLES)})
     path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
     return path
 
@@ -40,6 +43,7 @@ def load(f, meta: dict, path):
     """The `Summaries` of an open safetensors file `f` whose metadata `meta` has this FORMAT."""
     from .summaries import Summaries, SummaryRecord
 
+    check_metadata(meta, path, stacklevel=4)
     if meta.get("roles") != list(ROLES):
         raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
                              f"are {list(ROLES)}: read it with the attnscope that wrote it")

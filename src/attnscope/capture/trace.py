@@ -1,10 +1,18 @@
 """Trace: captured attention tensors, token roles and provenance; saved as safetensors with JSON metadata (with a
-blake2b checksum of every tensor, verified on load): one file (`Trace.save`), or a directory of shards streamed
-while the model runs (`capture(..., out=dir)`, see `stream.py`), opened lazily by `Trace.load`."""
+blake2b checksum of every tensor, and an XXH3-128 checksum of the metadata itself, both verified on load): one file
+(`Trace.save`), or a directory of shards streamed while the model runs (`capture(..., out=dir)`, see `stream.py`),
+opened lazily by `Trace.load`.
+
+A tensor's checksum covers its values, not its labels (a record's heads, queries, keys, step and part, the token
+maps' roles, the provenance): the metadata carries its own checksum (`checksums.sealed`, field
+"metadata_checksum"), checked by `check_metadata` before anything in it is used. Files written before it was added
+load with the structural checks only (`check_label`, `check_axes`, `check_listed`) and an
+`UncheckedMetadataWarning`."""
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +21,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import CACHED_STREAMS, TokenMap
+from .checksums import METADATA_FIELD, metadata_digest, sealed
 
 FORMAT = "attnscope.trace/1"
 
 
 class TraceFileError(ValueError):
     """A file that is not a valid attnscope trace."""
+
+
+class UncheckedMetadataWarning(UserWarning):
+    """A trace written before its metadata carried a checksum: its labels are checked for consistency only."""
 
 
 def checksum(tensor: torch.Tensor) -> str:
@@ -227,7 +240,7 @@ class Trace:
             tensors[key] = rec.probs.detach().cpu().contiguous()
             return {"blake2b": checksum(tensors[key])}
 
-        meta = self.metadata(stored)
+        meta = sealed(self.metadata(stored))
         path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
         return path
 
@@ -248,7 +261,9 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path, partial: bool = False) -> Trace:
-        """Read a trace written by `save`, validating every tensor against its recorded shape, dtype and checksum
+        """Read a trace written by `save`, validating its metadata against the checksum written with it (labels edited
+        after writing raise `TraceFileError`; a file written before it carried one loads with an
+        `UncheckedMetadataWarning`, `check_metadata`), every tensor against its recorded shape, dtype and checksum
         (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
         checked for finite values only), and every entry's labels against its tensor's name (`check_label`).
 
@@ -284,6 +299,7 @@ class Trace:
                 if issubclass(cls, Summaries):
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
+                check_metadata(meta, path)
                 trace = cls(provenance=meta.get("provenance", {}))
                 check_listed(f, [rm["key"] for run_meta in meta["runs"] for rm in run_meta["records"]], path)
                 for run_index, run_meta in enumerate(meta["runs"]):
@@ -322,6 +338,30 @@ def check_format(meta, path) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise TraceFileError(f"{path}: unsupported trace format {found!r}; expected {FORMAT}")
+
+
+def check_metadata(meta: dict, path, stacklevel: int = 3) -> None:
+    """The metadata matches the checksum it was written with (`checksums.sealed`): a record's heads, queries, keys,
+    step or part, a token's role, a grid, the steps, eras or provenance edited after writing (each of which leaves
+    every tensor's checksum passing) is refused. Metadata without one (an attnscope before it) passes with a
+    warning (`stacklevel`: frames up to the caller of `Trace.load`); one this version cannot check (unknown
+    algorithm, malformed field) is refused."""
+    entry = meta.get(METADATA_FIELD)
+    if entry is None:
+        warnings.warn(f"{path} was written by an attnscope whose trace metadata had no checksum: its labels (heads, "
+                      "queries, steps, token roles, provenance) are checked for consistency only; save it again "
+                      "(Trace.save) to add one", UncheckedMetadataWarning, stacklevel=stacklevel)
+        return
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("algorithm", "digest")):
+        raise TraceFileError(f"{path}: malformed {METADATA_FIELD} field (the metadata was edited or damaged)")
+    try:
+        digest = metadata_digest(meta, entry.get("algorithm"))
+    except ValueError as err:
+        raise TraceFileError(f"{path}: {err}") from err
+    if digest != entry["digest"]:
+        raise TraceFileError(f"{path}: the trace metadata does not match its checksum: it was edited or damaged after "
+                             "it was written (its labels, e.g. a record's heads, queries or step, a token's role or the "
+                             "provenance, cannot be trusted)")
 
 
 def run_from_meta(run_meta: dict) -> Run:
