@@ -164,7 +164,8 @@ def test_edited_labels_of_a_summaries_file_are_refused(written, tmp_path, edit):
 @pytest.mark.parametrize("seal, says", [({"algorithm": "sha3_999", "digest": "00"}, "'sha3_999' is not known"),
                                         ({"algorithm": "xxh3_128"}, "malformed metadata_checksum"),
                                         ({"algorithm": ["xxh3_128"], "digest": "00"}, "malformed metadata_checksum"),
-                                        ("abc", "malformed metadata_checksum")])
+                                        ("abc", "malformed metadata_checksum"),
+                                        (None, "malformed metadata_checksum")])  # no attnscope writes null
 def test_a_checksum_field_this_version_cannot_check_is_refused(written, tmp_path, seal, says):
     bad = _rewrite_file(written["file"], tmp_path / "bad.safetensors", lambda m: m.update({METADATA_FIELD: seal}))
     with pytest.raises(TraceFileError, match=says):

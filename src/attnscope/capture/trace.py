@@ -340,28 +340,32 @@ def check_format(meta, path) -> None:
         raise TraceFileError(f"{path}: unsupported trace format {found!r}; expected {FORMAT}")
 
 
-def check_metadata(meta: dict, path, stacklevel: int = 3) -> None:
+TRACE_LABELS = "a record's heads, queries or step, a token's role or the provenance"
+
+
+def check_metadata(meta: dict, path, stacklevel: int = 3, what: str = "trace", labels: str = TRACE_LABELS,
+                   resave: str = "Trace.save", error: type[ValueError] = TraceFileError) -> None:
     """The metadata matches the checksum it was written with (`checksums.sealed`): a record's heads, queries, keys,
     step or part, a token's role, a grid, the steps, eras or provenance edited after writing (each of which leaves
     every tensor's checksum passing) is refused. Metadata without one (an attnscope before it) passes with a
     warning (`stacklevel`: frames up to the caller of `Trace.load`); one this version cannot check (unknown
-    algorithm, malformed field) is refused."""
-    entry = meta.get(METADATA_FIELD)
-    if entry is None:
-        warnings.warn(f"{path} was written by an attnscope whose trace metadata had no checksum: its labels (heads, "
-                      "queries, steps, token roles, provenance) are checked for consistency only; save it again "
-                      "(Trace.save) to add one", UncheckedMetadataWarning, stacklevel=stacklevel)
+    algorithm, malformed field, or a field set to null: no attnscope writes that) is refused. `what`, `labels`,
+    `resave` and `error` name the kind of file in the messages (an explanation file is checked the same way)."""
+    if METADATA_FIELD not in meta:
+        warnings.warn(f"{path} was written by an attnscope whose {what} metadata had no checksum: its labels "
+                      f"({labels}) are checked for consistency only; save it again ({resave}) to add one",
+                      UncheckedMetadataWarning, stacklevel=stacklevel)
         return
+    entry = meta[METADATA_FIELD]
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("algorithm", "digest")):
-        raise TraceFileError(f"{path}: malformed {METADATA_FIELD} field (the metadata was edited or damaged)")
+        raise error(f"{path}: malformed {METADATA_FIELD} field (the metadata was edited or damaged)")
     try:
         digest = metadata_digest(meta, entry.get("algorithm"))
     except ValueError as err:
-        raise TraceFileError(f"{path}: {err}") from err
+        raise error(f"{path}: {err}") from err
     if digest != entry["digest"]:
-        raise TraceFileError(f"{path}: the trace metadata does not match its checksum: it was edited or damaged after "
-                             "it was written (its labels, e.g. a record's heads, queries or step, a token's role or the "
-                             "provenance, cannot be trusted)")
+        raise error(f"{path}: the {what} metadata does not match its checksum: it was edited or damaged after it was "
+                    f"written (its labels, e.g. {labels}, cannot be trusted)")
 
 
 def run_from_meta(run_meta: dict) -> Run:
