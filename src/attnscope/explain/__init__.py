@@ -19,7 +19,7 @@ from .._package import make_callable
 from ..models.images import load_image
 from . import flow, gradattn, gradcam, gradinput, integrated_gradients, lrp, random_map, raw, rollout
 from .engine import MethodError, default_stream
-from .explanation import Explanation
+from .explanation import Explanation, ExplanationFileError
 from .sinks import SinkReport, detect_sinks
 from .targets import (ClassLogit, Custom, EmbeddingSimilarity, NextToken, Target, TargetError, TokenEmbedding,
                       TokenLogProb, as_target)

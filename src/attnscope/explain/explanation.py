@@ -1,6 +1,11 @@
 """`Explanation`: scores over a sequence's input tokens, the map over each image at pixel resolution, and the
 method, parameters and target that produced them. Saved as JSON or safetensors (never pickle), rendered as PNG or
-self-contained HTML."""
+self-contained HTML.
+
+A saved file carries the checksum of its own metadata (field "metadata_checksum", `capture.checksums.sealed`: the
+method, parameters, target, token maps, sizes and, in a .json file, the scores) and a .safetensors file the checksum
+of each tensor ("tensors"), checked by `load`: a label or score edited after writing raises
+`ExplanationFileError`; a file written before them loads with an `UncheckedMetadataWarning`."""
 from __future__ import annotations
 
 import base64
@@ -14,9 +19,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..capture.checksums import entry_checksum, sealed, tensor_checksum
+from ..capture.trace import check_metadata
 from ..core.tokens import TokenMap
 
 FORMAT = "attnscope.explanation/1"
+LABELS = "the method, its parameters, the target, a token or its role, the scores"
+
+
+class ExplanationFileError(ValueError):
+    """A file that is not a valid attnscope explanation, or one changed after it was written."""
 
 
 @dataclass
@@ -144,14 +156,15 @@ class Explanation:
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=1))
+            path.write_text(json.dumps(sealed(self.to_dict()), indent=1))
         elif suffix == ".safetensors":
             from safetensors.torch import save_file
 
             tensors = {"scores": self.scores.contiguous()}
             if self.pixel_scores is not None:
                 tensors["pixel_scores"] = self.pixel_scores.contiguous()
-            save_file(tensors, str(path), metadata={"attnscope": json.dumps(self.meta())})
+            sums = {name: tensor_checksum(t) for name, t in tensors.items()}
+            save_file(tensors, str(path), metadata={"attnscope": json.dumps(sealed(self.meta() | {"tensors": sums}))})
         elif suffix == ".png":
             import matplotlib.pyplot as plt
 
@@ -166,24 +179,34 @@ class Explanation:
 
     @classmethod
     def load(cls, path: str | Path) -> Explanation:
-        """Read a .json or .safetensors file written by `save` (no model attached: faithfulness needs one)."""
+        """Read a .json or .safetensors file written by `save` (no model attached: faithfulness needs one), checking
+        its metadata (and a .safetensors file's tensors) against the checksums written with it: a label or score
+        edited after writing raises `ExplanationFileError`; a file written before them loads with an
+        `UncheckedMetadataWarning`."""
         path = Path(path)
-        pixel = None
+        pixel, tensors = None, {}
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as fh:
                 raw = (fh.metadata() or {}).get("attnscope")
                 if raw is None:
-                    raise ValueError(f"{path} is not an attnscope explanation (no 'attnscope' metadata)")
+                    raise ExplanationFileError(f"{path} is not an attnscope explanation (no 'attnscope' metadata)")
                 meta = json.loads(raw)
-                scores = fh.get_tensor("scores")
-                pixel = fh.get_tensor("pixel_scores") if "pixel_scores" in fh.keys() else None
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            scores, pixel = tensors.get("scores"), tensors.get("pixel_scores")
         else:
             meta = json.loads(path.read_text())
-            scores = torch.tensor(meta["scores"])
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: unsupported explanation format {meta.get('format')!r}; expected {FORMAT}")
+            scores = torch.tensor(meta["scores"]) if isinstance(meta, dict) and "scores" in meta else None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ExplanationFileError(f"{path}: unsupported explanation format {found!r}; expected {FORMAT}")
+        check_metadata(meta, path, what="explanation", labels=LABELS, resave="Explanation.save",
+                       error=ExplanationFileError)
+        if path.suffix.lower() == ".safetensors":
+            _check_tensors(meta.get("tensors"), tensors, path)
+        if scores is None:
+            raise ExplanationFileError(f"{path}: an explanation file without scores")
         return cls(meta["method"], meta["params"], scores, TokenMap.from_dict(meta["tokens"]), meta["stream"],
                    meta["target"], meta["target_value"], meta["model"],
                    tuple(meta["pixel_size"]) if meta.get("pixel_size") else None,
@@ -268,6 +291,24 @@ class Explanation:
             spans.append(f'<span title="{float(v):.4g}" style="background:{colour};padding:1px">{html.escape(tok)}</span>')
         body += "<p style='font-family:monospace;line-height:1.8'>" + " ".join(spans) + "</p>"
         return f"<!doctype html><html><head><meta charset='utf-8'><title>attnscope explanation</title></head><body>{head}{body}</body></html>"
+
+
+def _check_tensors(sums: dict | None, tensors: dict, path) -> None:
+    """The tensors of a .safetensors explanation are the ones its metadata lists, each matching its checksum
+    (`sums` None: a file written before they were recorded, whose metadata warned already)."""
+    if sums is None:
+        return
+    if not isinstance(sums, dict) or set(sums) != set(tensors) or "scores" not in tensors:
+        raise ExplanationFileError(f"{path}: holds tensors {sorted(tensors)}, its metadata lists "
+                                   f"{sorted(sums) if isinstance(sums, dict) else sums!r} (the file was edited)")
+    for name, tensor in tensors.items():
+        try:
+            want = entry_checksum({"checksum": sums[name]})
+        except ValueError as err:
+            raise ExplanationFileError(f"{path}: tensor {name!r}: {err}") from err
+        if tensor_checksum(tensor, want["algorithm"]) != want:
+            raise ExplanationFileError(f"{path}: tensor {name!r} does not match its checksum (the file was changed or "
+                                       "damaged after it was written)")
 
 
 def _plain(value):
