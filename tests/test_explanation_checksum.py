@@ -30,13 +30,12 @@ def explanations(dinov2, minilm):
     return {"image": image, "text": text}
 
 
-def _same(a: Explanation, b: Explanation, pixels: bool = True):
+def _same(a: Explanation, b: Explanation):
     assert (a.method, a.params, a.stream, a.target, a.target_value, a.model, a.pixel_size, a.patch) == \
            (b.method, b.params, b.stream, b.target, b.target_value, b.model, b.pixel_size, b.patch)
     assert a.tokens.to_dict() == b.tokens.to_dict() and torch.equal(a.scores, b.scores)
-    if pixels:
-        assert (a.pixel_scores is None) == (b.pixel_scores is None)
-        assert a.pixel_scores is None or torch.equal(a.pixel_scores, b.pixel_scores)
+    assert (a.pixel_scores is None) == (b.pixel_scores is None)
+    assert a.pixel_scores is None or torch.equal(a.pixel_scores, b.pixel_scores)
     assert json.dumps(a.extras, sort_keys=True) == json.dumps(b.extras, sort_keys=True)  # NaN == NaN as text
 
 
@@ -95,7 +94,7 @@ def test_untouched_files_load_bit_for_bit_without_a_warning(explanations, tmp_pa
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             back = Explanation.load(e.save(tmp_path / f"{name}{suffix}"))
-        _same(e, back, suffix != ".json")
+        _same(e, back)
     assert math.isnan(back.extras["nan"]) and back.extras["note"] == "😀 猫"
 
 
@@ -138,7 +137,7 @@ def test_files_without_the_checksums_still_load_with_a_warning(explanations, tmp
     with pytest.warns(UncheckedMetadataWarning, match="explanation metadata had no checksum") as caught:
         back = Explanation.load(path)
     assert [w.filename for w in caught] == [__file__]
-    _same(e, back, suffix != ".json")
+    _same(e, back)
 
 
 def test_a_checksum_field_set_to_null_is_refused(explanations, tmp_path):
@@ -146,3 +145,11 @@ def test_a_checksum_field_set_to_null_is_refused(explanations, tmp_path):
     bad = _edit(path, tmp_path / "bad.json", lambda m, _: m.update({METADATA_FIELD: None}))
     with pytest.raises(ExplanationFileError, match="malformed metadata_checksum"):
         Explanation.load(bad)
+
+
+def test_a_pixel_level_map_survives_a_json_file(explanations, tmp_path):
+    """gradinput keeps a map per pixel; a .json file that dropped it would load as the patch-grid map instead."""
+    e = explanations["image"]
+    back = Explanation.load(e.save(tmp_path / "e.json"))
+    assert back.pixel_scores is not None and torch.equal(back.pixel_scores, e.pixel_scores)
+    assert (back.image_map() == e.image_map()).all()

@@ -149,10 +149,11 @@ class Explanation:
                 "extras": _plain(self.extras), "tokens": self.tokens.to_dict()}
 
     def to_dict(self) -> dict:
-        return self.meta() | {"scores": self.scores.tolist()}
+        pixels = {} if self.pixel_scores is None else {"pixel_scores": self.pixel_scores.tolist()}
+        return self.meta() | {"scores": self.scores.tolist()} | pixels
 
     def save(self, path: str | Path) -> Path:
-        """By suffix: .json (scores + metadata), .safetensors (tensors + JSON metadata), .png (figure), .html."""
+        """By suffix: .json (scores, pixel scores + metadata), .safetensors (tensors + JSON metadata), .png (figure), .html."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix == ".json":
@@ -198,6 +199,8 @@ class Explanation:
         else:
             meta = json.loads(path.read_text())
             scores = torch.tensor(meta["scores"]) if isinstance(meta, dict) and "scores" in meta else None
+            if isinstance(meta, dict) and meta.get("pixel_scores") is not None:
+                pixel = torch.tensor(meta["pixel_scores"], dtype=torch.float32)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise ExplanationFileError(f"{path}: unsupported explanation format {found!r}; expected {FORMAT}")
