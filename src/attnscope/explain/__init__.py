@@ -94,5 +94,5 @@ def _display_pixels(model, inputs):
 
 make_callable(__name__, explain)
 
-__all__ = ["explain", "Explanation", "METHODS", "ATTENTION_METHODS", "MethodError", "TargetError", "Target",
+__all__ = ["explain", "Explanation", "ExplanationFileError", "METHODS", "ATTENTION_METHODS", "MethodError", "TargetError", "Target",
            "ClassLogit", "EmbeddingSimilarity", "NextToken", "TokenLogProb", "TokenEmbedding", "Custom", "detect_sinks", "SinkReport"]

@@ -3,7 +3,11 @@
 For each flow ("image->question": question rows cannot read image keys) and each window (first, last layer,
 both included) it holds the relative change (p_knockout - p) / p of the answer token's probability, one row per
 example. `mean()` averages over examples; `intervals()` adds percentile bootstrap intervals over examples
-(`evaluate.bootstrap`, clustered by the examples' `group`, e.g. the image they share)."""
+(`evaluate.bootstrap`, clustered by the examples' `group`, e.g. the image they share).
+
+A .json file carries the checksum of its own content (`capture.checksums.sealed`), checked by `load`: a flow, window,
+example or number edited after writing raises `CurveFileError`; a file written before it loads with an
+`UncheckedMetadataWarning`."""
 from __future__ import annotations
 
 import json
@@ -12,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..capture.checksums import sealed
+from ..capture.trace import check_metadata
+
 FORMAT = "attnscope.knockout_curve/1"
+
+
+class CurveFileError(ValueError):
+    """A knockout-curve file that was changed after it was written."""
 
 
 def flow_name(source: str, target: str) -> str:
@@ -113,7 +124,7 @@ class KnockoutCurve:
         """By suffix: .json (everything, with intervals) or .png (the figure)."""
         path = Path(path)
         if path.suffix.lower() == ".json":
-            path.write_text(json.dumps(self.to_dict(), indent=1))
+            path.write_text(json.dumps(sealed(self.to_dict()), indent=1))
         elif path.suffix.lower() == ".png":
             import matplotlib.pyplot as plt
 
@@ -135,7 +146,12 @@ class KnockoutCurve:
 
     @classmethod
     def load(cls, path: str | Path) -> KnockoutCurve:
-        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+        """Read a .json file written by `save`, checked against the checksum written with it."""
+        meta = json.loads(Path(path).read_text())
+        if isinstance(meta, dict) and meta.get("format") == FORMAT:
+            check_metadata(meta, path, what="knockout curve", labels="a flow, a window, an example, the changes",
+                           resave="KnockoutCurve.save", error=CurveFileError)
+        return cls.from_dict(meta, str(path))
 
     # --- rendering ----------------------------------------------------------------------------------------
     def plot(self, ax=None, title: str | None = None):
