@@ -314,11 +314,14 @@ def document(views: list[StreamView], images: list[Image.Image] | None = None, e
 
 
 def _plain(value):
-    """JSON-safe copy of provenance (tensors and tuples turned into lists, unknown objects into strings)."""
+    """JSON-safe copy of provenance (tensors and tuples turned into lists, unknown objects and non-finite numbers,
+    which JSON cannot hold, into strings)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
