@@ -103,13 +103,12 @@ def _refuses_bad_shard_sets(qs, out, files):
     missing.unlink()
     with pytest.raises(ShardError, match=r"shard\(s\) \[2\] of 3 are missing; run them \(--shard 2/3"):
         pope_mod.merge_pope(qs, out)
-    missing.write_text("\n".join(texts[missing].splitlines()[:-1]) + "\n")  # interrupted
-    with pytest.raises(ShardError, match="shard 2 of 3 holds 0 of its 1 answers"):
-        pope_mod.merge_pope(qs, out)
     head, *rows = texts[missing].splitlines()
-    other = json.loads(head)
-    other["settings"]["max_new_tokens"] = 8
-    missing.write_text("\n".join([json.dumps(other), *rows]) + "\n")
+    missing.write_text("\n".join([head, *rows[:-2]]) + "\n")  # interrupted: its answer and closing line cut
+    with pytest.raises(ShardError, match="shard-2-of-3.jsonl ends after row 0 without its closing line"):
+        pope_mod.merge_pope(qs, out)
+    head, rows = _read_plain(texts[missing])
+    shards.write(Shard(2, 3), out, head | {"settings": head["settings"] | {"max_new_tokens": 8}}, rows)
     with pytest.raises(ShardError, match=r"other settings than shard 0 \(max_new_tokens\)"):
         pope_mod.merge_pope(qs, out)
     missing.write_text(texts[missing])
@@ -119,12 +118,19 @@ def _refuses_bad_shard_sets(qs, out, files):
     stray.write_text(texts[files[0]])
     with pytest.raises(ShardError, match="holds shard 0 of 3; a shard file keeps its name"):
         pope_mod.merge_pope(qs, out)
-    head, *rows = texts[files[0]].splitlines()
-    stray.write_text("\n".join([json.dumps(json.loads(head) | {"count": 2}), *rows]) + "\n")
+    head, rows = _read_plain(texts[files[0]])
+    shards.write(Shard(0, 2), out, head | {"count": 2}, rows)
     with pytest.raises(ShardError, match="shards of different runs"):
         pope_mod.merge_pope(qs, out)
     stray.unlink()
     assert not out.exists() and all(p.read_text() == texts[p] for p in files)
+
+
+def _read_plain(text: str) -> tuple[dict, list[dict]]:
+    """A shard file's header and rows without their checksum fields (to write a shard as another run would)."""
+    lines = [json.loads(line) for line in text.splitlines()]
+    head = {k: v for k, v in lines[0].items() if k != "metadata_checksum"}
+    return head, [{k: v for k, v in r.items() if k != "row_checksum"} for r in lines[1:-1]]
 
 
 def test_chair_merges_to_the_unsharded_result(scene, tmp_path):

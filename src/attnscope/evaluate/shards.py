@@ -14,7 +14,9 @@ Two ways to run shards:
 * independently (a job array, machines with no rendezvous): `shard="i/n"` (`--shard i/n`) writes
   `out.shard-i-of-n.jsonl`; once all n exist, `merge` (`--merge`) checks and merges them into `out`.
 A shard file starts with a header naming its shard, the evaluation's settings and a fingerprint of the whole item
-list, so shards of different runs, a missing shard or a truncated one are refused by name, never merged."""
+list, so shards of different runs, a missing shard or a truncated one are refused by name, never merged; the header
+and every answer row carry chained checksums and the file ends with a closing line (`shard_file.py`), so a row edited,
+moved, repeated, cut or copied from another shard after writing is refused too, naming the file and the row."""
 from __future__ import annotations
 
 import hashlib
@@ -25,11 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import shard_file
+from .shard_file import ShardError
+
+__all__ = ["Shard", "ShardError", "combine", "exchange", "find", "from_launcher", "header", "merge", "parse", "read",
+           "resolve", "write"]
+
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
-
-
-class ShardError(ValueError):
-    """Shards that cannot be merged into one result; the message names the missing or mismatched shard."""
 
 
 @dataclass(frozen=True)
@@ -110,23 +114,15 @@ def header(shard: Shard, benchmark: str, items: Sequence, settings: dict) -> dic
 
 
 def write(shard: Shard, out: str | Path, head: dict, rows: list[dict]) -> Path:
-    """`out.shard-i-of-n.jsonl`: the header line, then one line per answered item; written atomically."""
-    path = shard.path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in [head, *rows]))
-    tmp.replace(path)
-    return path
+    """`out.shard-i-of-n.jsonl`: the sealed header, one checksummed line per answered item, a closing line
+    (`shard_file`); written atomically."""
+    return shard_file.write_lines(shard.path(out), head, rows)
 
 
-def read(path: Path) -> tuple[dict, list[dict]]:
-    try:
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ShardError(f"{path} is not valid JSON lines ({err}); rerun that shard") from err
-    if not lines or lines[0].get("type") != "shard":
-        raise ShardError(f"{path} is not an attnscope shard file (no shard header); rerun that shard")
-    return lines[0], lines[1:]
+def read(path: Path, callers: int = 0) -> tuple[dict, list[dict]]:
+    """(header, rows) of a shard file, every line checked (`shard_file.read`: `ShardError` naming the file and row);
+    a file written before the checksums warns at the caller `callers` frames above the caller of `read`."""
+    return shard_file.read(path, stacklevel=4 + callers)
 
 
 def find(out: str | Path) -> list[Path]:
@@ -230,7 +226,9 @@ def _group(shard: Shard):
 def merge(out: str | Path, benchmark: str, items: Sequence, key) -> tuple[dict, list[dict], list[Path]]:
     """Read `out.shard-*-of-*.jsonl` and combine them: (settings, rows in item order, the shard files)."""
     paths = find(out)
-    found = [read(p) for p in paths]
+    found = []
+    for path in paths:  # a loop, not a comprehension (its own frame before Python 3.12): warnings point at the
+        found.append(read(path, callers=2))  # caller of merge_pope / merge_chair
     for path, (head, _) in zip(paths, found):
         if Shard(head["index"], head["count"]).path(out).name != path.name:
             raise ShardError(f"{path} holds shard {head['index']} of {head['count']}; a shard file keeps its name")
