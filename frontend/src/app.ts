@@ -145,6 +145,8 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
   const show = (answer: RunAnswer) => {
     results.replaceChildren();
     const t0 = performance.now();
+    // e.g. a trace written before metadata checksums: its labels were not checked
+    for (const note of answer.doc.notes ?? []) results.append(el("p", { class: "as-warn", role: "note", text: note }));
     const methods = info.explain;
     if (answer.steered) {
       const pair = el("div", { class: "as-compare" });

@@ -67,6 +67,9 @@ export interface ViewDoc {
   steer?: { method: string; params: Record<string, unknown> } | null;
   mode?: string;
   sink_definition?: string;
+  /** Lines shown above the viewer, e.g. that a trace's labels were not checked (written before checksums). */
+  notes?: string[];
+  labels_checked?: boolean;
 }
 
 /** One stored query row for every layer and head: u8 [layers, heads, keys], scale [layers, heads]. */

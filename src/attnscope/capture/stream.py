@@ -492,11 +492,11 @@ def load_dir(cls, path: Path, partial: bool = False):
     try:
         meta = json.loads(meta_path.read_text())
         check_format(meta, meta_path)
-        check_metadata(meta, meta_path, stacklevel=4)
+        checked = check_metadata(meta, meta_path, stacklevel=4)
         if meta.get("incomplete") and not partial:  # a partial trace's metadata put in trace.json's place
             raise TraceFileError(f"{meta_path} describes a capture that did not finish ({meta['incomplete']}); "
                                  "open it with Trace.load(path, partial=True)")
-        trace = cls(provenance=meta.get("provenance", {}))
+        trace = cls(provenance=meta.get("provenance", {}), labels_checked=checked)
         for run_index, run_meta in enumerate(meta["runs"]):
             run = run_from_meta(run_meta)
             for rm in run_meta["records"]:

@@ -43,11 +43,11 @@ def load(f, meta: dict, path):
     """The `Summaries` of an open safetensors file `f` whose metadata `meta` has this FORMAT."""
     from .summaries import Summaries, SummaryRecord
 
-    check_metadata(meta, path, stacklevel=4)
+    checked = check_metadata(meta, path, stacklevel=4)
     if meta.get("roles") != list(ROLES):
         raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
                              f"are {list(ROLES)}: read it with the attnscope that wrote it")
-    trace = Summaries(provenance=meta.get("provenance", {}))
+    trace = Summaries(provenance=meta.get("provenance", {}), labels_checked=checked)
     check_listed(f, [f"{rm['key']}/{name}" for run_meta in meta["runs"] for rm in run_meta["records"]
                      for name in rm["tensors"]], path)
     for run_index, run_meta in enumerate(meta["runs"]):

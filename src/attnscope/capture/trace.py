@@ -127,6 +127,9 @@ class Run:
 class Trace:
     runs: list[Run] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    # False for a trace loaded from a file written before metadata checksums (`UncheckedMetadataWarning`): its
+    # labels were checked for consistency only; the viewer says so on the page
+    labels_checked: bool = field(default=True, compare=False)
 
     def __repr__(self) -> str:
         keys = sorted({k for r in self.runs for k in r.records})
@@ -299,8 +302,8 @@ class Trace:
                 if issubclass(cls, Summaries):
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
-                check_metadata(meta, path)
-                trace = cls(provenance=meta.get("provenance", {}))
+                checked = check_metadata(meta, path)
+                trace = cls(provenance=meta.get("provenance", {}), labels_checked=checked)
                 check_listed(f, [rm["key"] for run_meta in meta["runs"] for rm in run_meta["records"]], path)
                 for run_index, run_meta in enumerate(meta["runs"]):
                     run = run_from_meta(run_meta)
@@ -344,18 +347,19 @@ TRACE_LABELS = "a record's heads, queries or step, a token's role or the provena
 
 
 def check_metadata(meta: dict, path, stacklevel: int = 3, what: str = "trace", labels: str = TRACE_LABELS,
-                   resave: str = "Trace.save", error: type[ValueError] = TraceFileError) -> None:
+                   resave: str = "Trace.save", error: type[ValueError] = TraceFileError) -> bool:
     """The metadata matches the checksum it was written with (`checksums.sealed`): a record's heads, queries, keys,
     step or part, a token's role, a grid, the steps, eras or provenance edited after writing (each of which leaves
     every tensor's checksum passing) is refused. Metadata without one (an attnscope before it) passes with a
     warning (`stacklevel`: frames up to the caller of `Trace.load`); one this version cannot check (unknown
     algorithm, malformed field, or a field set to null: no attnscope writes that) is refused. `what`, `labels`,
-    `resave` and `error` name the kind of file in the messages (an explanation file is checked the same way)."""
+    `resave` and `error` name the kind of file in the messages (an explanation file is checked the same way).
+    Returns True when the checksum was verified, False for metadata without one."""
     if METADATA_FIELD not in meta:
         warnings.warn(f"{path} was written by an attnscope whose {what} metadata had no checksum: its labels "
                       f"({labels}) are checked for consistency only; save it again ({resave}) to add one",
                       UncheckedMetadataWarning, stacklevel=stacklevel)
-        return
+        return False
     entry = meta[METADATA_FIELD]
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("algorithm", "digest")):
         raise error(f"{path}: malformed {METADATA_FIELD} field (the metadata was edited or damaged)")
@@ -366,6 +370,7 @@ def check_metadata(meta: dict, path, stacklevel: int = 3, what: str = "trace", l
     if digest != entry["digest"]:
         raise error(f"{path}: the {what} metadata does not match its checksum: it was edited or damaged after it was "
                     f"written (its labels, e.g. {labels}, cannot be trusted)")
+    return True
 
 
 def run_from_meta(run_meta: dict) -> Run:

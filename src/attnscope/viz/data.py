@@ -298,10 +298,21 @@ def seen_image(pixel_values: torch.Tensor, image_processor=None, index: int = 0)
 
 
 # --- the document ---------------------------------------------------------------------------------------
+UNCHECKED_LABELS = "labels not checked: written before checksums; save it again to add one"
+
+
+def trace_notes(trace) -> list[str]:
+    """What the page must say about where `trace` came from: a file written before metadata checksums (loaded with an
+    `UncheckedMetadataWarning`, `Trace.labels_checked` False) has labels nothing verified."""
+    return [] if getattr(trace, "labels_checked", True) else [UNCHECKED_LABELS]
+
+
 def document(views: list[StreamView], images: list[Image.Image] | None = None, embed_rows: bool = True,
              provenance: dict | None = None, title: str = "", generation: dict | None = None,
-             explanations: list[dict] | None = None, tables: list[dict] | None = None, extra: dict | None = None) -> dict:
-    """The JSON-able view document the front end reads (embedded in HTML, or returned by the server)."""
+             explanations: list[dict] | None = None, tables: list[dict] | None = None, extra: dict | None = None,
+             notes: list[str] | None = None) -> dict:
+    """The JSON-able view document the front end reads (embedded in HTML, or returned by the server). `notes`: lines
+    the page shows above the viewer (`trace_notes`; `labels_checked` is False when one says the labels are unchecked)."""
     doc = {
         "format": FORMAT, "title": title, "roles": list(ROLES),
         "streams": [v.meta(embed_rows) for v in views],
@@ -309,6 +320,7 @@ def document(views: list[StreamView], images: list[Image.Image] | None = None, e
         "provenance": _plain(provenance or {}),
         "sink_definition": next((v.sink_rule for v in views if v.sink_rule), ""),
         "generation": generation, "explanations": explanations or [], "tables": tables or [],
+        "notes": list(notes or []), "labels_checked": UNCHECKED_LABELS not in (notes or []),
     }
     return doc | (extra or {})
 

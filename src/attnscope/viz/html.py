@@ -49,10 +49,12 @@ def page(doc: dict, title: str = "attnscope", inline: bool = True, static_url: s
     else:
         head = f'<link rel="stylesheet" href="{static_url}/viewer.css">'
         script = f'<script src="{static_url}/viewer.js"></script>'
+    # the doc's notes (e.g. labels not checked) as markup: shown whether or not the script runs
+    notes = "".join(f'<p class="as-warn" role="note">{_html.escape(str(n))}</p>\n' for n in doc.get("notes") or [])
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc}</title>\n{head}</head>\n"
-        f"<body><div id=\"attnscope-root\"></div>\n"
+        f"<body>{notes}<div id=\"attnscope-root\"></div>\n"
         f"<script type=\"application/json\" id=\"attnscope-data\">{json_for_script(doc)}</script>\n{script}\n</body></html>\n"
     )
 
@@ -71,7 +73,8 @@ def trace_html(trace, image: Image.Image | None = None, pixel_values=None, image
     views = [v.subset(v.export_queries(max_values)) for v in result_views]
     entries = [_explanation_entry(e, result_views) for e in explanations or []]
     name = title or f"attnscope: {trace.provenance.get('model', 'trace')}"
-    doc = data.document(views, images, embed_rows=True, provenance=trace.provenance, title=name, explanations=entries)
+    doc = data.document(views, images, embed_rows=True, provenance=trace.provenance, title=name, explanations=entries,
+                        notes=data.trace_notes(trace))
     return page(doc, name)
 
 

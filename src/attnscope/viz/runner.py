@@ -27,13 +27,15 @@ class RunResult:
     explanations: dict = field(default_factory=dict)  # id -> Explanation, for faithfulness asked for afterwards
     text: str | None = None  # the prompt as typed (the knockout panel's question words; grounding asks it again)
     raw_prompt: bool = False
+    notes: list[str] = field(default_factory=list)  # shown above the viewer (`data.trace_notes`)
 
     def document(self, embed_rows: bool, title: str = "", max_values: int | None = None, **extra) -> dict:
         views = self.views
         if embed_rows and max_values is not None:
             views = [v.subset(v.export_queries(max_values)) for v in views]
         return data.document(views, self.images, embed_rows=embed_rows, provenance=self.provenance, title=title,
-                             generation=self.generation, extra={"seconds": round(self.seconds, 3), "steer": self.steer} | extra)
+                             generation=self.generation, extra={"seconds": round(self.seconds, 3), "steer": self.steer} | extra,
+                             notes=self.notes)
 
 
 def can_generate(model) -> bool:
@@ -121,7 +123,7 @@ def from_trace(trace: Trace, images: list[Image.Image] | None = None, tail: list
         views = lazy.stream_views(trace, run=run, row=row, tail=tail)
     else:
         views = data.stream_views(trace, run=run, row=row, tail=tail, sinks=sinks)
-    return RunResult(views, list(images or []), dict(trace.provenance))
+    return RunResult(views, list(images or []), dict(trace.provenance), notes=data.trace_notes(trace))
 
 
 def explain_entry(model, result: RunResult, method: str, stream: str, query: int | None = None,
