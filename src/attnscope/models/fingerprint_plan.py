@@ -5,11 +5,12 @@ layouts, a sample of each tensor). That walk, the per-tensor sampling and the co
 on a 7B model's 686 tensors, at the end of every capture block. A `Plan`, built on a full walk, tells in a few flat
 comparisons that the same walk would give the same key:
 
-- the structure `state_dict()` reads: every module, breadth first (held weakly, so a kept plan never keeps a model
-  alive), its class, the keys of its `_parameters`, `_buffers` and `_modules` in order, the identity of every value,
-  its non-persistent buffer names, no state-dict hooks, the size of its `__dict__` (a method set on the instance adds
-  a key), and no class that changes `state_dict`, `_save_to_state_dict` or `get_extra_state`. So `state_dict()` would
-  give the same names, in the same order, for the same tensor objects;
+- the structure `state_dict()` reads, walked afresh from the root, breadth first: each module's class, the keys of
+  its `_parameters`, `_buffers` and `_modules` in order, the identity of every parameter and buffer, its
+  non-persistent buffer names, no state-dict hooks, the size of its `__dict__` (a method set on the instance adds a
+  key), and no class that changes `state_dict`, `_save_to_state_dict` or `get_extra_state`. So `state_dict()` would
+  give the same names, in the same order, for the same tensor objects. The plan holds no module, so a kept plan never
+  keeps a model alive;
 - per tensor its write counter (`_version`), its dtype and `is_set_to` an alias taken at the walk (same storage,
   offset, shape and strides): `p.data = other` and `p.data = p.data.t()` change no counter but fail `is_set_to`;
 - the sample: the same strided views `_sample` gives, taken once of that storage (a view shares it, so a write
@@ -20,7 +21,7 @@ Any difference returns False and the caller takes the full walk, which builds a 
 check could not be trusted: offloaded (meta) or inference tensors (no write counter), a sample that is a copy rather
 than a view, state-dict hooks, classes that change what `state_dict()` returns, a `None` submodule. A storage the
 module let go of (moved by `.to()`, a replaced parameter) stays referenced by the plan until the next fingerprint
-read or `forget`."""
+read, `forget` or `release` (which `placement.split` calls)."""
 from __future__ import annotations
 
 from itertools import chain
