@@ -9,9 +9,11 @@ SmolLM2-135M (real weights). The fast check is split into its Python part (the s
 bytes (one copy of the sampled elements per device and dtype and one comparison): on a GPU the bytes are device work
 (a few kernels and one read of a flag), on the CPU they are host time.
 
-    flock /tmp/attnscope-heavy.lock python bench/fingerprint.py    # -> bench/results/fingerprint.md and .json"""
+    flock /tmp/attnscope-heavy.lock python bench/fingerprint.py    # -> bench/results/fingerprint.md and .json
+    python bench/fingerprint.py --small    # tiny structure, few repetitions, no files (tests/test_bench_fingerprint.py)"""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -23,27 +25,30 @@ sys.path.insert(0, str(HERE))
 REPEATS, NUMBER = 15, 20
 
 
-def _models():
+def _models(small: bool):
     import gpu
     import launches
     import torch
 
     import attnscope
 
+    if small:
+        yield "LLaVA structure (4 language, 3 tower layers)", gpu.build(gpu.configs(True), "cpu", torch.float32)
+        return
     cfg = gpu.configs(False)
     launches.tiny(cfg)
     yield "LLaVA-1.5-7B structure (tiny widths)", gpu.build(cfg, "cpu", torch.float32)
     yield "SmolLM2-135M", attnscope.load("smollm2-135m")
 
 
-def _per_call(fn) -> float:
+def _per_call(fn, number: int) -> float:
     start = time.perf_counter()
-    for _ in range(NUMBER):
+    for _ in range(number):
         fn()
-    return (time.perf_counter() - start) / NUMBER * 1e3
+    return (time.perf_counter() - start) / number * 1e3
 
 
-def measure(model) -> dict:
+def measure(model, repeats: int = REPEATS, number: int = NUMBER) -> dict:
     import torch
 
     from attnscope.models import fingerprint as fp
@@ -66,10 +71,11 @@ def measure(model) -> dict:
 
     assert full_walk() and python_part() and model.fingerprint == first
     times = {"full walk": [], "fast check": [], "its Python part": []}
-    for _ in range(REPEATS):  # interleaved, so contention hits all alike
-        times["full walk"].append(_per_call(full_walk))
-        times["fast check"].append(_per_call(lambda: model.fingerprint))
-        times["its Python part"].append(_per_call(python_part))
+    for _ in range(repeats):  # interleaved, so contention hits all alike
+        times["full walk"].append(_per_call(full_walk, number))
+        times["fast check"].append(_per_call(lambda: model.fingerprint, number))
+        times["its Python part"].append(_per_call(python_part, number))
+    assert fp._KEPT[hf] is kept and model.fingerprint == first  # every read was the fast check's (a walk replaces it)
     medians = {name: statistics.median(values) for name, values in times.items()}
     state = hf.state_dict(keep_vars=True)
     return {"tensors": len(state), "modules": len(list(hf.modules())),
@@ -92,11 +98,21 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def run(small: bool) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    results = {name: measure(model) for name, model in _models()}
+    return {name: measure(model, *((2, 2) if small else ())) for name, model in _models(small)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny structure, few repetitions; no files")
+    small = ap.parse_args().small
+    results = run(small)
+    if small:
+        print(report(results))
+        return
     out = HERE / "results"
     (out / "fingerprint.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "fingerprint.md").write_text(report(results))
