@@ -30,7 +30,7 @@ from operator import attrgetter, is_, itemgetter
 import torch
 from torch import nn
 
-_MODULES = attrgetter("_modules")
+_MODULES = itemgetter("_modules")  # from a module's __dict__
 _FIELDS = itemgetter("_parameters", "_buffers", "_non_persistent_buffers_set", "_state_dict_hooks",
                      "_state_dict_pre_hooks")  # from a module's __dict__
 _VERSION, _DTYPE = attrgetter("_version"), attrgetter("dtype")
@@ -45,18 +45,27 @@ def _as_integers(data: torch.Tensor) -> torch.Tensor:
     return raw.view(_WIDEST[width])
 
 
-def _tree(hf: nn.Module, most: int) -> tuple[list[nn.Module], list[dict]] | None:
-    """Every module under `hf` breadth first (a module's children follow, in order, those of the module before it)
-    and their `_modules` dicts; None past `most` modules (a cycle)."""
-    modules, children, level = [], [], [hf]
+def _tree(hf: nn.Module, most: int) -> tuple[list[nn.Module], list[dict], list[dict]] | None:
+    """Every module under `hf` breadth first (a module's children follow, in order, those of the module before it),
+    their `__dict__`s and `_modules` dicts; None past `most` modules (a cycle)."""
+    modules, attributes, children, level = [], [], [], [hf]
     while level:
-        dicts = list(map(_MODULES, level))
+        found = list(map(vars, level))
+        dicts = list(map(_MODULES, found))
         modules += level
+        attributes += found
         children += dicts
         if len(modules) > most:
             return None
         level = list(chain.from_iterable(map(dict.values, dicts)))
-    return modules, children
+    return modules, attributes, children
+
+
+def _picker(indices: list[int]):
+    """A function giving the items at `indices` of a sequence, as a tuple."""
+    if len(indices) == 1:
+        return lambda sequence: (sequence[indices[0]],)
+    return itemgetter(*indices) if indices else lambda sequence: ()
 
 
 def _methods(cls: type) -> tuple:
@@ -67,17 +76,19 @@ class Plan:
     """What `unchanged` compares, taken on a full walk (`build`). It holds no module: a kept plan never keeps a model
     alive."""
 
-    def __init__(self, modules: list[nn.Module], children: list[dict], tensors: list[torch.Tensor],
-                 views: dict[tuple, list[torch.Tensor]]):
+    def __init__(self, modules: list[nn.Module], attributes: list[dict], children: list[dict],
+                 tensors: list[torch.Tensor], views: dict[tuple, list[torch.Tensor]]):
         self.classes = list(map(type, modules))
         self.methods = {cls: _methods(cls) for cls in set(self.classes)}
-        attributes = list(map(vars, modules))
         self.sizes = list(map(len, attributes))  # a method set on an instance adds a key
         parameters, buffers, skipped, _, _ = zip(*map(_FIELDS, attributes))
         dicts = [*parameters, *buffers, *children]
         self.lengths = list(map(len, dicts))
-        self.keys = list(chain.from_iterable(dicts))
-        self.values = list(chain.from_iterable(map(dict.values, parameters + buffers)))  # tensors (or None)
+        # once the lengths are the same, only the dicts that were not empty hold keys and values to compare
+        self.filled = _picker([i for i, d in enumerate(dicts) if d])
+        self.filled_states = _picker([i for i, d in enumerate(parameters + buffers) if d])
+        self.keys = list(chain.from_iterable(self.filled(dicts)))
+        self.values = list(chain.from_iterable(map(dict.values, self.filled_states(parameters + buffers))))
         self.skipped = tuple(map(frozenset, skipped))
         self.tensors = tensors
         self.aliases = [t.detach() for t in tensors]
@@ -92,21 +103,21 @@ class Plan:
         tree = _tree(hf, len(self.classes))
         if tree is None:
             return False
-        modules, children = tree
+        modules, attributes, children = tree
         if list(map(type, modules)) != self.classes:
             return False
         if any(self.methods[cls] != _methods(cls) for cls in self.methods):
             return False
-        attributes = list(map(vars, modules))
         if list(map(len, attributes)) != self.sizes:
             return False
         parameters, buffers, skipped, hooks, pre_hooks = zip(*map(_FIELDS, attributes))
         if any(hooks) or any(pre_hooks) or skipped != self.skipped:  # a set equals a frozenset of the same names
             return False
         dicts = [*parameters, *buffers, *children]
-        if list(map(len, dicts)) != self.lengths or list(chain.from_iterable(dicts)) != self.keys:
+        if list(map(len, dicts)) != self.lengths or list(chain.from_iterable(self.filled(dicts))) != self.keys:
             return False
-        if not all(map(is_, chain.from_iterable(map(dict.values, parameters + buffers)), self.values)):
+        states = self.filled_states(parameters + buffers)
+        if not all(map(is_, chain.from_iterable(map(dict.values, states)), self.values)):  # tensors (or None)
             return False
         if list(map(_VERSION, self.tensors)) != self.versions or list(map(_DTYPE, self.tensors)) != self.dtypes:
             return False
@@ -120,8 +131,11 @@ def build(hf: nn.Module, state: dict[str, torch.Tensor],
           views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]) -> Plan | None:
     """A plan for the weights `state` (this walk's `state_dict(keep_vars=True)`) and their sample views (per device
     and dtype, each with its tensor); None where the fast check could not be trusted (see the module docstring)."""
-    tree = _tree(hf, 1 << 20)
-    if tree is None or any(child is None for child in chain.from_iterable(map(dict.values, tree[1]))):
+    try:
+        tree = _tree(hf, 1 << 20)
+    except TypeError:  # a None submodule (`vars(None)`): `unchanged` would read it as a change each time
+        return None
+    if tree is None:
         return None
     reference = _methods(nn.Module)
     for module in tree[0]:
