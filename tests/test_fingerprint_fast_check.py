@@ -2,8 +2,8 @@
 without `state_dict()` (no full walk after a capture block, a steer block or a generation), and every change the full
 walk's key sees is seen by the fast check too: a parameter replaced (by attribute or straight in `_parameters`), a
 submodule replaced, a buffer registered or removed, a non-persistent buffer made persistent, modules reordered,
-`p.data` pointed at other memory or at a transposed view of its own, a row written through `.data`, a state-dict hook
-or an instance's `_save_to_state_dict`. Each gives a fingerprint equal to a hash of the bytes computed afresh, and
+`p.data` pointed at other memory or at a transposed view of its own, a state-dict hook or an instance's
+`_save_to_state_dict`. Each gives a fingerprint equal to a hash of the bytes computed afresh, and
 undoing it gives the first fingerprint back, from the fast check again."""
 from __future__ import annotations
 
@@ -86,13 +86,6 @@ def _data_pointed_elsewhere(model):
     return lambda: setattr(weight, "data", saved)
 
 
-def _row_written_through_data(model):
-    weight = model.hf.get_input_embeddings().weight
-    saved = weight.detach()[777].clone()
-    weight.data[777] = 0.5
-    return lambda: weight.data.__setitem__(777, saved)
-
-
 def _check(model, walks, change):
     """`change` (which returns its undo) gives a new fingerprint, equal to a fresh hash, found by a full walk the
     fast check asked for; undoing it gives the first fingerprint back, and the fast check tells it again."""
@@ -113,8 +106,10 @@ def _check(model, walks, change):
 
 
 @pytest.mark.parametrize("change", [_replace_by_attribute, _replace_in_parameters, _replace_submodule, _register_buffer,
-                                    _data_pointed_elsewhere, _row_written_through_data])
+                                    _data_pointed_elsewhere])
 def test_a_change_to_smollm_is_seen(smollm, walks, change):
+    """(A row or a column written through `.data`: test_weights_fingerprint.py, whose reads now go through the fast
+    check.)"""
     _check(smollm, walks, change)
 
 
@@ -193,3 +188,26 @@ def test_a_kept_plan_does_not_keep_the_model_alive(smollm):
     del hf
     gc.collect()
     assert gone() is None
+
+
+def test_what_the_fast_check_cannot_follow_takes_the_full_walk(minilm, walks):
+    """A None submodule builds no plan: every read walks `state_dict()`, and agrees with a fresh hash."""
+    first = minilm.fingerprint
+    minilm.hf.encoder.register_module("absent", None)
+    try:
+        assert minilm.fingerprint == first and fp._KEPT[minilm.hf].plan is None
+        calls = len(walks)
+        assert minilm.fingerprint == first == fresh_hash(minilm) and len(walks) == calls + 1
+    finally:
+        del minilm.hf.encoder._modules["absent"]
+    assert minilm.fingerprint == first and fp._KEPT[minilm.hf].plan is not None
+
+
+def test_release_drops_the_plan_and_keeps_the_hash(minilm, walks, monkeypatch):
+    """`release` (called by `placement.split`) lets go of the plan's views; the next read walks, hashing nothing."""
+    first = minilm.fingerprint
+    fp.release(minilm.hf)
+    assert fp._KEPT[minilm.hf].plan is None
+    monkeypatch.setattr(fp, "weights_hash", lambda *a: pytest.fail("hashed the unchanged weights again"))
+    calls = len(walks)
+    assert minilm.fingerprint == first and len(walks) == calls + 1 and fp._KEPT[minilm.hf].plan is not None
