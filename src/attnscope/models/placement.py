@@ -136,6 +136,9 @@ def split(model, device_map="auto", max_memory: dict | None = None, offload_fold
     if "disk" in device_map.values() and (Path(offload_folder) / "index.json").exists():
         _check_reused_folder(hf, device_map, Path(offload_folder))
     model.hf = accelerate.dispatch_model(hf, device_map, offload_dir=None if offload_folder is None else str(offload_folder))
+    from .fingerprint import release  # the fingerprint reads offloaded weights through this module
+
+    release(hf)  # the kept fingerprint's views would hold the storages the placement moved away
     return model
 
 
