@@ -156,8 +156,25 @@ def _instance_save_to_state_dict(model):
     return lambda: delattr(pooler, "_save_to_state_dict")
 
 
+def _instance_save_to_state_dict_for_an_attribute(model):
+    """An instance's `_save_to_state_dict` set where another attribute was removed: its `__dict__` keeps its size."""
+    attention = model.hf.encoder.layer[0].attention.self
+    saved = vars(attention).pop("attention_head_size")  # read in forward only: state_dict() does not need it
+    real = attention._save_to_state_dict
+
+    def save(destination, prefix, keep_vars):
+        real(destination, prefix, keep_vars)
+        destination[prefix + "extra"] = torch.ones(2)
+    attention._save_to_state_dict = save
+
+    def undo():
+        del attention._save_to_state_dict
+        vars(attention)["attention_head_size"] = saved
+    return undo
+
+
 @pytest.mark.parametrize("change", [_buffer_made_persistent, _modules_reordered, _data_transposed, _state_dict_hook,
-                                    _instance_save_to_state_dict])
+                                    _instance_save_to_state_dict, _instance_save_to_state_dict_for_an_attribute])
 def test_a_change_to_what_state_dict_returns_is_seen(minilm, walks, change):
     """What decides `state_dict()` beyond the tensors (on MiniLM: its hash takes a fifth of a second)."""
     _check(minilm, walks, change)

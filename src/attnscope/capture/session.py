@@ -294,6 +294,11 @@ class capture:
         q_len, kv_len = call.query.shape[2], call.key.shape[2]
         tmaps = run.tokens.get(call.site.stream)
         where = f"{call.site.stream} layer {call.site.layer}: "
+        if call.query.shape[1] != call.site.num_heads:  # every head passes as None: its labels come from the site
+            raise ValueError(f"{where}{type(call.module).__name__} attends with {call.query.shape[1]} query heads, but "
+                             f"had {call.site.num_heads} when the model was wrapped (its heads were changed since: "
+                             "pruned or replaced); wrap it again (`attnscope.wrap(model.hf, model.tokenizer)`, or pass the "
+                             "transformers model to capture) so the heads are read afresh")
         pruned = kept_positions(self.model.hf, create=False).get((call.site.stream, call.site.layer))
         if pruned is not None and call.site.stream in CACHED_STREAMS and pruned.shape[1] == kv_len:
             if pruned.shape[0] > 1 and not bool((pruned == pruned[:1]).all()):

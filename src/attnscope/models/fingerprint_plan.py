@@ -8,9 +8,9 @@ comparisons that the same walk would give the same key:
 - the structure `state_dict()` reads, walked afresh from the root, breadth first: each module's class, the keys of
   its `_parameters`, `_buffers` and `_modules` in order, the identity of every parameter and buffer, its
   non-persistent buffer names, no state-dict hooks, the size of its `__dict__` (a method set on the instance adds a
-  key), and no class that changes `state_dict`, `_save_to_state_dict` or `get_extra_state`. So `state_dict()` would
-  give the same names, in the same order, for the same tensor objects. The plan holds no module, so a kept plan never
-  keeps a model alive;
+  key), none of `state_dict`, `_save_to_state_dict` and `get_extra_state` set on the instance (where an attribute
+  was removed, the size is the same), and no class that changes them. So `state_dict()` would give the same names,
+  in the same order, for the same tensor objects. The plan holds no module, so a kept plan never keeps a model alive;
 - per tensor its write counter (`_version`), its dtype and `is_set_to` an alias taken at the walk (same storage,
   offset, shape and strides): `p.data = other` and `p.data = p.data.t()` change no counter but fail `is_set_to`;
 - the sample: the same strided views `_sample` gives, taken once of that storage (a view shares it, so a write
@@ -24,8 +24,8 @@ module let go of (moved by `.to()`, a replaced parameter) stays referenced by th
 read, `forget` or `release` (which `placement.split` calls)."""
 from __future__ import annotations
 
-from itertools import chain
-from operator import attrgetter, is_, itemgetter
+from itertools import chain, repeat
+from operator import attrgetter, contains, is_, itemgetter
 
 import torch
 from torch import nn
@@ -109,6 +109,9 @@ class Plan:
         if any(self.methods[cls] != _methods(cls) for cls in self.methods):
             return False
         if list(map(len, attributes)) != self.sizes:
+            return False
+        # a method set on an instance where another attribute was removed leaves the size alone
+        if any(any(map(contains, attributes, repeat(name))) for name in _METHODS):
             return False
         parameters, buffers, skipped, hooks, pre_hooks = zip(*map(_FIELDS, attributes))
         if any(hooks) or any(pre_hooks) or skipped != self.skipped:  # a set equals a frozenset of the same names
