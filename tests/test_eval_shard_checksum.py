@@ -16,17 +16,13 @@ from attnscope.evaluate import chair as chair_mod
 from attnscope.evaluate import pope as pope_mod
 from attnscope.evaluate import shards
 from attnscope.evaluate.shards import ShardError
-from attnscope.models import zoo
 
 RUN = dict(max_new_tokens=3, boot=20)
 
 
 @pytest.fixture(scope="module")
-def scene():
-    try:
-        return zoo.load("scene-vlm")
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def scene(scene_vlm):
+    return scene_vlm
 
 
 @pytest.fixture(scope="module")
