@@ -64,13 +64,22 @@ def pope_table(metrics: dict) -> str:
 def run(args) -> int:
     import warnings
 
+    from ..capture.trace import UncheckedMetadataWarning
     from .bootstrap import FewUnitsWarning
 
+    said = (FewUnitsWarning, UncheckedMetadataWarning)  # one `warning:` line each; any other warning as Python shows it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FewUnitsWarning)
-        rc = _run(args)
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FewUnitsWarning)):
-        print(f"warning: {message}", file=sys.stderr)
+        warnings.simplefilter("always", UncheckedMetadataWarning)
+        try:
+            rc = _run(args)
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, said)):
+                print(f"warning: {message}", file=sys.stderr)
+            others = {(str(w.message), w.category, w.filename, w.lineno): w for w in caught
+                      if not issubclass(w.category, said)}
+    for w in others.values():  # recording caught them all: shown once each, under the filters in force outside
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     return rc
 
 

@@ -226,6 +226,10 @@ def _group(shard: Shard):
 def merge(out: str | Path, benchmark: str, items: Sequence, key) -> tuple[dict, list[dict], list[Path]]:
     """Read `out.shard-*-of-*.jsonl` and combine them: (settings, rows in item order, the shard files)."""
     paths = find(out)
+    writing = sorted(Path(out).parent.glob(f"{_glob_escape(Path(out).name)}.shard-*-of-*.jsonl.tmp"))
+    if writing:  # `write` renames it into place once the shard is whole: merging now would miss or mix a shard
+        raise ShardError(f"{writing[0]} is still being written (or was left by a shard that stopped): wait for that "
+                         "shard to finish, or remove the file and rerun the shard, then merge again")
     found = []
     for path in paths:  # a loop, not a comprehension (its own frame before Python 3.12): warnings point at the
         found.append(read(path, callers=2))  # caller of merge_pope / merge_chair
