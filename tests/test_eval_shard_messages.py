@@ -59,6 +59,7 @@ def test_the_command_line_merge_of_old_shards_prints_the_warning(tmp_path, capsy
         said = [line for line in err.splitlines() if "evaluation shard metadata had no checksum" in line]
         if old:  # one `warning:` line per file, naming it
             assert len(said) == 2 and all(line.startswith("warning: ") for line in said), err
+            assert all("the answers" in line for line in said), err  # not only the header: no answer was checked
             assert all(any(str(p) in line for line in said) for p in paths), err
         else:
             assert not said, err

@@ -27,7 +27,7 @@ from ..capture.trace import check_metadata
 
 ROW_FIELD = "row_checksum"
 END = "shard-end"
-LABELS = "the shard, the settings, the item list"
+LABELS = "the shard, the settings, the item list, the answers"
 
 
 class ShardError(ValueError):
