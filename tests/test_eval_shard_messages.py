@@ -22,12 +22,12 @@ def _questions():
     return pope.scene_questions(n=2, scene_split="test", seed=0, splits=["random"])[0]
 
 
-def _write(out, count=2, old=False):
+def _write(out, count=2, old=False, steer=None):
     """The `count` shard files of a POPE run over `_questions()` (as `--shard i/count` writes them), or as an
     attnscope before the checksums wrote them (`old`: header and rows, no checksums, no closing line)."""
     unique = list(dict.fromkeys((q.image_id, q.question) for q in _questions()))
-    settings = {"model": "scene-vlm", "weights": None, "method": "baseline", "steer": "None", "max_new_tokens": 8,
-                "sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+    settings = {"model": "scene-vlm", "weights": None, "method": pope.method_name(steer), "steer": repr(steer),
+                "max_new_tokens": 8, "sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0}
     paths = []
     for index in range(count):
         shard = shards.Shard(index, count)
@@ -115,3 +115,22 @@ def test_a_shard_still_being_written_is_named(tmp_path):
     second.rename(second.with_name(second.name + ".tmp"))  # shards.write renames it into place when done
     with pytest.raises(ShardError, match=re.escape(second.name + ".tmp") + ".*still being written"):
         pope.merge_pope(_questions(), out)
+
+
+def test_merge_refuses_options_the_shards_did_not_run_with(tmp_path, capsys):
+    """`--merge` with a steering method, model or decoding option the shards did not use is one `error:` line and
+    nothing merged (the result was reported under the shards' settings, the options dropped without a word);
+    the same options as the shards', or none, merge."""
+    out = tmp_path / "p.jsonl"
+    paths = _write(out)
+    for extra in (["--steer", "pai:alpha=0.5"], ["--new-tokens", "3"], ["--sample"], ["--model", "smollm2-135m"],
+                  ["--temperature", "0.5"]):
+        assert cli.main([*ARGS, "--merge", "--out", str(out), *extra]) != 0, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: the shards ran with ") and err.count("error:") == 1, (extra, err)
+        assert all(p.exists() for p in paths) and not out.exists(), extra
+    assert cli.main([*ARGS, "--merge", "--out", str(out), "--new-tokens", "8", "--model", "scene-vlm"]) == 0
+    steered = tmp_path / "steered.jsonl"
+    _write(steered, steer=[pope.resolve_steer("pai:alpha=0.5")])
+    assert cli.main([*ARGS, "--merge", "--out", str(steered), "--steer", "pai:alpha=0.5"]) == 0
+    assert json.loads(steered.read_text().splitlines()[-1])["config"]["method"] == "pai"
