@@ -21,7 +21,7 @@ from attnscope.capture.trace import Trace, UncheckedMetadataWarning
 from attnscope.viz.data import UNCHECKED_LABELS
 from attnscope.viz.html import html_of
 
-NOTE = "labels not checked: written before checksums; save it again to add one"
+NOTE = UNCHECKED_LABELS
 
 
 def _unseal_file(path, out):
@@ -133,3 +133,17 @@ def test_the_served_app_renders_the_note():
     script = asset("viewer.js")
     assert "as-warn" in script and "notes" in script
     assert ".as-warn" in asset("viewer.css")
+
+
+def test_the_note_says_what_the_labels_are_and_its_advice_adds_a_checksum(written, tmp_path):
+    """The note names the labels nothing checked and the call that adds a checksum; that call, run on the old file,
+    gives a trace that loads checked, without a warning, and whose page has no note."""
+    assert "token roles" in UNCHECKED_LABELS and "heads" in UNCHECKED_LABELS
+    advice = "attnscope.Trace.load(path).save(new_path)"
+    assert advice in UNCHECKED_LABELS
+    path, new_path = written["old"]["file"], tmp_path / "resaved.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncheckedMetadataWarning)
+        eval(advice, {"attnscope": attnscope, "path": path, "new_path": new_path})  # noqa: S307 (the note's own words)
+    again, warned = _load(new_path)
+    assert again.labels_checked and not warned and 'class="as-warn"' not in html_of(again)

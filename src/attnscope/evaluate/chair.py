@@ -195,9 +195,10 @@ def evaluate_chair(model, images: Sequence[tuple[str, Sequence[str]]], image_of:
     return _score(images, *merged, shards=plan.count if plan is not None else 1, out=out, boot=boot)
 
 
-def merge_chair(images: Sequence[tuple[str, Sequence[str]]], out: str | Path, boot: int = 1000) -> ChairResult:
+def merge_chair(images: Sequence[tuple[str, Sequence[str]]], out: str | Path, boot: int = 1000,
+                expect: dict | None = None) -> ChairResult:
     """Merge the shard files of one CHAIR run over `images` into `out` (see `pope.merge_pope`)."""
-    settings, rows, paths = shards.merge(out, "chair", _items(images), _key)
+    settings, rows, paths = shards.merge(out, "chair", _items(images), _key, expect)
     if settings.get("ground_truth") != shards.fingerprint([[i, list(g)] for i, g in images]):
         raise shards.ShardError("the shards scored other ground-truth classes for these images; merge with the images "
                                 "they were run on")

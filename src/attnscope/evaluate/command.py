@@ -35,7 +35,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "its share and rank 0 merges into --out; INDEX/COUNT: answer shard INDEX (0-based) of COUNT "
                         "into OUT.shard-INDEX-of-COUNT.jsonl, for --merge later")
     p.add_argument("--merge", action="store_true",
-                   help="merge the shard files next to --out (same --n, --split, --seed, --scene-split as the shards)")
+                   help="merge the shard files next to --out (same --n, --split, --seed, --scene-split as the shards; a "
+                        "model, steering or decoding option given must be the shards')")
     p.add_argument("--json", action="store_true", help="print the summary metrics as one JSON object")
     p.add_argument("--progress", action="store_true", help="report progress on stderr")
     from ..cli import add_placement_options
@@ -64,13 +65,22 @@ def pope_table(metrics: dict) -> str:
 def run(args) -> int:
     import warnings
 
+    from ..capture.trace import UncheckedMetadataWarning
     from .bootstrap import FewUnitsWarning
 
+    said = (FewUnitsWarning, UncheckedMetadataWarning)  # one `warning:` line each; any other warning as Python shows it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FewUnitsWarning)
-        rc = _run(args)
-    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FewUnitsWarning)):
-        print(f"warning: {message}", file=sys.stderr)
+        warnings.simplefilter("always", UncheckedMetadataWarning)
+        try:
+            rc = _run(args)
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, said)):
+                print(f"warning: {message}", file=sys.stderr)
+            others = {(str(w.message), w.category, w.filename, w.lineno): w for w in caught
+                      if not issubclass(w.category, said)}
+    for w in others.values():  # recording caught them all: shown once each, under the filters in force outside
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     return rc
 
 
@@ -97,7 +107,7 @@ def _run(args) -> int:
     if bad or not splits:
         raise ValueError(f"unknown POPE splits {bad}; splits are {', '.join(pope.SPLITS)}")
     if args.merge:
-        return _report(args, _merge(args, splits))
+        return _report(args, _merge(args, splits, steer))
     from ..cli import placement_options
 
     options = placement_options(args)
@@ -127,14 +137,26 @@ def _run(args) -> int:
     return _report(args, result)
 
 
-def _merge(args, splits):
+def _asked(args, steer) -> dict:
+    """The shard settings this command line names (options left at their defaults name none): `--merge` refuses
+    shards that ran with others, rather than report their result under these options."""
+    asked = {"steer": repr(steer) if steer else None, "max_new_tokens": args.new_tokens,
+             "sample": args.sample or None, "prompt": args.prompt,
+             "temperature": args.temperature if args.temperature != 1.0 else None,
+             "top_p": args.top_p if args.top_p != 1.0 else None,
+             "model": args.model if args.model != "scene-vlm" and "/" not in args.model else None}
+    return {k: v for k, v in asked.items() if v is not None}
+
+
+def _merge(args, splits, steer=None):
     from . import chair, pope
 
+    expect = _asked(args, steer)
     if args.benchmark == "pope":
         questions, _ = pope.scene_questions(n=args.n or 500, scene_split=args.scene_split, seed=args.seed, splits=splits)
-        return pope.merge_pope(questions, args.out, boot=args.boot)
+        return pope.merge_pope(questions, args.out, boot=args.boot, expect=expect)
     images, _ = chair.scene_images(n=args.n or 200, split=args.scene_split)
-    return chair.merge_chair(images, args.out, boot=args.boot)
+    return chair.merge_chair(images, args.out, boot=args.boot, expect=expect)
 
 
 def _report(args, result) -> int:

@@ -381,12 +381,14 @@ def evaluate_pope(model, questions: Sequence[PopeQuestion], image_of: Callable[[
     return _score(questions, *merged, shards=plan.count if plan is not None else 1, out=out, boot=boot)
 
 
-def merge_pope(questions: Sequence[PopeQuestion], out: str | Path, boot: int = 1000) -> PopeResult:
+def merge_pope(questions: Sequence[PopeQuestion], out: str | Path, boot: int = 1000,
+               expect: dict | None = None) -> PopeResult:
     """Merge the shard files `out.shard-i-of-n.jsonl` of one POPE run over `questions` (written with `shard="i/n"`)
     into `out`, checked (every shard present and complete, one item list, one set of settings): the result equals
-    the unsharded run's. The shard files are removed after `out` is written."""
+    the unsharded run's. The shard files are removed after `out` is written. `expect`: settings the shards must have
+    run with (`shards.merge`)."""
     unique = list(dict.fromkeys((q.image_id, q.question) for q in questions))
-    settings, rows, paths = shards.merge(out, "pope", unique, _key)
+    settings, rows, paths = shards.merge(out, "pope", unique, _key, expect)
     result = _score(questions, settings, rows, shards=len(paths), out=out, boot=boot)
     for path in paths:
         path.unlink()

@@ -27,7 +27,7 @@ from ..capture.trace import check_metadata
 
 ROW_FIELD = "row_checksum"
 END = "shard-end"
-LABELS = "the shard, the settings, the item list"
+LABELS = "the shard, the settings, the item list, the answers"
 
 
 class ShardError(ValueError):
@@ -58,60 +58,69 @@ def write_lines(path: Path, head: dict, rows: list[dict]) -> Path:
     return path
 
 
-def _name(row: dict, number: int) -> str:
+def _name(row: dict, number: int, line: int) -> str:
     item = row.get("image_id") if isinstance(row, dict) else None
-    return f"row {number} (line {number + 1}" + (f", image {item!r})" if item is not None else ")")
+    return f"row {number} (line {line}" + (f", image {item!r})" if item is not None else ")")
 
 
 def read(path: Path, stacklevel: int = 3) -> tuple[dict, list[dict]]:
     """(header, rows) of a shard file, every row checked against its chained checksum (`ShardError` naming the file
-    and the row); the checksum fields are left out of what is returned. `stacklevel`: where an
-    `UncheckedMetadataWarning` points, counted from `check_metadata` (3: the caller of this function)."""
-    lines = []
-    for number, text in enumerate(path.read_text().splitlines(), 1):
+    and the row); the checksum fields are left out of what is returned. Blank lines and a byte-order mark (an editor's
+    save) change no content and are skipped. `stacklevel`: where an `UncheckedMetadataWarning` points, counted from
+    `check_metadata` (3: the caller of this function)."""
+    lines, numbers = [], []  # the JSON objects and the line of the file each was read from
+    for number, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not text.strip():
             continue
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError as err:
             raise ShardError(f"{path}, line {number} is not valid JSON ({err}): the shard was cut while being written "
-                             "or copied; rerun that shard") from err
+                             "or copied, or edited (each line is one JSON object); rerun that shard") from err
+        numbers.append(number)
     if not lines or not isinstance(lines[0], dict) or lines[0].get("type") != "shard":
         raise ShardError(f"{path} is not an attnscope shard file (no shard header); rerun that shard")
     head, rows = lines[0], lines[1:]
     if not all(isinstance(r, dict) for r in rows):
         raise ShardError(f"{path}: a line after the header is not a JSON object; rerun that shard")
-    check_metadata(head, path, stacklevel=stacklevel, what="evaluation shard", labels=LABELS,
-                   resave="rerun that shard with this attnscope", error=ShardError)
-    head = {k: v for k, v in head.items() if k != METADATA_FIELD}
-    if METADATA_FIELD not in lines[0]:  # written before the checksums
-        marked = [n for n, r in enumerate(rows, 1) if ROW_FIELD in r or r.get("type") == END]
+    if METADATA_FIELD not in head:  # written before the checksums, unless the header's was taken out
+        marked = [n for n, r in enumerate(rows) if ROW_FIELD in r or r.get("type") == END]
         if marked:
-            raise ShardError(f"{path}: its header has no checksum but {_name(rows[marked[0] - 1], marked[0])} has one: "
-                             "the header's checksum was taken out; rerun that shard")
+            raise ShardError(f"{path}: its header has no checksum but "
+                             f"{_name(rows[marked[0]], marked[0] + 1, numbers[marked[0] + 1])} has one: the header's "
+                             "checksum was taken out; rerun that shard")
+    try:
+        check_metadata(head, path, stacklevel=stacklevel, what="evaluation shard", labels=LABELS,
+                       resave="rerun that shard with this attnscope", error=ShardError)
+    except ShardError as err:
+        raise ShardError(f"{err}; rerun that shard") from err
+    if METADATA_FIELD not in head:
         return head, rows
-    return head, _checked(path, lines[0][METADATA_FIELD]["digest"], rows)
+    return {k: v for k, v in head.items() if k != METADATA_FIELD}, _checked(path, head[METADATA_FIELD]["digest"],
+                                                                            rows, numbers[1:])
 
 
-def _checked(path: Path, last: str, rows: list[dict]) -> list[dict]:
+def _checked(path: Path, last: str, rows: list[dict], numbers: list[int]) -> list[dict]:
+    """The rows of a sealed shard, each checked against the chain from `last` (the header's digest); `numbers`: the
+    line of the file each row was read from."""
     ends = [n for n, r in enumerate(rows) if r.get("type") == END]
     if not ends:
         raise ShardError(f"{path} ends after row {len(rows)} without its closing line: the shard stopped early or is "
                          "still being written or copied; wait for it to finish, or rerun it")
     if ends[0] != len(rows) - 1:
-        raise ShardError(f"{path}: line {ends[0] + 2} closes the shard but {len(rows) - 1 - ends[0]} line(s) follow "
+        raise ShardError(f"{path}: line {numbers[ends[0]]} closes the shard but {len(rows) - 1 - ends[0]} line(s) follow "
                          "it (added after the shard was written); rerun that shard")
     end, rows = rows[-1], rows[:-1]
     out = []
-    for number, row in enumerate(rows, 1):
+    for number, (row, line) in enumerate(zip(rows, numbers), 1):
         digest = row.get(ROW_FIELD)
         plain = {k: v for k, v in row.items() if k != ROW_FIELD}
         if not isinstance(digest, str):
-            raise ShardError(f"{path}, {_name(row, number)} has no checksum: it was added or edited after the shard "
+            raise ShardError(f"{path}, {_name(row, number, line)} has no checksum: it was added or edited after the shard "
                              "was written; rerun that shard")
         last = _chain(last, plain)
         if digest != last:
-            raise ShardError(f"{path}, {_name(row, number)} does not match its checksum: it was edited, moved, "
+            raise ShardError(f"{path}, {_name(row, number, line)} does not match its checksum: it was edited, moved, "
                              "repeated or copied from another shard after the shard was written; rerun that shard")
         out.append(plain)
     if end.get("rows") != len(rows) or end.get("last") != last:

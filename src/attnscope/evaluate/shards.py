@@ -223,13 +223,26 @@ def _group(shard: Shard):
     return None, True
 
 
-def merge(out: str | Path, benchmark: str, items: Sequence, key) -> tuple[dict, list[dict], list[Path]]:
-    """Read `out.shard-*-of-*.jsonl` and combine them: (settings, rows in item order, the shard files)."""
+def merge(out: str | Path, benchmark: str, items: Sequence, key, expect: dict | None = None
+          ) -> tuple[dict, list[dict], list[Path]]:
+    """Read `out.shard-*-of-*.jsonl` and combine them: (settings, rows in item order, the shard files). `expect`:
+    settings the merge was asked for (a model, steering, decoding options given again at `--merge`); shards that ran
+    with others are refused, so a result is never reported under options that did not produce it."""
     paths = find(out)
+    writing = sorted(Path(out).parent.glob(f"{_glob_escape(Path(out).name)}.shard-*-of-*.jsonl.tmp"))
+    if writing:  # `write` renames it into place once the shard is whole: merging now would miss or mix a shard
+        raise ShardError(f"{writing[0]} is still being written (or was left by a shard that stopped): wait for that "
+                         "shard to finish, or remove the file and rerun the shard, then merge again")
     found = []
     for path in paths:  # a loop, not a comprehension (its own frame before Python 3.12): warnings point at the
         found.append(read(path, callers=2))  # caller of merge_pope / merge_chair
     for path, (head, _) in zip(paths, found):
         if Shard(head["index"], head["count"]).path(out).name != path.name:
             raise ShardError(f"{path} holds shard {head['index']} of {head['count']}; a shard file keeps its name")
-    return (*combine(found, benchmark, items, key), paths)
+    settings, rows = combine(found, benchmark, items, key)
+    wrong = sorted(k for k, v in (expect or {}).items() if settings.get(k) != v)
+    if wrong:
+        raise ShardError(f"the shards ran with {', '.join(f'{k}={settings.get(k)!r}' for k in wrong)}, but this merge "
+                         f"asks for {', '.join(f'{k}={expect[k]!r}' for k in wrong)}; merge with the shards' settings "
+                         "(or leave those options out), or rerun every shard with these")
+    return settings, rows, paths

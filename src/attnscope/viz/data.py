@@ -298,7 +298,10 @@ def seen_image(pixel_values: torch.Tensor, image_processor=None, index: int = 0)
 
 
 # --- the document ---------------------------------------------------------------------------------------
-UNCHECKED_LABELS = "labels not checked: written before checksums; save it again to add one"
+# shown above a trace written before metadata checksums: what was not checked, and how to add a checksum
+UNCHECKED_LABELS = ("labels not checked: this trace was written before attnscope checksummed a trace's labels "
+                    "(layers, heads, token roles, provenance), so an edit of them would go unnoticed; to add a "
+                    "checksum, save it again: attnscope.Trace.load(path).save(new_path)")
 
 
 def trace_notes(trace) -> list[str]:
