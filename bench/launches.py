@@ -6,7 +6,8 @@ A 7B prefill of a few hundred tokens on an H200 is bound by the host launching k
 FastV adds costs about one launch, whatever its size. Operators do not depend on the widths, only on the structure
 (layers, calls, heads, selections), so they are counted here on the CPU, exactly, with the LLaVA-1.5-7B structure
 (a CLIP ViT-L/14-336 tower of 24 layers, 576 patches; a Llama-2-7B language model of 32 layers x 32 heads) at tiny
-widths, with `TorchDispatchMode`. A "kernel" is an operator that is not a view (views launch nothing on a GPU);
+widths, with `TorchDispatchMode`. A "kernel" is an operator that is not a view (views launch nothing on a GPU) nor
+`is_set_to` (the weights fingerprint's host-side comparison of storages);
 "copies" are `_to_copy`/`copy_` (one per host-to-device index copy on a GPU); "reads" are `_local_scalar_dense`
 (a tensor value read into Python: a wait for the GPU queue when the tensor lives there). The indices capture and
 FastV build on the host (capture's heads and rows, FastV's kept positions) share the CPU model's device, so
@@ -31,6 +32,7 @@ sys.path.insert(0, str(HERE))
 VIEWS = {"view", "_unsafe_view", "expand", "transpose", "slice", "select", "detach", "alias", "unsqueeze", "squeeze",
          "permute", "t", "as_strided", "lift_fresh", "reshape", "_reshape_alias", "split", "unbind", "chunk",
          "split_with_sizes", "narrow", "view_as", "expand_as", "unflatten", "flatten", "movedim", "diagonal", "mT"}
+METADATA = {"is_set_to"}  # compares tensors' storage and layout on the host: no kernel (the fingerprint's check)
 COPIES = {"_to_copy", "copy_"}
 READ = "_local_scalar_dense"
 
@@ -50,7 +52,7 @@ def count(fn) -> dict:
 
     with Counter() as c:
         fn()
-    kernels = {k: v for k, v in c.ops.items() if k not in VIEWS and k != READ}
+    kernels = {k: v for k, v in c.ops.items() if k not in VIEWS and k not in METADATA and k != READ}
     return {"operators": sum(c.ops.values()), "kernels": sum(kernels.values()),
             "copies": sum(v for k, v in kernels.items() if k in COPIES), "reads": c.ops.get(READ, 0),
             "by_kernel": kernels}
