@@ -75,9 +75,8 @@ def indices_as_on_a_gpu():
         if index.numel() == 0 or index.device.type != "cpu":
             return real(index, device)
         with _disable_current_modes():
-            first = int(index.reshape(-1)[0])
-            consecutive = index.dim() == 1 and probs._is_range(index, first)
-        if consecutive:
+            first = probs._run_start(index)
+        if first is not None:
             return torch.arange(first, first + index.numel(), dtype=index.dtype)
         return index.to("cpu", copy=True)
 

@@ -1,14 +1,12 @@
 """`attnscope.capture`: record attention rows during any forward or generate call, backend untouched."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from .. import __version__
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, excluded
-from ..core.probs import RowRun
+from ..core.probs import RowRun, check_chunk
 from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
@@ -54,8 +52,7 @@ class capture:
     def __init__(self, model, streams=None, layers=None, heads=None, queries=None, keys=None,
                  offload: bool = False, dtype: torch.dtype = torch.float32, chunk: int = 256, grad: bool = False,
                  out=None, overwrite: bool = False, summaries=None, topk: int | None = None):
-        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:  # range() would give
-            raise ValueError(f"chunk is the number of query rows computed at a time: a positive integer, not {chunk!r}")
+        check_chunk(chunk)  # before anything else: range() would give no chunk at all
         self.model = as_model(model)
         self.selection = Selection(streams, layers, heads, queries, keys)
         self.offload, self.dtype, self.chunk, self.grad = offload, dtype, chunk, grad
@@ -94,10 +91,9 @@ class capture:
             raise RuntimeError("a capture is already open on this model; nested captures on one model are not supported")
         chosen = self.selection.sites(self.model.sites)  # validates before anything is touched
         self._head_list = {m: self.selection.head_indices(s) for m, s in chosen.items()}
-        # every head in order needs no index: None until something asks for the index (`_head_index`)
-        self._head_sel = {m: None if h == list(range(chosen[m].num_heads)) else torch.tensor(h)
-                          for m, h in self._head_list.items()}
-        self._all_heads = {m for m, h in self._head_sel.items() if h is None}
+        # every head in order needs no index (`_probs` passes None); index tensors are made when asked for
+        self._all_heads = {m for m, h in self._head_list.items() if h == list(range(chosen[m].num_heads))}
+        self._head_tensors = {}
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._parts, self._bases = {}, {}
         self._ledger = Ledger(on_reorder=self._reorder)
@@ -400,9 +396,10 @@ class capture:
 
     def _head_index(self, module) -> torch.Tensor:
         """The selected heads of `module` as an index tensor (every head included), made once per block."""
-        if self._head_sel[module] is None:
-            self._head_sel[module] = torch.tensor(self._head_list[module])
-        return self._head_sel[module]
+        heads = self._head_tensors.get(module)
+        if heads is None:
+            heads = self._head_tensors[module] = torch.tensor(self._head_list[module])
+        return heads
 
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None, out=None) -> torch.Tensor:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches); every head

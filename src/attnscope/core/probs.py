@@ -54,6 +54,12 @@ def sink_logits(module, kwargs: dict):
     return None if sinks is None else sinks.reshape(-1)
 
 
+def check_chunk(chunk) -> None:
+    """`chunk`, the number of query rows computed at a time, must be a positive integer (a bool is not one)."""
+    if type(chunk) is not int and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)) or chunk < 1:
+        raise ValueError(f"chunk is the number of query rows computed at a time: a positive integer, not {chunk!r}")
+
+
 class RowRun(tuple):
     """A run of consecutive query rows (start, length): taken as a view, never through an index. Callers that know
     their rows are a run (a capture of the last row, of every row) pass one instead of an index tensor, so nothing is
@@ -92,10 +98,10 @@ def _take(t: torch.Tensor, dim: int, rows) -> torch.Tensor:
 def _run_start(index: torch.Tensor) -> int | None:
     """The first index when `index` is a non-empty run of consecutive indices on the CPU, else None (an index on
     another device is not read: that read would wait for its queue)."""
-    if index.device.type != "cpu" or index.dim() != 1 or index.numel() == 0:
+    if index.device.type != "cpu" or index.dim() != 1:
         return None
-    values = index.tolist()
-    return values[0] if values == list(range(values[0], values[0] + len(values))) else None
+    run = RowRun.of(index.tolist())
+    return None if run is None else run.start
 
 
 def _mask_rows(mask: torch.Tensor, rows, heads: torch.Tensor | None, kv_len: int) -> torch.Tensor:
@@ -124,8 +130,8 @@ def index_on(index: torch.Tensor, device) -> torch.Tensor:
     (staged from ordinary host memory at the call, so the host tensor may change afterwards)."""
     if index.device == torch.device(device) or index.numel() == 0:
         return index
-    first = int(index.reshape(-1)[0]) if index.device.type == "cpu" else None
-    if first is not None and index.dim() == 1 and _is_range(index, first):
+    first = _run_start(index)
+    if first is not None:
         return torch.arange(first, first + index.numel(), device=device, dtype=index.dtype)
     return index.to(device, non_blocking=index.device.type == "cpu")
 
@@ -159,8 +165,7 @@ def attention_probs(
     of the chunk's size is allocated: what a streamed capture hands its writer); otherwise the result is copied in.
     The same kernels run either way, so the bits are the same."""
     check_terms(module, kwargs)
-    if type(chunk) is not int and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)) or chunk < 1:
-        raise ValueError(f"chunk is the number of query rows computed at a time: a positive integer, not {chunk!r}")
+    check_chunk(chunk)
     batch, n_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     device = query.device
