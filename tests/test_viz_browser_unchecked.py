@@ -2,6 +2,7 @@
 app (the trace upload) or as a self-contained page from disk, shows the note that its labels were not checked,
 above the viewer; a trace with a checksum shows none."""
 import json
+import re
 import warnings
 
 import pytest
@@ -64,3 +65,24 @@ def test_the_exported_page_shows_the_note(chromium, files):
     expect(note).to_have_text(UNCHECKED_LABELS)
     assert note.is_visible() and note.bounding_box()["y"] < page.locator(".as-viewer").bounding_box()["y"]
     page.close()
+
+
+def test_a_model_answer_arriving_after_a_trace_leaves_the_trace_status(chromium, files):
+    """The app asks the server which inputs the chosen model takes; if that answer comes after a trace was opened,
+    it must not wipe the trace's name from the status line (it used to clear it unconditionally)."""
+    held = []
+    with warnings.catch_warnings(), running_server(create_app()) as url:
+        warnings.simplefilter("ignore", UncheckedMetadataWarning)
+        page = chromium.new_page(viewport=VIEWPORT)
+        page.route("**/models/**", lambda route: held.append(route))  # hold the model answer until the trace is shown
+        page.goto(url)
+        expect(page.locator(".as-status")).to_have_text(re.compile(r"^loading "))
+        page.set_input_files("input[name=trace]", str(files["new"]))
+        page.wait_for_selector(".as-viewer[data-ready='1']", timeout=20_000)
+        expect(page.locator(".as-status")).to_have_text("trace new.safetensors")
+        assert len(held) == 1
+        held[0].continue_()
+        # the answer has been applied: the model's own input fields are shown
+        expect(page.locator(".as-img:not(.as-hidden), .as-txt:not(.as-hidden)")).not_to_have_count(0, timeout=20_000)
+        expect(page.locator(".as-status")).to_have_text("trace new.safetensors")
+        page.close()

@@ -106,8 +106,9 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
   const takes = new Map<string, Takes>();
   const adapt = async () => {
     const id = model.value;
+    const loading = `loading ${id}…`;
     if (!takes.has(id)) {
-      say(`loading ${id}…`);
+      say(loading);
       try {
         const r = await api<{ takes: Takes }>(`${base}/models/${encodeURIComponent(id)}`);
         takes.set(id, r.takes);
@@ -117,7 +118,8 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
       }
     }
     if (model.value !== id) return; // the user picked another model meanwhile: its own answer applies
-    say("");
+    // clear only this call's own message: a trace opened meanwhile has put its name there
+    if (status.textContent === loading) say("");
     const t = takes.get(id)!;
     form.querySelector(".as-img")!.classList.toggle("as-hidden", !t.image);
     form.querySelector(".as-txt")!.classList.toggle("as-hidden", !t.text);
