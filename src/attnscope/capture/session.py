@@ -333,7 +333,7 @@ class capture:
         if not rows or (local_keys == [] and not evicted):
             return
         if self.reducer is not None:
-            return self.reducer.record(run, call, self._head_index(call.module), rows, [r + q_start for r in rows],
+            return self.reducer.record(run, call, self._heads_for(call.module), rows, [r + q_start for r in rows],
                                        range(base, base + kv_len), tmaps, part)
         if self._writer is not None and not evicted:  # a large record goes to disk a chunk of rows at a time
             n_keys = kv_len if local_keys is None else len(local_keys)
@@ -386,7 +386,7 @@ class capture:
         if not rows or not local:
             return
         if self.reducer is not None:
-            return self.reducer.record(run, call, self._head_index(call.module), rows, [query_pos[r] for r in rows],
+            return self.reducer.record(run, call, self._heads_for(call.module), rows, [query_pos[r] for r in rows],
                                        key_pos, tmaps, 0)
         probs = self._probs(call, rows, None if keys is None else local)
         if self.offload:
@@ -401,10 +401,14 @@ class capture:
             heads = self._head_tensors[module] = torch.tensor(self._head_list[module])
         return heads
 
+    def _heads_for(self, module) -> torch.Tensor | None:
+        """The selected heads of `module`: None for every head (no index tensor built and read back per call)."""
+        return None if module in self._all_heads else self._head_index(module)
+
     def _probs(self, call: AttentionCall, rows: list[int], keys: list[int] | None, out=None) -> torch.Tensor:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches); every head
         # and a run of rows go as such (no index tensor built and read back per call)
-        heads = None if call.module in self._all_heads else self._head_index(call.module)
+        heads = self._heads_for(call.module)
         args = (heads, RowRun.of(rows) or torch.tensor(rows), None if keys is None else torch.tensor(keys, dtype=torch.long))
         if torch.is_grad_enabled() and not self.grad:  # rows kept out of the graph unless grad=True
             with torch.no_grad():

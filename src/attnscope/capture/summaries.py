@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.probs import index_on, plain_rows, stacked_probs
+from ..core.probs import RowRun, index_on, plain_rows, stacked_probs
 from ..core.tokens import ROLES
 from .trace import Trace
 
@@ -120,7 +120,6 @@ class Reducer:
         self._queued = 0  # elements in the queue
         self._open: list[SummaryRecord] = []  # records whose pieces are not joined yet
         self._filling: SummaryRecord | None = None  # the record whose call is being queued (not complete yet)
-        self._rows: dict[int, torch.Tensor] = {}
         self._last: tuple | None = None  # (token maps, key positions, batch, map length, weights) of the last call
 
     def _weights(self, tmaps, batch: int, key_pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,12 +152,14 @@ class Reducer:
                              (new / new.sum(-1, keepdim=True).clamp_min(1))[..., None]], -1)
         return weights, count, positions
 
-    def record(self, run, call, heads: torch.Tensor, rows: list[int], query_pos: list[int], key_pos,
+    def record(self, run, call, heads: torch.Tensor | None, rows: list[int], query_pos: list[int], key_pos,
                tmaps, part: int) -> None:
-        """Queue the summaries of this call's query `rows` (indices into its queries) for `heads`; `key_pos` are the
-        absolute positions of its key columns. The record is in the run at once; its tensors are set by `flush`."""
+        """Queue the summaries of this call's query `rows` (indices into its queries) for `heads` (None: every head);
+        `key_pos` are the absolute positions of its key columns. The record is in the run at once; its tensors are
+        set by `flush`."""
         weights = self._weights(tmaps, call.query.shape[0], key_pos)
-        rec = SummaryRecord(heads.tolist(), query_pos, run.steps, part, key_count=weights[1])
+        head_list = list(range(call.query.shape[1])) if heads is None else heads.tolist()
+        rec = SummaryRecord(head_list, query_pos, run.steps, part, key_count=weights[1])
         run.records.setdefault((call.site.stream, call.site.layer), []).append(rec)
         where = (run, (call.site.stream, call.site.layer))
         grad = torch.is_grad_enabled()
@@ -166,12 +167,16 @@ class Reducer:
             torch.set_grad_enabled(False)
         try:
             if len(rows) <= self.chunk:  # one block, the usual case (one row per step)
-                r = self._rows_tensor(rows)
+                r = self._rows(rows)
                 plain = None if call.probs is not None or call.patches else plain_rows(
                     call.module, call.query, call.key, call.attention_mask, call.kwargs, heads, rows)
                 if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
-                    q = call.query if len(rows) == call.query.shape[2] else call.query.index_select(
-                        2, index_on(r, call.query.device))  # the rows' indices made where the queries are
+                    if len(rows) == call.query.shape[2]:
+                        q = call.query
+                    elif isinstance(r, RowRun):  # a run of rows (the last one): a view, no index
+                        q = call.query[:, :, r[0]:r[0] + r[1]]
+                    else:  # the rows' indices made where the queries are
+                        q = call.query.index_select(2, index_on(r, call.query.device))
                     b, h, c, k = q.shape[0], q.shape[1], q.shape[2], call.key.shape[2]
                     self._add((rec, None, weights, True, (q, call.key, plain), h, c, where),
                               b * h * c * k + call.key.numel())
@@ -182,7 +187,7 @@ class Reducer:
             self._open.append(rec)
             self._filling = rec
             for start in range(0, len(rows), self.chunk):
-                p = call.probs_for(heads, self._rows_tensor(rows[start:start + self.chunk]), chunk=self.chunk)
+                p = call.probs_for(heads, self._rows(rows[start:start + self.chunk]), chunk=self.chunk)
                 self._add((rec, p, weights, False, None, p.shape[1], p.shape[2], where), p.numel())
         except BaseException:  # e.g. out of memory: no record of this call (as with rows), not a record without rows
             self._drop(run, call, rec)
@@ -295,14 +300,10 @@ class Reducer:
                 else:
                     item[0].pieces.setdefault(name, []).append(piece)
 
-    def _rows_tensor(self, rows: list[int]) -> torch.Tensor:
-        """Row indices as a tensor; a single row's is made once (a decode step's call has one query row)."""
-        if len(rows) != 1:
-            return torch.tensor(rows, dtype=torch.long)
-        r = self._rows.get(rows[0])
-        if r is None:
-            r = self._rows[rows[0]] = torch.tensor(rows, dtype=torch.long)
-        return r
+    @staticmethod
+    def _rows(rows: list[int]) -> RowRun | torch.Tensor:
+        """Row indices: a `RowRun` where consecutive (one row, every row), else an index tensor."""
+        return RowRun.of(rows) or torch.tensor(rows, dtype=torch.long)
 
 
 def _forget(rec: SummaryRecord, run, key: tuple) -> None:

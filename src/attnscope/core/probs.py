@@ -263,16 +263,17 @@ def attention_probs(
     return out
 
 
-def plain_rows(module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict, heads: torch.Tensor,
-               rows: list[int]) -> float | None:
-    """The scaling where `attention_probs` of these rows is nothing but softmax(scaling * q k^T) (every head in order,
-    no mask, no extra logit term, no causal mask that could hide a key from these rows), so that `stacked_probs`
-    may compute them together with other calls'; else None. Raises on unknown terms as `attention_probs` does."""
+def plain_rows(module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict,
+               heads: torch.Tensor | None, rows: list[int]) -> float | None:
+    """The scaling where `attention_probs` of these rows is nothing but softmax(scaling * q k^T) (every head in order:
+    `heads` None or 0, 1, ...; no mask, no extra logit term, no causal mask that could hide a key from these rows),
+    so that `stacked_probs` may compute them together with other calls'; else None. Raises on unknown terms as
+    `attention_probs` does."""
     check_terms(module, kwargs)
-    if attention_mask is not None or any(kwargs.get(k) is not None for k in RECOMPUTED):
+    if attention_mask is not None or any(kwargs[k] is not None for k in kwargs.keys() & RECOMPUTED):
         return None
     n_heads, q_len = query.shape[1], query.shape[2]
-    if heads.numel() != n_heads or n_heads % key.shape[1] or not _is_range(heads, 0):
+    if n_heads % key.shape[1] or heads is not None and (heads.numel() != n_heads or not _is_range(heads, 0)):
         return None
     if _is_causal(module, kwargs) and not (q_len == 1 or rows == [q_len - 1]):
         return None
