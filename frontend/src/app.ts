@@ -35,10 +35,19 @@ interface RunAnswer {
 export async function startApp(root: HTMLElement, base: string): Promise<void> {
   const status = el("div", { class: "as-status", role: "status", "aria-live": "polite" });
   const results = el("div", { class: "as-results" });
-  const say = (text: string, error = false) => {
+  const put = (text: string, error: boolean) => {
     status.textContent = text;
     status.classList.toggle("as-error", error);
   };
+  // the status line apart from a model's "loading …" note, which goes when that answer comes (`adapt`)
+  let kept: [string, boolean] = ["", false];
+  const say = (text: string, error = false) => {
+    kept = [text, error];
+    put(text, error);
+  };
+  // a run, a trace upload and a linked run each take a ticket: only the latest one's answer (or error) is shown,
+  // so a request answering after a later one neither replaces its results nor misnames them
+  let latest = 0;
   let info: Info;
   try {
     info = await api<Info>(`${base}/info`);
@@ -108,18 +117,20 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     const id = model.value;
     const loading = `loading ${id}…`;
     if (!takes.has(id)) {
-      say(loading);
+      put(loading, false);
       try {
         const r = await api<{ takes: Takes }>(`${base}/models/${encodeURIComponent(id)}`);
         takes.set(id, r.takes);
       } catch (err) {
         if (model.value === id) say((err as Error).message, true);
+        else if (status.textContent === loading) put(...kept);
         return;
       }
+      // take back only this call's own note (a run or trace answered meanwhile has put its own line there), even
+      // when another model was picked meanwhile (a model already known puts no note of its own)
+      if (status.textContent === loading) put(...kept);
     }
     if (model.value !== id) return; // the user picked another model meanwhile: its own answer applies
-    // clear only this call's own message: a trace opened meanwhile has put its name there
-    if (status.textContent === loading) say("");
     const t = takes.get(id)!;
     form.querySelector(".as-img")!.classList.toggle("as-hidden", !t.image);
     form.querySelector(".as-txt")!.classList.toggle("as-hidden", !t.text);
@@ -198,13 +209,17 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     run.disabled = true;
     results.dataset.state = "running";
     const t0 = performance.now();
-    say(`running ${model.value}…`);
+    const ran = model.value; // the select may change while it runs: the line names the model that ran
+    const ticket = ++latest;
+    say(`running ${ran}…`);
     try {
       const answer = await api<RunAnswer>(`${base}/run`, { method: "POST", body: fd });
-      say(`${model.value}: ran in ${(answer.doc.seconds ?? 0).toFixed(2)} s, answered in ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+      if (ticket !== latest) return; // a trace or run asked for since is what is shown
+      say(`${ran}: ran in ${(answer.doc.seconds ?? 0).toFixed(2)} s, answered in ${((performance.now() - t0) / 1000).toFixed(2)} s`);
       show(answer);
       results.dataset.state = "done";
     } catch (err) {
+      if (ticket !== latest) return;
       const busy = err instanceof ApiError && err.status === 503;
       fail(busy ? `busy: ${(err as Error).message}` : `error: ${(err as Error).message}`);
     } finally {
@@ -215,23 +230,28 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
   // /?run=ID shows a run this server still keeps (a link to a result)
   const linked = new URLSearchParams(location.search).get("run");
   if (linked) {
+    const ticket = ++latest;
     say(`loading run ${linked}…`);
     api<RunAnswer>(`${base}/runs/${encodeURIComponent(linked)}`)
-      .then((answer) => { say(`run ${linked}`); show(answer); results.dataset.state = "done"; })
-      .catch((err) => fail(`error: ${(err as Error).message}`));
+      .then((answer) => { if (ticket === latest) { say(`run ${linked}`); show(answer); results.dataset.state = "done"; } })
+      .catch((err) => { if (ticket === latest) fail(`error: ${(err as Error).message}`); });
   }
 
   traceFile.onchange = async () => {
     if (!traceFile.files?.length) return;
+    const file = traceFile.files[0]; // another may be chosen before this one's answer comes
     const fd = new FormData();
-    fd.set("trace", traceFile.files[0]);
+    fd.set("trace", file);
+    const ticket = ++latest;
     say("reading trace…");
     try {
       const answer = await api<RunAnswer>(`${base}/trace`, { method: "POST", body: fd });
-      say(`trace ${traceFile.files[0].name}`);
+      if (ticket !== latest) return;
+      say(`trace ${file.name}`);
       show(answer);
+      results.dataset.state = "done";
     } catch (err) {
-      fail(`error: ${(err as Error).message}`);
+      if (ticket === latest) fail(`error: ${(err as Error).message}`);
     }
   };
 }
