@@ -324,3 +324,26 @@ def test_summaries_of_a_model_split_over_two_devices_equal_the_unsplit_run(smoll
             for name, value in a.tensors().items():
                 assert type(b.tensors()[name]) is torch.Tensor  # read back on the CPU
                 assert torch.equal(b.tensors()[name], value), (key, a.step, name)
+
+
+def test_the_queue_holds_no_more_memory_than_it_counts(smollm, monkeypatch):
+    """A prefill's last row is queued for the flush: what the queued tensors keep alive (their storages, e.g. the
+    whole query block a view of the last row would hold) stays within what the queue counts against its 4 MiB."""
+    from attnscope.capture.summaries import Reducer
+
+    seen = []
+    add = Reducer._add
+
+    def measured(self, item, elements):
+        add(self, item, elements)
+        storages = {}
+        for queued in self._queue:
+            for t in (queued[4][:2] if queued[4] is not None else (queued[1],)):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        seen.append((sum(storages.values()), self._queued * 4))
+
+    monkeypatch.setattr(Reducer, "_add", measured)
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", summaries="all") as s:
+        smollm(**smollm.encode(" ".join(["word"] * 200)))
+    assert len(s.run().records) == 30 and len(seen) == 30
+    assert all(held <= counted for held, counted in seen), max(seen)

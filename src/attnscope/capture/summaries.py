@@ -173,8 +173,8 @@ class Reducer:
                 if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
                     if len(rows) == call.query.shape[2]:
                         q = call.query
-                    elif isinstance(r, RowRun):  # a run of rows (the last one): a view, no index
-                        q = call.query[:, :, r[0]:r[0] + r[1]]
+                    elif isinstance(r, RowRun):  # a run of rows (the last one): no index; copied, since a view
+                        q = call.query[:, :, r[0]:r[0] + r[1]].clone()  # would keep every row alive till the flush
                     else:  # the rows' indices made where the queries are
                         q = call.query.index_select(2, index_on(r, call.query.device))
                     b, h, c, k = q.shape[0], q.shape[1], q.shape[2], call.key.shape[2]
