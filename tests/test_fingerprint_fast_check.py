@@ -228,3 +228,22 @@ def test_release_drops_the_plan_and_keeps_the_hash(minilm, walks, monkeypatch):
     monkeypatch.setattr(fp, "weights_hash", lambda *a: pytest.fail("hashed the unchanged weights again"))
     calls = len(walks)
     assert minilm.fingerprint == first and len(walks) == calls + 1 and fp._KEPT[minilm.hf].plan is not None
+
+
+def test_parameters_sharing_memory_are_sampled_once_and_a_write_to_either_is_seen(walks):
+    """Two Parameter objects over the same memory (tied by storage rather than by object): both names in the key, one
+    sample, and a row written through either one's `.data` is seen by the fast check."""
+    hf = torch.nn.Sequential(torch.nn.Embedding(300, 64), torch.nn.Linear(64, 300, bias=False))
+    hf[1].weight = torch.nn.Parameter(hf[0].weight.data)  # another object, the same storage, offset and strides
+    first = fp.fingerprint(hf)
+    plan = fp._KEPT[hf].plan
+    assert [len(views) for views in plan.views.values()] == [1]
+    for module in hf:
+        calls = len(walks)
+        saved = module.weight.detach()[7].clone()
+        module.weight.data[7] = 0.0
+        try:
+            assert fp.fingerprint(hf) != first and len(walks) == calls + 1
+        finally:
+            module.weight.data[7] = saved
+        assert fp.fingerprint(hf) == first == fp.weights_hash(hf, hf.state_dict())

@@ -171,3 +171,45 @@ def test_every_row_and_column_of_a_permuted_layout_is_sampled(layout):
     assert not t.is_contiguous()
     index = fp._sample(t).long()  # the values are the elements' positions in the unpermuted tensor
     assert len(set((index // rest).tolist())) == first and len(set((index % rest).tolist())) == rest
+
+
+def test_a_tied_tensor_is_sampled_once_and_keyed_under_each_name(smollm):
+    """SmolLM2's LM head is its token embedding: both names stay in the key (with the tensor's identity, counter and
+    layout each), its rows are sampled once, and the plan's sample is smaller by exactly one embedding sample."""
+    state = smollm.hf.state_dict(keep_vars=True)
+    embedding = smollm.hf.get_input_embeddings().weight
+    tied = [name for name, t in state.items() if t is embedding]
+    assert len(tied) == 2
+    (entries, _), views = fp._walk(state)
+    assert [e[0] for e in entries] == list(state) and all(e[1] == id(embedding) for e in entries if e[0] in tied)
+    sampled = [t for pairs in views.values() for t, _ in pairs]
+    assert sum(t is embedding for t in sampled) == 1 and len(sampled) == len(state) - 1
+    smollm.fingerprint
+    plan = fp._KEPT[smollm.hf].plan
+    per_name = sum(fp._sample(t.detach()).numel() for t in state.values())
+    sampled_bytes = sum(s.numel() * s.element_size() for s in plan.sampled.values())  # float32 weights: 4 bytes each
+    assert sampled_bytes == 4 * (per_name - fp._sample(embedding.detach()).numel())
+
+
+def _lm_head_row(model):
+    return model.hf.lm_head.weight, 4321
+
+
+def _embedding_column_by_its_other_name(model):
+    return model.hf.get_input_embeddings().weight, (slice(None), 300)
+
+
+@pytest.mark.parametrize("where", [_lm_head_row, _embedding_column_by_its_other_name])
+def test_a_write_to_a_tied_tensor_is_seen_under_either_name(smollm, where):
+    """A row written through the LM head's `.data`, or a column through the embedding's: the one sample of the tied
+    tensor sees both."""
+    weight, index = where(smollm)
+    assert smollm.hf.lm_head.weight is smollm.hf.get_input_embeddings().weight
+    before = smollm.fingerprint
+    saved = weight.detach()[index].clone()
+    try:
+        weight.data[index] = 0.0
+        assert smollm.fingerprint != before and smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        weight.data[index] = saved
+    assert smollm.fingerprint == before

@@ -6,7 +6,8 @@ Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked 
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
 sample: per tensor its name, identity, PyTorch's write counter (`_version`: counts in-place writes such as an
 optimizer step, `load_state_dict`, `p.mul_` under `no_grad`), storage address, shape, strides, dtype and device,
-plus `SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row and in every column.
+plus `SAMPLE` or more of its elements evenly spaced through its memory, at least one in every row and in every column
+(a tensor under several names, tied weights, is keyed under each and sampled once).
 The sample catches writes through `p.data` (PyTorch gives `.data` a counter of its own, so those writes leave
 `_version` alone) that touch a sampled element: any dense write (`p.data.add_`, `copy_`, a rank-one edit), any write
 of whole rows (a token's embedding, an output unit) and of whole columns (a neuron zeroed in a down projection, an
@@ -75,8 +76,9 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _walk(state: dict[str, torch.Tensor]) -> tuple[tuple | None, dict]:
-    """The key of `state` (`weights_key`) and its sample views, per device and dtype, each with its tensor."""
-    entries, views = [], {}
+    """The key of `state` (`weights_key`) and its sample views, per device and dtype, each with its tensor. A tensor
+    under several names (tied weights: an embedding and the LM head) is keyed under each name and sampled once."""
+    entries, views, seen = [], {}, set()
     for name, t in state.items():
         if t.device.type == "meta":
             entries.append((name, tuple(t.shape), t.dtype, "meta"))
@@ -87,7 +89,9 @@ def _walk(state: dict[str, torch.Tensor]) -> tuple[tuple | None, dict]:
             return None, {}
         entries.append((name, id(t), version, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
                         t.device))
-        if t.numel():
+        place = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)  # the same memory read the same way
+        if t.numel() and place not in seen:
+            seen.add(place)
             views.setdefault((t.device, t.dtype), []).append((t, _sample(t.detach())))
     # one copy per device and dtype, read as bytes (so NaN equals NaN); compared on the device, one read of a flag
     sampled = {where: torch.cat([view for _, view in pairs]).view(torch.uint8) for where, pairs in views.items()}
