@@ -9,7 +9,7 @@ from torch import nn
 from ..core.sites import Site, find_sites
 from ..core.tokens import TokenMap
 from . import roles
-from .fingerprint import fingerprint as weights_fingerprint, forget as forget_fingerprint
+from .fingerprint import fingerprint as weights_fingerprint, forget as forget_fingerprint, frozen as frozen_fingerprint
 from .images import load_image
 from .spec import Spec, spec_for
 
@@ -71,6 +71,13 @@ class Model:
         Hashed again only when the weights changed (an optimizer step, `load_state_dict`, an in-place write), which
         is told without reading them (`models/fingerprint.py`); `refresh_fingerprint()` forces a new hash."""
         return weights_fingerprint(self.hf)
+
+    def frozen_weights(self):
+        """`with model.frozen_weights():` the weights are declared unchanged inside but for writes PyTorch counts, so
+        the fingerprint every capture block reads at its end skips its sampled-bytes copy, and the full check runs at
+        the block's two ends (a write through `.data` inside raises `WeightsChangedError` there). For dataset-scale
+        runs with one capture per item (`models/fingerprint.py:frozen`)."""
+        return frozen_fingerprint(self.hf)
 
     def refresh_fingerprint(self) -> str:
         """Hash every byte again (after a write the cheap check cannot see: a few elements changed through `p.data`)."""

@@ -1,0 +1,99 @@
+"""`Model.frozen_weights()` (SmolLM2): inside, a fingerprint read (every capture block's end) skips the sampled-bytes
+copy but still follows every write PyTorch counts; the full check at the block's end turns a write it could not see
+(through `.data`) into `WeightsChangedError`, or a warning where the block raised; after the block the fingerprint is
+the bytes' own again."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_weights_fingerprint import fresh_hash
+
+import attnscope
+from attnscope.models import fingerprint as fp
+from attnscope.models import fingerprint_plan
+
+
+@pytest.fixture
+def sample_reads(monkeypatch):
+    """Counts the fingerprint reads that compared the sampled bytes."""
+    calls = []
+    real = fingerprint_plan.Plan.unchanged
+
+    def counted(self, hf, sampled=True):
+        calls.append(sampled)
+        return real(self, hf, sampled)
+
+    monkeypatch.setattr(fingerprint_plan.Plan, "unchanged", counted)
+    return calls
+
+
+def _column(model):
+    return model.hf.model.layers[3].mlp.down_proj.weight
+
+
+def test_reads_inside_skip_the_sample_and_captures_carry_the_fingerprint(smollm, sample_reads):
+    before = smollm.fingerprint
+    x = smollm.encode("the cat sat on the mat")
+    with smollm.frozen_weights() as digest:
+        assert digest == before == fresh_hash(smollm)
+        sample_reads.clear()
+        for _ in range(2):
+            with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as trace:
+                smollm(**x)
+            assert trace.provenance["weights"] == digest
+        assert sample_reads == [False, False]  # one read per capture block, neither copied the sample
+    assert sample_reads[-1] is True  # the full check at the end
+    assert smollm.fingerprint == before
+
+
+def test_a_counted_write_inside_is_seen_at_once(smollm):
+    weight = _column(smollm)
+    saved = weight.detach().clone()
+    before = smollm.fingerprint
+    try:
+        with smollm.frozen_weights():
+            with torch.no_grad():
+                weight.mul_(2.0)  # counted by PyTorch (_version)
+            assert smollm.fingerprint != before and smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert smollm.fingerprint == before == fresh_hash(smollm)
+
+
+def test_a_write_through_data_inside_raises_at_the_end(smollm):
+    weight = _column(smollm)
+    saved = weight.detach()[:, 5].clone()
+    before = smollm.fingerprint
+    try:
+        with pytest.raises(fp.WeightsChangedError, match="frozen_weights"):
+            with smollm.frozen_weights():
+                weight.data[:, 5] = 0.0  # not counted: the reads inside cannot see it
+                assert smollm.fingerprint == before
+        assert smollm.fingerprint != before and smollm.fingerprint == fresh_hash(smollm)  # the bytes' own after
+    finally:
+        weight.data[:, 5] = saved
+    assert smollm.fingerprint == before
+
+
+def test_a_block_that_raises_keeps_its_error_and_warns(smollm):
+    weight = _column(smollm)
+    saved = weight.detach()[:, 7].clone()
+    try:
+        with pytest.warns(UserWarning, match="frozen_weights"), pytest.raises(KeyError, match="own error"):
+            with smollm.frozen_weights():
+                weight.data[:, 7] = 0.0
+                raise KeyError("own error")
+    finally:
+        weight.data[:, 7] = saved
+    assert not fp._FROZEN.get(smollm.hf) and smollm.fingerprint == fresh_hash(smollm)
+
+
+def test_nested_blocks_check_at_the_outermost_ends_only(smollm, sample_reads):
+    smollm.fingerprint
+    with smollm.frozen_weights() as outer:
+        sample_reads.clear()
+        with smollm.frozen_weights() as inner:
+            assert inner == outer
+        assert fp._FROZEN.get(smollm.hf) == 1 and True not in sample_reads
+    assert not fp._FROZEN.get(smollm.hf) and sample_reads[-1] is True
