@@ -122,6 +122,17 @@ _KEPT: WeakKeyDictionary = WeakKeyDictionary()  # module -> _Kept: every `Model`
 
 
 _FROZEN: WeakKeyDictionary = WeakKeyDictionary()  # module -> how many `frozen` blocks are open on it
+_UNCOUNTED: WeakKeyDictionary = WeakKeyDictionary()  # module -> True: a read inside `frozen` may have been stale
+
+
+def _uncounted(kept: _Kept | None) -> bool:
+    """Whether the kept plan's sample shows a write PyTorch did not count since the plan was built."""
+    if kept is None or kept.plan is None:
+        return False
+    try:
+        return kept.plan.uncounted()
+    except (AttributeError, RuntimeError, TypeError):
+        return True
 
 
 def _unchanged(hf: nn.Module, kept: _Kept | None) -> bool:
@@ -140,6 +151,8 @@ def fingerprint(hf: nn.Module) -> str:
         kept = _KEPT.get(hf)
         if _unchanged(hf, kept):
             return kept.digest
+        if _FROZEN.get(hf) and _uncounted(kept):  # reads since the plan was built skipped the sample: remember it
+            _UNCOUNTED[hf] = True
         state = hf.state_dict(keep_vars=True)
         key, views = _walk(state)
         digest = kept.digest if kept is not None and same_key(key, kept.key) else weights_hash(hf, state)
@@ -160,7 +173,11 @@ def frozen(hf: nn.Module):
     run with one capture per item reads it once per item. The full check runs when the block opens and when it ends;
     if only the sampled bytes show a change at the end (a write through `.data` inside, which the reads inside could
     not see), `WeightsChangedError` is raised (a warning instead where the block raised): traces captured after that
-    write carry the fingerprint from before it. Nested blocks check at the outermost's ends. Yields the fingerprint."""
+    write carry the fingerprint from before it. A read inside that a counted write or a structural change sends to the
+    full walk first looks for such a write in the sample (that walk's new hash would hide it by the end); a counted
+    write with no read after it inside is no error. Not seen: an uncounted write to a storage a counted write (or a
+    replaced tensor) then also changes before the block ends. Nested blocks check at the outermost's ends. Yields the
+    fingerprint."""
     outer = not _FROZEN.get(hf)
     digest = fingerprint(hf) if outer else None
     _FROZEN[hf] = _FROZEN.get(hf, 0) + 1
@@ -175,9 +192,11 @@ def frozen(hf: nn.Module):
         else:
             _FROZEN.pop(hf, None)
         if outer:
-            kept = _KEPT.get(hf)
-            handed = kept.digest if kept is not None else None  # what the last read inside gave
-            if fingerprint(hf) != handed:
+            # an uncounted write since the last full walk, or one a full walk inside found (after a counted write or
+            # a structural change, which would otherwise hide it); a counted write after the last read is not one
+            changed = _UNCOUNTED.pop(hf, False) or _uncounted(_KEPT.get(hf))
+            fingerprint(hf)  # the full check: the fingerprint is the bytes' own again after the block
+            if changed:
                 message = ("the weights were written inside frozen_weights() in a way PyTorch does not count (through "
                            "`.data`, or memory shared with numpy): fingerprints read inside after that write, such as "
                            "a capture's provenance['weights'], name the weights from before it. Write under "
