@@ -4,6 +4,8 @@ copy but still follows every write PyTorch counts; the full check at the block's
 the bytes' own again."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from test_weights_fingerprint import fresh_hash
@@ -95,7 +97,7 @@ def test_nested_blocks_check_at_the_outermost_ends_only(smollm, sample_reads):
         sample_reads.clear()
         with smollm.frozen_weights() as inner:
             assert inner == outer
-        assert fp._FROZEN.get(smollm.hf) == 1 and True not in sample_reads
+        assert fp._frozen_here(smollm.hf) == 1 and True not in sample_reads
     assert not fp._FROZEN.get(smollm.hf) and sample_reads[-1] is True
 
 
@@ -145,3 +147,30 @@ def test_two_parameters_over_one_storage_a_counted_write_through_either_is_no_er
             fp.fingerprint(module)
             module.b.data[3] = 0.0  # uncounted, through the name that is not sampled
     assert fp.fingerprint(module) == fp.weights_hash(module, module.state_dict())
+
+
+def test_another_threads_reads_compare_the_sample_while_a_block_is_open(smollm):
+    weight = _column(smollm)
+    saved = weight.detach()[:, 9].clone()
+    smollm.fingerprint
+    opened, release, seen = threading.Event(), threading.Event(), []
+
+    def frozen_elsewhere():
+        try:
+            with smollm.frozen_weights():
+                opened.set()
+                release.wait(30)
+        except fp.WeightsChangedError:
+            seen.append("raised")
+
+    worker = threading.Thread(target=frozen_elsewhere)
+    worker.start()
+    try:
+        assert opened.wait(30)
+        weight.data[:, 9] = 0.0  # this thread is in no frozen block: its read must see the write
+        assert smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        release.set()
+        worker.join()
+        weight.data[:, 9] = saved
+    assert seen == ["raised"] and not fp._FROZEN.get(smollm.hf) and smollm.fingerprint == fresh_hash(smollm)

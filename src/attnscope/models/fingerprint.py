@@ -27,6 +27,7 @@ import hashlib
 import warnings
 from contextlib import contextmanager
 import math
+import threading
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -121,8 +122,13 @@ class _Kept(NamedTuple):
 _KEPT: WeakKeyDictionary = WeakKeyDictionary()  # module -> _Kept: every `Model` wrapping it shares them
 
 
-_FROZEN: WeakKeyDictionary = WeakKeyDictionary()  # module -> how many `frozen` blocks are open on it
-_UNCOUNTED: WeakKeyDictionary = WeakKeyDictionary()  # module -> True: a read inside `frozen` may have been stale
+_FROZEN: WeakKeyDictionary = WeakKeyDictionary()  # module -> {thread: how many `frozen` blocks it has open on it}
+_UNCOUNTED: WeakKeyDictionary = WeakKeyDictionary()  # module -> threads whose reads inside `frozen` may have been stale
+
+
+def _frozen_here(hf: nn.Module) -> int:
+    """How many `frozen` blocks this thread has open on `hf` (another thread's block leaves this one's reads full)."""
+    return _FROZEN.get(hf, {}).get(threading.get_ident(), 0)
 
 
 def _uncounted(kept: _Kept | None) -> bool:
@@ -139,7 +145,7 @@ def _unchanged(hf: nn.Module, kept: _Kept | None) -> bool:
     if kept is None or kept.plan is None:
         return False
     try:
-        return kept.plan.unchanged(hf, sampled=not _FROZEN.get(hf))
+        return kept.plan.unchanged(hf, sampled=not _frozen_here(hf))
     except (AttributeError, RuntimeError, TypeError):  # something the plan did not expect: the full walk decides
         return False
 
@@ -152,7 +158,7 @@ def fingerprint(hf: nn.Module) -> str:
         if _unchanged(hf, kept):
             return kept.digest
         if _FROZEN.get(hf) and _uncounted(kept):  # reads since the plan was built skipped the sample: remember it
-            _UNCOUNTED[hf] = True
+            _UNCOUNTED.setdefault(hf, set()).update(_FROZEN[hf])
         state = hf.state_dict(keep_vars=True)
         key, views = _walk(state)
         digest = kept.digest if kept is not None and same_key(key, kept.key) else weights_hash(hf, state)
@@ -176,25 +182,33 @@ def frozen(hf: nn.Module):
     write carry the fingerprint from before it. A read inside that a counted write or a structural change sends to the
     full walk first looks for such a write in the sample (that walk's new hash would hide it by the end); a counted
     write with no read after it inside is no error. Not seen: an uncounted write to a storage a counted write (or a
-    replaced tensor) then also changes before the block ends. Nested blocks check at the outermost's ends. Yields the
-    fingerprint."""
-    outer = not _FROZEN.get(hf)
+    replaced tensor) then also changes before the block ends. Nested blocks check at the outermost's ends. The block
+    belongs to its thread: another thread's reads meanwhile compare the sample (a write there through `.data` still
+    raises here at the end). Yields the fingerprint."""
+    me = threading.get_ident()
+    outer = not _frozen_here(hf)
     digest = fingerprint(hf) if outer else None
-    _FROZEN[hf] = _FROZEN.get(hf, 0) + 1
+    _FROZEN.setdefault(hf, {})[me] = _frozen_here(hf) + 1
     failed = True
     try:
         yield digest if outer else fingerprint(hf)
         failed = False
     finally:
-        depth = _FROZEN.get(hf, 1) - 1
-        if depth:
-            _FROZEN[hf] = depth
-        else:
+        depths = _FROZEN.get(hf, {})
+        depths[me] = depths.get(me, 1) - 1
+        if not depths[me]:
+            del depths[me]
+        if not depths:
             _FROZEN.pop(hf, None)
         if outer:
             # an uncounted write since the last full walk, or one a full walk inside found (after a counted write or
             # a structural change, which would otherwise hide it); a counted write after the last read is not one
-            changed = _UNCOUNTED.pop(hf, False) or _uncounted(_KEPT.get(hf))
+            stale = _UNCOUNTED.get(hf, set())
+            changed = me in stale
+            stale.discard(me)
+            if not stale:
+                _UNCOUNTED.pop(hf, None)
+            changed = changed or _uncounted(_KEPT.get(hf))
             fingerprint(hf)  # the full check: the fingerprint is the bytes' own again after the block
             if changed:
                 message = ("the weights were written inside frozen_weights() in a way PyTorch does not count (through "
