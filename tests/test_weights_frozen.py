@@ -4,6 +4,8 @@ copy but still follows every write PyTorch counts; the full check at the block's
 the bytes' own again."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from test_weights_fingerprint import fresh_hash
@@ -95,5 +97,80 @@ def test_nested_blocks_check_at_the_outermost_ends_only(smollm, sample_reads):
         sample_reads.clear()
         with smollm.frozen_weights() as inner:
             assert inner == outer
-        assert fp._FROZEN.get(smollm.hf) == 1 and True not in sample_reads
+        assert fp._frozen_here(smollm.hf) == 1 and True not in sample_reads
     assert not fp._FROZEN.get(smollm.hf) and sample_reads[-1] is True
+
+
+def test_a_counted_write_after_the_last_read_inside_is_no_error(smollm):
+    weight = _column(smollm)
+    saved = weight.detach().clone()
+    try:
+        with smollm.frozen_weights():
+            smollm.fingerprint
+            with torch.no_grad():
+                weight.mul_(2.0)  # an optimizer step's kind of write, counted; no read follows it inside
+        assert smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_a_stale_read_is_reported_even_when_a_later_counted_write_takes_the_full_walk(smollm):
+    weight, other = _column(smollm), smollm.hf.model.layers[4].mlp.down_proj.weight
+    saved, saved_other = weight.detach()[:, 5].clone(), other.detach().clone()
+    try:
+        with pytest.raises(fp.WeightsChangedError, match="frozen_weights"):
+            with smollm.frozen_weights():
+                weight.data[:, 5] = 0.0
+                assert smollm.fingerprint != fresh_hash(smollm)  # the documented gap: this read is stale
+                with torch.no_grad():
+                    other.mul_(2.0)  # counted: the next read walks in full and is right again
+                assert smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        weight.data[:, 5] = saved
+        with torch.no_grad():
+            other.copy_(saved_other)
+    assert smollm.fingerprint == fresh_hash(smollm) and not fp._UNCOUNTED.get(smollm.hf)
+
+
+def test_two_parameters_over_one_storage_a_counted_write_through_either_is_no_error():
+    shared = torch.randn(64, 32)
+    module = torch.nn.Module()
+    module.a, module.b = torch.nn.Parameter(shared), torch.nn.Parameter(shared)
+    with fp.frozen(module):
+        fp.fingerprint(module)
+        with torch.no_grad():
+            module.b.mul_(2.0)  # counted on b only: the storage a's sample reads is b's
+    assert fp.fingerprint(module) == fp.weights_hash(module, module.state_dict())
+    with pytest.raises(fp.WeightsChangedError):
+        with fp.frozen(module):
+            fp.fingerprint(module)
+            module.b.data[3] = 0.0  # uncounted, through the name that is not sampled
+    assert fp.fingerprint(module) == fp.weights_hash(module, module.state_dict())
+
+
+def test_another_threads_reads_compare_the_sample_while_a_block_is_open(smollm):
+    weight = _column(smollm)
+    saved = weight.detach()[:, 9].clone()
+    smollm.fingerprint
+    opened, release, seen = threading.Event(), threading.Event(), []
+
+    def frozen_elsewhere():
+        try:
+            with smollm.frozen_weights():
+                opened.set()
+                release.wait(30)
+        except fp.WeightsChangedError:
+            seen.append("raised")
+
+    worker = threading.Thread(target=frozen_elsewhere)
+    worker.start()
+    try:
+        assert opened.wait(30)
+        weight.data[:, 9] = 0.0  # this thread is in no frozen block: its read must see the write
+        assert smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        release.set()
+        worker.join()
+        weight.data[:, 9] = saved
+    assert seen == ["raised"] and not fp._FROZEN.get(smollm.hf) and smollm.fingerprint == fresh_hash(smollm)

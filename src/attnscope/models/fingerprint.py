@@ -27,6 +27,7 @@ import hashlib
 import warnings
 from contextlib import contextmanager
 import math
+import threading
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -121,14 +122,30 @@ class _Kept(NamedTuple):
 _KEPT: WeakKeyDictionary = WeakKeyDictionary()  # module -> _Kept: every `Model` wrapping it shares them
 
 
-_FROZEN: WeakKeyDictionary = WeakKeyDictionary()  # module -> how many `frozen` blocks are open on it
+_FROZEN: WeakKeyDictionary = WeakKeyDictionary()  # module -> {thread: how many `frozen` blocks it has open on it}
+_UNCOUNTED: WeakKeyDictionary = WeakKeyDictionary()  # module -> threads whose reads inside `frozen` may have been stale
+
+
+def _frozen_here(hf: nn.Module) -> int:
+    """How many `frozen` blocks this thread has open on `hf` (another thread's block leaves this one's reads full)."""
+    return _FROZEN.get(hf, {}).get(threading.get_ident(), 0)
+
+
+def _uncounted(kept: _Kept | None) -> bool:
+    """Whether the kept plan's sample shows a write PyTorch did not count since the plan was built."""
+    if kept is None or kept.plan is None:
+        return False
+    try:
+        return kept.plan.uncounted()
+    except (AttributeError, RuntimeError, TypeError):
+        return True
 
 
 def _unchanged(hf: nn.Module, kept: _Kept | None) -> bool:
     if kept is None or kept.plan is None:
         return False
     try:
-        return kept.plan.unchanged(hf, sampled=not _FROZEN.get(hf))
+        return kept.plan.unchanged(hf, sampled=not _frozen_here(hf))
     except (AttributeError, RuntimeError, TypeError):  # something the plan did not expect: the full walk decides
         return False
 
@@ -140,6 +157,8 @@ def fingerprint(hf: nn.Module) -> str:
         kept = _KEPT.get(hf)
         if _unchanged(hf, kept):
             return kept.digest
+        if _FROZEN.get(hf) and _uncounted(kept):  # reads since the plan was built skipped the sample: remember it
+            _UNCOUNTED.setdefault(hf, set()).update(_FROZEN[hf])
         state = hf.state_dict(keep_vars=True)
         key, views = _walk(state)
         digest = kept.digest if kept is not None and same_key(key, kept.key) else weights_hash(hf, state)
@@ -160,24 +179,38 @@ def frozen(hf: nn.Module):
     run with one capture per item reads it once per item. The full check runs when the block opens and when it ends;
     if only the sampled bytes show a change at the end (a write through `.data` inside, which the reads inside could
     not see), `WeightsChangedError` is raised (a warning instead where the block raised): traces captured after that
-    write carry the fingerprint from before it. Nested blocks check at the outermost's ends. Yields the fingerprint."""
-    outer = not _FROZEN.get(hf)
+    write carry the fingerprint from before it. A read inside that a counted write or a structural change sends to the
+    full walk first looks for such a write in the sample (that walk's new hash would hide it by the end); a counted
+    write with no read after it inside is no error. Not seen: an uncounted write to a storage a counted write (or a
+    replaced tensor) then also changes before the block ends. Nested blocks check at the outermost's ends. The block
+    belongs to its thread: another thread's reads meanwhile compare the sample (a write there through `.data` still
+    raises here at the end). Yields the fingerprint."""
+    me = threading.get_ident()
+    outer = not _frozen_here(hf)
     digest = fingerprint(hf) if outer else None
-    _FROZEN[hf] = _FROZEN.get(hf, 0) + 1
+    _FROZEN.setdefault(hf, {})[me] = _frozen_here(hf) + 1
     failed = True
     try:
         yield digest if outer else fingerprint(hf)
         failed = False
     finally:
-        depth = _FROZEN.get(hf, 1) - 1
-        if depth:
-            _FROZEN[hf] = depth
-        else:
+        depths = _FROZEN.get(hf, {})
+        depths[me] = depths.get(me, 1) - 1
+        if not depths[me]:
+            del depths[me]
+        if not depths:
             _FROZEN.pop(hf, None)
         if outer:
-            kept = _KEPT.get(hf)
-            handed = kept.digest if kept is not None else None  # what the last read inside gave
-            if fingerprint(hf) != handed:
+            # an uncounted write since the last full walk, or one a full walk inside found (after a counted write or
+            # a structural change, which would otherwise hide it); a counted write after the last read is not one
+            stale = _UNCOUNTED.get(hf, set())
+            changed = me in stale
+            stale.discard(me)
+            if not stale:
+                _UNCOUNTED.pop(hf, None)
+            changed = changed or _uncounted(_KEPT.get(hf))
+            fingerprint(hf)  # the full check: the fingerprint is the bytes' own again after the block
+            if changed:
                 message = ("the weights were written inside frozen_weights() in a way PyTorch does not count (through "
                            "`.data`, or memory shared with numpy): fingerprints read inside after that write, such as "
                            "a capture's provenance['weights'], name the weights from before it. Write under "

@@ -97,6 +97,24 @@ class Plan:
         self.views = views
         self.sampled = {where: _as_integers(torch.cat(parts)) for where, parts in views.items()}
 
+    def uncounted(self) -> bool:
+        """True if sampled bytes changed in a storage none of whose tensors has a new write counter or layout since the
+        plan was built: a write PyTorch did not count (through `.data`, or memory shared with NumPy). A counted write
+        through one of two tensors over one storage (tied weights) is not one."""
+        counted = {alias.untyped_storage().data_ptr() for t, alias, version in zip(self.tensors, self.aliases,
+                                                                                   self.versions)
+                   if t._version != version or not t.is_set_to(alias)}
+        for where, parts in self.views.items():
+            now, kept, start = torch.cat(parts).reshape(-1).view(torch.uint8), self.sampled[where].view(torch.uint8), 0
+            for view in parts:
+                end = start + view.numel() * view.element_size()
+                if view.untyped_storage().data_ptr() in counted:
+                    pass
+                elif not torch.equal(now[start:end], kept[start:end]):
+                    return True
+                start = end
+        return False
+
     def unchanged(self, hf: nn.Module, sampled: bool = True) -> bool:
         """True only if `state_dict(keep_vars=True)` would give the same names and tensor objects, with the same write
         counters, layouts and sampled bytes (not compared with `sampled=False`), as when the plan was built."""
