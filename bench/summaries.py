@@ -178,8 +178,8 @@ def write(doc: dict, out: Path) -> None:
     load = " → ".join(" ".join(f"{x:.2f}" for x in cfg[k]) for k in ("loadavg_start", "loadavg_end") if k in cfg)
     lines += ["", f"Goal ≤1.05x for the harness's selection (last query row of every step): "
               f"{'met' if plain <= 1.05 else 'not met'} with a full weights check at each capture block's end "
-              f"({plain:.3f}x); {'met' if frozen <= 1.05 else 'not met'} with the run inside "
-              f"`model.frozen_weights()` ({frozen:.3f}x), where each block's fingerprint read skips the copy of the "
+              f"({plain:.4f}x); {'met' if frozen <= 1.05 else 'not met'} with the run inside "
+              f"`model.frozen_weights()` ({frozen:.4f}x), where each block's fingerprint read skips the copy of the "
               "sampled bytes (on the CPU it touches about every memory page of the weights) and the full check runs "
               "when the run starts and ends. Per-repetition "
               f"ratios are in `summaries.json`; load average (1, 5, 15 min) {load} on a 2-core machine shared with "
