@@ -96,6 +96,7 @@ class capture:
         self._head_tensors = {}
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._parts, self._bases = {}, {}
+        self._placed = {}  # call shape -> positions resolved in this forward (`record`)
         self._ledger = Ledger(on_reorder=self._reorder)
         if self.out is not None:  # after the selection is validated: a bad selection creates no directory
             self._writer = TraceWriter(self.out, self.overwrite)
@@ -160,6 +161,7 @@ class capture:
         self.trace.runs.append(run)
         self._parts, self._bases = {}, {}
         self._calls_this_forward = 0
+        self._placed.clear()
         return run
 
     def _encoder_roots(self):
@@ -189,6 +191,7 @@ class capture:
         if excluded(self._attachment):
             return None
         self._in_forward = True
+        self._placed.clear()  # positions resolved per call shape hold within one forward
         inputs = self.model.bind(args, kwargs)
         begin = self._ledger.begin(inputs, pruning=bool(kept_positions(self.model.hf, create=False)))
         if not begin.new and self.trace.runs:  # the next decode step of the sequence in flight
@@ -229,6 +232,7 @@ class capture:
             return
         run = self.trace.runs[-1]
         run.reorder(beam_idx.tolist(), CACHED_STREAMS)
+        self._placed.clear()
 
     def _after_forward(self, module, args, kwargs, output):
         if excluded(self._attachment):
@@ -301,7 +305,13 @@ class capture:
                 raise LedgerError(f"{where}token pruning kept different positions in each batch row; capture one row "
                                   "at a time to label its keys")
             return self._record_at(call, run, pruned[0].tolist(), tmaps)
-        if call.site.stream in CACHED_STREAMS and self._ledger.length:  # positions from the ledger: windows, crops and prefix caches
+        cached = call.site.stream in CACHED_STREAMS and self._ledger.length
+        # every layer of a forward with the same call shape has the same positions: resolved once per forward
+        shape = (call.site.stream, q_len, kv_len, self._ledger.length, len(tmaps[0]) if tmaps else -1)
+        known = self._placed.get(shape) if cached else None
+        if known is not None and known[0] is tmaps and known[1] is run:
+            return self._record_placed(call, run, tmaps, *known[2:])
+        if cached:  # positions from the ledger: windows, crops and prefix caches
             q_start, base = self._ledger.placed(q_len, kv_len, where)
             total = self._ledger.length
             part = 0
@@ -330,6 +340,14 @@ class capture:
         local_keys = None if keys is None else [p - base for p in keys if base <= p < base + kv_len]
         # selected keys a sliding window already evicted: exactly zero attention, recorded as such
         evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
+        if cached:
+            self._placed[shape] = (tmaps, run, q_start, base, kv_len, part, rows, local_keys, evicted)
+        return self._record_placed(call, run, tmaps, q_start, base, kv_len, part, rows, local_keys, evicted)
+
+    def _record_placed(self, call: AttentionCall, run: Run, tmaps, q_start: int, base: int, kv_len: int, part: int,
+                       rows: list[int], local_keys: list[int] | None, evicted: list[int]) -> None:
+        """Record a call whose query `rows` and key columns (`local_keys`, None: all; `evicted`: selected keys a
+        sliding window dropped) are placed: queries from `q_start`, keys from `base`."""
         if not rows or (local_keys == [] and not evicted):
             return
         if self.reducer is not None:
