@@ -6,7 +6,7 @@ import torch
 from .. import __version__
 from ..core import seam
 from ..core.dispatch import AttentionCall, Handler, attach, excluded
-from ..core.probs import RowRun, check_chunk
+from ..core.probs import as_rows, check_chunk
 from ..core.ledger import Ledger, LedgerError, kept_positions
 from ..core.tokens import CACHED_STREAMS, QUERY_STREAM, TokenMap
 from ..core.sites import NoAttentionError
@@ -427,7 +427,7 @@ class capture:
         # an edit may have computed the probabilities the model really used (call.probs or call.patches); every head
         # and a run of rows go as such (no index tensor built and read back per call)
         heads = self._heads_for(call.module)
-        args = (heads, RowRun.of(rows) or torch.tensor(rows), None if keys is None else torch.tensor(keys, dtype=torch.long))
+        args = (heads, as_rows(rows), None if keys is None else torch.tensor(keys, dtype=torch.long))
         if torch.is_grad_enabled() and not self.grad:  # rows kept out of the graph unless grad=True
             with torch.no_grad():
                 return call.probs_for(*args, chunk=self.chunk, dtype=self.dtype, out=out).to(self.dtype)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.probs import RowRun, index_on, plain_rows, stacked_probs
+from ..core.probs import RowRun, as_rows, index_on, plain_rows, stacked_probs
 from ..core.tokens import ROLES
 from .trace import Trace
 
@@ -167,7 +167,7 @@ class Reducer:
             torch.set_grad_enabled(False)
         try:
             if len(rows) <= self.chunk:  # one block, the usual case (one row per step)
-                r = self._rows(rows)
+                r = as_rows(rows)
                 plain = None if call.probs is not None or call.patches else plain_rows(
                     call.module, call.query, call.key, call.attention_mask, call.kwargs, heads, rows)
                 if plain is not None:  # softmax(q k^T) alone: computed at the flush with the other layers'
@@ -187,7 +187,7 @@ class Reducer:
             self._open.append(rec)
             self._filling = rec
             for start in range(0, len(rows), self.chunk):
-                p = call.probs_for(heads, self._rows(rows[start:start + self.chunk]), chunk=self.chunk)
+                p = call.probs_for(heads, as_rows(rows[start:start + self.chunk]), chunk=self.chunk)
                 self._add((rec, p, weights, False, None, p.shape[1], p.shape[2], where), p.numel())
         except BaseException:  # e.g. out of memory: no record of this call (as with rows), not a record without rows
             self._drop(run, call, rec)
@@ -299,11 +299,6 @@ class Reducer:
                     setattr(item[0], name, piece)
                 else:
                     item[0].pieces.setdefault(name, []).append(piece)
-
-    @staticmethod
-    def _rows(rows: list[int]) -> RowRun | torch.Tensor:
-        """Row indices: a `RowRun` where consecutive (one row, every row), else an index tensor."""
-        return RowRun.of(rows) or torch.tensor(rows, dtype=torch.long)
 
 
 def _forget(rec: SummaryRecord, run, key: tuple) -> None:

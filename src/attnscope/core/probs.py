@@ -83,6 +83,11 @@ class RowRun(tuple):
         return torch.arange(self[0], self[0] + self[1], device=device)
 
 
+def as_rows(rows: list[int]) -> RowRun | torch.Tensor:
+    """Query rows as `probs_for` takes them: a `RowRun` where consecutive (one row, every row), else an index tensor."""
+    return RowRun.of(rows) or torch.tensor(rows, dtype=torch.long)
+
+
 def as_index(selection, n: int, device) -> torch.Tensor:
     """A head or row selection as an index tensor on `device`: None (all `n`), a `RowRun` or an index tensor."""
     if selection is None:
