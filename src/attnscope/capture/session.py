@@ -341,13 +341,14 @@ class capture:
         # selected keys a sliding window already evicted: exactly zero attention, recorded as such
         evicted = [] if keys is None or call.site.stream not in CACHED_STREAMS else [p for p in keys if p < base]
         if cached:
-            self._placed[shape] = (tmaps, run, q_start, base, kv_len, part, rows, local_keys, evicted)
-        return self._record_placed(call, run, tmaps, q_start, base, kv_len, part, rows, local_keys, evicted)
+            self._placed[shape] = (tmaps, run, q_start, base, part, rows, local_keys, evicted)
+        return self._record_placed(call, run, tmaps, q_start, base, part, rows, local_keys, evicted)
 
-    def _record_placed(self, call: AttentionCall, run: Run, tmaps, q_start: int, base: int, kv_len: int, part: int,
+    def _record_placed(self, call: AttentionCall, run: Run, tmaps, q_start: int, base: int, part: int,
                        rows: list[int], local_keys: list[int] | None, evicted: list[int]) -> None:
         """Record a call whose query `rows` and key columns (`local_keys`, None: all; `evicted`: selected keys a
         sliding window dropped) are placed: queries from `q_start`, keys from `base`."""
+        kv_len = call.key.shape[2]
         if not rows or (local_keys == [] and not evicted):
             return
         if self.reducer is not None:

@@ -24,10 +24,10 @@ or inference tensors, state-dict hooks), takes the full walk, which builds a new
 from __future__ import annotations
 
 import hashlib
-import warnings
-from contextlib import contextmanager
 import math
 import threading
+import warnings
+from contextlib import contextmanager
 from typing import NamedTuple
 from weakref import WeakKeyDictionary
 
