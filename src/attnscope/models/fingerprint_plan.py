@@ -108,7 +108,8 @@ class Plan:
             now, kept, start = torch.cat(parts).reshape(-1).view(torch.uint8), self.sampled[where].view(torch.uint8), 0
             for view in parts:
                 end = start + view.numel() * view.element_size()
-                if view.untyped_storage().data_ptr() not in counted and not torch.equal(now[start:end], kept[start:end]):
+                uncounted = view.untyped_storage().data_ptr() not in counted
+                if uncounted and not torch.equal(now[start:end], kept[start:end]):
                     return True
                 start = end
         return False
