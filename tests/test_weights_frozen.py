@@ -91,6 +91,26 @@ def test_a_block_that_raises_keeps_its_error_and_warns(smollm):
     assert not fp._FROZEN.get(smollm.hf) and smollm.fingerprint == fresh_hash(smollm)
 
 
+def test_a_block_that_raises_keeps_its_error_when_warnings_are_errors(smollm):
+    """Under `simplefilter("error")` the warning would replace the block's own error: the error goes on, and carries
+    the message as a note."""
+    import warnings
+
+    weight = _column(smollm)
+    saved = weight.detach()[:, 7].clone()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(KeyError, match="own error") as raised:
+                with smollm.frozen_weights():
+                    weight.data[:, 7] = 0.0
+                    raise KeyError("own error")
+    finally:
+        weight.data[:, 7] = saved
+    assert any("frozen_weights" in note for note in raised.value.__notes__)
+    assert not fp._FROZEN.get(smollm.hf) and smollm.fingerprint == fresh_hash(smollm)
+
+
 def test_nested_blocks_check_at_the_outermost_ends_only(smollm, sample_reads):
     smollm.fingerprint
     with smollm.frozen_weights() as outer:

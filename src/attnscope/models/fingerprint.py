@@ -184,15 +184,19 @@ def frozen(hf: nn.Module):
     write with no read after it inside is no error. Not seen: an uncounted write to a storage a counted write (or a
     replaced tensor) then also changes before the block ends. Nested blocks check at the outermost's ends. The block
     belongs to its thread: another thread's reads meanwhile compare the sample (a write there through `.data` still
-    raises here at the end). Yields the fingerprint."""
+    raises here at the end), but everything its own thread runs before the block ends is inside it, code that runs
+    while a generator holding the block is suspended included. Where the block itself raised, its error goes on
+    with the message as a note (and a warning, unless warnings are raised as errors). Yields the fingerprint."""
     me = threading.get_ident()
     outer = not _frozen_here(hf)
     digest = fingerprint(hf) if outer else None
     _FROZEN.setdefault(hf, {})[me] = _frozen_here(hf) + 1
-    failed = True
+    error = None
     try:
         yield digest if outer else fingerprint(hf)
-        failed = False
+    except BaseException as err:
+        error = err
+        raise
     finally:
         depths = _FROZEN.get(hf, {})
         depths[me] = depths.get(me, 1) - 1
@@ -216,10 +220,13 @@ def frozen(hf: nn.Module):
                            "a capture's provenance['weights'], name the weights from before it. Write under "
                            "torch.no_grad() without `.data`, call refresh_fingerprint() after such a write, or leave "
                            "the weights unfrozen")
-                if failed:
-                    warnings.warn(message, stacklevel=3)
-                else:
+                if error is None:
                     raise WeightsChangedError(message)
+                error.add_note(message)  # the block's own error goes on, and says it in its traceback
+                try:
+                    warnings.warn(message, stacklevel=3)
+                except Warning:  # warnings raised as errors: the block's own error stays the one raised
+                    pass
 
 
 def forget(hf: nn.Module) -> None:
