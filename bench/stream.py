@@ -197,16 +197,16 @@ def checksum_rates(size: int = 256 << 20) -> dict:
 
 def page_cache_cost(scratch: Path, shards: int = 16, shard: int = 32 << 20, pause: float = 3.0) -> dict:
     """CPU seconds per GB of writing shards with pwrite (1 MiB pieces), left in the page cache vs written through
-    (`stream._write_through`: flushed and dropped once 64 MiB more were written, as the writer does) vs by direct I/O
-    from one page-aligned buffer (`stream._write_piece`, what the writer does for a full matrix's aligned rows; None
+    (`shard_io.write_through`: flushed and dropped once 64 MiB more were written, as the writer does) vs by direct I/O
+    from one page-aligned buffer (`shard_io.write_piece`, what the writer does for a full matrix's aligned rows; None
     where the file system has no direct I/O)."""
     import torch
 
-    from attnscope.capture import stream
+    from attnscope.capture import shard_io, stream
 
     piece = torch.rand(1 << 18).view(torch.uint8).numpy()  # 1 MiB
-    raw = torch.empty((1 << 20) + stream.ALIGN, dtype=torch.uint8)
-    aligned = raw[-raw.data_ptr() % stream.ALIGN:][: 1 << 20].copy_(torch.from_numpy(piece))
+    raw = torch.empty((1 << 20) + shard_io.ALIGN, dtype=torch.uint8)
+    aligned = raw[-raw.data_ptr() % shard_io.ALIGN:][: 1 << 20].copy_(torch.from_numpy(piece))
     out = {}
     for mode in ("page cache", "write-through", "direct"):
         time.sleep(pause)  # freed pages left alone for a while, as between runs
@@ -214,7 +214,7 @@ def page_cache_cost(scratch: Path, shards: int = 16, shard: int = 32 << 20, paus
         for i in range(shards):
             path = scratch / f"pc-{i}.bin"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-            direct = stream._open_direct(path) if mode == "direct" else None
+            direct = shard_io.open_direct(path) if mode == "direct" else None
             if mode == "direct" and direct is None:
                 os.close(fd)
                 break
@@ -222,15 +222,15 @@ def page_cache_cost(scratch: Path, shards: int = 16, shard: int = 32 << 20, paus
                 if direct is None:
                     os.pwrite(fd, piece, off)
                 else:
-                    direct = stream._write_piece(fd, direct, aligned, off)
+                    direct = shard_io.write_piece(fd, direct, aligned, off)
             for f in {fd, direct} - {None}:
                 os.close(f)
             paths.append(path)
             if mode != "page cache" and len(paths) > stream.WRITEBACK_BYTES // shard:
-                stream._write_through(paths.pop(0))
+                shard_io.write_through(paths.pop(0))
         for path in paths:
             if mode != "page cache":
-                stream._write_through(path)
+                shard_io.write_through(path)
         out[mode] = (time.process_time() - c0) / (shards * shard / 1e9) if paths or mode != "direct" else None
         for i in range(shards):
             (scratch / f"pc-{i}.bin").unlink(missing_ok=True)

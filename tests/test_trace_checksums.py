@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import attnscope
 from attnscope.capture.checksums import sealed
-from attnscope.capture import stream
+from attnscope.capture import shard_io, stream
 from attnscope.capture.trace import Trace, TraceFileError
 
 
@@ -147,8 +147,8 @@ def test_every_shard_is_on_disk_before_the_metadata(minilm, tmp_path, monkeypatc
     monkeypatch.setattr(stream, "WRITEBACK_BYTES", 0)  # each shard flushed once the next one is finished
     out = tmp_path / "d"
     flushed = []
-    original = stream._write_through
-    monkeypatch.setattr(stream, "_write_through", lambda p: flushed.append((p.name, (out / stream.META).exists()))
+    original = shard_io.write_through
+    monkeypatch.setattr(shard_io, "write_through", lambda p: flushed.append((p.name, (out / stream.META).exists()))
                         or original(p))
     _capture(minilm, out)
     shards = sorted(p.name for p in out.glob("shard-*.safetensors"))

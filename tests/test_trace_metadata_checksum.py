@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import attnscope
-from attnscope.capture import stream
+from attnscope.capture import stream, stream_read
 from attnscope.capture.checksums import METADATA_FIELD, sealed
 from attnscope.capture.summaries import Summaries
 from attnscope.capture.trace import Trace, TraceFileError, UncheckedMetadataWarning
@@ -254,9 +254,9 @@ def test_opening_a_directory_reads_the_shard_headers_only(written, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(stream, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
+    monkeypatch.setattr(stream_read, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
     maps = []
-    monkeypatch.setattr(stream.np, "memmap", lambda *a, **k: maps.append(a))
+    monkeypatch.setattr(stream_read.np, "memmap", lambda *a, **k: maps.append(a))
     trace = Trace.load(out)
     assert read["bytes"] == headers and maps == []
     assert all(r._probs is None for run in trace.runs for rs in run.records.values() for r in rs)

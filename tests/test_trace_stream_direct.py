@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import attnscope
-from attnscope.capture import stream
+from attnscope.capture import shard_io, stream
 from attnscope.capture.trace import Trace
 from attnscope.core.probs import attention_probs
 
@@ -83,21 +83,21 @@ def test_full_matrices_written_by_direct_io_are_the_in_memory_bits(smollm, tmp_p
     x = {k: v[:, :256] for k, v in smollm.encode("The capital of France is Paris. " * 40).items()}
     assert x["input_ids"].shape[1] == 256
     direct, writes = set(), []
-    open_direct, pwrite_all = stream._open_direct, stream._pwrite_all
-    monkeypatch.setattr(stream, "_open_direct", lambda p: direct.add(fd := open_direct(p)) or fd)
-    monkeypatch.setattr(stream, "_pwrite_all", lambda fd, data, at: writes.append((fd, at)) or pwrite_all(fd, data, at))
+    open_direct, pwrite_all = shard_io.open_direct, shard_io.pwrite_all
+    monkeypatch.setattr(shard_io, "open_direct", lambda p: direct.add(fd := open_direct(p)) or fd)
+    monkeypatch.setattr(shard_io, "pwrite_all", lambda fd, data, at: writes.append((fd, at)) or pwrite_all(fd, data, at))
     memory = _capture(smollm, x, dtype=dtype)
     _capture(smollm, x, tmp_path / "d", dtype=dtype)
     _same(memory, Trace.load(tmp_path / "d"))
     if _direct_io_works(tmp_path / "probe"):
         through = [at for fd, at in writes if fd in direct]
         assert len(through) == 3 * 9 * 4  # every (head, chunk) piece of the three layers, none through the cache
-        assert all(at % stream.ALIGN == 0 for at in through)
+        assert all(at % shard_io.ALIGN == 0 for at in through)
     for shard in (tmp_path / "d").glob("shard-*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:  # a plain safetensors file, its data page-aligned
             (key,) = f.keys()
             assert f.get_tensor(key).dtype == dtype
-        assert (int.from_bytes(shard.read_bytes()[:8], "little") + 8) % stream.ALIGN == 0
+        assert (int.from_bytes(shard.read_bytes()[:8], "little") + 8) % shard_io.ALIGN == 0
 
 
 def test_refused_direct_writes_go_through_the_page_cache(smollm, tmp_path, monkeypatch):
@@ -111,10 +111,10 @@ def test_refused_direct_writes_go_through_the_page_cache(smollm, tmp_path, monke
             raise OSError(errno.EINVAL, "Invalid argument")
         return pwrite_all(fd, data, at)
 
-    opened, pwrite_all, open_direct = set(), stream._pwrite_all, stream._open_direct
-    monkeypatch.setattr(stream, "_open_direct", lambda p: opened.add(fd := open_direct(p) or os.open(p, os.O_WRONLY)) or fd)
-    monkeypatch.setattr(stream, "_pwrite_all", refusing)
-    monkeypatch.setattr(stream, "ALIGN", 4)  # every piece qualifies for a direct write
+    opened, pwrite_all, open_direct = set(), shard_io.pwrite_all, shard_io.open_direct
+    monkeypatch.setattr(shard_io, "open_direct", lambda p: opened.add(fd := open_direct(p) or os.open(p, os.O_WRONLY)) or fd)
+    monkeypatch.setattr(shard_io, "pwrite_all", refusing)
+    monkeypatch.setattr(shard_io, "ALIGN", 4)  # every piece qualifies for a direct write
     x = smollm.encode("The capital of France is")
     memory = _capture(smollm, x)
     _capture(smollm, x, tmp_path / "r")
@@ -153,7 +153,7 @@ def test_a_failed_write_leaves_a_partial_trace_that_says_why(smollm, tmp_path, m
     error itself, the directory keeps the records written before it in trace.partial.json and INCOMPLETE says why (a
     record refused before its source was set made the metadata raise AttributeError instead)."""
     monkeypatch.setattr(stream, "SHARD_BYTES", 1)
-    pwrite_all, calls = stream._pwrite_all, []
+    pwrite_all, calls = shard_io.pwrite_all, []
 
     def full(fd, data, at):
         calls.append(at)
@@ -161,7 +161,7 @@ def test_a_failed_write_leaves_a_partial_trace_that_says_why(smollm, tmp_path, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return pwrite_all(fd, data, at)
 
-    monkeypatch.setattr(stream, "_pwrite_all", full)
+    monkeypatch.setattr(shard_io, "pwrite_all", full)
     x = smollm.encode("The capital of France is Paris, and the capital of Italy is Rome.")
     memory = _capture(smollm, x)
     with pytest.raises(stream.TraceFileError, match="No space left"):
@@ -180,17 +180,17 @@ def test_a_refused_direct_write_then_a_failed_write_closes_each_descriptor_once(
     """EINVAL from a direct write gives up the direct descriptor; if the page-cache write of the same piece then
     fails, the descriptor was closed a second time at the end of the record (EBADF raised from the writer's cleanup,
     which then never released its slot: the next record waited forever, or another file's descriptor was closed)."""
-    closed, real_close, real_open_direct = [], os.close, stream._open_direct
+    closed, real_close, real_open_direct = [], os.close, shard_io.open_direct
     opened = set()
     monkeypatch.setattr(stream.os, "close", lambda fd: closed.append(fd) or real_close(fd))
-    monkeypatch.setattr(stream, "_open_direct",
+    monkeypatch.setattr(shard_io, "open_direct",
                         lambda p: opened.add(fd := real_open_direct(p) or os.open(p, os.O_WRONLY)) or fd)
 
     def pwrite_all(fd, data, at):
         raise OSError(errno.EINVAL if fd in opened else errno.ENOSPC, "refused")
 
-    monkeypatch.setattr(stream, "_pwrite_all", pwrite_all)
-    monkeypatch.setattr(stream, "ALIGN", 4)  # every piece qualifies for a direct write
+    monkeypatch.setattr(shard_io, "pwrite_all", pwrite_all)
+    monkeypatch.setattr(shard_io, "ALIGN", 4)  # every piece qualifies for a direct write
     writer = stream.TraceWriter(tmp_path / "w")
     rec = stream.Record(None, [0], list(range(4)), None)
     writer.add_rows(0, "text", 0, 0, rec, [1, 1, 4, 4], torch.float32, iter([(0, torch.ones(1, 1, 4, 4))]))

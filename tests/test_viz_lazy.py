@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnscope
-from attnscope.capture import stream
+from attnscope.capture import stream, stream_read
 from attnscope.capture.trace import Trace
 from attnscope.viz import data, lazy, runner
 
@@ -58,7 +58,7 @@ def test_rows_are_read_only_when_asked(streamed, monkeypatch):
     original = stream.ShardTensor._map
     monkeypatch.setattr(stream.ShardTensor, "_map", lambda self: maps.append(self.key) or original(self))
     hashed = []
-    monkeypatch.setattr(stream, "tensor_checksum", lambda *a, **k: hashed.append(1) or {})
+    monkeypatch.setattr(stream_read, "tensor_checksum", lambda *a, **k: hashed.append(1) or {})
     view.layer_block(1)
     layer7 = {k for k in maps}
     assert layer7 and all("/text/7/" in k for k in layer7)  # one layer: only its records

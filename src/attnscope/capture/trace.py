@@ -277,7 +277,7 @@ class Trace:
         capture did not finish is refused unless `partial=True` (then: the records written before it stopped)."""
         path = Path(path)
         if path.is_dir():
-            from .stream import load_dir
+            from .stream_read import load_dir
             from .summaries import Summaries
 
             if issubclass(cls, Summaries):  # summaries are never streamed to a directory
