@@ -5,6 +5,7 @@ import { el } from "./util";
 import { DiffView } from "./diff";
 import { knockoutPanel } from "./knockout";
 import { groundingPanel } from "./grounding";
+import { SummaryViewer } from "./summaries";
 import { Viewer } from "./viewer";
 
 interface Info {
@@ -161,7 +162,9 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     // e.g. a trace written before metadata checksums: its labels were not checked
     for (const note of answer.doc.notes ?? []) results.append(el("p", { class: "as-warn", role: "note", text: note }));
     const methods = info.explain;
-    if (answer.steered) {
+    if (answer.doc.summaries?.length) {  // a summaries file: per-head summaries, no rows
+      new SummaryViewer(results, answer.doc, new ServerSource(base, answer.rid, methods));
+    } else if (answer.steered) {
       const pair = el("div", { class: "as-compare" });
       results.append(pair);
       const a = el("div", { class: "as-side" }), b = el("div", { class: "as-side" });

@@ -202,6 +202,15 @@ class Viewer:
             raise ApiError(404, f"run {rid!r} is gone (the server keeps the last {self.limits.runs} runs); run it again")
         return entry
 
+    def summary(self, rid: str, stream: str):
+        """The `summary_view.SummaryStreamView` of a run opened from a summaries file."""
+        views = self.entry(rid).result.summaries
+        for v in views:
+            if v.name == stream:
+                return v
+        raise ApiError(404, f"run {rid!r} has no summaries of stream {stream!r}" + (
+            f"; streams: {[v.name for v in views]}" if views else " (it holds attention rows, not summaries)"))
+
     def view(self, rid: str, stream: str) -> data.StreamView:
         for v in self.entry(rid).result.views:
             if v.name == stream:
@@ -422,6 +431,7 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         return await run_in_threadpool(_trace_sync, raw)
 
     def _trace_sync(raw: bytes):
+        from ..capture.summaries import Summaries
         from ..capture.trace import Trace, TraceFileError
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -429,8 +439,9 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             path.write_bytes(raw)
             try:
                 trace = Trace.load(path)
-                bad = sorted({key for run in trace.runs for key, recs in run.records.items() for rec in recs
-                              if not bool(rec.probs.float().isfinite().all())})
+                bad = [] if isinstance(trace, Summaries) else sorted(  # summaries: each block checks its own (`block`)
+                    {key for run in trace.runs for key, recs in run.records.items() for rec in recs
+                     if not bool(rec.probs.float().isfinite().all())})
                 if bad:  # written so by a model that produced them: nothing the viewer can draw (nor JSON hold)
                     raise TraceFileError(f"the trace holds NaN or infinite probabilities at {bad[:4]}")
                 result = runner.from_trace(trace)
@@ -463,6 +474,16 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             raise ApiError(413, "this layer is too large to send whole; ask for query rows")
         u8, scale = view.layer_block(li)
         return {"layer": layer, "queries": view.queries, "b64": data.b64(u8), "scale": data.b64(scale)}
+
+    @app.get("/api/runs/{rid}/{stream}/summary/{step}/{query}")
+    def summary_block(rid: str, stream: str, step: int, query: int):
+        view = state.summary(rid, stream)
+        try:
+            return view.block(step, query).to_json()
+        except KeyError as err:
+            raise ApiError(404, err.args[0]) from err
+        except ValueError as err:
+            raise ApiError(400, str(err)) from err
 
     @app.post("/api/runs/{rid}/explain")
     async def explain(rid: str, request: Request):
