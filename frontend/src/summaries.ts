@@ -16,6 +16,7 @@ export class SummaryViewer {
   private hi = -1;
   private block: SummaryBlock | null = null;
   private ticket = 0;
+  private dropped = 0; // answers that came after a later request's (not drawn; counted for tests)
   private els!: Record<string, HTMLElement>;
 
   constructor(host: HTMLElement, readonly doc: ViewDoc, readonly source: SummarySource) {
@@ -103,10 +104,10 @@ export class SummaryViewer {
     this.syncControls();
     try {
       const block = await this.source.summary(this.s, step, q);
-      if (ticket !== this.ticket) return;
+      if (ticket !== this.ticket) return this.drop();
       this.block = block;
     } catch (err) {
-      if (ticket !== this.ticket) return;
+      if (ticket !== this.ticket) return this.drop();
       this.block = null;
       this.els.caption.textContent = `could not load the summaries of step ${step}, query ${q}: ${(err as Error).message}`;
       this.els.caption.classList.add("as-error");
@@ -116,6 +117,10 @@ export class SummaryViewer {
     }
     this.els.caption.classList.remove("as-error");
     this.render();
+  }
+
+  private drop(): void {
+    this.root.dataset.dropped = String(++this.dropped);
   }
 
   private syncControls(): void {
@@ -182,10 +187,10 @@ export class SummaryViewer {
     const layer = s.layers[this.li], h = s.heads[this.hi], cell = this.li * s.heads.length + this.hi;
     detailTitle.textContent = `layer ${layer} · head ${h} · query ${this.tok(b.q)}`;
     for (const m of s.metrics) stats.append(el("span", { text: `${m.name} ${fmt(b.metrics[m.name][cell])}` }));
-    topLabel.textContent = b.k ? `top ${b.k} keys (attention weight)` : "top-k keys were not summarised (capture with summaries including \"topk\")";
+    topLabel.textContent = b.k ? `top ${b.k} keys (attention weight; keys given none are left out)` : "top-k keys were not summarised (capture with summaries including \"topk\")";
     for (let j = 0; j < b.k; j++) {
       const p = b.index[cell * b.k + j], v = b.value[cell * b.k + j];
-      if (p < 0) continue;
+      if (p < 0 || !(v > 0)) continue; // none, or a key the row gave no weight (e.g. a future one)
       const bar = el("span", { class: "as-topbar" });
       bar.style.width = `${Math.round(Math.max(0, Math.min(1, v)) * 100)}%`;
       top.append(el("li", { title: `#${p} ${this.doc.roles[s.roles[p]] ?? "unknown"}`, "data-k": String(p), "data-value": String(v) },
