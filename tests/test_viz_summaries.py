@@ -197,7 +197,21 @@ def test_every_surface_opens_a_summaries_file(generation, tmp_path, capsys):
     assert "is the trace itself" in err[0] and "batch row 3 is out of range" in err[2]
 
 
+def test_attnscope_view_writes_a_trace_file_of_rows_too(smollm, tmp_path, capsys):
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0]) as trace:
+        smollm(**smollm.encode(PROMPT))
+    path = trace.save(tmp_path / "rows.safetensors")
+    assert main(["view", str(path), "--out", str(tmp_path / "rows.html")]) == 0
+    doc = page_doc((tmp_path / "rows.html").read_text())
+    assert [s["name"] for s in doc["streams"]] == ["text"] and "summaries" not in doc
+
+
 def test_what_the_summaries_view_cannot_draw_is_said(generation):
+    from attnscope.capture.summaries import Summaries
+    from attnscope.capture.trace import Run
+
+    with pytest.raises(ValueError, match="hold no attention call"):
+        runner.from_trace(Summaries(runs=[Run()]))
     s, _ = generation
     with pytest.raises(TypeError, match="no rows: draw it with viz.summary_view"):
         data.stream_views(s)

@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--models-dir", action="append", metavar="DIR",
                      help="a folder whose model directories the app offers besides the zoo (repeatable)")
     srv.add_argument("--max-upload-mb", type=int, default=8)
-    srv.add_argument("--trace", action="append", metavar="DIR",
-                     help="a trace directory streamed by capture(out=DIR) to open, read from disk as needed (repeatable)")
+    srv.add_argument("--trace", action="append", metavar="PATH",
+                     help="a trace to open: a directory streamed by capture(out=DIR), read from disk as needed, or a "
+                          "trace or summaries file (repeatable)")
     srv.set_defaults(fn=cmd_serve)
     view = sub.add_parser("view", help="a trace or summaries file as a self-contained HTML viewer page (no model needed)")
     view.add_argument("file", help="a .safetensors trace or summaries file (capture --out / --summaries), or a trace "

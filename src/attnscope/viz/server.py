@@ -183,7 +183,8 @@ class Viewer:
 
     def open_trace(self, path) -> str:
         """Open a trace directory streamed by `capture(..., out=dir)` (given at start-up, never by a request) as a
-        run that stays: its rows are read from disk when asked for (`viz.lazy`), never loaded whole."""
+        run that stays: its rows are read from disk when asked for (`viz.lazy`), never loaded whole. A trace or
+        summaries file opens too (a summaries file's blocks are made when asked for, `viz.summary_view`)."""
         from ..capture.trace import Trace
 
         trace = Trace.load(path)
@@ -626,7 +627,8 @@ def serve(host: str = "127.0.0.1", port: int = 8765, model_dirs=(), limits: Limi
     """Run the viewer until interrupted (Ctrl+C or SIGTERM). A non-loopback `host` exposes it to the network: on
     purpose only. The port is bound before the URL is printed (`ServeError` if it is taken); on a stop signal,
     requests still running get `stop_timeout` seconds, then the server exits without waiting for a model that is
-    still computing. `traces`: streamed trace directories to open at start-up (each printed with its URL)."""
+    still computing. `traces`: streamed trace directories, trace or summaries files to open at start-up (each printed
+    with its URL)."""
     import uvicorn
     from transformers.utils import logging as hf_logging
 

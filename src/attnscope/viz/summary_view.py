@@ -143,6 +143,9 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
     """One `SummaryStreamView` per self-attention stream of `summaries.run(run)`, batch row `row`."""
     the_run = summaries.run(run)
     views = []
+    if not the_run.records:
+        raise ValueError("these summaries hold no attention call (the capture selected none, or the model ran "
+                         "outside its block): nothing to show")
     for stream in self_attention_streams(the_run):
         layers = sorted(layer for s, layer in the_run.records if s == stream)
         records = [(layer, rec) for layer in layers for rec in the_run.records[(stream, layer)] if not rec.part]
