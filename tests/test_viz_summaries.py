@@ -124,6 +124,10 @@ def test_a_prefill_of_every_row_and_some_heads_and_a_thinned_page(smollm):
         assert_block_is_the_readers(s, metas[0], block, "text")
     with pytest.raises(KeyError, match="no query row 99 at step 0"):
         view.block(0, 99)
+    s.run().records[("text", 29)][0].queries = [0, 1]  # layer 29 without row 2 (e.g. a selection that differs)
+    gap = view.block(0, 2)
+    assert np.isnan(gap.metrics[data.ENTROPY][1]).all() and (gap.index[1] == -1).all()
+    assert np.isfinite(gap.metrics[data.ENTROPY][0]).all() and (gap.index[0] >= 0).all()
 
 
 def test_scene_vlm_image_ratio_on_both_streams(scene_vlm):

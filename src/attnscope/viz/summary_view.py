@@ -57,9 +57,12 @@ class SummaryStreamView:
     metrics: list[str]
     k: int  # the most top-k keys of any record (0: "topk" was not summarised)
 
+    def __post_init__(self):
+        self._rows = set(self.rows)
+
     def block(self, step: int, query: int) -> SummaryBlock:
         """The grids of (step, query): each summary's value per layer and head, as the readers return it."""
-        if (step, query) not in self.rows:
+        if (step, query) not in self._rows:
             raise KeyError(f"stream {self.name!r} has no query row {query} at step {step}; rows (step, query): "
                            f"{self.rows[:8]}{' ...' if len(self.rows) > 8 else ''}")
         s, shape = self.summaries, (len(self.layers), len(self.heads))
