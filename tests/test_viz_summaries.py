@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import attnscope
 from attnscope.capture.trace import Trace
@@ -221,3 +222,5 @@ def test_what_the_summaries_view_cannot_draw_is_said(generation):
         data.stream_views(s)
     with pytest.raises(ValueError, match="draws no explanation maps"):
         html_of(s, explanations=[object()])
+    with pytest.raises(ValueError, match="draws no image overlay"):
+        html_of(s, image=Image.new("RGB", (8, 8)))
