@@ -202,6 +202,21 @@ def test_every_surface_opens_a_summaries_file(generation, tmp_path, capsys):
     assert "is the trace itself" in err[0] and "batch row 3 is out of range" in err[2]
 
 
+def test_a_file_of_several_runs_shows_the_one_asked_for_and_says_so(smollm):
+    short, long = smollm.encode("Hi"), smollm.encode(PROMPT)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="entropy") as s:
+        smollm(**short)
+        smollm(**long)
+    for run, x in ((0, short), (-1, long)):
+        doc = page_doc(html_of(s, run=run))
+        assert doc["summaries"][0]["rows"] == [[0, x["input_ids"].shape[1] - 1]]
+        assert doc["notes"] == [f"this file holds 2 runs; shown: run {run % 2} (the viewer shows one run: "
+                                "attnscope view FILE --run i for another)"]
+        block = doc["summaries"][0]["blocks"][f"0:{x['input_ids'].shape[1] - 1}"]
+        grid = decode(block["metrics"][data.ENTROPY], np.float32, (1, 9))
+        assert grid[0, 4] == s.entropy("text", 0, run=run)[0, 4, 0]
+
+
 def test_attnscope_view_writes_a_trace_file_of_rows_too(smollm, tmp_path, capsys):
     with torch.no_grad(), attnscope.capture(smollm, layers=[0]) as trace:
         smollm(**smollm.encode(PROMPT))

@@ -109,7 +109,8 @@ class SummaryStreamView:
         out = {"name": self.name, "layers": self.layers, "heads": self.heads,
                "tokens": [clean_token(x) for x in t.tokens], "roles": [ROLES.index(r) for r in t.roles],
                "metrics": [{"name": m, "range": None if m == ENTROPY else [0, 1]} for m in self.metrics],
-               "k": self.k, "rows": [list(r) for r in (self.rows if rows is None else rows)], "all_rows": len(self.rows)}
+               "k": self.k, "rows": [list(r) for r in (self.rows if rows is None else rows)],
+               "all_rows": len(self.rows)}
         if rows is not None:
             out["blocks"] = {f"{step}:{q}": self.block(step, q).to_json() for step, q in rows}
         return out
@@ -199,7 +200,8 @@ def notes(summaries, run: int = -1, row: int = 0) -> list[str]:
     return out
 
 
-def metas(views: list[SummaryStreamView], embed: bool, max_values: int = EXPORT_MAX_VALUES) -> tuple[list[dict], list[str]]:
+def metas(views: list[SummaryStreamView], embed: bool,
+          max_values: int = EXPORT_MAX_VALUES) -> tuple[list[dict], list[str]]:
     """The streams as the view document carries them, and notes. `embed`: each stream's blocks in the document (an
     exported page), within `max_values` numbers split evenly among the streams; a stream whose rows did not all fit
     says how many it embeds."""
