@@ -5,6 +5,7 @@ import { el } from "./util";
 import { DiffView } from "./diff";
 import { knockoutPanel } from "./knockout";
 import { groundingPanel } from "./grounding";
+import { SummaryViewer } from "./summaries";
 import { Viewer } from "./viewer";
 
 interface Info {
@@ -76,7 +77,7 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
   const steerParams = el("span", { class: "as-steerparams" });
   const steerHelp = el("details", { class: "as-steerhelp as-hidden" });
   const run = el("button", { type: "submit", class: "as-run", text: "Run" });
-  const traceFile = el("input", { type: "file", name: "trace", accept: ".safetensors", "aria-label": "trace file" });
+  const traceFile = el("input", { type: "file", name: "trace", accept: ".safetensors", "aria-label": "trace or summaries file" });
 
   const chatRow = el("label", { class: "as-chat" }, chat, " chat template");
   const genRow = el("span", { class: "as-gen" }, el("label", {}, "new tokens ", newTokens), " ", chatRow, " ", rawRow);
@@ -88,7 +89,7 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     el("label", { class: "as-img" }, "image ", image, " or photo ", photo),
     el("label", { class: "as-txt" }, "prompt ", text),
     genRow, steerRow, run,
-    el("label", { class: "as-trace" }, "or open a trace ", traceFile));
+    el("label", { class: "as-trace" }, "or open a trace or summaries file ", traceFile));
   root.append(el("header", { class: "as-header" }, el("h1", { text: "attnscope" }),
     el("span", { class: "as-note", text: `methods: ${info.explain.join(", ")}` })), form, status, results);
 
@@ -161,7 +162,9 @@ export async function startApp(root: HTMLElement, base: string): Promise<void> {
     // e.g. a trace written before metadata checksums: its labels were not checked
     for (const note of answer.doc.notes ?? []) results.append(el("p", { class: "as-warn", role: "note", text: note }));
     const methods = info.explain;
-    if (answer.steered) {
+    if (answer.doc.summaries?.length) {  // a summaries file: per-head summaries, no rows
+      new SummaryViewer(results, answer.doc, new ServerSource(base, answer.rid, methods));
+    } else if (answer.steered) {
       const pair = el("div", { class: "as-compare" });
       results.append(pair);
       const a = el("div", { class: "as-side" }), b = el("div", { class: "as-side" });

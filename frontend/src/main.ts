@@ -2,7 +2,8 @@
 // {"mode": "server"} there and the app asks the server for everything.
 import "./style.css";
 import { startApp } from "./app";
-import { EmbeddedSource } from "./source";
+import { EmbeddedSource, EmbeddedSummarySource } from "./source";
+import { SummaryViewer } from "./summaries";
 import type { HeadTable, ViewDoc } from "./types";
 import { VIRIDIS, el, fmt, rgb } from "./util";
 import { Viewer } from "./viewer";
@@ -71,6 +72,7 @@ function boot(): void {
     const v = new Viewer(root, doc, new EmbeddedSource());
     window.attnscope.viewers.push(v);
   }
+  if (doc.summaries?.length) new SummaryViewer(root, doc, new EmbeddedSummarySource());
   if (doc.tables.length) renderTables(root, doc.tables);
   const prov = doc.provenance ?? {};
   if (Object.keys(prov).length) {

@@ -1,6 +1,23 @@
 // Where query rows come from: the document itself (exported HTML) or the server (lazily, per query / layer).
-import type { Block, ExplEntry, LayerBlock, Source, StreamMeta } from "./types";
-import { bytes, floats, inflate } from "./util";
+import type {
+  Block, ExplEntry, LayerBlock, Source, StreamMeta, SummaryBlock, SummaryBlockJson, SummarySource, SummaryStreamMeta,
+} from "./types";
+import { bytes, floats, inflate, ints } from "./util";
+
+function summaryBlock(j: SummaryBlockJson): SummaryBlock {
+  const metrics: Record<string, Float32Array> = {};
+  for (const [name, b64] of Object.entries(j.metrics)) metrics[name] = floats(b64);
+  return { step: j.step, q: j.q, k: j.k, metrics, index: ints(j.topk_index), value: floats(j.topk_value) };
+}
+
+/** Summaries embedded in an exported page: the rows it carries, decoded when first shown. */
+export class EmbeddedSummarySource implements SummarySource {
+  async summary(s: SummaryStreamMeta, step: number, q: number): Promise<SummaryBlock> {
+    const j = s.blocks?.[`${step}:${q}`];
+    if (!j) throw new Error(`this page holds no numbers for step ${step}, query ${q}`);
+    return summaryBlock(j);
+  }
+}
 
 /** Rows embedded in the document: decoded once per stream on first use, then sliced without copies. */
 export class EmbeddedSource implements Source {
@@ -64,8 +81,8 @@ export async function api<T>(url: string, init?: RequestInit): Promise<T> {
   return body as T;
 }
 
-/** Rows fetched from `attnscope serve` on demand; the last 64 answers are kept. */
-export class ServerSource implements Source {
+/** Rows (or a summaries file's blocks) fetched from `attnscope serve` on demand; the last 64 answers are kept. */
+export class ServerSource implements Source, SummarySource {
   private cache = new Map<string, Promise<unknown>>();
   exportUrl: string;
 
@@ -98,6 +115,11 @@ export class ServerSource implements Source {
         `${this.base}/runs/${this.rid}/${encodeURIComponent(s.name)}/layer/${layer}`);
       return { layer: r.layer, queries: r.queries, u8: bytes(r.b64), scale: floats(r.scale) };
     });
+  }
+
+  summary(s: SummaryStreamMeta, step: number, q: number): Promise<SummaryBlock> {
+    return this.cached(`s:${s.name}:${step}:${q}`, async () => summaryBlock(await api<SummaryBlockJson>(
+      `${this.base}/runs/${this.rid}/${encodeURIComponent(s.name)}/summary/${step}/${q}`)));
   }
 
   explain(s: StreamMeta, method: string, q: number, target: number | null): Promise<ExplEntry> {

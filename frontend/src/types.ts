@@ -70,6 +70,46 @@ export interface ViewDoc {
   /** Lines shown above the viewer, e.g. that a trace's labels were not checked (written before checksums). */
   notes?: string[];
   labels_checked?: boolean;
+  /** A summaries file (`capture(..., summaries=...)`): per-head summaries instead of rows (streams is empty). */
+  summaries?: SummaryStreamMeta[];
+}
+
+/** One stream of a `Summaries` (attnscope/viz/summary_view.py): what the summaries view needs besides the numbers. */
+export interface SummaryStreamMeta {
+  name: string;
+  layers: number[];
+  heads: number[];
+  tokens: string[];
+  roles: number[]; // index into ViewDoc.roles
+  metrics: { name: string; range: [number, number] | null }[]; // range: the colour scale (null: the grid's own)
+  k: number; // top-k keys per head (0: not summarised)
+  rows: [number, number][]; // (step, query position) with numbers, in order
+  all_rows: number; // rows the summaries hold (more than `rows` when an exported page thinned them)
+  blocks?: Record<string, SummaryBlockJson>; // "step:query" -> numbers, in an exported page
+}
+
+export interface SummaryBlockJson {
+  step: number;
+  q: number;
+  k: number;
+  metrics: Record<string, string>; // float32 [layers, heads], NaN where not captured
+  topk_index: string; // int32 [layers, heads, k], -1 where none
+  topk_value: string; // float32 [layers, heads, k]
+}
+
+/** The numbers of one (step, query row): each summary per layer and head, and each head's top-k keys. */
+export interface SummaryBlock {
+  step: number;
+  q: number;
+  k: number;
+  metrics: Record<string, Float32Array>;
+  index: Int32Array;
+  value: Float32Array;
+}
+
+export interface SummarySource {
+  summary(stream: SummaryStreamMeta, step: number, q: number): Promise<SummaryBlock>;
+  exportUrl?: string;
 }
 
 /** One stored query row for every layer and head: u8 [layers, heads, keys], scale [layers, heads]. */

@@ -12,6 +12,11 @@ export function floats(b64: string): Float32Array {
   return new Float32Array(b.buffer, 0, b.length >> 2);
 }
 
+export function ints(b64: string): Int32Array {
+  const b = bytes(b64);
+  return new Int32Array(b.buffer, 0, b.length >> 2);
+}
+
 /** zlib-wrapped deflate (Python's zlib.compress), decoded with the browser's own DecompressionStream. */
 export async function inflate(b64: string): Promise<Uint8Array> {
   const stream = new Blob([bytes(b64) as BlobPart]).stream().pipeThrough(new DecompressionStream("deflate"));

@@ -163,6 +163,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from pathlib import Path
+
+    from .capture.trace import Trace
+    from .viz.html import write_html
+
+    out = Path(args.out or Path(args.file).with_suffix(".html").name)
+    if out.resolve() == Path(args.file).resolve():
+        raise ValueError(f"--out {out} is the trace itself; pick another file name")
+    trace = Trace.load(args.file)
+    path = write_html(trace, out, run=args.run, row=args.row)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, one self-contained file): {trace!r}")
+    return 0
+
+
 def _quiet_loading() -> None:
     """No "Loading weights" progress bar from transformers on every command (it reads this before import)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -221,9 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--models-dir", action="append", metavar="DIR",
                      help="a folder whose model directories the app offers besides the zoo (repeatable)")
     srv.add_argument("--max-upload-mb", type=int, default=8)
-    srv.add_argument("--trace", action="append", metavar="DIR",
-                     help="a trace directory streamed by capture(out=DIR) to open, read from disk as needed (repeatable)")
+    srv.add_argument("--trace", action="append", metavar="PATH",
+                     help="a trace to open: a directory streamed by capture(out=DIR), read from disk as needed, or a "
+                          "trace or summaries file (repeatable)")
     srv.set_defaults(fn=cmd_serve)
+    view = sub.add_parser("view", help="a trace or summaries file as a self-contained HTML viewer page (no model needed)")
+    view.add_argument("file", help="a .safetensors trace or summaries file (capture --out / --summaries), or a trace "
+                                   "directory (capture --to-dir)")
+    view.add_argument("--out", help="the page to write (default: the file's name with .html, in this folder)")
+    view.add_argument("--run", type=int, default=-1, help="which run of the file (default: the last)")
+    view.add_argument("--row", type=int, default=0, help="which batch row (default 0)")
+    view.set_defaults(fn=cmd_view)
     rep = sub.add_parser("report", help="one input as a self-contained HTML viewer file (no network needed)")
     rep.add_argument("--model", required=True, help="zoo name or local model directory")
     rep.add_argument("--text")

@@ -183,6 +183,11 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
     """One `StreamView` per stream of `trace.run(run)`, batch row `row`. `tail`: generated tokens that never got
     a forward of their own (generate's final token), shown after the language/text stream. `sinks`: {stream:
     `explain.sinks.SinkReport`} from the model (else the attention-mass criterion on the stored rows)."""
+    from ..capture.summaries import Summaries
+
+    if isinstance(trace, Summaries):
+        raise TypeError("a Summaries holds per-head summaries, no rows: draw it with viz.summary_view (what "
+                        "runner.from_trace, to_html and `attnscope view FILE` do)")
     the_run = trace.run(run)
     streams = self_attention_streams(the_run)
     views = []

@@ -65,10 +65,24 @@ def trace_html(trace, image: Image.Image | None = None, pixel_values=None, image
 
     Give the image as the model saw it for overlays: `image=` (PIL, same crop as the model's input) or
     `pixel_values=` with the `image_processor` that normalized them. `explanations`: Explanation objects to
-    show as extra methods. Rows beyond `max_values` are thinned (see `StreamView.export_queries`)."""
+    show as extra methods. Rows beyond `max_values` are thinned (see `StreamView.export_queries`). A `Summaries` gets
+    its summaries view (`summary_view`; it takes no image or explanations: there are no rows to draw them over)."""
+    from ..capture.summaries import Summaries
+
     images = [image] if image is not None else []
     if not images and pixel_values is not None:
         images = [data.seen_image(pixel_values, image_processor)]
+    if isinstance(trace, Summaries):
+        from .runner import from_trace
+
+        if explanations or images:
+            raise ValueError(f"the summaries view draws no {'explanation maps' if explanations else 'image overlay'} "
+                             "(a summaries capture keeps no rows): drop "
+                             f"{'explanations=' if explanations else 'image= / pixel_values='}, or capture rows "
+                             "(capture without summaries=) to view them together")
+
+        name = title or f"attnscope summaries: {trace.provenance.get('model', 'trace')}"
+        return result_html(from_trace(trace, run=run, row=row), title=name, max_values=max_values)
     result_views = data.stream_views(trace, run=run, row=row)
     views = [v.subset(v.export_queries(max_values)) for v in result_views]
     entries = [_explanation_entry(e, result_views) for e in explanations or []]

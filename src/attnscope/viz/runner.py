@@ -28,14 +28,20 @@ class RunResult:
     text: str | None = None  # the prompt as typed (the knockout panel's question words; grounding asks it again)
     raw_prompt: bool = False
     notes: list[str] = field(default_factory=list)  # shown above the viewer (`data.trace_notes`)
+    summaries: list = field(default_factory=list)  # `summary_view.SummaryStreamView`s of a Summaries (views empty)
 
     def document(self, embed_rows: bool, title: str = "", max_values: int | None = None, **extra) -> dict:
-        views = self.views
+        views, notes = self.views, self.notes
         if embed_rows and max_values is not None:
             views = [v.subset(v.export_queries(max_values)) for v in views]
+        if self.summaries:  # per-head summaries instead of rows: the front end draws them with its summaries view
+            from . import summary_view
+
+            metas, thinned = summary_view.metas(self.summaries, embed_rows, max_values or summary_view.EXPORT_MAX_VALUES)
+            extra, notes = extra | {"summaries": metas}, notes + thinned
         return data.document(views, self.images, embed_rows=embed_rows, provenance=self.provenance, title=title,
                              generation=self.generation, extra={"seconds": round(self.seconds, 3), "steer": self.steer} | extra,
-                             notes=self.notes)
+                             notes=notes)
 
 
 def can_generate(model) -> bool:
@@ -117,8 +123,13 @@ def _sinks(model, trace: Trace, inputs: dict, ids) -> dict:
 
 def from_trace(trace: Trace, images: list[Image.Image] | None = None, tail: list[str] | None = None, run: int = -1,
                row: int = 0, sinks: dict | None = None) -> RunResult:
-    from . import lazy
+    from ..capture.summaries import Summaries
+    from . import lazy, summary_view
 
+    if isinstance(trace, Summaries):  # no rows: per-head summaries, read through the Summaries readers
+        views = summary_view.stream_views(trace, run=run, row=row)
+        return RunResult([], list(images or []), dict(trace.provenance), summaries=views,
+                         notes=data.trace_notes(trace) + summary_view.notes(trace, run, row))
     if sinks is None and lazy.is_streamed(trace.run(run)):  # a trace on disk: read one layer at a time, on demand
         views = lazy.stream_views(trace, run=run, row=row, tail=tail)
     else:

@@ -183,7 +183,8 @@ class Viewer:
 
     def open_trace(self, path) -> str:
         """Open a trace directory streamed by `capture(..., out=dir)` (given at start-up, never by a request) as a
-        run that stays: its rows are read from disk when asked for (`viz.lazy`), never loaded whole."""
+        run that stays: its rows are read from disk when asked for (`viz.lazy`), never loaded whole. A trace or
+        summaries file opens too (a summaries file's blocks are made when asked for, `viz.summary_view`)."""
         from ..capture.trace import Trace
 
         trace = Trace.load(path)
@@ -201,6 +202,15 @@ class Viewer:
         if entry is None:
             raise ApiError(404, f"run {rid!r} is gone (the server keeps the last {self.limits.runs} runs); run it again")
         return entry
+
+    def summary(self, rid: str, stream: str):
+        """The `summary_view.SummaryStreamView` of a run opened from a summaries file."""
+        views = self.entry(rid).result.summaries
+        for v in views:
+            if v.name == stream:
+                return v
+        raise ApiError(404, f"run {rid!r} has no summaries of stream {stream!r}" + (
+            f"; streams: {[v.name for v in views]}" if views else " (it holds attention rows, not summaries)"))
 
     def view(self, rid: str, stream: str) -> data.StreamView:
         for v in self.entry(rid).result.views:
@@ -422,6 +432,7 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         return await run_in_threadpool(_trace_sync, raw)
 
     def _trace_sync(raw: bytes):
+        from ..capture.summaries import Summaries
         from ..capture.trace import Trace, TraceFileError
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -429,8 +440,9 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             path.write_bytes(raw)
             try:
                 trace = Trace.load(path)
-                bad = sorted({key for run in trace.runs for key, recs in run.records.items() for rec in recs
-                              if not bool(rec.probs.float().isfinite().all())})
+                bad = [] if isinstance(trace, Summaries) else sorted(  # summaries: each block checks its own (`block`)
+                    {key for run in trace.runs for key, recs in run.records.items() for rec in recs
+                     if not bool(rec.probs.float().isfinite().all())})
                 if bad:  # written so by a model that produced them: nothing the viewer can draw (nor JSON hold)
                     raise TraceFileError(f"the trace holds NaN or infinite probabilities at {bad[:4]}")
                 result = runner.from_trace(trace)
@@ -463,6 +475,16 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             raise ApiError(413, "this layer is too large to send whole; ask for query rows")
         u8, scale = view.layer_block(li)
         return {"layer": layer, "queries": view.queries, "b64": data.b64(u8), "scale": data.b64(scale)}
+
+    @app.get("/api/runs/{rid}/{stream}/summary/{step}/{query}")
+    def summary_block(rid: str, stream: str, step: int, query: int):
+        view = state.summary(rid, stream)
+        try:
+            return view.block(step, query).to_json()
+        except KeyError as err:
+            raise ApiError(404, err.args[0]) from err
+        except ValueError as err:
+            raise ApiError(400, str(err)) from err
 
     @app.post("/api/runs/{rid}/explain")
     async def explain(rid: str, request: Request):
@@ -605,7 +627,8 @@ def serve(host: str = "127.0.0.1", port: int = 8765, model_dirs=(), limits: Limi
     """Run the viewer until interrupted (Ctrl+C or SIGTERM). A non-loopback `host` exposes it to the network: on
     purpose only. The port is bound before the URL is printed (`ServeError` if it is taken); on a stop signal,
     requests still running get `stop_timeout` seconds, then the server exits without waiting for a model that is
-    still computing. `traces`: streamed trace directories to open at start-up (each printed with its URL)."""
+    still computing. `traces`: streamed trace directories, trace or summaries files to open at start-up (each printed
+    with its URL)."""
     import uvicorn
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,105 @@
+"""In a real browser (Chromium through Playwright): a summaries file opens in the served app (the trace upload) and as
+the page `attnscope view` writes; a cell of the layers x heads grid shows the number the `Summaries` reader returns,
+a clicked head lists its top-k keys as the file's tokens, and an answer that comes after the user moved to another
+step is not drawn over it (answers are held back with page.route to force the order)."""
+import pytest
+import torch
+
+import attnscope
+from attnscope.capture.trace import Trace
+from attnscope.cli import main
+from attnscope.viz.data import clean_token
+from browser import VIEWPORT, chromium, expect, needs_browser, serve  # noqa: F401 (chromium is a fixture)
+
+pytestmark = needs_browser
+
+
+@pytest.fixture(scope="module")
+def summaries(smollm, tmp_path_factory):
+    """smollm2-135m generating 4 tokens (steps 0..3), every layer's last row summarised; read back from its file."""
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode("The capital of France is"), max_new_tokens=4, do_sample=False)
+    path = s.save(tmp_path_factory.mktemp("browser-summaries") / "gen.safetensors")
+    return Trace.load(path), path
+
+
+@pytest.fixture(scope="module")
+def url():
+    yield from serve({})
+
+
+def open_page(chromium, address: str):
+    page = chromium.new_page(viewport=VIEWPORT)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(address)
+    return page, errors
+
+
+def cell(page, layer: int, head: int):
+    return page.locator(f"td.as-sumcell[data-l='{layer}'][data-h='{head}']")
+
+
+def shown(page, layer: int, head: int) -> float:
+    return float(cell(page, layer, head).get_attribute("data-value"))
+
+
+def test_served_upload_shows_the_readers_numbers_and_a_late_answer_is_not_drawn(chromium, url, summaries):
+    s, path = summaries
+    page, errors = open_page(chromium, url + "/")
+    page.wait_for_selector("input[name=trace]")
+    page.set_input_files("input[name=trace]", str(path))
+    view = page.locator(".as-sumview")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    expect(page.locator(".as-status")).to_have_text("trace gen.safetensors")
+    expect(view).to_have_attribute("data-step", "3")  # the last step first
+    expect(view).to_have_attribute("data-metric", "lookback ratio")
+    assert shown(page, 15, 3) == s.lookback("text", 15, step=3)[0, 3, 0].item()
+
+    held = []
+    page.route("**/summary/1/*", lambda route: held.append(route))
+    slider = page.locator("input.as-step")
+    slider.press("ArrowLeft")
+    expect(view).to_have_attribute("data-step", "2")
+    assert shown(page, 15, 3) == s.lookback("text", 15, step=2)[0, 3, 0].item()
+    with page.expect_request("**/summary/1/*"):
+        slider.press("ArrowLeft")  # step 1: its answer is held back
+    expect(page.locator(".as-steplabel")).to_contain_text("decode step 1")
+    slider.press("ArrowLeft")  # the prefill, answered at once
+    expect(view).to_have_attribute("data-step", "0")
+    assert len(held) == 1
+    held[0].continue_()  # step 1's answer comes last
+    expect(view).to_have_attribute("data-dropped", "1")
+    expect(view).to_have_attribute("data-step", "0")
+    expect(page.locator(".as-steplabel")).to_contain_text("prefill")
+    assert shown(page, 15, 3) == s.lookback("text", 15, step=0)[0, 3, 0].item()
+
+    cell(page, 15, 3).click()
+    expect(view).to_have_attribute("data-head", "15:3")
+    keys, probs = s.topk("text", 15, step=0)
+    want = [(k, p) for k, p in zip(keys[0, 3, 0].tolist(), probs[0, 3, 0].tolist()) if p > 0]
+    items = page.locator(".as-top li")
+    assert [(int(k), float(v)) for k, v in items.evaluate_all("es => es.map(e => [e.dataset.k, e.dataset.value])")] \
+        == want
+    tokens = s.tokens("text").tokens
+    assert items.locator(".as-toptok").evaluate_all("es => es.map(e => e.textContent)") == \
+        [f"{clean_token(tokens[k]) or '·'} #{k}" for k, _ in want]
+    assert not errors
+    page.close()
+
+
+def test_the_page_attnscope_view_writes(chromium, summaries, tmp_path):
+    s, path = summaries
+    out = tmp_path / "gen.html"
+    assert main(["view", str(path), "--out", str(out)]) == 0
+    page, errors = open_page(chromium, out.as_uri())
+    view = page.locator(".as-sumview")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    page.select_option("select.as-summetric", "entropy (nats)")
+    expect(view).to_have_attribute("data-metric", "entropy (nats)")
+    assert shown(page, 0, 0) == s.entropy("text", 0, step=3)[0, 0, 0].item()
+    page.locator("input.as-step").press("Home")
+    expect(view).to_have_attribute("data-step", "0")
+    assert shown(page, 29, 8) == s.entropy("text", 29, step=0)[0, 8, 0].item()
+    assert page.locator(".as-sumgrid").get_attribute("data-layers") == "30" and not errors
+    page.close()
