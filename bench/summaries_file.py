@@ -74,6 +74,11 @@ def tensor_count(path: Path) -> int:
         return len(list(f.keys()))
 
 
+def one_layer(loaded, layer: int) -> list:
+    """The lookback ratios of `layer` over every step of every run."""
+    return [loaded.lookback("text", layer, step=None, run=r) for r in range(len(loaded.runs))]
+
+
 def timing(s, tmp: Path, reps: int, layer: int, seed: int = 0) -> dict:
     from attnscope.capture import summaries_file_v1
     from attnscope.capture.summaries import Summaries
@@ -86,8 +91,7 @@ def timing(s, tmp: Path, reps: int, layer: int, seed: int = 0) -> dict:
     jobs = {"save /1": lambda: summaries_file_v1.save(s, p1), "save /2": lambda: s.save(p2),
             "load /1": lambda: Summaries.load(p1), "load /2": lambda: Summaries.load(p2),
             "load /2 + read all": lambda: Summaries.load(p2).verify(),
-            "load /2 + read one layer": lambda: [Summaries.load(p2).lookback("text", layer, step=None, run=r)
-                                                 for r in range(len(s.runs))]}
+            "load /2 + read one layer": lambda: one_layer(Summaries.load(p2), layer)}
     rng = random.Random(seed)
     seconds = {name: [] for name in TIMED}
     for _ in range(reps):

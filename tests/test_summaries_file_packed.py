@@ -91,6 +91,19 @@ def test_every_selection_form_reads_back_bit_for_bit(smollm, tmp_path, form):
     assert_same(s, resaved)
 
 
+def test_records_and_runs_holding_different_summaries_read_back_bit_for_bit(smollm, tmp_path):
+    """A layer's records need not hold the same summaries (runs joined from two captures, a summary dropped from one
+    record): each record's `has` says which, and its slices follow."""
+    x = smollm.encode(PROMPT)
+    s = _capture(smollm, x, {"max_new_tokens": 2}, layers=[0, 5], queries="last", summaries="all")
+    other = _capture(smollm, x, {"max_new_tokens": 3}, layers=[5], queries="last", summaries=["lookback"])
+    s.runs.append(other.runs[0])
+    s.runs[0].records[("text", 0)][1].entropy = None
+    loaded = Summaries.load(s.save(tmp_path / "mixed.safetensors"))
+    assert_same(s, loaded)
+    assert loaded.run(0).records[("text", 0)][1].entropy is None and loaded.run(1).records[("text", 5)][0].topk_index is None
+
+
 def test_both_streams_of_scene_vlm_read_back_bit_for_bit(scene_vlm, tmp_path):
     x = scene_vlm.encode(scene_vlm.prompt("Is there a cat?"), "chelsea")
     s = _capture(scene_vlm, x, {"max_new_tokens": 2}, streams=["vision", "language"],

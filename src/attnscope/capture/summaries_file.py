@@ -57,10 +57,15 @@ def save(trace, path: str | Path) -> Path:
     path = Path(path)
     meta = trace.metadata(lambda key, rec: {})
     parts: dict[tuple, list[torch.Tensor]] = {}  # (stream, layer, name) -> every run's values, in order
+    held: dict[tuple, set] = {}  # (stream, layer) -> the summaries its records hold, over every run
+    for run in trace.runs:
+        for key, entries in run.records.items():
+            held.setdefault(key, set()).update(n for rec in entries for n in rec.tensors())
     for run, run_meta in zip(trace.runs, meta["runs"]):
         del run_meta["records"]
-        run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(stream, layer, entries, parts)}
-                              for (stream, layer), entries in run.records.items()]
+        run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
+            stream, layer, entries, [n for n in TENSORS if n in held[stream, layer]], parts)}
+            for (stream, layer), entries in run.records.items()]
     tensors, packs = {}, {}
     for (stream, layer, name), values in parts.items():
         dtypes = {v.dtype for v in values}
@@ -76,12 +81,12 @@ def save(trace, path: str | Path) -> Path:
     return path
 
 
-def _entries(stream: str, layer: int, entries: list, parts: dict) -> list[dict]:
-    """The metadata entries of one run's records at (stream, layer); their values flattened onto `parts`."""
+def _entries(stream: str, layer: int, entries: list, names: list[str], parts: dict) -> list[dict]:
+    """The metadata entries of one run's records at (stream, layer), whose layer holds `names` (in some record of
+    some run); their values flattened onto `parts`."""
     out = []
-    values = [rec.tensors() for rec in entries]
-    names = [n for n in TENSORS if any(n in v for v in values)]
-    for rec, found in zip(entries, values):
+    for rec in entries:
+        found = rec.tensors()
         if "key_count" not in found:
             raise ValueError(f"({stream!r}, layer {layer}) step {rec.step}: a record without key counts")
         k = next((found[n].shape[-1] for n in _PAIRED if n in found), None)
@@ -214,7 +219,11 @@ class PackedLayer:
         if pack is None:
             pack = self._read[name] = self._pack(name)
         shape = shape_of(name, *self.dims[index])
-        return pack[start:start + math.prod(shape)].view(shape)
+        strides, size = [], 1  # contiguous: one view op (a slice and a view are two, several times slower)
+        for n in reversed(shape):
+            strides.append(size)
+            size *= n
+        return pack.as_strided(shape, strides[::-1], start)
 
     def _pack(self, name: str) -> torch.Tensor:
         key = self.names[name]
