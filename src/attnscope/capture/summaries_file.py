@@ -57,14 +57,15 @@ def save(trace, path: str | Path) -> Path:
     path = Path(path)
     meta = trace.metadata(lambda key, rec: {})
     parts: dict[tuple, list[torch.Tensor]] = {}  # (stream, layer, name) -> every run's values, in order
+    found = [{key: [rec.tensors() for rec in entries] for key, entries in run.records.items()} for run in trace.runs]
     held: dict[tuple, set] = {}  # (stream, layer) -> the summaries its records hold, over every run
-    for run in trace.runs:
-        for key, entries in run.records.items():
-            held.setdefault(key, set()).update(n for rec in entries for n in rec.tensors())
-    for run, run_meta in zip(trace.runs, meta["runs"]):
+    for run_found in found:
+        for key, values in run_found.items():
+            held.setdefault(key, set()).update(n for v in values for n in v)
+    for run, run_found, run_meta in zip(trace.runs, found, meta["runs"]):
         del run_meta["records"]
         run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
-            stream, layer, entries, [n for n in TENSORS if n in held[stream, layer]], parts)}
+            stream, layer, entries, run_found[stream, layer], [n for n in TENSORS if n in held[stream, layer]], parts)}
             for (stream, layer), entries in run.records.items()]
     tensors, packs = {}, {}
     for (stream, layer, name), values in parts.items():
@@ -81,12 +82,11 @@ def save(trace, path: str | Path) -> Path:
     return path
 
 
-def _entries(stream: str, layer: int, entries: list, names: list[str], parts: dict) -> list[dict]:
-    """The metadata entries of one run's records at (stream, layer), whose layer holds `names` (in some record of
-    some run); their values flattened onto `parts`."""
+def _entries(stream: str, layer: int, entries: list, values: list[dict], names: list[str], parts: dict) -> list[dict]:
+    """The metadata entries of one run's records at (stream, layer), with their tensors `values`, whose layer holds
+    `names` (in some record of some run); their values flattened onto `parts`."""
     out = []
-    for rec in entries:
-        found = rec.tensors()
+    for rec, found in zip(entries, values):
         if "key_count" not in found:
             raise ValueError(f"({stream!r}, layer {layer}) step {rec.step}: a record without key counts")
         k = next((found[n].shape[-1] for n in _PAIRED if n in found), None)
