@@ -137,7 +137,8 @@ def write(doc: dict, out: Path) -> None:
             goal = f"≥{q['goal']:g}x {'(met)' if q['ratio'] >= q['goal'] else '(NOT met)'}" if q["goal"] else ""
             lines.append(f"| {label} | {q['ratio']:.1f}x | {q['min']:.1f}–{q['max']:.1f} | {goal} |")
         lines.append("")
-    lines += ["Load /1 reads every tensor and checks its blake2b checksum and finite values at load; load /2 checks the "
+    lines += ["Load /1 reads every tensor and checks its blake2b checksum and finite values at load; load /2 checks "
+              "the "
               "metadata (its XXH3-128 seal, every record's dims against its packs' sizes, the file's tensors "
               "against the packs) and reads a pack when a record first needs it, checking its XXH3-128 checksum and "
               "finite values then (so `load /2 + read all` does what `load /1` does). Per-repetition times are in "

@@ -41,7 +41,8 @@ def saved_v1(saved, tmp_path_factory):
 def test_round_trip_is_bit_for_bit(request, written):
     s, path = request.getfixturevalue(written)
     with safe_open(str(path), "pt") as f:
-        assert json.loads(f.metadata()["attnscope"])["format"] == f"attnscope.summaries/{1 if written == 'saved_v1' else 2}"
+        version = 1 if written == "saved_v1" else 2
+        assert json.loads(f.metadata()["attnscope"])["format"] == f"attnscope.summaries/{version}"
     loaded = attnscope.Trace.load(path)
     assert isinstance(loaded, Summaries) and isinstance(Summaries.load(path), Summaries)
     assert loaded.provenance == s.provenance
