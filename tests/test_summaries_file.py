@@ -1,6 +1,7 @@
 """Summaries in a file (`Summaries.save`, `Trace.load`, `attnscope capture --summaries`): the round trip is bit for
-bit, a damaged or mismatched file is a `TraceFileError`, the CLI writes a loadable file and refuses bad names in one
-`error:` line naming the valid ones."""
+bit in both formats (the packed /2 that `save` writes, and /1 from the kept writer), a damaged or mismatched /1 file
+is a `TraceFileError` at load as it always was (/2: tests/test_summaries_file_packed.py), the CLI writes a loadable
+file and refuses bad names in one `error:` line naming the valid ones."""
 import json
 import struct
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import attnscope
+from attnscope.capture import summaries_file_v1
 from attnscope.capture.checksums import sealed
 from attnscope.capture.summaries import SUMMARIES, Summaries
 from attnscope.capture.trace import TraceFileError, checksum
@@ -28,8 +30,19 @@ def saved(smollm, tmp_path_factory):
     return s, s.save(tmp_path_factory.mktemp("summaries") / "s.safetensors")
 
 
-def test_round_trip_is_bit_for_bit(saved):
-    s, path = saved
+@pytest.fixture(scope="module")
+def saved_v1(saved, tmp_path_factory):
+    """The same summaries in a file of format /1 (the writer `Summaries.save` used before /2, kept)."""
+    s, _ = saved
+    return s, summaries_file_v1.save(s, tmp_path_factory.mktemp("summaries-v1") / "s1.safetensors")
+
+
+@pytest.mark.parametrize("written", ["saved", "saved_v1"], ids=["format 2", "format 1"])
+def test_round_trip_is_bit_for_bit(request, written):
+    s, path = request.getfixturevalue(written)
+    with safe_open(str(path), "pt") as f:
+        version = 1 if written == "saved_v1" else 2
+        assert json.loads(f.metadata()["attnscope"])["format"] == f"attnscope.summaries/{version}"
     loaded = attnscope.Trace.load(path)
     assert isinstance(loaded, Summaries) and isinstance(Summaries.load(path), Summaries)
     assert loaded.provenance == s.provenance
@@ -45,7 +58,8 @@ def test_round_trip_is_bit_for_bit(saved):
             ta, tb = ra.tensors(), rb.tensors()
             assert ta.keys() == tb.keys() and len(ta) == 6
             for name in ta:
-                assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+                assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
+                assert torch.equal(ta[name], tb[name]), name
     assert torch.equal(loaded.lookback("text", 29, step=None), s.lookback("text", 29, step=None))
     assert loaded.topk("text", 0, step=2)[0].shape == (1, 2, 1, 3)
 
@@ -54,8 +68,8 @@ def _data_start(raw: bytes) -> int:
     return 8 + struct.unpack("<Q", raw[:8])[0]  # safetensors: a u64 header length, the JSON header, then the bytes
 
 
-def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_path):
-    _, path = saved
+def test_damaged_or_mismatched_file_is_a_trace_file_error(saved_v1, smollm, tmp_path):
+    _, path = saved_v1
     raw = bytearray(path.read_bytes())
     raw[_data_start(raw) + 9] ^= 0x40  # one bit of one summary tensor
     bad = tmp_path / "bad.safetensors"
@@ -77,9 +91,9 @@ def test_damaged_or_mismatched_file_is_a_trace_file_error(saved, smollm, tmp_pat
     with safe_open(str(path), "pt") as f:  # a later summaries format: named as such, not "holds attention rows"
         meta, tensors = json.loads(f.metadata()["attnscope"]), {k: f.get_tensor(k) for k in f.keys()}
     later = tmp_path / "later.safetensors"
-    later.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta | {"format": "attnscope.summaries/2"})}))
+    later.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta | {"format": "attnscope.summaries/3"})}))
     for load in (Summaries.load, attnscope.Trace.load):
-        with pytest.raises(TraceFileError, match="unsupported summaries format 'attnscope.summaries/2'"):
+        with pytest.raises(TraceFileError, match="unsupported summaries format 'attnscope.summaries/3'"):
             load(later)
 
     def rewritten(name: str, edit) -> Path:
@@ -122,10 +136,11 @@ def test_cli_writes_a_loadable_file_and_refuses_bad_names(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error:") and all(w in err[0] for w in says), err
 
 
-def test_summary_records_whose_labels_disagree_with_their_keys_are_refused(saved, tmp_path):
+def test_summary_records_whose_labels_disagree_with_their_keys_are_refused(saved_v1, tmp_path):
     """Layers 0 and 29 hold summaries of one shape: swapping their entries' layers passed every tensor check and put
-    layer 29's numbers under layer 0. The tensors' names say which record they are; a disagreeing entry is refused."""
-    _, path = saved
+    layer 29's numbers under layer 0. The tensors' names say which record they are; a disagreeing entry is refused
+    (format /1; in /2 a layer's label is the name of its packs)."""
+    _, path = saved_v1
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["attnscope"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -140,10 +155,11 @@ def test_summary_records_whose_labels_disagree_with_their_keys_are_refused(saved
 
 
 @pytest.mark.parametrize("edit", ["last record", "one summary"])
-def test_summary_entries_taken_out_of_the_metadata_are_refused(saved, tmp_path, edit):
+def test_summary_entries_taken_out_of_the_metadata_are_refused(saved_v1, tmp_path, edit):
     """An entry taken out of the metadata (a layer's last step, or one summary of a record) loaded without it, its
-    tensors left in the file unread; every tensor of the file must be named by the metadata."""
-    _, path = saved
+    tensors left in the file unread; every tensor of the file must be named by the metadata (format /1; /2:
+    test_summaries_file_packed.py)."""
+    _, path = saved_v1
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["attnscope"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import attnscope
-from attnscope.capture import stream, stream_read
+from attnscope.capture import stream, stream_read, summaries_file_v1
 from attnscope.capture.checksums import METADATA_FIELD, sealed
 from attnscope.capture.summaries import Summaries
 from attnscope.capture.trace import Trace, TraceFileError, UncheckedMetadataWarning
@@ -39,22 +39,29 @@ def written(smollm, tmp_path_factory):
     with torch.no_grad(), attnscope.capture(smollm, summaries="all", topk=3, **kw) as summaries:
         smollm.generate(**x, max_new_tokens=2, do_sample=False)
     return {"memory": memory, "file": memory.save(root / "t.safetensors"), "dir": root / "dir",
-            "summaries": summaries, "summaries_file": summaries.save(root / "s.safetensors")}
+            "summaries": summaries, "summaries_file": summaries.save(root / "s.safetensors"),
+            "summaries_file_v1": summaries_file_v1.save(summaries, root / "s1.safetensors")}
 
 
 # --- edits of the labels (each leaves every tensor and its checksum as written) -------------------------------------
+def _records(meta):
+    """The first run's record entries: a list in a trace and a /1 summaries file, per layer in a /2 one."""
+    run = meta["runs"][0]
+    return run["records"] if "records" in run else [rm for layer in run["layers"] for rm in layer["records"]]
+
+
 def _permute_heads(meta):
-    rm = meta["runs"][0]["records"][0]
+    rm = _records(meta)[0]
     rm["heads"] = rm["heads"][::-1]
 
 
 def _shift_query(meta):
-    rm = meta["runs"][0]["records"][-1]
+    rm = _records(meta)[-1]
     rm["queries"] = [q - 1 for q in rm["queries"]]
 
 
 def _change_step(meta):
-    meta["runs"][0]["records"][-1]["step"] += 1
+    _records(meta)[-1]["step"] += 1
 
 
 def _relabel_role(meta):
@@ -133,6 +140,7 @@ def test_untouched_files_load_bit_for_bit_without_a_warning(written, recwarn):
     _same(written["memory"], Trace.load(written["file"]))
     _same(written["memory"], Trace.load(written["dir"]))
     _same(written["summaries"], Trace.load(written["summaries_file"]))
+    _same(written["summaries"], Trace.load(written["summaries_file_v1"]))
     assert not [w for w in recwarn if issubclass(w.category, UncheckedMetadataWarning)]
 
 
@@ -154,9 +162,10 @@ def test_edited_labels_of_a_streamed_directory_are_refused(written, tmp_path, ed
     assert (stream.PARTIAL if partial else stream.META) in str(err.value)
 
 
+@pytest.mark.parametrize("kind", ["summaries_file", "summaries_file_v1"], ids=["format 2", "format 1"])
 @pytest.mark.parametrize("edit", EDITS)
-def test_edited_labels_of_a_summaries_file_are_refused(written, tmp_path, edit):
-    bad = _rewrite_file(written["summaries_file"], tmp_path / "bad.safetensors", edit)
+def test_edited_labels_of_a_summaries_file_are_refused(written, tmp_path, edit, kind):
+    bad = _rewrite_file(written[kind], tmp_path / "bad.safetensors", edit)
     with pytest.raises(TraceFileError, match=EDITED):
         Trace.load(bad)
 
@@ -176,7 +185,10 @@ def test_a_checksum_field_this_version_cannot_check_is_refused(written, tmp_path
 def test_files_without_a_metadata_checksum_still_load_with_a_warning(written, tmp_path):
     old_file = _rewrite_file(written["file"], tmp_path / "old.safetensors", _drop_seal)
     old_dir = _copy_dir(written["dir"], tmp_path / "old", _drop_seal)
-    old_summaries = _rewrite_file(written["summaries_file"], tmp_path / "old-s.safetensors", _drop_seal)
+    # summaries files written before the metadata checksum were of format /1; a /2 file is always sealed
+    old_summaries = _rewrite_file(written["summaries_file_v1"], tmp_path / "old-s.safetensors", _drop_seal)
+    with pytest.raises(TraceFileError, match="without its metadata_checksum"):
+        Trace.load(_rewrite_file(written["summaries_file"], tmp_path / "unsealed-s2.safetensors", _drop_seal))
     for path, memory in ((old_file, "memory"), (old_dir, "memory"), (old_summaries, "summaries")):
         with pytest.warns(UncheckedMetadataWarning, match="no checksum") as caught:
             loaded = Trace.load(path)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import attnscope
-from attnscope.capture import stream
+from attnscope.capture import stream, summaries_file_v1
 from attnscope.capture.checksums import METADATA_FIELD
 from attnscope.capture.trace import Trace, UncheckedMetadataWarning
 from attnscope.viz.data import UNCHECKED_LABELS
@@ -48,7 +48,9 @@ def written(minilm, tmp_path_factory):
     files = {"file": trace.save(root / "t.safetensors"), "summaries": summaries.save(root / "s.safetensors"),
              "dir": root / "dir"}
     old = {"file": _unseal_file(files["file"], root / "old.safetensors"),
-           "summaries": _unseal_file(files["summaries"], root / "old-s.safetensors")}
+           # summaries files written before metadata checksums were of format /1 (a /2 file is always sealed)
+           "summaries": _unseal_file(summaries_file_v1.save(summaries, root / "s1.safetensors"),
+                                     root / "old-s.safetensors")}
     shutil.copytree(files["dir"], root / "old-dir")
     meta = json.loads((root / "old-dir" / stream.META).read_text())
     del meta[METADATA_FIELD]

@@ -35,6 +35,7 @@ from ..core.tokens import ROLES
 from .trace import Trace
 
 SUMMARIES = ("role_mass", "lookback", "entropy", "topk")
+TENSORS = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")  # a record's, in order
 TOPK = 5  # keys kept by the "topk" summary unless `topk=` says otherwise
 _CODE = {role: i for i, role in enumerate(ROLES)}
 _GENERATED, _PAD, _IMAGE = _CODE["generated"], _CODE["pad"], _CODE["image"]
@@ -70,6 +71,9 @@ class SummaryRecord:
     topk_value: torch.Tensor | None = None
     keys = None
     pieces: dict = field(default_factory=dict, repr=False, compare=False)  # reduced chunks not yet joined
+    # (layer, index): a record loaded from a summaries file whose tensors are read from `layer` (a
+    # `summaries_file.PackedLayer`) on first access; None for one captured here
+    source: tuple | None = field(default=None, repr=False, compare=False)
 
     def join(self) -> None:
         """Set the tensors from the reduced chunks of rows (one piece per chunk, in order)."""
@@ -86,12 +90,35 @@ class SummaryRecord:
         return {"heads": self.heads, "queries": self.queries, "step": self.step, "part": self.part}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: value for n in TENSORS if (value := getattr(self, n)) is not None}
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+UNREAD = object()  # a summary of a loaded record not read from its file yet (`SummaryRecord.source`)
+
+
+def _summary_field(name: str) -> property:
+    """SummaryRecord.<name>: the tensor, read from the record's file on first access when it came from one."""
+    slot = "_" + name
+
+    def get(self):
+        value = self.__dict__[slot]
+        if value is UNREAD:
+            layer, index = self.source
+            value = self.__dict__[slot] = layer.read(index, name)
+        return value
+
+    def put(self, value):
+        self.__dict__[slot] = value
+
+    return property(get, put)
+
+
+for _name in TENSORS:  # after @dataclass: __init__ assigns through the setter (as `trace.Record.probs`)
+    setattr(SummaryRecord, _name, _summary_field(_name))
 
 
 class Reducer:
@@ -368,12 +395,23 @@ class Summaries(Trace):
         return sum(rec.nbytes for r in self.runs for v in r.records.values() for rec in v)
 
     def save(self, path) -> Path:
-        """Write one .safetensors file: every summary tensor plus the trace's JSON metadata, a checksum per tensor
-        (`summaries_file.py`); `Trace.load(path)` reads it back as a `Summaries`."""
+        """Write one .safetensors file: the summary tensors packed per (stream, layer, summary), the trace's JSON
+        metadata giving each record's slice, a checksum per packed tensor (`summaries_file.py`); `Trace.load(path)`
+        reads it back as a `Summaries`."""
         from . import summaries_file
 
         self._sync()
         return summaries_file.save(self, path)
+
+    def verify(self) -> Summaries:
+        """Read every summary now: a loaded file's packed tensors are otherwise read and checked (checksum, finite
+        values) when a reader first needs them, so a damaged file raises `TraceFileError` here instead."""
+        self._sync()
+        for run in self.runs:
+            for entries in run.records.values():
+                for rec in entries:
+                    rec.tensors()
+        return self
 
     def _get(self, stream: str, layer: int, name: str, step: int | None, part: int, run: int) -> torch.Tensor:
         if step is not None:

@@ -1,97 +1,255 @@
-"""Summaries in a file: `Summaries.save(path)` writes one .safetensors file holding every summary tensor, with the JSON
-metadata of a trace (format, provenance, token maps, and per record its heads, queries, step and part, plus the shape,
-dtype and blake2b checksum of each of its tensors, and the XXH3-128 checksum of the metadata itself in its
-"metadata_checksum" field, `checksums.sealed`); `Trace.load(path)` reads it back as a `Summaries`, checking the
-metadata and every tensor as it does a file of rows (a damaged or altered file, labels included, raises
-`TraceFileError`)."""
+"""Summaries in a file: `Summaries.save(path)` writes one .safetensors file of format "attnscope.summaries/2";
+`Trace.load(path)` reads it (and the per-record format /1, `summaries_file_v1.py`) back as a `Summaries`.
+
+Packed: one tensor per (stream, layer, summary), named `<stream>/<layer>/<summary>`, holding the values of that
+layer's records of every run laid end to end (flattened, run by run, each run's records in order), so the number of
+tensors does not grow with steps or runs (a 200-step generation on SmolLM2: 180 tensors instead of 36,000). Every
+summary of a record has a shape fixed by four numbers, `batch`, its heads, its query rows and, for top-k, `k`
+(`shape_of`); the metadata lists per run and layer the records (heads, queries, step, part, batch, k, and `has`
+where a record lacks some of its layer's summaries), so each record's slice of each pack is the running sum of the
+sizes before it. Per pack the metadata gives its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`);
+the metadata itself is sealed (`checksums.sealed`, a /2 file without its seal is refused).
+
+Loading is lazy where it pays: `load` checks the metadata (its checksum, every record's dims, each pack's size
+against the sum of its records', the file's tensors against the packs) and builds the records without reading a
+tensor. A record's summary is read on first access (`SummaryRecord.source`): the whole pack it lies in is read from
+the file then, checked against its checksum and for finite values once, and every record of that layer slices it
+from memory after. So a reader of one layer reads and checksums that layer's packs only; a damaged pack raises
+`TraceFileError` when first read, not at load (`Summaries.verify()` reads and checks every pack up front)."""
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import ROLES
-from .checksums import sealed
-from .trace import TraceFileError, check_label, check_listed, check_metadata, checksum, run_from_meta
+from . import summaries_file_v1 as v1
+from .checksums import METADATA_FIELD, entry_checksum, sealed, tensor_checksum
+from .summaries import TENSORS, UNREAD
+from .trace import TraceFileError, check_metadata, run_from_meta
 
-FORMAT = "attnscope.summaries/1"
-NAMES = ("key_count", "role_mass", "lookback", "entropy", "topk_index", "topk_value")
-_RANK = {"key_count": 2, "role_mass": 4, "lookback": 3, "entropy": 3, "topk_index": 4, "topk_value": 4}
+FORMAT = "attnscope.summaries/2"
+FORMATS = (v1.FORMAT, FORMAT)  # what `load` reads
+_PAIRED = {"topk_index": torch.int64, "topk_value": torch.float32}  # written as a pair, of these dtypes
 
 
+def shape_of(name: str, batch: int, heads: int, rows: int, k: int | None) -> tuple[int, ...]:
+    """The shape of summary `name` of a record: key counts [B, R], role masses [B, h, r, R], top-k [B, h, r, k],
+    the rest [B, h, r]."""
+    if name == "key_count":
+        return batch, len(ROLES)
+    if name == "role_mass":
+        return batch, heads, rows, len(ROLES)
+    return (batch, heads, rows, k) if name in _PAIRED else (batch, heads, rows)
+
+
+def pack_name(stream: str, layer: int, name: str) -> str:
+    return f"{stream}/{layer}/{name}"
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
 def save(trace, path: str | Path) -> Path:
-    """Write `trace` (a `Summaries`) to one .safetensors file; tensors are named `<record key>/<summary>`."""
+    """Write `trace` (a `Summaries`) to one .safetensors file of FORMAT."""
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def stored(key: str, rec) -> dict:
-        entry = {}
-        for name, value in rec.tensors().items():  # a copy each: records of one batch share storage
-            value = tensors[f"{key}/{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
-            entry[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
-                           "blake2b": checksum(value)}
-        return {"tensors": entry}
-
-    meta = sealed(trace.metadata(stored) | {"format": FORMAT, "roles": list(ROLES)})
+    meta = trace.metadata(lambda key, rec: {})
+    parts: dict[tuple, list[torch.Tensor]] = {}  # (stream, layer, name) -> every run's values, in order
+    found = [{key: [rec.tensors() for rec in entries] for key, entries in run.records.items()} for run in trace.runs]
+    held: dict[tuple, set] = {}  # (stream, layer) -> the summaries its records hold, over every run
+    for run_found in found:
+        for key, values in run_found.items():
+            held.setdefault(key, set()).update(n for v in values for n in v)
+    for run, run_found, run_meta in zip(trace.runs, found, meta["runs"]):
+        del run_meta["records"]
+        run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
+            stream, layer, entries, run_found[stream, layer], [n for n in TENSORS if n in held[stream, layer]], parts)}
+            for (stream, layer), entries in run.records.items()]
+    tensors, packs = {}, {}
+    for (stream, layer, name), values in parts.items():
+        dtypes = {v.dtype for v in values}
+        if len(dtypes) > 1:
+            raise ValueError(f"({stream!r}, layer {layer}): the records' {name} tensors have several dtypes "
+                             f"{sorted(map(str, dtypes))}; a summaries file packs one dtype per layer and summary")
+        key = pack_name(stream, layer, name)
+        packed = tensors[key] = torch.cat(values)
+        packs[key] = {"dtype": str(packed.dtype).removeprefix("torch."), "numel": packed.numel(),
+                      "checksum": tensor_checksum(packed)}
+    meta = sealed(meta | {"format": FORMAT, "roles": list(ROLES), "packs": packs})
     path.write_bytes(safetensors_bytes(tensors, metadata={"attnscope": json.dumps(meta)}))
     return path
 
 
+def _entries(stream: str, layer: int, entries: list, values: list[dict], names: list[str], parts: dict) -> list[dict]:
+    """The metadata entries of one run's records at (stream, layer), with their tensors `values`, whose layer holds
+    `names` (in some record of some run); their values flattened onto `parts`."""
+    out = []
+    for rec, found in zip(entries, values):
+        if "key_count" not in found:
+            raise ValueError(f"({stream!r}, layer {layer}) step {rec.step}: a record without key counts")
+        k = next((found[n].shape[-1] for n in _PAIRED if n in found), None)
+        dims = (found["key_count"].shape[0], len(rec.heads), len(rec.queries), k)
+        entry = {"heads": list(rec.heads), "queries": list(rec.queries), "step": int(rec.step),
+                 "part": int(rec.part), "batch": dims[0]} | ({} if k is None else {"k": k})
+        if len(found) != len(names):
+            entry["has"] = [n for n in names if n in found]
+        for name, value in found.items():
+            if tuple(value.shape) != shape_of(name, *dims):
+                raise ValueError(f"({stream!r}, layer {layer}) step {rec.step}: {name} is {list(value.shape)}, its "
+                                 f"record's batch, heads, queries and k make it {list(shape_of(name, *dims))}")
+            parts.setdefault((stream, layer, name), []).append(value.detach().cpu().reshape(-1))
+        out.append(entry)
+    return out
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
 def load(f, meta: dict, path):
-    """The `Summaries` of an open safetensors file `f` whose metadata `meta` has this FORMAT."""
+    """The `Summaries` of an open safetensors file `f` whose metadata `meta` has a format of FORMATS."""
+    if meta.get("format") == v1.FORMAT:
+        return v1.load(f, meta, path)
     from .summaries import Summaries, SummaryRecord
 
-    checked = check_metadata(meta, path, stacklevel=4)
-    if meta.get("roles") != list(ROLES):
-        raise TraceFileError(f"{path}: its role masses are over the token roles {meta.get('roles')}, this attnscope's "
-                             f"are {list(ROLES)}: read it with the attnscope that wrote it")
-    trace = Summaries(provenance=meta.get("provenance", {}), labels_checked=checked)
-    check_listed(f, [f"{rm['key']}/{name}" for run_meta in meta["runs"] for rm in run_meta["records"]
-                     for name in rm["tensors"]], path)
-    for run_index, run_meta in enumerate(meta["runs"]):
+    if METADATA_FIELD not in meta:  # every writer of /2 seals it: its labels could not be trusted
+        raise TraceFileError(f"{path}: a {FORMAT} file without its {METADATA_FIELD} field (the metadata was edited)")
+    check_metadata(meta, path)
+    v1.check_roles(meta, path)
+    located = _locate(path)
+    if set(located) != set(meta["packs"]):
+        extra, missing = sorted(set(located) - set(meta["packs"])), sorted(set(meta["packs"]) - set(located))
+        raise TraceFileError(f"{path}: the file's tensors are not its metadata's packs (not listed: {extra[:3]}, "
+                             f"missing: {missing[:3]}): the file was edited")
+    layers: dict[tuple, PackedLayer] = {}
+    trace = Summaries(provenance=meta.get("provenance", {}), labels_checked=True)
+    for run_meta in meta["runs"]:
         run = run_from_meta(run_meta)
-        for rm in run_meta["records"]:
-            check_label(rm, run_index, run, path)
-            values = {name: _tensor(f, rm, name, info, path) for name, info in rm["tensors"].items()}
-            _check_axes(rm, values, path)
-            rec = SummaryRecord(list(rm["heads"]), list(rm["queries"]), int(rm["step"]), int(rm["part"]), **values)
-            run.records.setdefault((rm["stream"], rm["layer"]), []).append(rec)
+        for lm in run_meta["layers"]:
+            stream, layer = lm["stream"], lm["layer"]
+            if not isinstance(stream, str) or type(layer) is not int or (stream, layer) in run.records:
+                raise TraceFileError(f"{path}: layer entry {stream!r}, {layer!r} is not a new (stream name, integer "
+                                     "layer) of its run (the metadata was edited)")
+            packed = layers.get((stream, layer))
+            if packed is None:
+                packed = layers[stream, layer] = PackedLayer(path, stream, layer, meta["packs"], located)
+            run.records[stream, layer] = [packed.add(rm, SummaryRecord) for rm in lm["records"]]
         trace.runs.append(run)
+    for packed in layers.values():
+        packed.check_sizes()
+    unused = set(located) - {key for p in layers.values() for key in p.packs}
+    if unused:
+        raise TraceFileError(f"{path}: packs {sorted(unused)[:3]} belong to no record (the metadata was edited)")
     return trace
 
 
-def _tensor(f, rm: dict, name: str, info: dict, path) -> torch.Tensor:
-    key = f"{rm['key']}/{name}"
-    if name not in NAMES:
-        raise TraceFileError(f"{path}: record {rm['key']} holds an unknown summary {name!r}; known: {NAMES}")
-    tensor = f.get_tensor(key)
-    if list(tensor.shape) != info["shape"] or str(tensor.dtype).removeprefix("torch.") != info["dtype"]:
-        raise TraceFileError(f"{path}: tensor {key} is {list(tensor.shape)} {tensor.dtype}, metadata says "
-                             f"{info['shape']} {info['dtype']}")
-    if checksum(tensor) != info["blake2b"]:
-        raise TraceFileError(f"{path}: tensor {key} does not match its checksum (the file was changed or damaged after "
-                             "it was written)")
-    return tensor
+def _locate(path) -> dict[str, tuple[int, int]]:
+    """Each tensor of a safetensors file: its (start, end) byte offsets in the file."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return {key: (8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1]) for key, e in header.items()}
 
 
-def _check_axes(rm: dict, values: dict, path) -> None:
-    """Every summary is [B, heads, queries, ...] of its record; key counts [B, roles]."""
-    if "key_count" not in values:
-        raise TraceFileError(f"{path}: record {rm['key']} has no key counts")
-    batch = values["key_count"].shape[0]
-    for name, value in values.items():
-        want = [batch, len(ROLES)] if name == "key_count" else [batch, len(rm["heads"]), len(rm["queries"])]
-        if value.dim() != _RANK[name] or list(value.shape[:len(want)]) != want:
-            raise TraceFileError(f"{path}: tensor {rm['key']}/{name} {list(value.shape)} does not match its record's "
-                                 f"batch, heads and queries")
-        if name == "role_mass" and value.shape[-1] != len(ROLES):
-            raise TraceFileError(f"{path}: tensor {rm['key']}/role_mass has {value.shape[-1]} roles, not {len(ROLES)}")
-        if value.is_floating_point() and not torch.isfinite(value).all():  # as a file of rows is checked
-            raise TraceFileError(f"{path}: tensor {rm['key']}/{name} holds NaN or infinite values")
-    index, top = values.get("topk_index"), values.get("topk_value")
-    if (index is None) != (top is None) or index is not None and (
-            index.shape != top.shape or index.dtype != torch.long or top.dtype != torch.float32):
-        raise TraceFileError(f"{path}: record {rm['key']} has top-k keys and values that do not pair up (both int64 "
-                             "and float32 of one shape are written)")
+class PackedLayer:
+    """The summaries of one (stream, layer) in every run of a /2 file: a pack per summary, read from the file and
+    verified (checksum, finite values) when a record first reads it, then sliced from memory."""
+
+    def __init__(self, path, stream: str, layer: int, packs: dict, located: dict):
+        self.path, self.where = path, f"({stream!r}, layer {layer})"
+        self.packs: dict[str, tuple] = {}  # file tensor name -> (name, dtype, numel, checksum, (start, end))
+        self.names: dict[str, str] = {}  # summary name -> file tensor name
+        for name in TENSORS:
+            key = pack_name(stream, layer, name)
+            if key in packs:
+                entry = packs[key]
+                dtype = getattr(torch, entry["dtype"], None) if isinstance(entry["dtype"], str) else None
+                numel = entry["numel"]
+                if not isinstance(dtype, torch.dtype) or type(numel) is not int or (
+                        name in _PAIRED and dtype != _PAIRED[name]):
+                    raise TraceFileError(f"{path}: pack {key} is {entry['dtype']!r} of {numel!r} values, not a "
+                                         f"summary this attnscope writes")
+                start, end = located[key]
+                if end - start != numel * dtype.itemsize:
+                    raise TraceFileError(f"{path}: pack {key} holds {end - start} bytes, its metadata says {numel} "
+                                         f"{entry['dtype']}")
+                self.packs[key] = (name, dtype, numel, _checksum(entry, key, path), (start, end))
+                self.names[name] = key
+        if "key_count" not in self.names or (("topk_index" in self.names) != ("topk_value" in self.names)):
+            raise TraceFileError(f"{path}: {self.where} has no key counts, or top-k keys without their values")
+        self.dims: list[tuple] = []  # per record (batch, heads, rows, k)
+        self.offsets: dict[str, list] = {name: [] for name in self.names}  # per record its start, None: not held
+        self._size = dict.fromkeys(self.names, 0)
+        self._read: dict[str, torch.Tensor] = {}
+
+    def add(self, rm: dict, record_type):
+        """The record of metadata entry `rm` (the next of this layer), its tensors unread."""
+        heads, queries, batch, k = rm["heads"], rm["queries"], rm["batch"], rm.get("k")
+        has = rm.get("has", self.names)
+        if not (isinstance(heads, list) and isinstance(queries, list) and type(batch) is int and batch >= 0
+                and type(rm["step"]) is int and type(rm["part"]) is int and "key_count" in has
+                and all(n in self.names for n in has) and (k is None) == ("topk_index" not in has)
+                and ("topk_index" in has) == ("topk_value" in has) and (k is None or type(k) is int and k >= 0)):
+            raise TraceFileError(f"{self.path}: a record of {self.where} has malformed labels or summaries {rm}")
+        dims = (batch, len(heads), len(queries), k)
+        self.dims.append(dims)
+        for name, starts in self.offsets.items():
+            if name in has:
+                starts.append(self._size[name])
+                self._size[name] += math.prod(shape_of(name, *dims))
+            else:
+                starts.append(None)
+        rec = record_type(heads, queries, rm["step"], rm["part"], **{n: UNREAD for n in has})
+        rec.source = (self, len(self.dims) - 1)
+        return rec
+
+    def check_sizes(self) -> None:
+        """Each pack holds exactly its records' values (none missing, none left over)."""
+        for name, key in self.names.items():
+            if self._size[name] != self.packs[key][2]:
+                raise TraceFileError(f"{self.path}: pack {key} holds {self.packs[key][2]} values, its records "
+                                     f"{self._size[name]} (the metadata was edited)")
+
+    def read(self, index: int, name: str) -> torch.Tensor | None:
+        """Summary `name` of this layer's `index`-th record (counted over every run), a view of its pack."""
+        start = self.offsets[name][index] if name in self.offsets else None
+        if start is None:
+            return None
+        pack = self._read.get(name)
+        if pack is None:
+            pack = self._read[name] = self._pack(name)
+        shape = shape_of(name, *self.dims[index])
+        strides, size = [], 1  # contiguous: one view op (a slice and a view are two, several times slower)
+        for n in reversed(shape):
+            strides.append(size)
+            size *= n
+        return pack.as_strided(shape, strides[::-1], start)
+
+    def _pack(self, name: str) -> torch.Tensor:
+        key = self.names[name]
+        _, dtype, numel, check, (start, end) = self.packs[key]
+        out = torch.empty(numel, dtype=dtype)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(start)
+                got = fh.readinto(out.view(torch.uint8).numpy()) if numel else 0
+        except OSError as err:
+            raise TraceFileError(f"{self.path}: cannot read pack {key}: {err}") from err
+        if got != end - start:
+            raise TraceFileError(f"{self.path} is shorter than when it was loaded (pack {key} cut)")
+        if tensor_checksum(out, check["algorithm"])["digest"] != check["digest"]:
+            raise TraceFileError(f"{self.path}: pack {key} does not match its checksum (the file was changed or "
+                                 "damaged after it was written)")
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise TraceFileError(f"{self.path}: pack {key} holds NaN or infinite values")
+        return out
+
+
+def _checksum(entry: dict, key: str, path) -> dict:
+    try:
+        found = entry_checksum(entry)
+    except ValueError as err:
+        raise TraceFileError(f"{path}: pack {key}: {err}") from err
+    if found is None:
+        raise TraceFileError(f"{path}: pack {key} has no checksum (the metadata was edited)")
+    return found

@@ -270,7 +270,8 @@ class Trace:
         (a file with overwritten bytes raises `TraceFileError`; files written before checksums were recorded are
         checked for finite values only), and every entry's labels against its tensor's name (`check_label`).
 
-        A file written by `Summaries.save` is read back as a `Summaries` (`summaries_file.py`), checked the same way.
+        A file written by `Summaries.save` is read back as a `Summaries` (`summaries_file.py`), checked the same way
+        (its packed tensors each checked when first read).
 
         A directory written by `capture(..., out=dir)` is opened lazily instead: metadata now, each tensor
         memory-mapped and checked against its checksum when first read (`stream.load_dir`). A directory whose
@@ -293,12 +294,12 @@ class Trace:
                 from . import summaries_file
                 from .summaries import Summaries
 
-                if isinstance(meta, dict) and meta.get("format") == summaries_file.FORMAT:  # summaries, not rows
+                if isinstance(meta, dict) and meta.get("format") in summaries_file.FORMATS:  # summaries, not rows
                     return summaries_file.load(f, meta, path)
                 found = meta.get("format") if isinstance(meta, dict) else None
                 if isinstance(found, str) and found.startswith("attnscope.summaries/"):
                     raise TraceFileError(f"{path}: unsupported summaries format {found!r}; this attnscope reads "
-                                         f"{summaries_file.FORMAT}")
+                                         f"{' and '.join(summaries_file.FORMATS)}")
                 if issubclass(cls, Summaries):
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
