@@ -440,6 +440,8 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
             path.write_bytes(raw)
             try:
                 trace = Trace.load(path)
+                if isinstance(trace, Summaries):  # read now: its packs are read lazily, and the file goes with `tmp`
+                    trace.verify()
                 bad = [] if isinstance(trace, Summaries) else sorted(  # summaries: each block checks its own (`block`)
                     {key for run in trace.runs for key, recs in run.records.items() for rec in recs
                      if not bool(rec.probs.float().isfinite().all())})
