@@ -20,7 +20,7 @@ are keyed by name, shape and dtype: their bytes are read from the weights map (`
 Building the key walks `weights` and samples every tensor (about 10 ms of host time on a 7B model, a fifth of a
 GPU prefill), so the key is compared through a plan kept with it (`fingerprint_plan.py`): the same structure, the
 same tensor objects with the same counters and layouts, and the same sampled bytes read through views kept of each
-tensor's storage, all checked without `weights`. Whatever the plan does not find the same, or cannot check (meta
+tensor's storage, all checked without `state_dict()`. Whatever the plan does not find the same, or cannot check (meta
 or inference tensors, state-dict hooks), takes the full walk, which builds a new plan."""
 from __future__ import annotations
 

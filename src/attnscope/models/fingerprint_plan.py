@@ -2,7 +2,7 @@
 
 `fingerprint.py` keys the weights on a walk of `weights` (`state_dict(keep_vars=True)`, then the buffers it leaves
 out, non-persistent ones such as RoPE's `inv_freq`): names, tensor identities, write counters, layouts, a sample of each
-tensor. That walk, the per-tensor sampling and the comparison cost about 10 ms of host time on a 7B model's 686
+tensor. That walk, the per-tensor sampling and the comparison cost about 10 ms of host time on a 7B model's 689
 tensors, at the end of every capture block. A `Plan`, built on a full walk, tells in a few flat comparisons that the
 same walk would give the same key:
 
