@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Host time of the weights fingerprint of unchanged weights: what every capture block pays at its end.
 
-Before, `fingerprint` took a full walk each time: `state_dict(keep_vars=True)`, the key (per tensor its identity,
-counter, layout and a strided sample, concatenated per device and dtype) and a comparison with the kept key. Now a
-kept plan (models/fingerprint_plan.py) tells the same without `state_dict()`. Both are timed here in the same process,
-interleaved, on the LLaVA-1.5-7B structure (686 tensors; tiny widths on the CPU, `gpu.configs` + `launches.tiny`) and on
-SmolLM2-135M (real weights). The fast check is split into its Python part (the structure, counters, layouts) and its
-bytes (one copy of the sampled elements per device and dtype and one comparison): on a GPU the bytes are device work
-(a few kernels and one read of a flag), on the CPU they are host time.
+Before, `fingerprint` took a full walk each time: `weights` (`state_dict(keep_vars=True)` and the buffers it leaves
+out), the key (per tensor its identity, counter, layout and a strided sample, concatenated per device and dtype) and a
+comparison with the kept key. Now a kept plan (models/fingerprint_plan.py) tells the same without `state_dict()`.
+Both are timed here in the same process, interleaved, on the LLaVA-1.5-7B structure (689 tensors, 3 of them
+non-persistent buffers; tiny widths on the CPU, `gpu.configs` + `launches.tiny`) and on SmolLM2-135M (real weights).
+The fast check is split into its Python part (the structure, counters, layouts) and its bytes (one copy of the sampled
+elements per device and dtype and one comparison): on a GPU the bytes are device work (a few kernels and one read of a
+flag), on the CPU they are host time.
 
     flock /tmp/attnscope-heavy.lock python bench/fingerprint.py    # -> bench/results/fingerprint.md and .json
     python bench/fingerprint.py --small    # tiny structure, few repetitions, no files (tests/test_bench_fingerprint.py)"""
@@ -60,7 +61,7 @@ def measure(model, repeats: int = REPEATS, number: int = NUMBER) -> dict:
 
     def full_walk():  # the unchanged-weights path before the plan
         with torch.no_grad():
-            return fp.same_key(fp.weights_key(hf.state_dict(keep_vars=True)), kept.key)
+            return fp.same_key(fp.weights_key(fp.weights(hf)), kept.key)
 
     def python_part():  # the fast check without its bytes
         views, kept.plan.views = kept.plan.views, {}
@@ -77,8 +78,7 @@ def measure(model, repeats: int = REPEATS, number: int = NUMBER) -> dict:
         times["its Python part"].append(_per_call(python_part, number))
     assert fp._KEPT[hf] is kept and model.fingerprint == first  # every read was the fast check's (a walk replaces it)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    state = hf.state_dict(keep_vars=True)
-    return {"tensors": len(state), "modules": len(list(hf.modules())),
+    return {"tensors": len(fp.weights(hf)), "modules": len(list(hf.modules())),
             "sampled elements": sum(v.numel() for parts in kept.plan.views.values() for v in parts),
             "ms": medians, "ratio": medians["full walk"] / medians["fast check"]}
 
@@ -87,8 +87,9 @@ def report(results: dict) -> str:
     lines = ["# Weights fingerprint of unchanged weights: host time per read", "",
              "`flock /tmp/attnscope-heavy.lock python bench/fingerprint.py`, CPU, 1 thread; medians of "
              f"{REPEATS} interleaved repetitions of {NUMBER} reads. \"full walk\": the path before the plan "
-             "(`state_dict()`, the key, the comparison); \"fast check\": `Model.fingerprint` now; \"its Python part\": "
-             "the fast check without the copy and comparison of the sampled bytes (device work on a GPU).", "",
+             "(`state_dict()` and the buffers it leaves out, the key, the comparison); \"fast check\": "
+             "`Model.fingerprint` now; \"its Python part\": the fast check without the copy and comparison of the "
+             "sampled bytes (device work on a GPU).", "",
              "| model | tensors | modules | sampled elements | full walk (ms) | fast check (ms) | its Python part (ms) "
              "| speed-up |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():

@@ -1,10 +1,10 @@
 """The fast check of the weights fingerprint (models/fingerprint_plan.py) on SmolLM2: unchanged weights are told
 without `state_dict()` (no full walk after a capture block, a steer block or a generation), and every change the full
 walk's key sees is seen by the fast check too: a parameter replaced (by attribute or straight in `_parameters`), a
-submodule replaced, a buffer registered or removed, a non-persistent buffer made persistent, modules reordered,
-`p.data` pointed at other memory or at a transposed view of its own, a state-dict hook or an instance's
-`_save_to_state_dict`. Each gives a fingerprint equal to a hash of the bytes computed afresh, and
-undoing it gives the first fingerprint back, from the fast check again."""
+submodule replaced, a buffer registered (persistent or not) or removed, a non-persistent buffer replaced or made
+persistent, modules reordered, `p.data` (of a parameter or a non-persistent buffer) pointed at other memory or at a
+transposed view of its own, a state-dict hook or an instance's `_save_to_state_dict`. Each gives a fingerprint equal
+to a hash of the bytes computed afresh, and undoing it gives the first fingerprint back, from the fast check again."""
 from __future__ import annotations
 
 import copy
@@ -86,6 +86,32 @@ def _data_pointed_elsewhere(model):
     return lambda: setattr(weight, "data", saved)
 
 
+def _replace_non_persistent_buffer(model):
+    rotary = model.hf.model.rotary_emb
+    saved = rotary.inv_freq
+    rotary.inv_freq = saved * 0.5  # RoPE's frequencies: not in state_dict()
+    return lambda: setattr(rotary, "inv_freq", saved)
+
+
+def _register_non_persistent_buffer(model):
+    norm = model.hf.model.layers[1].input_layernorm
+    norm.register_buffer("scale", torch.ones(4), persistent=False)
+    return lambda: delattr(norm, "scale")
+
+
+def _buffer_data_pointed_elsewhere(model):
+    inv_freq = model.hf.model.rotary_emb.inv_freq
+    saved = inv_freq.data
+    inv_freq.data = saved.clone().flip(0)  # no write counted
+    return lambda: setattr(inv_freq, "data", saved)
+
+
+def _non_persistent_buffer_made_persistent(model):
+    rotary = model.hf.model.rotary_emb
+    rotary._non_persistent_buffers_set.discard("inv_freq")  # the same bytes, now in state_dict() under its name
+    return lambda: rotary._non_persistent_buffers_set.add("inv_freq")
+
+
 def _check(model, walks, change):
     """`change` (which returns its undo) gives a new fingerprint, equal to a fresh hash, found by a full walk the
     fast check asked for; undoing it gives the first fingerprint back, and the fast check tells it again."""
@@ -106,7 +132,9 @@ def _check(model, walks, change):
 
 
 @pytest.mark.parametrize("change", [_replace_by_attribute, _replace_in_parameters, _replace_submodule, _register_buffer,
-                                    _data_pointed_elsewhere])
+                                    _data_pointed_elsewhere, _replace_non_persistent_buffer,
+                                    _register_non_persistent_buffer, _buffer_data_pointed_elsewhere,
+                                    _non_persistent_buffer_made_persistent])
 def test_a_change_to_smollm_is_seen(smollm, walks, change):
     """(A row or a column written through `.data`: test_weights_fingerprint.py, whose reads now go through the fast
     check.)"""

@@ -5,6 +5,9 @@ again (not by a capture block, a steer block (no steering method writes weights)
 again), and their kept fingerprint equals a hash of the bytes computed afresh."""
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -15,7 +18,7 @@ from attnscope.steer import HeadMask, steer
 
 def fresh_hash(model) -> str:
     """An independent reference: every byte hashed now, nothing kept."""
-    return fp.weights_hash(model.hf, model.hf.state_dict())
+    return fp.weights_hash(model.hf, fp.weights(model.hf))
 
 
 @pytest.fixture
@@ -110,7 +113,7 @@ def test_refresh_hashes_again_and_agrees(smollm, hashes):
 
 
 def test_the_key_reads_a_sample_of_each_tensor(smollm):
-    state = smollm.hf.state_dict(keep_vars=True)
+    state = fp.weights(smollm.hf)
     sampled = sum(v.numel() for v in fp.weights_key(state)[1].values())  # bytes
     lines = sum(t.shape[0] + t[0].numel() if t.dim() > 1 else 1 for t in state.values())  # rows and columns
     element = next(smollm.hf.parameters()).element_size()
@@ -176,7 +179,7 @@ def test_every_row_and_column_of_a_permuted_layout_is_sampled(layout):
 def test_a_tied_tensor_is_sampled_once_and_keyed_under_each_name(smollm):
     """SmolLM2's LM head is its token embedding: both names stay in the key (with the tensor's identity, counter and
     layout each), its rows are sampled once, and the plan's sample is smaller by exactly one embedding sample."""
-    state = smollm.hf.state_dict(keep_vars=True)
+    state = fp.weights(smollm.hf)
     embedding = smollm.hf.get_input_embeddings().weight
     tied = [name for name, t in state.items() if t is embedding]
     assert len(tied) == 2
@@ -213,3 +216,105 @@ def test_a_write_to_a_tied_tensor_is_seen_under_either_name(smollm, where):
     finally:
         weight.data[index] = saved
     assert smollm.fingerprint == before
+
+
+def _rotary(model):
+    return model.hf.model.rotary_emb
+
+
+def _inv_freq_no_grad_mul(model):
+    with torch.no_grad():
+        _rotary(model).inv_freq.mul_(0.5)  # counted: a context-extension experiment's edit of RoPE
+
+
+def _inv_freq_data_mul(model):
+    _rotary(model).inv_freq.data.mul_(0.5)  # not counted: the sample sees it
+
+
+def _inv_freq_replaced(model):
+    rotary = _rotary(model)
+    rotary.inv_freq = rotary.inv_freq * 0.5  # another tensor in `_buffers`, still non-persistent
+
+
+@pytest.mark.parametrize("edit", [_inv_freq_no_grad_mul, _inv_freq_data_mul, _inv_freq_replaced])
+def test_an_edit_to_a_non_persistent_buffer_changes_the_fingerprint_and_undoing_it_restores_it(smollm, edit):
+    """RoPE's `inv_freq` is not in `state_dict()` (a non-persistent buffer), yet an edit of it changes what the model
+    computes: the fingerprint, and the provenance of the next trace, follow it as they follow a parameter."""
+    rotary = _rotary(smollm)
+    assert "model.rotary_emb.inv_freq" not in smollm.hf.state_dict()
+    x = smollm.encode("The capital of France is")
+    before = smollm.fingerprint
+    buffer, saved = rotary.inv_freq, rotary.inv_freq.detach().clone()
+    with torch.no_grad():
+        logits = smollm(**x).logits
+    try:
+        edit(smollm)
+        with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as trace:
+            edited = smollm(**x).logits
+        assert not torch.equal(edited, logits)  # the model computes something else
+        assert trace.provenance["weights"] == smollm.fingerprint != before
+        assert smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        rotary.inv_freq = buffer
+        with torch.no_grad():
+            buffer.copy_(saved)
+    assert torch.equal(rotary.inv_freq, saved) and smollm.fingerprint == before
+
+
+def test_every_buffer_is_covered_under_names_apart_from_the_state_dicts(smollm, hashes):
+    """`weights`: the `state_dict()`, then the buffers `named_buffers()` gives that it leaves out (RoPE's `inv_freq`
+    and `original_inv_freq`) under ("buffer", name), which no state_dict name equals. An unchanged model keeps its
+    fingerprint without hashing again."""
+    hf = smollm.hf
+    state, covered = hf.state_dict(keep_vars=True), fp.weights(hf)
+    buffers = dict(hf.named_buffers(remove_duplicate=False))
+    left_out = [name for name, b in buffers.items() if state.get(name) is not b]
+    assert left_out == ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"]
+    assert list(covered) == [*state, *(("buffer", name) for name in left_out)]
+    assert all(covered[n] is state[n] for n in state) and all(covered["buffer", n] is buffers[n] for n in left_out)
+    first = smollm.fingerprint
+    calls = len(hashes)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last") as trace:
+        smollm(**smollm.encode("The capital of France is"))
+    assert trace.provenance["weights"] == first == smollm.fingerprint and len(hashes) == calls
+
+
+def test_a_buffer_under_two_names_is_keyed_under_each_and_sampled_once(smollm):
+    """The rotary module shared by a layer as well (a second name for it, as a tied module has): its buffers are keyed
+    under both names, sampled once, and a write through `.data` under the new name is seen."""
+    hf, rotary = smollm.hf, _rotary(smollm)
+    first = smollm.fingerprint
+    sampled = sum(v.numel() for v in fp._KEPT[hf].plan.sampled.values())
+    attention = hf.model.layers[0].self_attn
+    attention.add_module("rotary", rotary)  # no parameter, no persistent buffer: the state_dict is the same
+    try:
+        names = [name for name in fp.weights(hf) if not isinstance(name, str)]
+        assert ("buffer", "model.layers.0.self_attn.rotary.inv_freq") in names and len(names) == 4
+        shared = smollm.fingerprint
+        assert shared != first and shared == fresh_hash(smollm)
+        assert sum(v.numel() for v in fp._KEPT[hf].plan.sampled.values()) == sampled
+        saved = attention.rotary.inv_freq.detach().clone()
+        attention.rotary.inv_freq.data.mul_(0.5)
+        try:
+            assert smollm.fingerprint != shared
+        finally:
+            rotary.inv_freq.data.copy_(saved)
+        assert smollm.fingerprint == shared
+    finally:
+        del attention.rotary
+    assert smollm.fingerprint == first
+
+
+def test_an_offloaded_buffer_is_read_from_the_weights_map_as_an_offloaded_parameter_is(smollm):
+    """A buffer on the meta device (its bytes elsewhere) is keyed by name, shape and dtype and no plan is built; the
+    hash reads it from the weights map of the module's accelerate hook (`placement.stored`), and without one says the
+    weights are unavailable rather than hash a placeholder."""
+    resident = copy.deepcopy(_rotary(smollm))
+    offloaded = copy.deepcopy(resident)
+    offloaded.inv_freq = offloaded.inv_freq.to("meta")
+    (entries, _), _ = fp._walk(fp.weights(offloaded))
+    assert (("buffer", "inv_freq"), (32,), torch.float32, "meta") in entries
+    assert fp.fingerprint(offloaded).startswith("unavailable") and fp._KEPT[offloaded].plan is None
+    offloaded._hf_hook = SimpleNamespace(weights_map={"inv_freq": resident.inv_freq.clone()})
+    fp.forget(offloaded)
+    assert fp.fingerprint(offloaded) == fp.fingerprint(resident) == fp.weights_hash(resident, fp.weights(resident))

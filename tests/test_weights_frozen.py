@@ -48,8 +48,13 @@ def test_reads_inside_skip_the_sample_and_captures_carry_the_fingerprint(smollm,
     assert smollm.fingerprint == before
 
 
-def test_a_counted_write_inside_is_seen_at_once(smollm):
-    weight = _column(smollm)
+def _inv_freq(model):
+    return model.hf.model.rotary_emb.inv_freq  # a non-persistent buffer: not in state_dict()
+
+
+@pytest.mark.parametrize("tensor", [_column, _inv_freq])
+def test_a_counted_write_inside_is_seen_at_once(smollm, tensor):
+    weight = tensor(smollm)
     saved = weight.detach().clone()
     before = smollm.fingerprint
     try:
@@ -75,6 +80,22 @@ def test_a_write_through_data_inside_raises_at_the_end(smollm):
         assert smollm.fingerprint != before and smollm.fingerprint == fresh_hash(smollm)  # the bytes' own after
     finally:
         weight.data[:, 5] = saved
+    assert smollm.fingerprint == before
+
+
+def test_a_write_through_data_to_a_non_persistent_buffer_inside_raises_at_the_end(smollm):
+    """RoPE's `inv_freq` halved through `.data` (a context-extension experiment) inside the block."""
+    inv_freq = _inv_freq(smollm)
+    saved = inv_freq.detach().clone()
+    before = smollm.fingerprint
+    try:
+        with pytest.raises(fp.WeightsChangedError, match="frozen_weights"):
+            with smollm.frozen_weights():
+                inv_freq.data.mul_(0.5)
+                assert smollm.fingerprint == before  # not counted: the reads inside cannot see it
+        assert smollm.fingerprint != before and smollm.fingerprint == fresh_hash(smollm)
+    finally:
+        inv_freq.data.copy_(saved)
     assert smollm.fingerprint == before
 
 

@@ -1,6 +1,7 @@
-"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and persistent buffer's name, shape,
-dtype and bytes (the `state_dict()`: a non-persistent buffer, such as RoPE's `inv_freq`, is not in it), recomputed only
-when the weights changed.
+"""The weights fingerprint of a `Model`: a blake2b hash over every parameter's and buffer's name, shape, dtype and bytes
+(`weights`: the `state_dict()`, then every buffer it leaves out: non-persistent ones such as RoPE's `inv_freq`, which a
+context-extension experiment edits in place, position ids, causal masks), recomputed only when the weights changed.
+Everything said below of a parameter holds for a buffer, persistent or not.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
@@ -13,10 +14,10 @@ The sample catches writes through `p.data` (PyTorch gives `.data` a counter of i
 of whole rows (a token's embedding, an output unit) and of whole columns (a neuron zeroed in a down projection, an
 embedding dimension); a write of a few elements through `.data` may go unseen:
 `Model.refresh_fingerprint()` then hashes again. Offloaded weights (accelerate leaves them on the meta device between
-forwards and swaps in new meta tensors at each forward) are keyed by name, shape and dtype: their bytes are read from
-the weights map (`placement.stored`) only when hashing.
+forwards and swaps in new meta tensors at each forward; buffers only with `offload_buffers`, non-persistent ones never)
+are keyed by name, shape and dtype: their bytes are read from the weights map (`placement.stored`) only when hashing.
 
-Building the key walks `state_dict()` and samples every tensor (about 10 ms of host time on a 7B model, a fifth of a
+Building the key walks `weights` and samples every tensor (about 10 ms of host time on a 7B model, a fifth of a
 GPU prefill), so the key is compared through a plan kept with it (`fingerprint_plan.py`): the same structure, the
 same tensor objects with the same counters and layouts, and the same sampled bytes read through views kept of each
 tensor's storage, all checked without `state_dict()`. Whatever the plan does not find the same, or cannot check (meta
@@ -40,12 +41,33 @@ from .placement import stored
 SAMPLE = 1024  # elements sampled per tensor for the key
 
 
-def weights_hash(hf: nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """blake2b over parameter and buffer names, shapes, dtypes and bytes (offloaded ones read from the weights map)."""
+def _buffers(module: nn.Module, prefix: str = ""):
+    """(dotted name, buffer) for every buffer under `module`, walked as `state_dict()` walks (`_modules` in order, a
+    module under each of its names): `named_buffers(remove_duplicate=False)`'s names and order."""
+    for name, buffer in module._buffers.items():
+        if buffer is not None:
+            yield prefix + name, buffer
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _buffers(child, f"{prefix}{name}.")
+
+
+def weights(hf: nn.Module) -> dict:
+    """What the fingerprint covers: `state_dict(keep_vars=True)`, then every buffer it does not hold under its name
+    (the non-persistent ones), named ("buffer", dotted name): no state_dict name (a string) equals it, and a buffer
+    made persistent, or not, changes its name. The fast check (fingerprint_plan.py) follows both walks."""
+    state = hf.state_dict(keep_vars=True)
+    left_out = {("buffer", name): b for name, b in _buffers(hf) if state.get(name) is not b}
+    return {**state, **left_out}
+
+
+def weights_hash(hf: nn.Module, state: dict) -> str:
+    """blake2b over parameter and buffer names, shapes, dtypes and bytes (`weights`; offloaded ones read from the
+    weights map)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in state.items():
         if tensor.device.type == "meta":  # offloaded: the real bytes sit in accelerate's weights map
-            tensor = stored(hf, name)
+            tensor = stored(hf, name if isinstance(name, str) else name[1])
             if tensor is None:
                 return "unavailable: offloaded weights without a readable weights map"
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -78,7 +100,7 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
     return tensor[tuple(slice(None, None, max(1, size // per_dim)) for size in tensor.shape)].reshape(-1)
 
 
-def _walk(state: dict[str, torch.Tensor]) -> tuple[tuple | None, dict]:
+def _walk(state: dict) -> tuple[tuple | None, dict]:
     """The key of `state` (`weights_key`) and its sample views, per device and dtype, each with its tensor. A tensor
     under several names (tied weights: an embedding and the LM head) is keyed under each name and sampled once."""
     entries, views, seen = [], {}, set()
@@ -101,7 +123,7 @@ def _walk(state: dict[str, torch.Tensor]) -> tuple[tuple | None, dict]:
     return (tuple(entries), sampled), views
 
 
-def weights_key(state: dict[str, torch.Tensor]) -> tuple | None:
+def weights_key(state: dict) -> tuple | None:
     """What identifies the weights without reading them (see the module docstring); None where PyTorch counts no
     writes (inference tensors), so the caller hashes every time."""
     return _walk(state)[0]
@@ -159,7 +181,7 @@ def fingerprint(hf: nn.Module) -> str:
             return kept.digest
         if _FROZEN.get(hf) and _uncounted(kept):  # reads since the plan was built skipped the sample: remember it
             _UNCOUNTED.setdefault(hf, set()).update(_FROZEN[hf])
-        state = hf.state_dict(keep_vars=True)
+        state = weights(hf)
         key, views = _walk(state)
         digest = kept.digest if kept is not None and same_key(key, kept.key) else weights_hash(hf, state)
         _KEPT[hf] = _Kept(key, digest, build(hf, state, views) if key is not None else None)

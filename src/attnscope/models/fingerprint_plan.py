@@ -1,18 +1,22 @@
 """The fast check of the weights fingerprint: has anything the kept key saw changed, without `state_dict()`?
 
-`fingerprint.py` keys the weights on a walk of `state_dict(keep_vars=True)` (names, tensor identities, write counters,
-layouts, a sample of each tensor). That walk, the per-tensor sampling and the comparison cost about 10 ms of host time
-on a 7B model's 686 tensors, at the end of every capture block. A `Plan`, built on a full walk, tells in a few flat
-comparisons that the same walk would give the same key:
+`fingerprint.py` keys the weights on a walk of `weights` (`state_dict(keep_vars=True)`, then the buffers it leaves
+out, non-persistent ones such as RoPE's `inv_freq`): names, tensor identities, write counters, layouts, a sample of each
+tensor. That walk, the per-tensor sampling and the comparison cost about 10 ms of host time on a 7B model's 689
+tensors, at the end of every capture block. A `Plan`, built on a full walk, tells in a few flat comparisons that the
+same walk would give the same key:
 
-- the structure `state_dict()` reads, walked afresh from the root, breadth first: each module's class, the keys of
-  its `_parameters`, `_buffers` and `_modules` in order, the identity of every parameter and buffer, its
-  non-persistent buffer names, no state-dict hooks, the size of its `__dict__` (a method set on the instance adds a
-  key), none of `state_dict`, `_save_to_state_dict` and `get_extra_state` set on the instance (where an attribute
-  was removed, the size is the same), and no class that changes them. So `state_dict()` would give the same names,
-  in the same order, for the same tensor objects. The plan holds no module, so a kept plan never keeps a model alive;
-- per tensor its write counter (`_version`), its dtype and `is_set_to` an alias taken at the walk (same storage,
-  offset, shape and strides): `p.data = other` and `p.data = p.data.t()` change no counter but fail `is_set_to`;
+- the structure `state_dict()` and the walk of the buffers it leaves out read, walked afresh from the root, breadth
+  first: each module's class, the keys of its `_parameters`, `_buffers` and `_modules` in order, the identity of every
+  parameter and buffer, its non-persistent buffer names, no state-dict hooks, the size of its `__dict__` (a method set
+  on the instance adds a key), none of `state_dict`, `_save_to_state_dict` and `get_extra_state` set on the instance
+  (where an attribute was removed, the size is the same), and no class that changes them. So `state_dict()` would
+  give the same names, in the same order, for the same tensor objects, and leave out the same buffers (which of a
+  module's `_buffers` it holds, its non-persistent names decide). The plan holds no module, so a kept plan never keeps
+  a model alive;
+- per tensor, non-persistent buffers included, its write counter (`_version`), its dtype and `is_set_to` an alias
+  taken at the walk (same storage, offset, shape and strides): `p.data = other` and `p.data = p.data.t()` change no
+  counter but fail `is_set_to`;
 - the sample: the same strided views `_sample` gives, taken once of that storage (a view shares it, so a write
   through `.data` shows in it), concatenated once per device and dtype and compared as integers with the kept bytes
   (so NaN equals NaN).
@@ -115,8 +119,9 @@ class Plan:
         return False
 
     def unchanged(self, hf: nn.Module, sampled: bool = True) -> bool:
-        """True only if `state_dict(keep_vars=True)` would give the same names and tensor objects, with the same write
-        counters, layouts and sampled bytes (not compared with `sampled=False`), as when the plan was built."""
+        """True only if `weights` (`state_dict(keep_vars=True)` and the buffers it leaves out) would give the same names
+        and tensor objects, with the same write counters, layouts and sampled bytes (not compared with
+        `sampled=False`), as when the plan was built."""
         tree = _tree(hf, len(self.classes))
         if tree is None:
             return False
@@ -147,10 +152,10 @@ class Plan:
                                   for where, parts in self.views.items())
 
 
-def build(hf: nn.Module, state: dict[str, torch.Tensor],
-          views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]) -> Plan | None:
-    """A plan for the weights `state` (this walk's `state_dict(keep_vars=True)`) and their sample views (per device
-    and dtype, each with its tensor); None where the fast check could not be trusted (see the module docstring)."""
+def build(hf: nn.Module, state: dict, views: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]) -> Plan | None:
+    """A plan for the weights `state` (this walk's `weights`: `state_dict(keep_vars=True)` and the buffers it leaves
+    out) and their sample views (per device and dtype, each with its tensor); None where the fast check could not be
+    trusted (see the module docstring)."""
     try:
         tree = _tree(hf, 1 << 20)
     except TypeError:  # a None submodule (`vars(None)`): `unchanged` would read it as a change each time

@@ -67,7 +67,8 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """blake2b over parameter and buffer names, shapes, dtypes and bytes: identifies the weights a trace came from.
+        """blake2b over parameter and buffer (non-persistent ones too, RoPE's `inv_freq`) names, shapes, dtypes and
+        bytes: identifies the weights a trace came from.
         Hashed again only when the weights changed (an optimizer step, `load_state_dict`, an in-place write), which
         is told without reading them (`models/fingerprint.py`); `refresh_fingerprint()` forces a new hash."""
         return weights_fingerprint(self.hf)
