@@ -426,7 +426,9 @@ class Summaries(Trace):
         if not entries:
             self.record(stream, layer, 0, part, run)  # raises naming what was captured
         _one_per_step(entries, stream, layer, self.run(run))
-        values = [self._get(stream, layer, name, r.step, part, run) for r in entries]
+        values = [getattr(r, name) for r in entries]  # sorted by step, one each: no lookup per step
+        if any(v is None for v in values):
+            raise KeyError(f"{name!r} was not summarised; capture with summaries including it")
         if any(v.shape[2] != 1 for v in values):
             raise ValueError("step=None stacks one query row per step; this selection has several rows in a step "
                              "(select queries='last', or read one step at a time)")
