@@ -239,3 +239,10 @@ def test_what_the_summaries_view_cannot_draw_is_said(generation):
         html_of(s, explanations=[object()])
     with pytest.raises(ValueError, match="draws no image overlay"):
         html_of(s, image=Image.new("RGB", (8, 8)))
+
+
+def test_a_run_out_of_range_is_one_clear_error(generation, tmp_path, capsys):
+    _, path = generation
+    assert main(["view", str(path), "--run", "3", "--out", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: run 3 is out of range: the trace holds 1 run (0, or -1 for the last)"], err

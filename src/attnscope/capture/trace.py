@@ -150,6 +150,10 @@ class Trace:
     def run(self, run: int = -1) -> Run:
         if not self.runs:
             raise ValueError("the trace is empty: call the model inside the `with attnscope.capture(...)` block")
+        n = len(self.runs)
+        if not -n <= run < n:  # not Python's bare "list index out of range"
+            raise IndexError(f"run {run} is out of range: the trace holds {n} run{'s' if n > 1 else ''} "
+                             f"({'0' if n == 1 else f'0..{n - 1}'}, or -1 for the last)")
         return self.runs[run]
 
     def layers(self, stream: str, run: int = -1) -> list[int]:
