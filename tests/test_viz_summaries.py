@@ -241,6 +241,32 @@ def test_what_the_summaries_view_cannot_draw_is_said(generation):
         html_of(s, image=Image.new("RGB", (8, 8)))
 
 
+def tokens_at(meta: dict, step: int) -> list[str]:
+    """The tokens the page labels `step` with (frontend/src/summaries.ts `tokensAt`)."""
+    return next((tokens for last, tokens in meta["token_eras"] if step <= last), meta["tokens"])
+
+
+def test_beam_search_labels_each_step_with_the_tokens_its_row_held(smollm):
+    """Under beam search batch row b changes hypothesis between steps: the page labels each step's query row and top-k
+    keys with the tokens that row held at that step (`Trace.tokens(..., step=)`), not the last hypothesis's."""
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode(PROMPT), max_new_tokens=4, do_sample=False, num_beams=3,
+                        num_return_sequences=3)
+    assert s.run().eras
+    relabelled = 0
+    for row in range(3):
+        doc = page_doc(html_of(s, row=row))
+        meta = doc["summaries"][0]
+        for step, q in meta["rows"]:
+            held = [data.clean_token(t) for t in s.tokens("text", row, step=step).tokens]
+            assert tokens_at(meta, step)[:len(held)] == held, (row, step)
+            relabelled += tokens_at(meta, step)[q] != meta["tokens"][q]
+            keys, _ = s.topk("text", 0, step=step)
+            assert all(k < len(held) for k in keys[row, :, 0].flatten().tolist())  # every top key has its label
+        assert any("beam search" in note and "held at that step" in note for note in doc["notes"])
+    assert relabelled  # this generation does switch hypotheses: the final tokens would mislabel some step
+
+
 def test_a_run_out_of_range_is_one_clear_error(generation, tmp_path, capsys):
     _, path = generation
     assert main(["view", str(path), "--run", "3", "--out", str(tmp_path / "x.html")]) == 2

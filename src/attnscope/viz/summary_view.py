@@ -56,6 +56,8 @@ class SummaryStreamView:
     rows: list[tuple[int, int]]  # (step, absolute query position), in order
     metrics: list[str]
     k: int  # the most top-k keys of any record (0: "topk" was not summarised)
+    # beam search: (last step, tokens) of row `row` before each reorder (`Run.eras`), as `Run.maps_at` labels a step
+    token_eras: list[tuple[int, list[str]]] = field(default_factory=list)
 
     def __post_init__(self):
         self._rows = set(self.rows)
@@ -110,7 +112,7 @@ class SummaryStreamView:
                "tokens": [clean_token(x) for x in t.tokens], "roles": [ROLES.index(r) for r in t.roles],
                "metrics": [{"name": m, "range": None if m == ENTROPY else [0, 1]} for m in self.metrics],
                "k": self.k, "rows": [list(r) for r in (self.rows if rows is None else rows)],
-               "all_rows": len(self.rows)}
+               "all_rows": len(self.rows), "token_eras": [[last, toks] for last, toks in self.token_eras]}
         if rows is not None:
             out["blocks"] = {f"{step}:{q}": self.block(step, q).to_json() for step, q in rows}
         return out
@@ -173,7 +175,8 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
         if _has(lambda: summaries.topk(stream, layer, step, 0, run)):  # fewer keys than k early on: fewer kept
             k = max(summaries.topk(stream, la, rec.step, 0, run)[0].shape[-1] for la, rec in records)
         metrics.sort(key=lambda m: (m != IMAGE_RATIO, m != LOOKBACK, m != ENTROPY))  # the usual ones first
-        views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k))
+        eras = [(last, [clean_token(x) for x in m[stream][row].tokens]) for last, m in the_run.eras if m.get(stream)]
+        views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k, eras))
     return views
 
 
@@ -195,8 +198,9 @@ def notes(summaries, run: int = -1, row: int = 0) -> list[str]:
     if any(r.part for _, _, r in recs):
         out.append("some layers were called more than once in a step: the grids show each step's first call (part 0)")
     if the_run.eras:
-        out.append("beam search reordered the rows between steps: top-k keys are labelled with the final sequence's "
-                   "tokens, which may differ from the beam a step read")
+        out.append(f"beam search reordered the rows between steps: batch row {row} of one step may continue another "
+                   "hypothesis than at the step before; each step's query and top-k keys are labelled with the tokens "
+                   "its row held at that step")
     return out
 
 
