@@ -160,3 +160,39 @@ def test_beam_search_steps_are_labelled_with_the_tokens_their_row_held(chromium,
     assert changed  # the last step's query token is not the final sequence's: labelled by step, not by the end
     assert not errors
     page.close()
+
+
+def test_switching_stream_while_its_answer_is_in_flight_draws_no_other_streams_numbers(chromium, url, scene_vlm,
+                                                                                        tmp_path):
+    """scene-vlm's two streams: after picking the vision stream, whose answer is held back, a summary picked meanwhile
+    draws nothing (the language block is not laid out as vision's layers and heads); the vision answer then draws
+    vision's numbers."""
+    from attnscope.scenes import SceneWorld, question
+
+    scene = SceneWorld(seed=0).scene("test", 3)
+    x = scene_vlm.encode(scene_vlm.prompt(question(scene.classes[0])), scene.image)
+    with torch.no_grad(), attnscope.capture(scene_vlm, streams=["vision", "language"], queries="last",
+                                            layers={"vision": [11], "language": [0, 29]}, summaries="all") as s:
+        scene_vlm.generate(**x, max_new_tokens=2, do_sample=False)
+    path = s.save(tmp_path / "vlm.safetensors")
+    page, errors = open_page(chromium, url + "/")
+    page.wait_for_selector("input[name=trace]")
+    page.set_input_files("input[name=trace]", str(path))
+    view = page.locator(".as-sumview")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    expect(view).to_have_attribute("data-stream", "language")
+    held = []
+    page.route("**/vision/summary/*/*", lambda route: held.append(route))
+    with page.expect_request("**/vision/summary/*/*"):
+        page.select_option("select.as-stream", label="vision")
+    page.select_option("select.as-summetric", "entropy (nats)")
+    expect(page.locator("select.as-summetric")).to_have_value("entropy (nats)")
+    expect(page.locator(".as-sumcell")).to_have_count(0)  # no vision numbers yet: nothing drawn, not language's
+    assert len(held) == 1
+    held[0].continue_()
+    expect(view).to_have_attribute("data-stream", "vision")
+    expect(view).to_have_attribute("data-metric", "entropy (nats)")
+    entropy = s.entropy("vision", 11, step=0)[0, :, 0]
+    assert [shown(page, 11, h) for h in range(entropy.shape[0])] == entropy.tolist()
+    assert not errors
+    page.close()

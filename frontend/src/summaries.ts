@@ -49,6 +49,7 @@ export class SummaryViewer {
     const names = s.metrics.map((m) => m.name);
     this.metric = names.includes(this.metric) ? this.metric : names[0] ?? "";
     this.li = this.hi = -1;
+    this.block = null; // the other stream's numbers: not to be drawn in this one's layers and heads meanwhile
     this.build(i);
     const last = this.steps[this.steps.length - 1] ?? 0;
     await this.show(last, this.lastRow(last));
