@@ -272,3 +272,19 @@ def test_a_run_out_of_range_is_one_clear_error(generation, tmp_path, capsys):
     assert main(["view", str(path), "--run", "3", "--out", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == ["error: run 3 is out of range: the trace holds 1 run (0, or -1 for the last)"], err
+
+
+@pytest.mark.parametrize("room", [1, 2, 3, 4, 9, 12, 13, 14])
+def test_an_exported_page_embeds_as_many_rows_as_fit_and_no_more(room):
+    """The budget holds `room` rows: the page embeds exactly that many (at most 10^6 numbers, as the README says), the
+    last step's last row among them, spread evenly; each step's last row goes before other rows."""
+    view = summary_view.SummaryStreamView.__new__(summary_view.SummaryStreamView)
+    view.layers, view.heads, view.metrics, view.k = [0], [0], [data.ENTROPY], 0
+    view.rows = [(0, q) for q in range(5)] + [(step, 4 + step) for step in range(1, 10)]  # a prefill of 5, 9 steps
+    rows = view.export_rows(room * view.values_per_row())
+    assert len(rows) == min(room, 14) and rows == sorted(set(rows)) and (9, 13) in rows
+    last = [(0, 4)] + [(step, 4 + step) for step in range(1, 10)]
+    assert set(rows) >= set(last) if room >= len(last) else set(rows) <= set(last)
+    if 2 <= room <= len(last):  # even: the gaps between the steps it keeps differ by one at most
+        gaps = {b[0] - a[0] for a, b in zip(rows, rows[1:])}
+        assert max(gaps) - min(gaps) <= 1 and rows[0] == (0, 4)

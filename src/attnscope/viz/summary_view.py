@@ -92,18 +92,17 @@ class SummaryStreamView:
         return max(1, len(self.layers) * len(self.heads) * (len(self.metrics) + 2 * self.k))
 
     def export_rows(self, max_values: int) -> list[tuple[int, int]]:
-        """Rows to embed within `max_values` numbers: every row if they fit; else each step's last row (the one a
-        generate step adds) at an even stride over steps, then other rows at an even stride."""
+        """Rows to embed within `max_values` numbers (at least one row): every row if they fit; else as many as fit,
+        each step's last row (the one a generate step adds) first, spread evenly over the steps with the last one
+        kept, then other rows spread evenly."""
         room = max(1, max_values // self.values_per_row())
         if len(self.rows) <= room:
             return list(self.rows)
         last = sorted({step: (step, q) for step, q in self.rows}.values())  # rows are in (step, query) order
         if len(last) >= room:
-            stride = -(-len(last) // room)
-            return sorted(set(last[::stride]) | {last[-1]})
-        other = [r for r in self.rows if r not in set(last)]
-        stride = -(-len(other) // (room - len(last)))
-        return sorted(set(last) | set(other[::stride]))
+            return _spread(last, room)
+        lasts = set(last)
+        return sorted(lasts | set(_spread([r for r in self.rows if r not in lasts], room - len(last))))
 
     def meta(self, rows: list[tuple[int, int]] | None = None) -> dict:
         """The stream as the front end reads it; with `rows`, those rows' blocks embedded (an exported page)."""
@@ -116,6 +115,13 @@ class SummaryStreamView:
         if rows is not None:
             out["blocks"] = {f"{step}:{q}": self.block(step, q).to_json() for step, q in rows}
         return out
+
+
+def _spread(items: list, n: int) -> list:
+    """`n` of `items` (1 <= n <= len) evenly spaced, the last one kept (and the first where n > 1)."""
+    if n == 1:
+        return [items[-1]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]  # distinct: a step of at least 1
 
 
 def _read(s, metric: str, stream: str, layer: int, step: int, run: int):
