@@ -36,6 +36,8 @@ def reader(s, metric: str, stream: str, layer: int, step: int) -> torch.Tensor:
         return s.lookback(stream, layer, step=step)
     if metric == data.ENTROPY:
         return s.entropy(stream, layer, step=step)
+    if metric == summary_view.TOP_WEIGHT:
+        return s.topk(stream, layer, step=step)[1][..., 0]
     assert metric.startswith(summary_view.MASS)
     return s.role_mass(stream, layer, metric.removeprefix(summary_view.MASS), step=step)
 
@@ -108,7 +110,7 @@ def test_a_prefill_of_every_row_and_some_heads_and_a_thinned_page(smollm):
     (view,) = summary_view.stream_views(s)
     n = x["input_ids"].shape[1]
     assert view.layers == [0, 29] and view.heads == [1, 4] and view.rows == [(0, q) for q in range(n)]
-    assert view.metrics == [data.ENTROPY] and view.k == 3
+    assert view.metrics == [data.ENTROPY, summary_view.TOP_WEIGHT] and view.k == 3
     metas, notes = summary_view.metas([view], embed=False)
     assert "blocks" not in metas[0] and metas[0]["rows"] == [[0, q] for q in range(n)] and notes == []
     assert_block_is_the_readers(s, metas[0], view.block(0, 2).to_json(), "text")
@@ -288,3 +290,16 @@ def test_an_exported_page_embeds_as_many_rows_as_fit_and_no_more(room):
     if 2 <= room <= len(last):  # even: the gaps between the steps it keeps differ by one at most
         gaps = {b[0] - a[0] for a, b in zip(rows, rows[1:])}
         assert max(gaps) - min(gaps) <= 1 and rows[0] == (0, 4)
+
+
+def test_summaries_of_top_k_alone_have_a_grid_whose_heads_open_their_keys(smollm):
+    """summaries="topk" only: the grid shows each head's top key weight (not a grid of "not captured" dashes with no
+    head to click for the keys that were captured)."""
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 5], queries="last", summaries="topk", topk=3) as s:
+        smollm.generate(**smollm.encode(PROMPT), max_new_tokens=2, do_sample=False)
+    meta = page_doc(html_of(s))["summaries"][0]
+    assert meta["metrics"] == [{"name": summary_view.TOP_WEIGHT, "range": [0, 1]}] and meta["k"] == 3
+    for block in meta["blocks"].values():
+        assert_block_is_the_readers(s, meta, block, "text")
+        top = decode(block["metrics"][summary_view.TOP_WEIGHT], np.float32, (2, 9))
+        assert np.isfinite(top).all() and (top == decode(block["topk_value"], np.float32, (2, 9, 3))[..., 0]).all()

@@ -1,6 +1,6 @@
 """The viewer on a `Summaries` (`capture(..., summaries=...)`, or a summaries file read by `Trace.load`): for a
 stream, a step and one of its query rows, a layers x heads grid of one summary (image ratio, mass on each token role,
-lookback ratio, entropy) and each head's top-k keys.
+lookback ratio, entropy, the top key's weight) and each head's top-k keys.
 
 Every number comes from the `Summaries` readers (`image_ratio`, `role_mass`, `lookback`, `entropy`, `topk`), never
 from the file's layout, and travels as float32 (int32 positions): what the page draws is what those readers return,
@@ -21,6 +21,7 @@ from .data import ENTROPY, b64, clean_token, self_attention_streams
 IMAGE_RATIO = "image ratio"
 LOOKBACK = "lookback ratio"
 MASS = "mass on "  # + a token role: `Summaries.role_mass(..., role)`
+TOP_WEIGHT = "top key weight"  # the weight of the row's most attended key: `Summaries.topk(...)[1][..., 0]`
 EXPORT_MAX_VALUES = 1_000_000  # float32 numbers embedded per exported page (about 5 MB of base64)
 
 
@@ -132,6 +133,8 @@ def _read(s, metric: str, stream: str, layer: int, step: int, run: int):
         return s.lookback(stream, layer, step, 0, run)
     if metric == ENTROPY:
         return s.entropy(stream, layer, step, 0, run)
+    if metric == TOP_WEIGHT:
+        return s.topk(stream, layer, step, 0, run)[1][..., 0]
     return s.role_mass(stream, layer, metric.removeprefix(MASS), step, 0, run)
 
 
@@ -180,6 +183,7 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
         metrics += [ENTROPY] if _has(lambda: summaries.entropy(stream, layer, step, 0, run)) else []
         if _has(lambda: summaries.topk(stream, layer, step, 0, run)):  # fewer keys than k early on: fewer kept
             k = max(summaries.topk(stream, la, rec.step, 0, run)[0].shape[-1] for la, rec in records)
+            metrics += [TOP_WEIGHT]  # a grid even where top-k is all that was summarised (its heads are clicked)
         metrics.sort(key=lambda m: (m != IMAGE_RATIO, m != LOOKBACK, m != ENTROPY))  # the usual ones first
         eras = [(last, [clean_token(x) for x in m[stream][row].tokens]) for last, m in the_run.eras if m.get(stream)]
         views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k, eras))
