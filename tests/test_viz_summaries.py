@@ -245,7 +245,8 @@ def test_what_the_summaries_view_cannot_draw_is_said(generation):
 
 def tokens_at(meta: dict, step: int) -> list[str]:
     """The tokens the page labels `step` with (frontend/src/summaries.ts `tokensAt`)."""
-    return next((tokens for last, tokens in meta["token_eras"] if step <= last), meta["tokens"])
+    return next((meta["tokens"][:first] + tail for last, first, tail in meta["token_eras"] if step <= last),
+                meta["tokens"])
 
 
 def test_beam_search_labels_each_step_with_the_tokens_its_row_held(smollm):
@@ -266,6 +267,8 @@ def test_beam_search_labels_each_step_with_the_tokens_its_row_held(smollm):
             keys, _ = s.topk("text", 0, step=step)
             assert all(k < len(held) for k in keys[row, :, 0].flatten().tolist())  # every top key has its label
         assert any("beam search" in note and "held at that step" in note for note in doc["notes"])
+        prompt = s.tokens("text").roles.count("text")
+        assert all(first >= prompt for _, first, _ in meta["token_eras"])  # the prompt is not repeated per step
     assert relabelled  # this generation does switch hypotheses: the final tokens would mislabel some step
 
 

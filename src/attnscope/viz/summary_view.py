@@ -57,8 +57,9 @@ class SummaryStreamView:
     rows: list[tuple[int, int]]  # (step, absolute query position), in order
     metrics: list[str]
     k: int  # the most top-k keys of any record (0: "topk" was not summarised)
-    # beam search: (last step, tokens) of row `row` before each reorder (`Run.eras`), as `Run.maps_at` labels a step
-    token_eras: list[tuple[int, list[str]]] = field(default_factory=list)
+    # beam search: (last step, first position, tokens from there) of row `row` before each reorder (`Run.eras`), as
+    # `Run.maps_at` labels a step; positions before `first` hold `tokens`' labels (the prompt is not repeated per step)
+    token_eras: list[tuple[int, int, list[str]]] = field(default_factory=list)
 
     def __post_init__(self):
         self._rows = set(self.rows)
@@ -112,10 +113,16 @@ class SummaryStreamView:
                "tokens": [clean_token(x) for x in t.tokens], "roles": [ROLES.index(r) for r in t.roles],
                "metrics": [{"name": m, "range": None if m == ENTROPY else [0, 1]} for m in self.metrics],
                "k": self.k, "rows": [list(r) for r in (self.rows if rows is None else rows)],
-               "all_rows": len(self.rows), "token_eras": [[last, toks] for last, toks in self.token_eras]}
+               "all_rows": len(self.rows), "token_eras": [list(era) for era in self.token_eras]}
         if rows is not None:
             out["blocks"] = {f"{step}:{q}": self.block(step, q).to_json() for step, q in rows}
         return out
+
+
+def _era(last: int, held: list[str], final: list[str]) -> tuple[int, int, list[str]]:
+    """(last, first, tail): the tokens a beam row `held` up to step `last` are `final[:first] + tail`."""
+    first = next((i for i, (a, b) in enumerate(zip(held, final)) if a != b), min(len(held), len(final)))
+    return last, first, [clean_token(x) for x in held[first:]]
 
 
 def _spread(items: list, n: int) -> list:
@@ -185,7 +192,7 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
             k = max(summaries.topk(stream, la, rec.step, 0, run)[0].shape[-1] for la, rec in records)
             metrics += [TOP_WEIGHT]  # a grid even where top-k is all that was summarised (its heads are clicked)
         metrics.sort(key=lambda m: (m != IMAGE_RATIO, m != LOOKBACK, m != ENTROPY))  # the usual ones first
-        eras = [(last, [clean_token(x) for x in m[stream][row].tokens]) for last, m in the_run.eras if m.get(stream)]
+        eras = [_era(last, m[stream][row].tokens, tmap.tokens) for last, m in the_run.eras if m.get(stream)]
         views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k, eras))
     return views
 
