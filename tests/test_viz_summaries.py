@@ -306,3 +306,13 @@ def test_summaries_of_top_k_alone_have_a_grid_whose_heads_open_their_keys(smollm
         assert_block_is_the_readers(s, meta, block, "text")
         top = decode(block["metrics"][summary_view.TOP_WEIGHT], np.float32, (2, 9))
         assert np.isfinite(top).all() and (top == decode(block["topk_value"], np.float32, (2, 9, 3))[..., 0]).all()
+
+
+def test_attnscope_view_of_an_explanation_file_names_what_reads_it(smollm, tmp_path, capsys):
+    e = attnscope.explain(smollm, smollm.encode(PROMPT))
+    path = tmp_path / "e.safetensors"
+    e.save(path)
+    assert main(["view", str(path), "--out", str(tmp_path / "e.html")]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert "is an explanation file (attnscope.explanation/1), not a trace or summaries" in err, err
+    assert "attnscope.Explanation.load" in err

@@ -303,6 +303,9 @@ class Trace:
                 if isinstance(found, str) and found.startswith("attnscope.summaries/"):
                     raise TraceFileError(f"{path}: unsupported summaries format {found!r}; this attnscope reads "
                                          f"{summaries_file.FORMAT}")
+                if isinstance(found, str) and found.startswith("attnscope.explanation/"):  # Explanation.save's
+                    raise TraceFileError(f"{path} is an explanation file ({found}), not a trace or summaries: read it "
+                                         "with attnscope.Explanation.load(path) (its .to_html() is its page)")
                 if issubclass(cls, Summaries):
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)
