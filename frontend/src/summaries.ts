@@ -30,7 +30,9 @@ export class SummaryViewer {
   /** The tokens labelling `step`'s rows and keys: under beam search a batch row changes hypothesis between steps
    * (`token_eras`, as Python's `Run.maps_at`), else the sequence's own. */
   private tokensAt(step: number): string[] {
-    for (const [last, first, tail] of this.s.token_eras ?? []) if (step <= last) return this.s.tokens.slice(0, first).concat(tail);
+    for (const [last, first, tail] of this.s.token_eras ?? []) {
+      if (step <= last) return this.s.tokens.slice(0, first).concat(tail);
+    }
     return this.s.tokens;
   }
 
