@@ -103,3 +103,97 @@ def test_the_page_attnscope_view_writes(chromium, summaries, tmp_path):
     assert shown(page, 29, 8) == s.entropy("text", 29, step=0)[0, 8, 0].item()
     assert page.locator(".as-sumgrid").get_attribute("data-layers") == "30" and not errors
     page.close()
+
+
+def test_an_answer_that_fails_leaves_nothing_of_another_step_beside_its_error(chromium, url, summaries):
+    """A block the server cannot give: the error is shown, and the picked head's numbers and top keys of the step
+    before are gone with the grid (not left beside it as if they were this step's)."""
+    s, path = summaries
+    page, errors = open_page(chromium, url + "/")
+    page.wait_for_selector("input[name=trace]")
+    page.set_input_files("input[name=trace]", str(path))
+    view = page.locator(".as-sumview")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    cell(page, 15, 3).click()
+    expect(view).to_have_attribute("data-head", "15:3")
+    expect(page.locator(".as-top li")).not_to_have_count(0)
+    page.route("**/summary/2/*", lambda route: route.fulfill(status=500, content_type="application/json",
+                                                             body='{"error": "disk gone"}'))
+    page.locator("input.as-step").press("ArrowLeft")
+    expect(page.locator(".as-caption")).to_contain_text("could not load the summaries of step 2")
+    expect(page.locator(".as-caption")).to_contain_text("disk gone")
+    expect(view).to_have_attribute("data-step", "2")
+    expect(view).to_have_attribute("data-head", "")
+    expect(page.locator(".as-top li")).to_have_count(0)
+    expect(page.locator(".as-stats span")).to_have_count(0)
+    expect(page.locator(".as-sumcell")).to_have_count(0)
+    assert not errors
+    page.close()
+
+
+def test_beam_search_steps_are_labelled_with_the_tokens_their_row_held(chromium, smollm, tmp_path):
+    """A batch row of a beam search that holds another hypothesis at the last step than at the end: the query row and
+    the top keys at a step carry that step's tokens (`Trace.tokens(..., step=)`), at the last step and the prefill."""
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode("The capital of France is"), max_new_tokens=4, do_sample=False, num_beams=3,
+                        num_return_sequences=3)
+    last = max(r.step for r in s.run().records[("text", 0)])
+    (q_last,) = s.record("text", 0, step=last).queries
+    rows = [b for b in range(3) if s.tokens("text", b, step=last).tokens[q_last] != s.tokens("text", b).tokens[q_last]]
+    assert rows  # some row switched hypothesis at the last step: the final tokens would mislabel it
+    row = rows[0]
+    out = tmp_path / "beams.html"
+    assert main(["view", str(s.save(tmp_path / "beams.safetensors")), "--row", str(row), "--out", str(out)]) == 0
+    page, errors = open_page(chromium, out.as_uri())
+    view = page.locator(".as-sumview")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    for key, step in (("End", last), ("Home", 0)):
+        page.locator("input.as-step").press(key)
+        expect(view).to_have_attribute("data-step", str(step))
+        q = int(view.get_attribute("data-q"))
+        held = [clean_token(t) for t in s.tokens("text", row, step=step).tokens]
+        expect(page.locator("select.as-sumquery option")).to_have_text([f"‘{held[q]}’ #{q}"])
+        expect(page.locator(".as-caption")).to_contain_text(f"of query ‘{held[q]}’ #{q}")
+        cell(page, 0, 0).click()
+        expect(view).to_have_attribute("data-head", "0:0")
+        keys, probs = s.topk("text", 0, step=step)
+        want = [f"{held[k] or '·'} #{k}" for k, p in zip(keys[row, 0, 0].tolist(), probs[row, 0, 0].tolist()) if p > 0]
+        assert page.locator(".as-top .as-toptok").evaluate_all("es => es.map(e => e.textContent)") == want
+    assert not errors
+    page.close()
+
+
+def test_switching_stream_while_its_answer_is_in_flight_draws_no_other_streams_numbers(chromium, url, scene_vlm,
+                                                                                        tmp_path):
+    """scene-vlm's two streams: after picking the vision stream, whose answer is held back, a summary picked meanwhile
+    draws nothing (the language block is not laid out as vision's layers and heads); the vision answer then draws
+    vision's numbers."""
+    from attnscope.scenes import SceneWorld, question
+
+    scene = SceneWorld(seed=0).scene("test", 3)
+    x = scene_vlm.encode(scene_vlm.prompt(question(scene.classes[0])), scene.image)
+    with torch.no_grad(), attnscope.capture(scene_vlm, streams=["vision", "language"], queries="last",
+                                            layers={"vision": [11], "language": [0, 29]}, summaries="all") as s:
+        scene_vlm.generate(**x, max_new_tokens=2, do_sample=False)
+    path = s.save(tmp_path / "vlm.safetensors")
+    page, errors = open_page(chromium, url + "/")
+    page.wait_for_selector("input[name=trace]")
+    page.set_input_files("input[name=trace]", str(path))
+    view = page.locator(".as-sumview")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    expect(view).to_have_attribute("data-stream", "language")
+    held = []
+    page.route("**/vision/summary/*/*", lambda route: held.append(route))
+    with page.expect_request("**/vision/summary/*/*"):
+        page.select_option("select.as-stream", label="vision")
+    page.select_option("select.as-summetric", "entropy (nats)")
+    expect(page.locator("select.as-summetric")).to_have_value("entropy (nats)")
+    expect(page.locator(".as-sumcell")).to_have_count(0)  # no vision numbers yet: nothing drawn, not language's
+    assert len(held) == 1
+    held[0].continue_()
+    expect(view).to_have_attribute("data-stream", "vision")
+    expect(view).to_have_attribute("data-metric", "entropy (nats)")
+    entropy = s.entropy("vision", 11, step=0)[0, :, 0]
+    assert [shown(page, 11, h) for h in range(entropy.shape[0])] == entropy.tolist()
+    assert not errors
+    page.close()

@@ -36,6 +36,8 @@ def reader(s, metric: str, stream: str, layer: int, step: int) -> torch.Tensor:
         return s.lookback(stream, layer, step=step)
     if metric == data.ENTROPY:
         return s.entropy(stream, layer, step=step)
+    if metric == summary_view.TOP_WEIGHT:
+        return s.topk(stream, layer, step=step)[1][..., 0]
     assert metric.startswith(summary_view.MASS)
     return s.role_mass(stream, layer, metric.removeprefix(summary_view.MASS), step=step)
 
@@ -108,7 +110,7 @@ def test_a_prefill_of_every_row_and_some_heads_and_a_thinned_page(smollm):
     (view,) = summary_view.stream_views(s)
     n = x["input_ids"].shape[1]
     assert view.layers == [0, 29] and view.heads == [1, 4] and view.rows == [(0, q) for q in range(n)]
-    assert view.metrics == [data.ENTROPY] and view.k == 3
+    assert view.metrics == [data.ENTROPY, summary_view.TOP_WEIGHT] and view.k == 3
     metas, notes = summary_view.metas([view], embed=False)
     assert "blocks" not in metas[0] and metas[0]["rows"] == [[0, q] for q in range(n)] and notes == []
     assert_block_is_the_readers(s, metas[0], view.block(0, 2).to_json(), "text")
@@ -239,3 +241,78 @@ def test_what_the_summaries_view_cannot_draw_is_said(generation):
         html_of(s, explanations=[object()])
     with pytest.raises(ValueError, match="draws no image overlay"):
         html_of(s, image=Image.new("RGB", (8, 8)))
+
+
+def tokens_at(meta: dict, step: int) -> list[str]:
+    """The tokens the page labels `step` with (frontend/src/summaries.ts `tokensAt`)."""
+    return next((meta["tokens"][:first] + tail for last, first, tail in meta["token_eras"] if step <= last),
+                meta["tokens"])
+
+
+def test_beam_search_labels_each_step_with_the_tokens_its_row_held(smollm):
+    """Under beam search batch row b changes hypothesis between steps: the page labels each step's query row and top-k
+    keys with the tokens that row held at that step (`Trace.tokens(..., step=)`), not the last hypothesis's."""
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode(PROMPT), max_new_tokens=4, do_sample=False, num_beams=3,
+                        num_return_sequences=3)
+    assert s.run().eras
+    relabelled = 0
+    for row in range(3):
+        doc = page_doc(html_of(s, row=row))
+        meta = doc["summaries"][0]
+        for step, q in meta["rows"]:
+            held = [data.clean_token(t) for t in s.tokens("text", row, step=step).tokens]
+            assert tokens_at(meta, step)[:len(held)] == held, (row, step)
+            relabelled += tokens_at(meta, step)[q] != meta["tokens"][q]
+            keys, _ = s.topk("text", 0, step=step)
+            assert all(k < len(held) for k in keys[row, :, 0].flatten().tolist())  # every top key has its label
+        assert any("beam search" in note and "held at that step" in note for note in doc["notes"])
+        prompt = s.tokens("text").roles.count("text")
+        assert all(first >= prompt for _, first, _ in meta["token_eras"])  # the prompt is not repeated per step
+    assert relabelled  # this generation does switch hypotheses: the final tokens would mislabel some step
+
+
+def test_a_run_out_of_range_is_one_clear_error(generation, tmp_path, capsys):
+    _, path = generation
+    assert main(["view", str(path), "--run", "3", "--out", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: run 3 is out of range: the trace holds 1 run (0, or -1 for the last)"], err
+
+
+@pytest.mark.parametrize("room", [1, 2, 3, 4, 9, 12, 13, 14])
+def test_an_exported_page_embeds_as_many_rows_as_fit_and_no_more(room):
+    """The budget holds `room` rows: the page embeds exactly that many (at most 10^6 numbers, as the README says), the
+    last step's last row among them, spread evenly; each step's last row goes before other rows."""
+    view = summary_view.SummaryStreamView.__new__(summary_view.SummaryStreamView)
+    view.layers, view.heads, view.metrics, view.k = [0], [0], [data.ENTROPY], 0
+    view.rows = [(0, q) for q in range(5)] + [(step, 4 + step) for step in range(1, 10)]  # a prefill of 5, 9 steps
+    rows = view.export_rows(room * view.values_per_row())
+    assert len(rows) == min(room, 14) and rows == sorted(set(rows)) and (9, 13) in rows
+    last = [(0, 4)] + [(step, 4 + step) for step in range(1, 10)]
+    assert set(rows) >= set(last) if room >= len(last) else set(rows) <= set(last)
+    if 2 <= room <= len(last):  # even: the gaps between the steps it keeps differ by one at most
+        gaps = {b[0] - a[0] for a, b in zip(rows, rows[1:])}
+        assert max(gaps) - min(gaps) <= 1 and rows[0] == (0, 4)
+
+
+def test_summaries_of_top_k_alone_have_a_grid_whose_heads_open_their_keys(smollm):
+    """summaries="topk" only: the grid shows each head's top key weight (not a grid of "not captured" dashes with no
+    head to click for the keys that were captured)."""
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 5], queries="last", summaries="topk", topk=3) as s:
+        smollm.generate(**smollm.encode(PROMPT), max_new_tokens=2, do_sample=False)
+    meta = page_doc(html_of(s))["summaries"][0]
+    assert meta["metrics"] == [{"name": summary_view.TOP_WEIGHT, "range": [0, 1]}] and meta["k"] == 3
+    for block in meta["blocks"].values():
+        assert_block_is_the_readers(s, meta, block, "text")
+        top = decode(block["metrics"][summary_view.TOP_WEIGHT], np.float32, (2, 9))
+        assert np.isfinite(top).all() and (top == decode(block["topk_value"], np.float32, (2, 9, 3))[..., 0]).all()
+
+
+def test_attnscope_view_of_an_explanation_file_names_what_reads_it(smollm, tmp_path, capsys):
+    e = attnscope.explain(smollm, smollm.encode(PROMPT))
+    path = tmp_path / "e.safetensors"
+    e.save(path)
+    assert main(["view", str(path), "--out", str(tmp_path / "e.html")]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert "is an explanation file (attnscope.explanation/1), not a trace or summaries" in err, err
+    assert "attnscope.Explanation.load" in err

@@ -27,8 +27,17 @@ export class SummaryViewer {
     void this.setStream(Math.max(0, lang));
   }
 
-  private tok(p: number): string {
-    return `‘${this.s.tokens[p] ?? "?"}’ #${p}`;
+  /** The tokens labelling `step`'s rows and keys: under beam search a batch row changes hypothesis between steps
+   * (`token_eras`, as Python's `Run.maps_at`), else the sequence's own. */
+  private tokensAt(step: number): string[] {
+    for (const [last, first, tail] of this.s.token_eras ?? []) {
+      if (step <= last) return this.s.tokens.slice(0, first).concat(tail);
+    }
+    return this.s.tokens;
+  }
+
+  private tok(p: number, step: number): string {
+    return `‘${this.tokensAt(step)[p] ?? "?"}’ #${p}`;
   }
 
   async setStream(i: number): Promise<void> {
@@ -42,6 +51,7 @@ export class SummaryViewer {
     const names = s.metrics.map((m) => m.name);
     this.metric = names.includes(this.metric) ? this.metric : names[0] ?? "";
     this.li = this.hi = -1;
+    this.block = null; // the other stream's numbers: not to be drawn in this one's layers and heads meanwhile
     this.build(i);
     const last = this.steps[this.steps.length - 1] ?? 0;
     await this.show(last, this.lastRow(last));
@@ -111,8 +121,15 @@ export class SummaryViewer {
       this.block = null;
       this.els.caption.textContent = `could not load the summaries of step ${step}, query ${q}: ${(err as Error).message}`;
       this.els.caption.classList.add("as-error");
-      this.els.grid.replaceChildren();
-      this.root.dataset.ready = "1";
+      // nothing of another row stays beside the error: the grid, its scale and the picked head's numbers go
+      const { grid, legend, detailTitle, stats, topLabel, top } = this.els;
+      grid.replaceChildren();
+      legend.replaceChildren();
+      stats.replaceChildren();
+      top.replaceChildren();
+      detailTitle.textContent = "no numbers";
+      topLabel.textContent = "";
+      Object.assign(this.root.dataset, { step: String(step), q: String(q), head: "", ready: "1" });
       return;
     }
     this.els.caption.classList.remove("as-error");
@@ -128,7 +145,7 @@ export class SummaryViewer {
     slider.value = String(this.steps.indexOf(this.step));
     stepLabel.textContent = `${this.step === 0 ? "prefill" : `decode step ${this.step}`} (${this.steps.indexOf(this.step) + 1} of ${this.steps.length})`;
     const qs = this.rowsOf.get(this.step) ?? [];
-    query.replaceChildren(...qs.map((p) => el("option", { value: String(p), text: this.tok(p) })));
+    query.replaceChildren(...qs.map((p) => el("option", { value: String(p), text: this.tok(p, this.step) })));
     query.value = String(this.q);
     query.disabled = qs.length < 2;
     queryRow.title = qs.length < 2 ? "this step holds one query row" : `${qs.length} query rows at this step`;
@@ -144,7 +161,7 @@ export class SummaryViewer {
     for (const v of values ?? []) if (isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
     if (meta?.range) [lo, hi] = meta.range;
     const span = hi - lo || 1;
-    this.els.caption.textContent = `${this.metric} of query ${this.tok(b.q)} at ${b.step === 0 ? "the prefill" : `decode step ${b.step}`}, per layer (rows) and head (columns); click a head for its top keys`;
+    this.els.caption.textContent = `${this.metric} of query ${this.tok(b.q, b.step)} at ${b.step === 0 ? "the prefill" : `decode step ${b.step}`}, per layer (rows) and head (columns); click a head for its top keys`;
     this.els.legend.replaceChildren(` ${fmt(lo)} `, el("span", { class: "as-mbar" }), ` ${fmt(hi)}`);
     const table = el("table", { class: "as-htable as-sumgrid", role: "grid", "data-layers": String(s.layers.length), "data-heads": String(H) });
     const head = el("tr", {}, el("th", { text: "" }));
@@ -185,7 +202,8 @@ export class SummaryViewer {
       return;
     }
     const layer = s.layers[this.li], h = s.heads[this.hi], cell = this.li * s.heads.length + this.hi;
-    detailTitle.textContent = `layer ${layer} · head ${h} · query ${this.tok(b.q)}`;
+    const tokens = this.tokensAt(b.step);
+    detailTitle.textContent = `layer ${layer} · head ${h} · query ${this.tok(b.q, b.step)}`;
     for (const m of s.metrics) stats.append(el("span", { text: `${m.name} ${fmt(b.metrics[m.name][cell])}` }));
     topLabel.textContent = b.k ? `top ${b.k} keys (attention weight; keys given none are left out)` : "top-k keys were not summarised (capture with summaries including \"topk\")";
     for (let j = 0; j < b.k; j++) {
@@ -194,7 +212,7 @@ export class SummaryViewer {
       const bar = el("span", { class: "as-topbar" });
       bar.style.width = `${Math.round(Math.max(0, Math.min(1, v)) * 100)}%`;
       top.append(el("li", { title: `#${p} ${this.doc.roles[s.roles[p]] ?? "unknown"}`, "data-k": String(p), "data-value": String(v) },
-        el("span", { class: "as-toptok", text: `${s.tokens[p] || "·"} #${p}` }), bar, el("span", { text: fmt(v) })));
+        el("span", { class: "as-toptok", text: `${tokens[p] || "·"} #${p}` }), bar, el("span", { text: fmt(v) })));
     }
     this.root.dataset.head = `${layer}:${h}`;
   }

@@ -85,6 +85,7 @@ export interface SummaryStreamMeta {
   k: number; // top-k keys per head (0: not summarised)
   rows: [number, number][]; // (step, query position) with numbers, in order
   all_rows: number; // rows the summaries hold (more than `rows` when an exported page thinned them)
+  token_eras?: [number, number, string[]][]; // beam search: (last step, first, tail): the row's tokens up to that step are tokens[:first] + tail
   blocks?: Record<string, SummaryBlockJson>; // "step:query" -> numbers, in an exported page
 }
 

@@ -150,6 +150,10 @@ class Trace:
     def run(self, run: int = -1) -> Run:
         if not self.runs:
             raise ValueError("the trace is empty: call the model inside the `with attnscope.capture(...)` block")
+        n = len(self.runs)
+        if not -n <= run < n:  # not Python's bare "list index out of range"
+            raise IndexError(f"run {run} is out of range: the trace holds {n} run{'s' if n > 1 else ''} "
+                             f"({'0' if n == 1 else f'0..{n - 1}'}, or -1 for the last)")
         return self.runs[run]
 
     def layers(self, stream: str, run: int = -1) -> list[int]:
@@ -300,6 +304,9 @@ class Trace:
                 if isinstance(found, str) and found.startswith("attnscope.summaries/"):
                     raise TraceFileError(f"{path}: unsupported summaries format {found!r}; this attnscope reads "
                                          f"{' and '.join(summaries_file.FORMATS)}")
+                if isinstance(found, str) and found.startswith("attnscope.explanation/"):  # Explanation.save's
+                    raise TraceFileError(f"{path} is an explanation file ({found}), not a trace or summaries: read it "
+                                         "with attnscope.Explanation.load(path) (its .to_html() is its page)")
                 if issubclass(cls, Summaries):
                     raise TraceFileError(f"{path} holds attention rows, not summaries: open it with Trace.load")
                 check_format(meta, path)

@@ -1,6 +1,6 @@
 """The viewer on a `Summaries` (`capture(..., summaries=...)`, or a summaries file read by `Trace.load`): for a
 stream, a step and one of its query rows, a layers x heads grid of one summary (image ratio, mass on each token role,
-lookback ratio, entropy) and each head's top-k keys.
+lookback ratio, entropy, the top key's weight) and each head's top-k keys.
 
 Every number comes from the `Summaries` readers (`image_ratio`, `role_mass`, `lookback`, `entropy`, `topk`), never
 from the file's layout, and travels as float32 (int32 positions): what the page draws is what those readers return,
@@ -21,6 +21,7 @@ from .data import ENTROPY, b64, clean_token, self_attention_streams
 IMAGE_RATIO = "image ratio"
 LOOKBACK = "lookback ratio"
 MASS = "mass on "  # + a token role: `Summaries.role_mass(..., role)`
+TOP_WEIGHT = "top key weight"  # the weight of the row's most attended key: `Summaries.topk(...)[1][..., 0]`
 EXPORT_MAX_VALUES = 1_000_000  # float32 numbers embedded per exported page (about 5 MB of base64)
 
 
@@ -56,6 +57,9 @@ class SummaryStreamView:
     rows: list[tuple[int, int]]  # (step, absolute query position), in order
     metrics: list[str]
     k: int  # the most top-k keys of any record (0: "topk" was not summarised)
+    # beam search: (last step, first position, tokens from there) of row `row` before each reorder (`Run.eras`), as
+    # `Run.maps_at` labels a step; positions before `first` hold `tokens`' labels (the prompt is not repeated per step)
+    token_eras: list[tuple[int, int, list[str]]] = field(default_factory=list)
 
     def __post_init__(self):
         self._rows = set(self.rows)
@@ -90,18 +94,17 @@ class SummaryStreamView:
         return max(1, len(self.layers) * len(self.heads) * (len(self.metrics) + 2 * self.k))
 
     def export_rows(self, max_values: int) -> list[tuple[int, int]]:
-        """Rows to embed within `max_values` numbers: every row if they fit; else each step's last row (the one a
-        generate step adds) at an even stride over steps, then other rows at an even stride."""
+        """Rows to embed within `max_values` numbers (at least one row): every row if they fit; else as many as fit,
+        each step's last row (the one a generate step adds) first, spread evenly over the steps with the last one
+        kept, then other rows spread evenly."""
         room = max(1, max_values // self.values_per_row())
         if len(self.rows) <= room:
             return list(self.rows)
         last = sorted({step: (step, q) for step, q in self.rows}.values())  # rows are in (step, query) order
         if len(last) >= room:
-            stride = -(-len(last) // room)
-            return sorted(set(last[::stride]) | {last[-1]})
-        other = [r for r in self.rows if r not in set(last)]
-        stride = -(-len(other) // (room - len(last)))
-        return sorted(set(last) | set(other[::stride]))
+            return _spread(last, room)
+        lasts = set(last)
+        return sorted(lasts | set(_spread([r for r in self.rows if r not in lasts], room - len(last))))
 
     def meta(self, rows: list[tuple[int, int]] | None = None) -> dict:
         """The stream as the front end reads it; with `rows`, those rows' blocks embedded (an exported page)."""
@@ -110,10 +113,23 @@ class SummaryStreamView:
                "tokens": [clean_token(x) for x in t.tokens], "roles": [ROLES.index(r) for r in t.roles],
                "metrics": [{"name": m, "range": None if m == ENTROPY else [0, 1]} for m in self.metrics],
                "k": self.k, "rows": [list(r) for r in (self.rows if rows is None else rows)],
-               "all_rows": len(self.rows)}
+               "all_rows": len(self.rows), "token_eras": [list(era) for era in self.token_eras]}
         if rows is not None:
             out["blocks"] = {f"{step}:{q}": self.block(step, q).to_json() for step, q in rows}
         return out
+
+
+def _era(last: int, held: list[str], final: list[str]) -> tuple[int, int, list[str]]:
+    """(last, first, tail): the tokens a beam row `held` up to step `last` are `final[:first] + tail`."""
+    first = next((i for i, (a, b) in enumerate(zip(held, final)) if a != b), min(len(held), len(final)))
+    return last, first, [clean_token(x) for x in held[first:]]
+
+
+def _spread(items: list, n: int) -> list:
+    """`n` of `items` (1 <= n <= len) evenly spaced, the last one kept (and the first where n > 1)."""
+    if n == 1:
+        return [items[-1]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]  # distinct: a step of at least 1
 
 
 def _read(s, metric: str, stream: str, layer: int, step: int, run: int):
@@ -124,6 +140,8 @@ def _read(s, metric: str, stream: str, layer: int, step: int, run: int):
         return s.lookback(stream, layer, step, 0, run)
     if metric == ENTROPY:
         return s.entropy(stream, layer, step, 0, run)
+    if metric == TOP_WEIGHT:
+        return s.topk(stream, layer, step, 0, run)[1][..., 0]
     return s.role_mass(stream, layer, metric.removeprefix(MASS), step, 0, run)
 
 
@@ -172,8 +190,10 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
         metrics += [ENTROPY] if _has(lambda: summaries.entropy(stream, layer, step, 0, run)) else []
         if _has(lambda: summaries.topk(stream, layer, step, 0, run)):  # fewer keys than k early on: fewer kept
             k = max(summaries.topk(stream, la, rec.step, 0, run)[0].shape[-1] for la, rec in records)
+            metrics += [TOP_WEIGHT]  # a grid even where top-k is all that was summarised (its heads are clicked)
         metrics.sort(key=lambda m: (m != IMAGE_RATIO, m != LOOKBACK, m != ENTROPY))  # the usual ones first
-        views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k))
+        eras = [_era(last, m[stream][row].tokens, tmap.tokens) for last, m in the_run.eras if m.get(stream)]
+        views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k, eras))
     return views
 
 
@@ -195,8 +215,9 @@ def notes(summaries, run: int = -1, row: int = 0) -> list[str]:
     if any(r.part for _, _, r in recs):
         out.append("some layers were called more than once in a step: the grids show each step's first call (part 0)")
     if the_run.eras:
-        out.append("beam search reordered the rows between steps: top-k keys are labelled with the final sequence's "
-                   "tokens, which may differ from the beam a step read")
+        out.append(f"beam search reordered the rows between steps: batch row {row} of one step may continue another "
+                   "hypothesis than at the step before; each step's query and top-k keys are labelled with the tokens "
+                   "its row held at that step")
     return out
 
 
