@@ -94,6 +94,7 @@ class StreamView:
     sink_rule: str = ""  # the definition the sinks were found by (shown on the sink chip)
     pattern: np.ndarray | None = None  # [layers, heads, P, P] uint8
     tail: list[str] = field(default_factory=list)  # generated tokens never fed back (no row of their own)
+    notes: list[str] = field(default_factory=list)  # what the page must say about these rows (`beam_note`)
 
     @property
     def length(self) -> int:
@@ -124,7 +125,7 @@ class StreamView:
         keep = [i for i, q in enumerate(self.queries) if q in set(queries)]
         return StreamView(self.name, self.tokens, self.layers, self.heads, [self.queries[i] for i in keep],
                           self.u8[keep], self.scale[keep], self.metrics, self.received, self.sinks, self.sink_rule,
-                          self.pattern, self.tail)
+                          self.pattern, self.tail, self.notes)
 
     def export_queries(self, max_values: int) -> list[int]:
         """Stored rows to embed in a file within `max_values` values: all if they fit; else the focus roles,
@@ -178,6 +179,55 @@ def self_attention_streams(the_run) -> list[str]:
     return streams
 
 
+def beam_sources(the_run, stream: str, row: int, tmap: TokenMap, seen: dict[int, int]) -> dict[int, int | None]:
+    """{step: the batch row to read that step's rows from} for the sequence `tmap` (batch row `row`'s at the end).
+
+    `seen`: {step: positions its records' rows see (their largest query or key + 1)}. Without a beam reorder
+    (`Run.eras`) every step reads `row`. Under beam search a batch row changes hypothesis between steps, so a step
+    reads the batch row whose tokens then (`Run.maps_at`, what `Trace.tokens(stream, b, step=s)` gives) are `tmap`'s
+    on every position its rows see (`row` itself where it is one): the rows shown are one sequence's, and `tmap`
+    labels them right. None: no batch row held that sequence then (the step is left out)."""
+    if not the_run.eras or not the_run.tokens.get(stream):
+        return {step: row for step in seen}
+    out = {}
+    for step, n in seen.items():
+        held = the_run.maps_at(stream, step)
+
+        def same(b: int) -> bool:
+            t = held[b]
+            return len(t) >= n and len(tmap) >= n and t.tokens[:n] == tmap.tokens[:n] and t.roles[:n] == tmap.roles[:n]
+
+        out[step] = row if same(row) else next((b for b in range(len(held)) if same(b)), None)
+    return out
+
+
+def beam_note(stream: str, row: int, sources: dict[int, int | None]) -> list[str]:
+    """What the page must say when `beam_sources` read a step from another batch row or left it out (else nothing)."""
+    moved = {s: b for s, b in sorted(sources.items()) if b is not None and b != row}
+    gone = sorted(s for s, b in sources.items() if b is None)
+    if not moved and not gone:
+        return []
+    said = (f"{stream}: beam search moved hypotheses between batch rows; the rows shown are those of the sequence "
+            f"batch row {row} holds at the end, whose tokens label them")
+    if moved:
+        said += ("; " + ", ".join(f"step {s} read from batch row {b}" for s, b in moved.items())
+                 + " (the row that held this sequence at that step)")
+    if gone:
+        said += (f"; step{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} left out: no batch row held this "
+                 "sequence then (Trace.tokens(stream, b, step=s) labels each step's rows; another sequence: "
+                 "attnscope view FILE --row i, or html_of(trace, row=i))")
+    return [said]
+
+
+def steps_seen(records) -> dict[int, int]:
+    """{step: the positions its records' rows see} (the largest query or key + 1) of `records`."""
+    seen: dict[int, int] = {}
+    for rec in records:
+        keys = rec.keys if rec.keys is not None else range(rec.shape[-1])
+        seen[rec.step] = max(seen.get(rec.step, 0), (max(keys) + 1) if len(keys) else 0, max(rec.queries) + 1)
+    return seen
+
+
 def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None,
                  sinks: dict | None = None) -> list[StreamView]:
     """One `StreamView` per stream of `trace.run(run)`, batch row `row`. `tail`: generated tokens that never got
@@ -210,10 +260,14 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
             for _ in range(length - len(tmap)):
                 tmap.append("", "unknown")
         length = len(tmap)
+        seen = steps_seen(r for la in layers for r in the_run.records[(stream, la)])
+        sources = beam_sources(the_run, stream, row, tmap, seen)  # beam search: the batch row of each step
         rows: dict[int, np.ndarray] = {}
         for li, layer in enumerate(layers):
             for rec in sorted(the_run.records[(stream, layer)], key=lambda r: (r.step, r.part)):
-                probs = rec.probs[row].detach().float().cpu().numpy()  # [h, q, k]
+                if sources[rec.step] is None:  # no batch row held this sequence at that step
+                    continue
+                probs = rec.probs[sources[rec.step]].detach().float().cpu().numpy()  # [h, q, k]
                 keys = np.asarray(rec.keys if rec.keys is not None else range(probs.shape[-1]), dtype=np.int64)
                 hidx = [heads.index(h) for h in rec.heads]
                 for qi, q in enumerate(rec.queries):
@@ -225,7 +279,8 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
         full = np.stack([rows[q] for q in queries]) if queries else np.zeros((0, len(layers), len(heads), length), np.float32)
         del rows
         view = StreamView(stream, tmap, layers, heads, queries, *quantize(full),
-                          tail=list(tail or []) if stream in ("language", "text") else [])
+                          tail=list(tail or []) if stream in ("language", "text") else [],
+                          notes=beam_note(stream, row, sources))
         _summaries(view, full, (sinks or {}).get(stream))
         views.append(view)
     return views
@@ -328,7 +383,8 @@ def document(views: list[StreamView], images: list[Image.Image] | None = None, e
         "provenance": _plain(provenance or {}),
         "sink_definition": next((v.sink_rule for v in views if v.sink_rule), ""),
         "generation": generation, "explanations": explanations or [], "tables": tables or [],
-        "notes": list(notes or []), "labels_checked": UNCHECKED_LABELS not in (notes or []),
+        "notes": list(notes or []) + [n for v in views for n in v.notes],
+        "labels_checked": UNCHECKED_LABELS not in (notes or []),
     }
     return doc | (extra or {})
 

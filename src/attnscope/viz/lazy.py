@@ -14,7 +14,8 @@ import torch
 
 from ..capture.trace import Trace
 from ..core.tokens import TokenMap
-from .data import ENTROPY, PATTERN, StreamView, _pattern, quantize, self_attention_streams
+from .data import (ENTROPY, PATTERN, StreamView, _pattern, beam_note, beam_sources, quantize, self_attention_streams,
+                   steps_seen)
 
 
 def is_streamed(run) -> bool:
@@ -35,9 +36,9 @@ class LazyStreamView(StreamView):
     """A `StreamView` whose rows stay on disk: `block`, `layer_block` and `subset` read them when asked."""
 
     def __init__(self, name: str, tokens: TokenMap, layers: list[int], heads: list[int], queries: list[int],
-                 length: int, index: dict, row: int, tail: list[str]):
-        super().__init__(name, tokens, layers, heads, queries, None, None, tail=tail)
-        self._length, self._index, self._row = length, index, row
+                 length: int, index: dict, tail: list[str], notes: list[str] | None = None):
+        super().__init__(name, tokens, layers, heads, queries, None, None, tail=tail, notes=list(notes or []))
+        self._length, self._index = length, index  # index: {layer: [(record, {query: its index}, batch row)]}
 
     @property
     def length(self) -> int:
@@ -48,11 +49,11 @@ class LazyStreamView(StreamView):
         queries = self.queries if queries is None else queries
         pos = {q: i for i, q in enumerate(queries)}
         out = np.zeros((len(queries), len(self.heads), self.length), np.float32)
-        for rec, where in self._index[self.layers[li]]:
+        for rec, where, source in self._index[self.layers[li]]:
             hit = [(pos[q], qi) for q, qi in where.items() if q in pos]
             if not hit:
                 continue
-            probs = _rows(rec, self._row, [qi for _, qi in hit])
+            probs = _rows(rec, source, [qi for _, qi in hit])
             keys = np.asarray(rec.keys if rec.keys is not None else range(probs.shape[-1]), dtype=np.int64)
             hidx = [self.heads.index(h) for h in rec.heads]
             for j, (oi, _) in enumerate(hit):
@@ -73,7 +74,7 @@ class LazyStreamView(StreamView):
         rows = np.stack([self.layer_rows(li, keep) for li in range(len(self.layers))], axis=1) if self.layers else \
             np.zeros((len(keep), 0, len(self.heads), self.length), np.float32)
         return StreamView(self.name, self.tokens, self.layers, self.heads, keep, *quantize(rows), self.metrics,
-                          self.received, self.sinks, self.sink_rule, self.pattern, self.tail)
+                          self.received, self.sinks, self.sink_rule, self.pattern, self.tail, self.notes)
 
 
 def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | None = None) -> list[LazyStreamView]:
@@ -83,22 +84,25 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
     views = []
     for stream in streams:
         layers = sorted(layer for s, layer in the_run.records if s == stream)
-        length, heads, queries, index = 0, set(), set(), {}
-        for layer in layers:
-            index[layer] = []
-            for rec in sorted(the_run.records[(stream, layer)], key=lambda r: (r.step, r.part)):
-                k = rec.shape[-1]
-                keys = rec.keys if rec.keys is not None else range(k)
-                length = max(length, (max(keys) + 1) if len(keys) else 0, max(rec.queries) + 1)
-                heads |= set(rec.heads)
-                queries |= set(rec.queries)
-                index[layer].append((rec, {q: i for i, q in enumerate(rec.queries)}))
+        seen = steps_seen(r for la in layers for r in the_run.records[(stream, la)])
+        length = max(seen.values(), default=0)
         maps = the_run.tokens.get(stream)
         tmap = maps[row].copy() if maps else TokenMap.unknown(length)
         for _ in range(length - len(tmap)):
             tmap.append("", "unknown")
-        view = LazyStreamView(stream, tmap, layers, sorted(heads), sorted(queries), len(tmap), index, row,
-                              list(tail or []) if stream in ("language", "text") else [])
+        sources = beam_sources(the_run, stream, row, tmap, seen)  # beam search: the batch row of each step
+        heads, queries, index = set(), set(), {}
+        for layer in layers:
+            index[layer] = []
+            for rec in sorted(the_run.records[(stream, layer)], key=lambda r: (r.step, r.part)):
+                heads |= set(rec.heads)
+                if sources[rec.step] is None:  # no batch row held this sequence at that step
+                    continue
+                queries |= set(rec.queries)
+                index[layer].append((rec, {q: i for i, q in enumerate(rec.queries)}, sources[rec.step]))
+        view = LazyStreamView(stream, tmap, layers, sorted(heads), sorted(queries), len(tmap), index,
+                              list(tail or []) if stream in ("language", "text") else [],
+                              beam_note(stream, row, sources))
         summarize(view)
         views.append(view)
     return views
