@@ -101,6 +101,27 @@ def test_a_streamed_trace_reads_the_same_rows(smollm, tmp_path):
         assert doc["notes"] == view.notes
 
 
+def test_the_served_app_shows_the_sequence_and_says_so(smollm, tmp_path):
+    """`attnscope serve --trace DIR`: the run's document carries the note, and a query's block is the shown row."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from attnscope.viz.server import create_app
+
+    generate(smollm, out=tmp_path / "trace")
+    app = create_app()
+    rid = app.state.viewer.open_trace(tmp_path / "trace")
+    client = TestClient(app, base_url="http://127.0.0.1")
+    doc = client.get(f"/api/runs/{rid}").json()["doc"]
+    (ref,) = data.stream_views(Trace.load(tmp_path / "trace"))
+    assert doc["streams"][0]["tokens"] == [data.clean_token(x) for x in ref.tokens.tokens]
+    assert ref.notes and all(n in doc["notes"] for n in ref.notes)
+    q = ref.queries[-1]
+    block = client.get(f"/api/runs/{rid}/text/query/{q}").json()
+    u8 = np.frombuffer(base64.b64decode(block["b64"]), np.uint8)
+    assert block["q"] == q and np.array_equal(u8, ref.block(q)[1].reshape(-1))
+
+
 def test_a_step_no_row_held_is_left_out_and_said(beams):
     """A step where no batch row held the shown sequence's tokens (here: that step's labels edited in memory) is not
     drawn with another sequence's rows: it is left out, the other steps stay, and a note names it."""

@@ -375,7 +375,8 @@ def document(views: list[StreamView], images: list[Image.Image] | None = None, e
              explanations: list[dict] | None = None, tables: list[dict] | None = None, extra: dict | None = None,
              notes: list[str] | None = None) -> dict:
     """The JSON-able view document the front end reads (embedded in HTML, or returned by the server). `notes`: lines
-    the page shows above the viewer (`trace_notes`; `labels_checked` is False when one says the labels are unchecked)."""
+    the page shows above the viewer (`trace_notes`; `labels_checked` is False when one says the labels are unchecked),
+    followed by each view's own (`StreamView.notes`: beam search's steps read from another batch row)."""
     doc = {
         "format": FORMAT, "title": title, "roles": list(ROLES),
         "streams": [v.meta(embed_rows) for v in views],
