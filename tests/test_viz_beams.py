@@ -10,7 +10,7 @@ import torch
 
 import attnscope
 from attnscope.capture.trace import Trace
-from attnscope.viz import data, lazy, runner
+from attnscope.viz import data, figures, lazy, runner
 from attnscope.viz.html import html_of
 
 PROMPT = "The capital of France is"
@@ -142,3 +142,17 @@ def test_a_step_no_row_held_is_left_out_and_said(beams):
     finally:
         for m, token in zip(maps["text"], saved):
             m.tokens[q] = token
+
+
+def test_a_plotted_step_is_labelled_with_its_rows_tokens(beams):
+    """`trace.plot(step=s)` (`figures.head_scores`): the row of batch row b at step s, labelled with the tokens b held
+    then, not with the ones it holds at the end."""
+    relabelled = 0
+    for row in range(BEAMS):
+        for rec in beams.run().records[("text", 0)]:
+            scores, tmap, info = figures.head_scores(beams, "text", 0, head=2, query="last", step=rec.step, row=row)
+            held = beams.tokens("text", row, step=rec.step)
+            assert tmap.tokens == held.tokens and info["query"] == rec.queries[-1] == len(held) - 1
+            np.testing.assert_array_equal(scores[: len(held)], rec.probs[row, rec.heads.index(2), -1].float().numpy())
+            relabelled += held.tokens != beams.tokens("text", row).tokens[: len(held)]
+    assert relabelled  # some step's row held other tokens than the row's final ones

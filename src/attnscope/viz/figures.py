@@ -36,7 +36,7 @@ def grid_map(scores: torch.Tensor, tmap: TokenMap, image: int = 0, keys: list[in
 def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | str = "mean", query: int | str = "cls",
                 step: int = 0, run: int = -1, row: int = 0) -> tuple[np.ndarray, TokenMap, dict]:
     """One captured attention row over the whole sequence: (scores [N] with 0 at keys not captured, the TokenMap,
-    a description). `head` is a captured head index or "mean"/"max" over the captured heads; `query` is an absolute
+    a description), labelled with the tokens batch row `row` held at `step`. `head` is a captured head index or "mean"/"max" over the captured heads; `query` is an absolute
     position (negative counts from the end), or "cls" / "last" / any role (its first captured position; "last":
     the last captured query). Raises KeyError naming what was captured when the head or query is missing."""
     streams = sorted({s for s, _ in trace.run(run).records})
@@ -45,7 +45,7 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
         raise KeyError(f"the trace holds several streams {streams}; pass stream=")
     layer = trace.layer_index(stream, layer, run)
     rec = trace.record(stream, layer, step, 0, run)
-    tmap = trace.tokens(stream, row, run)
+    tmap = trace.tokens(stream, row, run, step=step)  # what the row held at that step (beam search changes it)
     if query == "last":
         q = rec.queries[-1]
     elif isinstance(query, str):
