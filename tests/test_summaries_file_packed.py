@@ -253,6 +253,26 @@ def _float64_values(tensors):
     tensors["text/0/topk_value"] = tensors["text/0/topk_value"].double()
 
 
+def _two_records_swapped(meta):  # same dims: every pack's size still fits, each record would read the other's values
+    records = meta["runs"][0]["layers"][0]["records"]
+    records[1], records[2] = records[2], records[1]
+
+
+def _batch_moved(meta):  # one record's batch row given to the next: the sums fit, the slices would not
+    records = meta["runs"][0]["layers"][0]["records"]
+    records[1]["batch"], records[2]["batch"] = 2, 0
+
+
+def _k_moved(meta):
+    records = meta["runs"][1]["layers"][1]["records"]
+    records[0]["k"], records[1]["k"] = records[0]["k"] + 1, records[1]["k"] - 1
+
+
+def _query_row_moved(meta):
+    records = meta["runs"][0]["layers"][1]["records"]
+    records[1]["queries"], records[2]["queries"] = records[1]["queries"] * 2, []
+
+
 STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a record taken out": (_drop_last_record, None, "its records"),
     "a summary taken out of a record": (_drop_entropy_of_a_record, None, "its records"),
@@ -262,6 +282,10 @@ STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a pack cut short": (None, _short_pack, "its records"),
     "NaN values": (None, _nan, "NaN"),
     "top-k values of another dtype": (None, _float64_values, "not a summary this attnscope writes"),
+    "two records swapped": (_two_records_swapped, None, "starts at"),
+    "a batch row moved to the next record": (_batch_moved, None, "starts at"),
+    "a top-k key moved to the next record": (_k_moved, None, "starts at"),
+    "a query row moved to the next record": (_query_row_moved, None, "starts at"),
 }
 
 
@@ -286,3 +310,29 @@ def test_summaries_the_packed_format_cannot_hold_are_refused_at_save(packed, tmp
             s.save(tmp_path / "x.safetensors")
     finally:
         rec.entropy = kept
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_summaries_the_loaders_would_refuse_are_refused_at_save(packed, tmp_path, bad):
+    """Both loaders refuse NaN or infinite summaries (as damage): `save` must not write a file it cannot read back."""
+    s, _ = packed
+    rec = s.run().records[("text", 29)][2]
+    kept = rec.role_mass
+    try:
+        rec.role_mass = kept.clone()
+        rec.role_mass[0, 1, 0, 2] = bad
+        with pytest.raises(ValueError, match=r"\('text', layer 29\) step 2 of run 1: role_mass holds NaN or infinite"):
+            s.save(tmp_path / "x.safetensors")
+        assert not (tmp_path / "x.safetensors").exists()
+    finally:
+        rec.role_mass = kept
+
+
+def test_a_file_loaded_by_a_relative_path_reads_after_a_change_of_directory(packed, tmp_path, monkeypatch):
+    s, path = packed
+    (tmp_path / "s.safetensors").write_bytes(path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    loaded = Summaries.load("s.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # as a notebook's cell may
+    assert_same(s, loaded.verify())

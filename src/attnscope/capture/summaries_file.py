@@ -7,15 +7,20 @@ tensors does not grow with steps or runs (a 200-step generation on SmolLM2: 180 
 summary of a record has a shape fixed by four numbers, `batch`, its heads, its query rows and, for top-k, `k`
 (`shape_of`); the metadata lists per run and layer the records (heads, queries, step, part, batch, k, and `has`
 where a record lacks some of its layer's summaries), so each record's slice of each pack is the running sum of the
-sizes before it. Per pack the metadata gives its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`);
-the metadata itself is sealed (`checksums.sealed`, a /2 file without its seal is refused).
+sizes before it. Each record also states where it starts (`at`, `advance`: the running sums of batch rows, of rows
+and of top-k keys before it), so a record entry moved, or dims moved from one record to another, which would leave
+every pack's size fitting and a record reading another's values, is refused at load. Per pack the metadata gives
+its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`); the metadata itself is sealed
+(`checksums.sealed`, a /2 file without its seal is refused). `save` refuses NaN or infinite summaries, which both
+loaders refuse as damage (no file the tool cannot read back).
 
-Loading is lazy where it pays: `load` checks the metadata (its checksum, every record's dims, each pack's size
-against the sum of its records', the file's tensors against the packs) and builds the records without reading a
+Loading is lazy where it pays: `load` checks the metadata (its checksum, every record's dims and start, each pack's
+size against the sum of its records', the file's tensors against the packs) and builds the records without reading a
 tensor. A record's summary is read on first access (`SummaryRecord.source`): the whole pack it lies in is read from
 the file then, checked against its checksum and for finite values once, and every record of that layer slices it
 from memory after. So a reader of one layer reads and checksums that layer's packs only; a damaged pack raises
-`TraceFileError` when first read, not at load (`Summaries.verify()` reads and checks every pack up front)."""
+`TraceFileError` when first read, not at load (`Summaries.verify()` reads and checks every pack up front). The file is
+reopened by its absolute path (a change of directory after loading does not matter; moving the file does)."""
 from __future__ import annotations
 
 import json
@@ -62,10 +67,13 @@ def save(trace, path: str | Path) -> Path:
     for run_found in found:
         for key, values in run_found.items():
             held.setdefault(key, set()).update(n for v in values for n in v)
-    for run, run_found, run_meta in zip(trace.runs, found, meta["runs"]):
+    starts: dict[tuple, list[int]] = {}  # (stream, layer) -> the `at` of its next record, over every run
+    labels: dict[tuple, list[str]] = {}  # (stream, layer, name) -> each value's record, for messages
+    for index, (run, run_found, run_meta) in enumerate(zip(trace.runs, found, meta["runs"])):
         del run_meta["records"]
         run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
-            stream, layer, entries, run_found[stream, layer], [n for n in TENSORS if n in held[stream, layer]], parts)}
+            stream, layer, entries, run_found[stream, layer], [n for n in TENSORS if n in held[stream, layer]], parts,
+            starts.setdefault((stream, layer), [0, 0, 0]), labels, index)}
             for (stream, layer), entries in run.records.items()]
     tensors, packs = {}, {}
     for (stream, layer, name), values in parts.items():
@@ -75,6 +83,10 @@ def save(trace, path: str | Path) -> Path:
                              f"{sorted(map(str, dtypes))}; a summaries file packs one dtype per layer and summary")
         key = pack_name(stream, layer, name)
         packed = tensors[key] = torch.cat(values)
+        if packed.is_floating_point() and not bool(torch.isfinite(packed).all()):  # both loaders refuse such a file
+            where = next(w for w, v in zip(labels[stream, layer, name], values) if not bool(torch.isfinite(v).all()))
+            raise ValueError(f"{where}: {name} holds NaN or infinite values, which no summary of attention "
+                             "probabilities has and both loaders refuse as damage; nothing was written")
         packs[key] = {"dtype": str(packed.dtype).removeprefix("torch."), "numel": packed.numel(),
                       "checksum": tensor_checksum(packed)}
     meta = sealed(meta | {"format": FORMAT, "roles": list(ROLES), "packs": packs})
@@ -82,9 +94,11 @@ def save(trace, path: str | Path) -> Path:
     return path
 
 
-def _entries(stream: str, layer: int, entries: list, values: list[dict], names: list[str], parts: dict) -> list[dict]:
-    """The metadata entries of one run's records at (stream, layer), with their tensors `values`, whose layer holds
-    `names` (in some record of some run); their values flattened onto `parts`."""
+def _entries(stream: str, layer: int, entries: list, values: list[dict], names: list[str], parts: dict,
+             at: list[int], labels: dict, run: int) -> list[dict]:
+    """The metadata entries of run `run`'s records at (stream, layer), with their tensors `values`, whose layer holds
+    `names` (in some record of some run); their values flattened onto `parts`; `at`, the layer's running sums
+    (`advance`), moved past them."""
     out = []
     for rec, found in zip(entries, values):
         if "key_count" not in found:
@@ -92,7 +106,8 @@ def _entries(stream: str, layer: int, entries: list, values: list[dict], names: 
         k = next((found[n].shape[-1] for n in _PAIRED if n in found), None)
         dims = (found["key_count"].shape[0], len(rec.heads), len(rec.queries), k)
         entry = {"heads": list(rec.heads), "queries": list(rec.queries), "step": int(rec.step),
-                 "part": int(rec.part), "batch": dims[0]} | ({} if k is None else {"k": k})
+                 "part": int(rec.part), "batch": dims[0]} | ({} if k is None else {"k": k}) | {"at": list(at)}
+        advance(at, dims)
         if len(found) != len(names):
             entry["has"] = [n for n in names if n in found]
         for name, value in found.items():
@@ -100,8 +115,21 @@ def _entries(stream: str, layer: int, entries: list, values: list[dict], names: 
                 raise ValueError(f"({stream!r}, layer {layer}) step {rec.step}: {name} is {list(value.shape)}, its "
                                  f"record's batch, heads, queries and k make it {list(shape_of(name, *dims))}")
             parts.setdefault((stream, layer, name), []).append(value.detach().cpu().reshape(-1))
+            labels.setdefault((stream, layer, name), []).append(f"({stream!r}, layer {layer}) step {rec.step} of "
+                                                                f"run {run}")
         out.append(entry)
     return out
+
+
+def advance(at: list[int], dims: tuple) -> None:
+    """Move `at`, a layer's running sums [batch rows, batch x heads x query rows, the same x k] over its records
+    (every run, in order), past a record of `dims` (batch, heads, rows, k). Each record's entry holds the sums before
+    it, so an entry moved, or dims moved between records, make a record's slice start elsewhere than it says: the
+    pack sizes alone would still fit, and each such record would read another's values."""
+    batch, heads, rows, k = dims
+    at[0] += batch
+    at[1] += batch * heads * rows
+    at[2] += batch * heads * rows * (k or 0)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -115,6 +143,7 @@ def load(f, meta: dict, path):
         raise TraceFileError(f"{path}: a {FORMAT} file without its {METADATA_FIELD} field (the metadata was edited)")
     check_metadata(meta, path)
     v1.check_roles(meta, path)
+    path = Path(path).absolute()  # packs are read later, perhaps after a change of directory
     located = _locate(path)
     if set(located) != set(meta["packs"]):
         extra, missing = sorted(set(located) - set(meta["packs"])), sorted(set(meta["packs"]) - set(located))
@@ -180,6 +209,7 @@ class PackedLayer:
         self.dims: list[tuple] = []  # per record (batch, heads, rows, k)
         self.offsets: dict[str, list] = {name: [] for name in self.names}  # per record its start, None: not held
         self._size = dict.fromkeys(self.names, 0)
+        self._at = [0, 0, 0]  # the running sums a record's "at" must equal (`advance`)
         self._read: dict[str, torch.Tensor] = {}
 
     def add(self, rm: dict, record_type):
@@ -192,6 +222,12 @@ class PackedLayer:
                 and ("topk_index" in has) == ("topk_value" in has) and (k is None or type(k) is int and k >= 0)):
             raise TraceFileError(f"{self.path}: a record of {self.where} has malformed labels or summaries {rm}")
         dims = (batch, len(heads), len(queries), k)
+        if rm.get("at") != self._at:
+            raise TraceFileError(f"{self.path}: record {len(self.dims)} of {self.where} (over every run; step "
+                                 f"{rm['step']}) starts at {rm.get('at')}, the records before it end at {self._at}: "
+                                 "records were moved or their batch, heads, queries or k edited (the metadata was "
+                                 "edited)")
+        advance(self._at, dims)
         self.dims.append(dims)
         for name, starts in self.offsets.items():
             if name in has:
