@@ -68,7 +68,7 @@ def save(trace, path: str | Path) -> Path:
         for key, values in run_found.items():
             held.setdefault(key, set()).update(n for v in values for n in v)
     starts: dict[tuple, list[int]] = {}  # (stream, layer) -> the `at` of its next record, over every run
-    labels: dict[tuple, list[str]] = {}  # (stream, layer, name) -> each value's record, for messages
+    labels: dict[tuple, list[tuple]] = {}  # (stream, layer, name) -> each value's (step, run), for messages
     for index, (run, run_found, run_meta) in enumerate(zip(trace.runs, found, meta["runs"])):
         del run_meta["records"]
         run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
@@ -84,9 +84,11 @@ def save(trace, path: str | Path) -> Path:
         key = pack_name(stream, layer, name)
         packed = tensors[key] = torch.cat(values)
         if packed.is_floating_point() and not bool(torch.isfinite(packed).all()):  # both loaders refuse such a file
-            where = next(w for w, v in zip(labels[stream, layer, name], values) if not bool(torch.isfinite(v).all()))
-            raise ValueError(f"{where}: {name} holds NaN or infinite values, which no summary of attention "
-                             "probabilities has and both loaders refuse as damage; nothing was written")
+            step, run = next(w for w, v in zip(labels[stream, layer, name], values)
+                             if not bool(torch.isfinite(v).all()))
+            raise ValueError(f"({stream!r}, layer {layer}) step {step} of run {run}: {name} holds NaN or infinite "
+                             "values, which no summary of attention probabilities has and both loaders refuse as "
+                             "damage; nothing was written")
         packs[key] = {"dtype": str(packed.dtype).removeprefix("torch."), "numel": packed.numel(),
                       "checksum": tensor_checksum(packed)}
     meta = sealed(meta | {"format": FORMAT, "roles": list(ROLES), "packs": packs})
@@ -115,8 +117,7 @@ def _entries(stream: str, layer: int, entries: list, values: list[dict], names: 
                 raise ValueError(f"({stream!r}, layer {layer}) step {rec.step}: {name} is {list(value.shape)}, its "
                                  f"record's batch, heads, queries and k make it {list(shape_of(name, *dims))}")
             parts.setdefault((stream, layer, name), []).append(value.detach().cpu().reshape(-1))
-            labels.setdefault((stream, layer, name), []).append(f"({stream!r}, layer {layer}) step {rec.step} of "
-                                                                f"run {run}")
+            labels.setdefault((stream, layer, name), []).append((rec.step, run))
         out.append(entry)
     return out
 
