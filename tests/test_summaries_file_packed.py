@@ -268,6 +268,10 @@ def _k_moved(meta):
     records[0]["k"], records[1]["k"] = records[0]["k"] + 1, records[1]["k"] - 1
 
 
+def _start_taken_out(meta):
+    del meta["runs"][1]["layers"][0]["records"][2]["at"]
+
+
 def _query_row_moved(meta):
     records = meta["runs"][0]["layers"][1]["records"]
     records[1]["queries"], records[2]["queries"] = records[1]["queries"] * 2, []
@@ -286,6 +290,7 @@ STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a batch row moved to the next record": (_batch_moved, None, "starts at"),
     "a top-k key moved to the next record": (_k_moved, None, "starts at"),
     "a query row moved to the next record": (_query_row_moved, None, "starts at"),
+    "a record's start taken out": (_start_taken_out, None, "does not say where its slices start"),
 }
 
 

@@ -223,7 +223,11 @@ class PackedLayer:
                 and ("topk_index" in has) == ("topk_value" in has) and (k is None or type(k) is int and k >= 0)):
             raise TraceFileError(f"{self.path}: a record of {self.where} has malformed labels or summaries {rm}")
         dims = (batch, len(heads), len(queries), k)
-        if rm.get("at") != self._at:
+        if "at" not in rm:
+            raise TraceFileError(f"{self.path}: record {len(self.dims)} of {self.where} (over every run; step "
+                                 f"{rm['step']}) does not say where its slices start ('at'): the metadata was edited, "
+                                 "or a development version of this format wrote it before records said so")
+        if rm["at"] != self._at:
             raise TraceFileError(f"{self.path}: record {len(self.dims)} of {self.where} (over every run; step "
                                  f"{rm['step']}) starts at {rm.get('at')}, the records before it end at {self._at}: "
                                  "records were moved or their batch, heads, queries or k edited (the metadata was "
