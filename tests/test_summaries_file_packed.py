@@ -268,6 +268,15 @@ def _k_moved(meta):
     records[0]["k"], records[1]["k"] = records[0]["k"] + 1, records[1]["k"] - 1
 
 
+def _steps_swapped(meta):  # dims alike: each record reads its own values, labelled with the other's step
+    records = meta["runs"][1]["layers"][1]["records"]
+    records[1]["step"], records[2]["step"] = records[2]["step"], records[1]["step"]
+
+
+def _step_beyond_the_run(meta):
+    meta["runs"][0]["layers"][0]["records"][-1]["step"] = 9
+
+
 def _start_taken_out(meta):
     del meta["runs"][1]["layers"][0]["records"][2]["at"]
 
@@ -291,6 +300,8 @@ STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a top-k key moved to the next record": (_k_moved, None, "starts at"),
     "a query row moved to the next record": (_query_row_moved, None, "starts at"),
     "a record's start taken out": (_start_taken_out, None, "does not say where its slices start"),
+    "two records' steps swapped": (_steps_swapped, None, "not in the order a capture makes them"),
+    "a step beyond the run's": (_step_beyond_the_run, None, r"not within the run's steps 0\.\.3"),
 }
 
 
@@ -341,3 +352,17 @@ def test_a_file_loaded_by_a_relative_path_reads_after_a_change_of_directory(pack
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # as a notebook's cell may
     assert_same(s, loaded.verify())
+
+
+def test_records_out_of_step_order_are_refused_at_save(packed, tmp_path):
+    """The loader refuses a layer's records out of (step, part) order, or beyond the run's steps: `save` does not
+    write such a file."""
+    s, _ = packed
+    records = s.run(0).records[("text", 0)]
+    records[1].step, records[2].step = 2, 1
+    try:
+        with pytest.raises(ValueError, match=r"\('text', layer 0\) of run 0: .* not in the order a capture makes"):
+            s.save(tmp_path / "x.safetensors")
+        assert not (tmp_path / "x.safetensors").exists()
+    finally:
+        records[1].step, records[2].step = 1, 2

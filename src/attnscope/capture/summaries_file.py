@@ -9,7 +9,8 @@ summary of a record has a shape fixed by four numbers, `batch`, its heads, its q
 where a record lacks some of its layer's summaries), so each record's slice of each pack is the running sum of the
 sizes before it. Each record also states where it starts (`at`, `advance`: the running sums of batch rows, of rows
 and of top-k keys before it), so a record entry moved, or dims moved from one record to another, which would leave
-every pack's size fitting and a record reading another's values, is refused at load. Per pack the metadata gives
+every pack's size fitting and a record reading another's values, is refused at load; so are a layer's records of
+a run out of (step, part) order or beyond the run's steps (`out_of_order`), which `save` does not write either. Per pack the metadata gives
 its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`); the metadata itself is sealed
 (`checksums.sealed`, a /2 file without its seal is refused). `save` refuses NaN or infinite summaries, which both
 loaders refuse as damage (no file the tool cannot read back).
@@ -73,7 +74,7 @@ def save(trace, path: str | Path) -> Path:
         del run_meta["records"]
         run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
             stream, layer, entries, run_found[stream, layer], [n for n in TENSORS if n in held[stream, layer]], parts,
-            starts.setdefault((stream, layer), [0, 0, 0]), labels, index)}
+            starts.setdefault((stream, layer), [0, 0, 0]), labels, index, run.steps)}
             for (stream, layer), entries in run.records.items()]
     tensors, packs = {}, {}
     for (stream, layer, name), values in parts.items():
@@ -97,10 +98,14 @@ def save(trace, path: str | Path) -> Path:
 
 
 def _entries(stream: str, layer: int, entries: list, values: list[dict], names: list[str], parts: dict,
-             at: list[int], labels: dict, run: int) -> list[dict]:
+             at: list[int], labels: dict, run: int, trace_steps: int) -> list[dict]:
     """The metadata entries of run `run`'s records at (stream, layer), with their tensors `values`, whose layer holds
     `names` (in some record of some run); their values flattened onto `parts`; `at`, the layer's running sums
     (`advance`), moved past them."""
+    wrong = out_of_order(entries, trace_steps)
+    if wrong:
+        raise ValueError(f"({stream!r}, layer {layer}) of run {run}: {wrong}; a capture makes them in order, and the "
+                         "loader refuses a file whose records are not")
     out = []
     for rec, found in zip(entries, values):
         if "key_count" not in found:
@@ -120,6 +125,19 @@ def _entries(stream: str, layer: int, entries: list, values: list[dict], names: 
             labels.setdefault((stream, layer, name), []).append((rec.step, run))
         out.append(entry)
     return out
+
+
+def out_of_order(records: list, steps: int) -> str | None:
+    """What is wrong with the steps and parts of one run's records at a layer, None if nothing: a capture appends
+    them as the forwards run, so their (step, part) never decreases and each step lies in 0..`steps` (the run's decode
+    steps). Two records' steps swapped, or one set beyond the run, would otherwise label one step's values with
+    another."""
+    order = [(rec.step, rec.part) for rec in records]
+    if any(b < a for a, b in zip(order, order[1:])):
+        return f"its records' (step, part) {order[:12]} are not in the order a capture makes them"
+    if order and not (0 <= order[0][0] and order[-1][0] <= steps):
+        return f"its records' steps {[st for st, _ in order][:12]} are not within the run's steps 0..{steps}"
+    return None
 
 
 def advance(at: list[int], dims: tuple) -> None:
@@ -163,6 +181,10 @@ def load(f, meta: dict, path):
             if packed is None:
                 packed = layers[stream, layer] = PackedLayer(path, stream, layer, meta["packs"], located)
             run.records[stream, layer] = [packed.add(rm, SummaryRecord) for rm in lm["records"]]
+            wrong = out_of_order(run.records[stream, layer], run.steps)
+            if wrong:
+                raise TraceFileError(f"{path}: ({stream!r}, layer {layer}) of run {len(trace.runs)}: {wrong} (the "
+                                     "metadata was edited)")
         trace.runs.append(run)
     for packed in layers.values():
         packed.check_sizes()
