@@ -10,10 +10,10 @@ where a record lacks some of its layer's summaries), so each record's slice of e
 sizes before it. Each record also states where it starts (`at`, `advance`: the running sums of batch rows, of rows
 and of top-k keys before it), so a record entry moved, or dims moved from one record to another, which would leave
 every pack's size fitting and a record reading another's values, is refused at load; so are a layer's records of
-a run out of (step, part) order or beyond the run's steps (`out_of_order`), which `save` does not write either. Per pack the metadata gives
-its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`); the metadata itself is sealed
-(`checksums.sealed`, a /2 file without its seal is refused). `save` refuses NaN or infinite summaries, which both
-loaders refuse as damage (no file the tool cannot read back).
+a run out of (step, part) order or beyond the run's steps (`out_of_order`), which `save` does not write either.
+Per pack the metadata gives its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`); the metadata
+itself is sealed (`checksums.sealed`, a /2 file without its seal is refused). `save` refuses NaN or infinite
+summaries, which both loaders refuse as damage (no file the tool cannot read back).
 
 Loading is lazy where it pays: `load` checks the metadata (its checksum, every record's dims and start, each pack's
 size against the sum of its records', the file's tensors against the packs) and builds the records without reading a
