@@ -277,6 +277,10 @@ def _step_beyond_the_run(meta):
     meta["runs"][0]["layers"][0]["records"][-1]["step"] = 9
 
 
+def _query_row_beyond_the_tokens(meta):
+    meta["runs"][1]["layers"][0]["records"][1]["queries"] = [99]
+
+
 def _start_taken_out(meta):
     del meta["runs"][1]["layers"][0]["records"][2]["at"]
 
@@ -302,6 +306,7 @@ STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a record's start taken out": (_start_taken_out, None, "does not say where its slices start"),
     "two records' steps swapped": (_steps_swapped, None, "not in the order a capture makes them"),
     "a step beyond the run's": (_step_beyond_the_run, None, r"not within the run's steps 0\.\.3"),
+    "a query row beyond the tokens": (_query_row_beyond_the_tokens, None, r"query rows \[99\] outside the stream's"),
 }
 
 

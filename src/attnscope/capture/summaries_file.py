@@ -10,7 +10,8 @@ where a record lacks some of its layer's summaries), so each record's slice of e
 sizes before it. Each record also states where it starts (`at`, `advance`: the running sums of batch rows, of rows
 and of top-k keys before it), so a record entry moved, or dims moved from one record to another, which would leave
 every pack's size fitting and a record reading another's values, is refused at load; so are a layer's records of
-a run out of (step, part) order or beyond the run's steps (`out_of_order`), which `save` does not write either.
+a run out of (step, part) order, beyond the run's steps or with query rows beyond its token maps (`out_of_order`),
+which `save` does not write either.
 Per pack the metadata gives its dtype, size and XXH3-128 checksum (`checksums.tensor_checksum`); the metadata
 itself is sealed (`checksums.sealed`, a /2 file without its seal is refused). `save` refuses NaN or infinite
 summaries, which both loaders refuse as damage (no file the tool cannot read back).
@@ -74,7 +75,7 @@ def save(trace, path: str | Path) -> Path:
         del run_meta["records"]
         run_meta["layers"] = [{"stream": stream, "layer": layer, "records": _entries(
             stream, layer, entries, run_found[stream, layer], [n for n in TENSORS if n in held[stream, layer]], parts,
-            starts.setdefault((stream, layer), [0, 0, 0]), labels, index, run.steps)}
+            starts.setdefault((stream, layer), [0, 0, 0]), labels, index, run.steps, run.tokens.get(stream))}
             for (stream, layer), entries in run.records.items()]
     tensors, packs = {}, {}
     for (stream, layer, name), values in parts.items():
@@ -98,11 +99,11 @@ def save(trace, path: str | Path) -> Path:
 
 
 def _entries(stream: str, layer: int, entries: list, values: list[dict], names: list[str], parts: dict,
-             at: list[int], labels: dict, run: int, trace_steps: int) -> list[dict]:
+             at: list[int], labels: dict, run: int, trace_steps: int, maps: list | None) -> list[dict]:
     """The metadata entries of run `run`'s records at (stream, layer), with their tensors `values`, whose layer holds
     `names` (in some record of some run); their values flattened onto `parts`; `at`, the layer's running sums
     (`advance`), moved past them."""
-    wrong = out_of_order(entries, trace_steps)
+    wrong = out_of_order(entries, trace_steps, maps)
     if wrong:
         raise ValueError(f"({stream!r}, layer {layer}) of run {run}: {wrong}; a capture makes them in order, and the "
                          "loader refuses a file whose records are not")
@@ -127,16 +128,21 @@ def _entries(stream: str, layer: int, entries: list, values: list[dict], names: 
     return out
 
 
-def out_of_order(records: list, steps: int) -> str | None:
-    """What is wrong with the steps and parts of one run's records at a layer, None if nothing: a capture appends
-    them as the forwards run, so their (step, part) never decreases and each step lies in 0..`steps` (the run's decode
-    steps). Two records' steps swapped, or one set beyond the run, would otherwise label one step's values with
-    another."""
+def out_of_order(records: list, steps: int, maps: list | None) -> str | None:
+    """What is wrong with the steps, parts and query rows of one run's records at a layer, None if nothing: a capture
+    appends them as the forwards run, so their (step, part) never decreases, each step lies in 0..`steps` (the run's
+    decode steps) and each query row is a position of the stream's token maps `maps`. Two records' steps swapped, a
+    step or query row set beyond the run, would otherwise label values with another step or position."""
     order = [(rec.step, rec.part) for rec in records]
     if any(b < a for a, b in zip(order, order[1:])):
         return f"its records' (step, part) {order[:12]} are not in the order a capture makes them"
     if order and not (0 <= order[0][0] and order[-1][0] <= steps):
         return f"its records' steps {[st for st, _ in order][:12]} are not within the run's steps 0..{steps}"
+    if maps:
+        n = max(len(m) for m in maps)
+        wrong = next((rec for rec in records if any(not 0 <= q < n for q in rec.queries)), None)
+        if wrong is not None:
+            return f"step {wrong.step} has query rows {wrong.queries[:12]} outside the stream's {n} positions"
     return None
 
 
@@ -181,7 +187,7 @@ def load(f, meta: dict, path):
             if packed is None:
                 packed = layers[stream, layer] = PackedLayer(path, stream, layer, meta["packs"], located)
             run.records[stream, layer] = [packed.add(rm, SummaryRecord) for rm in lm["records"]]
-            wrong = out_of_order(run.records[stream, layer], run.steps)
+            wrong = out_of_order(run.records[stream, layer], run.steps, run.tokens.get(stream))
             if wrong:
                 raise TraceFileError(f"{path}: ({stream!r}, layer {layer}) of run {len(trace.runs)}: {wrong} (the "
                                      "metadata was edited)")
