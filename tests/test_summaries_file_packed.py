@@ -155,6 +155,17 @@ def test_a_reader_of_one_layer_reads_and_checks_that_layer_only(packed, monkeypa
     assert len(summed) == 12
 
 
+def test_the_repr_and_size_of_a_loaded_file_read_no_pack(packed):
+    """`repr` (a notebook shows it after `s = Trace.load(path)`) and `nbytes` count the bytes without reading (and
+    checksumming) every pack."""
+    s, path = packed
+    loaded = Summaries.load(path)
+    assert repr(loaded) == repr(s) and loaded.nbytes == s.nbytes
+    assert not any(_layer(loaded, "text", layer)._read for layer in (0, 29))
+    loaded.verify()
+    assert repr(loaded) == repr(s)
+
+
 def test_a_flipped_byte_in_any_pack_is_a_trace_file_error(packed, tmp_path):
     s, path = packed
     raw = path.read_bytes()

@@ -294,6 +294,12 @@ class PackedLayer:
             size *= n
         return pack.as_strided(shape, strides[::-1], start)
 
+    def nbytes(self, index: int, name: str) -> int:
+        """Bytes of summary `name` of the `index`-th record, without reading it."""
+        if name not in self.offsets or self.offsets[name][index] is None:
+            return 0
+        return math.prod(shape_of(name, *self.dims[index])) * self.packs[self.names[name]][1].itemsize
+
     def _pack(self, name: str) -> torch.Tensor:
         key = self.names[name]
         _, dtype, numel, check, (start, end) = self.packs[key]
