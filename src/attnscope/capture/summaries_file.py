@@ -311,10 +311,12 @@ class PackedLayer:
         except OSError as err:
             raise TraceFileError(f"{self.path}: cannot read pack {key}: {err}") from err
         if got != end - start:
-            raise TraceFileError(f"{self.path} is shorter than when it was loaded (pack {key} cut)")
+            raise TraceFileError(f"{self.path} is shorter than when it was loaded (pack {key} cut): it was cut or "
+                                 "replaced since; load it again")
         if tensor_checksum(out, check["algorithm"])["digest"] != check["digest"]:
             raise TraceFileError(f"{self.path}: pack {key} does not match its checksum (the file was changed or "
-                                 "damaged after it was written)")
+                                 "damaged after it was written, or replaced after it was loaded: packs are read "
+                                 "when first used)")
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             raise TraceFileError(f"{self.path}: pack {key} holds NaN or infinite values")
         return out
