@@ -138,9 +138,8 @@ def write(doc: dict, out: Path) -> None:
             lines.append(f"| {label} | {q['ratio']:.1f}x | {q['min']:.1f}–{q['max']:.1f} | {goal} |")
         lines.append("")
     lines += ["Load /1 reads every tensor and checks its blake2b checksum and finite values at load; load /2 checks "
-              "the "
-              "metadata (its XXH3-128 seal, every record's dims against its packs' sizes, the file's tensors "
-              "against the packs) and reads a pack when a record first needs it, checking its XXH3-128 checksum and "
+              "the metadata (its XXH3-128 seal, every record's dims and start against its packs' sizes, its "
+              "steps and query rows against its run, the file's tensors against the packs) and reads a pack when a record first needs it, checking its XXH3-128 checksum and "
               "finite values then (so `load /2 + read all` does what `load /1` does). Per-repetition times are in "
               f"`summaries_file.json`; load average (1, 5, 15 min) {' '.join(f'{x:.2f}' for x in c['loadavg_start'])} "
               f"→ {' '.join(f'{x:.2f}' for x in c['loadavg_end'])} on a 2-core machine shared with other jobs.", ""]

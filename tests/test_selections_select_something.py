@@ -79,3 +79,12 @@ def test_a_steering_selection_that_selects_nothing_is_an_error(smollm, keys):
     with pytest.raises(SteerError, match="selects nothing"), torch.no_grad():
         with steer(smollm, PAI(alpha=1.0, keys=keys, layers=range(20, 30))):
             smollm(**x)
+
+
+@pytest.mark.parametrize("heads", [{1: [0], 3: [2, 4]}, {"text": [0]}, True])
+def test_heads_given_per_layer_or_as_a_bool_are_refused_not_read_as_other_heads(smollm, heads):
+    """`layers=` takes a {stream: layers} dict, `heads=` does not: a dict was read as its keys (heads 1 and 3 of every
+    layer for {1: [0], 3: [2, 4]}), and True as head 1, with no word."""
+    with pytest.raises(TypeError, match="head of text layer 1: expected an int, a list of ints"):
+        with torch.no_grad(), attnscope.capture(smollm, layers=[1, 3], heads=heads, queries="last"):
+            smollm(**smollm.encode("Hi there"))

@@ -155,6 +155,17 @@ def test_a_reader_of_one_layer_reads_and_checks_that_layer_only(packed, monkeypa
     assert len(summed) == 12
 
 
+def test_the_repr_and_size_of_a_loaded_file_read_no_pack(packed):
+    """`repr` (a notebook shows it after `s = Trace.load(path)`) and `nbytes` count the bytes without reading (and
+    checksumming) every pack."""
+    s, path = packed
+    loaded = Summaries.load(path)
+    assert repr(loaded) == repr(s) and loaded.nbytes == s.nbytes
+    assert not any(_layer(loaded, "text", layer)._read for layer in (0, 29))
+    loaded.verify()
+    assert repr(loaded) == repr(s)
+
+
 def test_a_flipped_byte_in_any_pack_is_a_trace_file_error(packed, tmp_path):
     s, path = packed
     raw = path.read_bytes()
@@ -253,6 +264,43 @@ def _float64_values(tensors):
     tensors["text/0/topk_value"] = tensors["text/0/topk_value"].double()
 
 
+def _two_records_swapped(meta):  # same dims: every pack's size still fits, each record would read the other's values
+    records = meta["runs"][0]["layers"][0]["records"]
+    records[1], records[2] = records[2], records[1]
+
+
+def _batch_moved(meta):  # one record's batch row given to the next: the sums fit, the slices would not
+    records = meta["runs"][0]["layers"][0]["records"]
+    records[1]["batch"], records[2]["batch"] = 2, 0
+
+
+def _k_moved(meta):
+    records = meta["runs"][1]["layers"][1]["records"]
+    records[0]["k"], records[1]["k"] = records[0]["k"] + 1, records[1]["k"] - 1
+
+
+def _steps_swapped(meta):  # dims alike: each record reads its own values, labelled with the other's step
+    records = meta["runs"][1]["layers"][1]["records"]
+    records[1]["step"], records[2]["step"] = records[2]["step"], records[1]["step"]
+
+
+def _step_beyond_the_run(meta):
+    meta["runs"][0]["layers"][0]["records"][-1]["step"] = 9
+
+
+def _query_row_beyond_the_tokens(meta):
+    meta["runs"][1]["layers"][0]["records"][1]["queries"] = [99]
+
+
+def _start_taken_out(meta):
+    del meta["runs"][1]["layers"][0]["records"][2]["at"]
+
+
+def _query_row_moved(meta):
+    records = meta["runs"][0]["layers"][1]["records"]
+    records[1]["queries"], records[2]["queries"] = records[1]["queries"] * 2, []
+
+
 STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a record taken out": (_drop_last_record, None, "its records"),
     "a summary taken out of a record": (_drop_entropy_of_a_record, None, "its records"),
@@ -262,6 +310,14 @@ STRUCTURE = {  # edit: (metadata edit, tensors edit, what the error says)
     "a pack cut short": (None, _short_pack, "its records"),
     "NaN values": (None, _nan, "NaN"),
     "top-k values of another dtype": (None, _float64_values, "not a summary this attnscope writes"),
+    "two records swapped": (_two_records_swapped, None, "starts at"),
+    "a batch row moved to the next record": (_batch_moved, None, "starts at"),
+    "a top-k key moved to the next record": (_k_moved, None, "starts at"),
+    "a query row moved to the next record": (_query_row_moved, None, "starts at"),
+    "a record's start taken out": (_start_taken_out, None, "does not say where its slices start"),
+    "two records' steps swapped": (_steps_swapped, None, "not in the order a capture makes them"),
+    "a step beyond the run's": (_step_beyond_the_run, None, r"not within the run's steps 0\.\.3"),
+    "a query row beyond the tokens": (_query_row_beyond_the_tokens, None, r"query rows \[99\] outside the stream's"),
 }
 
 
@@ -286,3 +342,43 @@ def test_summaries_the_packed_format_cannot_hold_are_refused_at_save(packed, tmp
             s.save(tmp_path / "x.safetensors")
     finally:
         rec.entropy = kept
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_summaries_the_loaders_would_refuse_are_refused_at_save(packed, tmp_path, bad):
+    """Both loaders refuse NaN or infinite summaries (as damage): `save` must not write a file it cannot read back."""
+    s, _ = packed
+    rec = s.run().records[("text", 29)][2]
+    kept = rec.role_mass
+    try:
+        rec.role_mass = kept.clone()
+        rec.role_mass[0, 1, 0, 2] = bad
+        with pytest.raises(ValueError, match=r"\('text', layer 29\) step 2 of run 1: role_mass holds NaN or infinite"):
+            s.save(tmp_path / "x.safetensors")
+        assert not (tmp_path / "x.safetensors").exists()
+    finally:
+        rec.role_mass = kept
+
+
+def test_a_file_loaded_by_a_relative_path_reads_after_a_change_of_directory(packed, tmp_path, monkeypatch):
+    s, path = packed
+    (tmp_path / "s.safetensors").write_bytes(path.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    loaded = Summaries.load("s.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # as a notebook's cell may
+    assert_same(s, loaded.verify())
+
+
+def test_records_out_of_step_order_are_refused_at_save(packed, tmp_path):
+    """The loader refuses a layer's records out of (step, part) order, or beyond the run's steps: `save` does not
+    write such a file."""
+    s, _ = packed
+    records = s.run(0).records[("text", 0)]
+    records[1].step, records[2].step = 2, 1
+    try:
+        with pytest.raises(ValueError, match=r"\('text', layer 0\) of run 0: .* not in the order a capture makes"):
+            s.save(tmp_path / "x.safetensors")
+        assert not (tmp_path / "x.safetensors").exists()
+    finally:
+        records[1].step, records[2].step = 1, 2

@@ -1,6 +1,7 @@
 """What to capture: streams, layers, heads, and query/key positions by index or token role."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..core.sites import Site
@@ -15,12 +16,17 @@ def _as_list(value, n: int, what: str) -> list[int]:
         return list(range(n))
     if isinstance(value, str):
         raise TypeError(f"{what}: expected an int, a list of ints, a slice, None or 'all'; got the string {value!r}")
+    if isinstance(value, Mapping) or isinstance(value, bool):  # list() of a dict is its keys, True is 1: wrong silently
+        raise TypeError(f"{what}: expected an int, a list of ints, a slice, None or 'all'; got {value!r}"
+                        + (" (a dict is taken by layers= only, as {stream: layers}; heads= applies to every "
+                           "selected layer: capture the layers that need other heads in another block)"
+                           if isinstance(value, Mapping) else ""))
     if isinstance(value, slice):
         return list(range(n))[value]
     items = [value] if isinstance(value, int) else list(value)
     out = []
     for i in items:
-        if not isinstance(i, int) or not -n <= i < n:
+        if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n:
             raise IndexError(f"{what} {i!r} is out of range: there are {n} (use 0..{n - 1} or negative indices)")
         out.append(i % n)
     return sorted(set(out))

@@ -94,7 +94,15 @@ class SummaryRecord:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes of its summaries; those of a loaded record not read yet are counted without reading them."""
+        total = 0
+        for n in TENSORS:
+            value = self.__dict__.get("_" + n)
+            if value is UNREAD:
+                total += self.source[0].nbytes(self.source[1], n)
+            elif value is not None:
+                total += value.numel() * value.element_size()
+        return total
 
 
 UNREAD = object()  # a summary of a loaded record not read from its file yet (`SummaryRecord.source`)
