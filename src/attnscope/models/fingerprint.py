@@ -1,7 +1,9 @@
 """The weights fingerprint of a `Model`: a blake2b hash over every parameter's and buffer's name, shape, dtype and bytes
 (`weights`: the `state_dict()`, then every buffer it leaves out: non-persistent ones such as RoPE's `inv_freq`, which a
 context-extension experiment edits in place, position ids, causal masks), recomputed only when the weights changed.
-Everything said below of a parameter holds for a buffer, persistent or not.
+Everything said below of a parameter holds for a buffer, persistent or not. Tensors only: a module's other
+attributes (RoPE's `attention_scaling`, an attention's `scaling`, a norm's epsilon), its class and its code are not
+covered, and an edit of them leaves the fingerprint as it was.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
