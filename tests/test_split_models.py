@@ -206,3 +206,26 @@ def fp_full(hf):
     from attnscope.models import fingerprint
 
     return fingerprint.weights_hash(hf, fingerprint.weights(hf))
+
+
+def test_an_edit_of_a_weight_accelerate_holds_in_memory_changes_the_fingerprint(smollm):
+    """CPU offload (accelerate's `cpu_offload`, or modules on "cpu" beside a GPU) keeps each offloaded weight as a
+    tensor in the weights map, read at every forward: an in-place edit of it changes what the model computes, and the
+    fingerprint, and undoing it gives the unsplit model's fingerprint again."""
+    from accelerate import cpu_offload
+
+    model = attnscope.load("smollm2-135m")
+    cpu_offload(model.hf, execution_device="cpu")
+    model.refresh_fingerprint()
+    assert model.hf.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    assert model.fingerprint == smollm.fingerprint
+    held = model.hf.model.layers[3].mlp.down_proj._hf_hook.weights_map["weight"]
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        before = model(**x).logits
+        held.mul_(2)
+        assert not torch.equal(model(**x).logits, before)
+    assert model.fingerprint != smollm.fingerprint and model.fingerprint == fp_full(model.hf)
+    with torch.no_grad():
+        held.mul_(0.5)
+    assert model.fingerprint == smollm.fingerprint
