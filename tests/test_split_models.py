@@ -169,3 +169,63 @@ def test_everything_on_disk_equals_the_unsplit_model(smollm, tmp_path):
 def test_bad_max_memory_is_refused_before_loading(max_memory, message, tmp_path):
     with pytest.raises(PlacementError, match=message):
         attnscope.load("smollm2-135m", device_map="auto", max_memory=max_memory, offload_folder=tmp_path)
+
+
+def test_an_edit_of_an_offloaded_weight_after_the_placement_changes_the_fingerprint(smollm, tmp_path):
+    """An offloaded weight's bytes live in its offload file, read at every forward: a rewrite of that file changes
+    what the model computes, so the fingerprint (which keys offloaded weights by what tells their file changed, not by
+    name, shape and dtype alone) changes with it and names the new bytes, and undoing the edit gives the unsplit
+    model's fingerprint again."""
+    import json
+
+    import numpy as np
+
+    model = attnscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=tmp_path)
+    first = model.fingerprint
+    assert first == smollm.fingerprint
+    index = json.loads((tmp_path / "index.json").read_text())
+    name = "model.layers.25.mlp.down_proj.weight"
+    assert name in index and model.hf.get_submodule(name.rsplit(".", 1)[0]).weight.device.type == "meta"
+    data = np.memmap(tmp_path / f"{name}.dat", dtype=index[name]["dtype"], mode="r+", shape=tuple(index[name]["shape"]))
+    saved = np.array(data)
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        before = model(**x).logits
+        data[:] = saved * 2
+        data.flush()
+        assert not torch.equal(model(**x).logits, before)  # the model computes with the edited bytes
+    edited = model.fingerprint
+    assert edited != first and edited == fp_full(model.hf)
+    data[:] = saved
+    data.flush()
+    del data
+    assert model.fingerprint == first == fp_full(model.hf)
+
+
+def fp_full(hf):
+    from attnscope.models import fingerprint
+
+    return fingerprint.weights_hash(hf, fingerprint.weights(hf))
+
+
+def test_an_edit_of_a_weight_accelerate_holds_in_memory_changes_the_fingerprint(smollm):
+    """CPU offload (accelerate's `cpu_offload`, or modules on "cpu" beside a GPU) keeps each offloaded weight as a
+    tensor in the weights map, read at every forward: an in-place edit of it changes what the model computes, and the
+    fingerprint, and undoing it gives the unsplit model's fingerprint again."""
+    from accelerate import cpu_offload
+
+    model = attnscope.load("smollm2-135m")
+    cpu_offload(model.hf, execution_device="cpu")
+    model.refresh_fingerprint()
+    assert model.hf.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    assert model.fingerprint == smollm.fingerprint
+    held = model.hf.model.layers[3].mlp.down_proj._hf_hook.weights_map["weight"]
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        before = model(**x).logits
+        held.mul_(2)
+        assert not torch.equal(model(**x).logits, before)
+    assert model.fingerprint != smollm.fingerprint and model.fingerprint == fp_full(model.hf)
+    with torch.no_grad():
+        held.mul_(0.5)
+    assert model.fingerprint == smollm.fingerprint

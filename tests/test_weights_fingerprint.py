@@ -318,3 +318,11 @@ def test_an_offloaded_buffer_is_read_from_the_weights_map_as_an_offloaded_parame
     offloaded._hf_hook = SimpleNamespace(weights_map={"inv_freq": resident.inv_freq.clone()})
     fp.forget(offloaded)
     assert fp.fingerprint(offloaded) == fp.fingerprint(resident) == fp.weights_hash(resident, fp.weights(resident))
+    held = offloaded._hf_hook.weights_map["inv_freq"]  # what accelerate's CPU offload holds and each forward reads
+    with torch.no_grad():
+        held.mul_(0.5)  # an edit of the held bytes: a counted write, the meta tensor itself unchanged
+    assert fp.fingerprint(offloaded) != fp.fingerprint(resident)
+    assert fp.fingerprint(offloaded) == fp.weights_hash(offloaded, fp.weights(offloaded))
+    with torch.no_grad():
+        held.mul_(2)
+    assert fp.fingerprint(offloaded) == fp.fingerprint(resident)

@@ -1,7 +1,9 @@
 """The weights fingerprint of a `Model`: a blake2b hash over every parameter's and buffer's name, shape, dtype and bytes
 (`weights`: the `state_dict()`, then every buffer it leaves out: non-persistent ones such as RoPE's `inv_freq`, which a
 context-extension experiment edits in place, position ids, causal masks), recomputed only when the weights changed.
-Everything said below of a parameter holds for a buffer, persistent or not.
+Everything said below of a parameter holds for a buffer, persistent or not. Tensors only: a module's other
+attributes (RoPE's `attention_scaling`, an attention's `scaling`, a norm's epsilon), its class and its code are not
+covered, and an edit of them leaves the fingerprint as it was.
 
 Hashing reads every byte (seconds for a 7B model), and the fingerprint is asked for at the end of every capture
 block, so `fingerprint` keeps the hash, per module, with a `key` of the weights that reads no bytes but a small
@@ -15,7 +17,11 @@ of whole rows (a token's embedding, an output unit) and of whole columns (a neur
 embedding dimension); a write of a few elements through `.data` may go unseen:
 `Model.refresh_fingerprint()` then hashes again. Offloaded weights (accelerate leaves them on the meta device between
 forwards and swaps in new meta tensors at each forward; buffers only with `offload_buffers`, non-persistent ones never)
-are keyed by name, shape and dtype: their bytes are read from the weights map (`placement.stored`) only when hashing.
+are keyed by name, shape and dtype and by what tells their stored bytes changed without reading them
+(`placement.stamp`: an offload file's inode, size and times; a tensor accelerate holds in memory by identity, write
+counter and address): their bytes are read from the weights map (`placement.stored`) only when hashing. An edit of an
+offload file (or of a tensor the weights map holds) after the placement changes the fingerprint; one within the file
+system's timestamp granularity of the last read, or through `.data`, needs `Model.refresh_fingerprint()`.
 
 Building the key walks `weights` and samples every tensor (about 10 ms of host time on a 7B model, a fifth of a
 GPU prefill), so the key is compared through a plan kept with it (`fingerprint_plan.py`): the same structure, the
@@ -36,7 +42,7 @@ import torch
 from torch import nn
 
 from .fingerprint_plan import Plan, build
-from .placement import stored
+from .placement import stamp, stored
 
 SAMPLE = 1024  # elements sampled per tensor for the key
 
@@ -129,6 +135,20 @@ def weights_key(state: dict) -> tuple | None:
     return _walk(state)[0]
 
 
+def _stamped(key: tuple | None, hf: nn.Module, state: dict) -> tuple | None:
+    """`key` with, for every offloaded (meta) tensor, what tells its stored bytes changed without reading them
+    (`placement.stamp`: its offload file's inode, size and times; a tensor the weights map holds, by identity, write
+    counter and address): the meta tensor itself holds no bytes, and accelerate swaps in new ones at each forward."""
+    if key is None:
+        return None
+    offloaded = [name for name, t in state.items() if t.device.type == "meta"]
+    if not offloaded:
+        return key
+    modules = dict(hf.named_modules(remove_duplicate=False))  # a module under several names: under each
+    stamps = tuple((name, stamp(hf, name if isinstance(name, str) else name[1], modules)) for name in offloaded)
+    return key[0] + stamps, key[1]
+
+
 def same_key(a: tuple | None, b: tuple | None) -> bool:
     if a is None or b is None or a[0] != b[0] or a[1].keys() != b[1].keys():
         return False
@@ -183,6 +203,7 @@ def fingerprint(hf: nn.Module) -> str:
             _UNCOUNTED.setdefault(hf, set()).update(_FROZEN[hf])
         state = weights(hf)
         key, views = _walk(state)
+        key = _stamped(key, hf, state)
         digest = kept.digest if kept is not None and same_key(key, kept.key) else weights_hash(hf, state)
         _KEPT[hf] = _Kept(key, digest, build(hf, state, views) if key is not None else None)
     return digest

@@ -11,6 +11,7 @@ explain on a split model equal the unsplit model (tests/test_split_models.py); t
 `Model.device`, the execution device of the first placed module."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -178,18 +179,68 @@ def placement(hf: nn.Module) -> dict[str, int] | None:
     return out
 
 
+def _holders(model: nn.Module, name: str, modules: dict | None = None):
+    """(weights map, the name in it) for parameter or buffer `name` (dotted, from `model`), from the nearest hooked
+    module above it outwards; `modules`: `dict(model.named_modules(remove_duplicate=False))`, where the caller looks
+    up many names."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        path = ".".join(parts[:cut])
+        module = (model.get_submodule(path) if cut else model) if modules is None else modules.get(path)
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is not None:
+            yield weights, ".".join(parts[cut:])
+
+
 def stored(model: nn.Module, name: str) -> torch.Tensor | None:
     """The real tensor behind parameter or buffer `name` (dotted, from `model`) that accelerate's offloading leaves on
     the meta device between forwards: read from the weights map of the nearest hooked module above it."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, -1, -1):
-        module = model.get_submodule(".".join(parts[:cut])) if cut else model
-        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        if weights is not None:
-            try:
-                return weights[".".join(parts[cut:])]
-            except KeyError:
-                continue
+    for weights, key in _holders(model, name):
+        try:
+            return weights[key]
+        except KeyError:
+            continue
+    return None
+
+
+def _source(weights, key: str):
+    """Where `weights[key]` comes from, found without reading it: ("memory", tensor), ("file", path), None where
+    `weights` does not hold `key`, "unknown" for a map of a kind not known here."""
+    if hasattr(weights, "dataset") and isinstance(getattr(weights, "prefix", None), str):  # a PrefixedDataset
+        return _source(weights.dataset, weights.prefix + key)
+    if hasattr(weights, "index") and isinstance(getattr(weights, "state_dict", None), dict):  # OffloadedWeightsLoader
+        if key in weights.state_dict:  # what accelerate holds in memory comes first, as its reads take it
+            return "memory", weights.state_dict[key]
+        info = weights.index.get(key)
+        if info is None:
+            return None
+        return "file", info.get("safetensors_file") or os.path.join(weights.save_folder or "", f"{key}.dat")
+    if isinstance(weights, dict):
+        return ("memory", weights[key]) if key in weights else None
+    return "unknown"
+
+
+def stamp(model: nn.Module, name: str, modules: dict | None = None) -> tuple | None:
+    """What tells, without reading them, that the stored bytes behind offloaded `name` changed: a tensor the weights map
+    holds in memory (accelerate's CPU offload) by identity, write counter and address; a file (an offload folder's
+    `.dat`, a checkpoint's safetensors file) by its inode, size and modification and change times. Not seen: a write
+    PyTorch does not count (through `.data`) to a tensor held in memory, a file rewritten within the file system's
+    timestamp granularity of the last read (`Model.refresh_fingerprint()` reads the bytes again). None where no weights
+    map holds it or the map is of a kind not known here. `modules`: as `_holders` takes it."""
+    for weights, key in _holders(model, name, modules):
+        source = _source(weights, key)
+        if source is None:
+            continue
+        if source == "unknown" or not isinstance(source[1], (torch.Tensor, str, Path)):
+            return None
+        kind, where = source
+        if kind == "memory":
+            return ("memory", id(where), where._version, where.data_ptr())
+        try:
+            status = os.stat(where)
+        except OSError:
+            return ("file", str(where))
+        return ("file", str(where), status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     return None
 
 

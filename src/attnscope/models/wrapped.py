@@ -68,7 +68,8 @@ class Model:
     @property
     def fingerprint(self) -> str:
         """blake2b over parameter and buffer (non-persistent ones too, RoPE's `inv_freq`) names, shapes, dtypes and
-        bytes: identifies the weights a trace came from.
+        bytes: identifies the weights a trace came from. Tensors only: a module's other attributes (RoPE's
+        `attention_scaling`, an attention's `scaling`), its class and code are not in it.
         Hashed again only when the weights changed (an optimizer step, `load_state_dict`, an in-place write), which
         is told without reading them (`models/fingerprint.py`); `refresh_fingerprint()` forces a new hash."""
         return weights_fingerprint(self.hf)
