@@ -72,6 +72,21 @@ def header(items: list[tuple[str, torch.dtype, list[int], int]], align: int = 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
+def read_header(fh) -> tuple[dict, int]:
+    """The safetensors header of an open file (`header` writes it; `__metadata__` included) and the offset its data
+    starts at; ValueError for a file that does not start with one."""
+    head = fh.read(8)
+    if len(head) != 8:
+        raise ValueError("no safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > 100_000_000:
+        raise ValueError("header length out of range")
+    found = json.loads(fh.read(n))
+    if not isinstance(found, dict):
+        raise ValueError("the header is not a JSON object")
+    return found, 8 + n
+
+
 def _load_trim():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim

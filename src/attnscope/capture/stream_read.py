@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .checksums import entry_checksum, tensor_checksum
-from .shard_io import DTYPES, TORCH_DTYPES
+from .shard_io import DTYPES, TORCH_DTYPES, read_header
 from .trace import Record, TraceFileError, check_axes, check_format, check_label, check_metadata, run_from_meta
 
 META, PARTIAL, MARK = "trace.json", "trace.partial.json", "INCOMPLETE"
@@ -62,19 +62,17 @@ class ShardTensor:
             with open(self.shard, "rb") as f:
                 st = os.fstat(f.fileno())
                 stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > 100_000_000:
-                    raise ValueError("header length out of range")
-                entry = json.loads(f.read(n))[self.key]
+                found, data = read_header(f)
+                entry = found[self.key]
             start, end = entry["data_offsets"]
             size = end - start
             expected = int(np.prod(self.shape)) * torch.empty((), dtype=self.dtype).element_size()
             if entry["shape"] != self.shape or TORCH_DTYPES.get(entry["dtype"]) != self.dtype or size != expected:
                 raise TraceFileError(f"{self.shard}: tensor {self.key} is {entry['shape']} {entry['dtype']} in the shard, "
                                      f"the metadata says {self.shape} {self.dtype}")
-            if 8 + n + end > self.shard.stat().st_size:
+            if data + end > self.shard.stat().st_size:
                 raise TraceFileError(f"{self.shard} is shorter than its header says (cut while written or after)")
-            raw = np.memmap(self.shard, dtype=np.uint8, mode="c", offset=8 + n + start, shape=(size,)) if size else np.zeros(0, np.uint8)
+            raw = np.memmap(self.shard, dtype=np.uint8, mode="c", offset=data + start, shape=(size,)) if size else np.zeros(0, np.uint8)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
             if isinstance(err, TraceFileError):
                 raise
@@ -138,16 +136,8 @@ def load_dir(cls, path: Path, partial: bool = False):
 def shard_keys(shard: Path) -> set[str]:
     """The tensor names in a shard's safetensors header (its first bytes only; no tensor data is read)."""
     with open(shard, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("no safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError("header length out of range")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    return set(header) - {"__metadata__"}
+        found, _ = read_header(f)
+    return set(found) - {"__metadata__"}
 
 
 def check_shards_listed(path: Path, meta_path: Path, meta: dict, partial: bool) -> None:

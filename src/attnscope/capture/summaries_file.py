@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..core.tokens import ROLES
 from . import summaries_file_v1 as v1
 from .checksums import METADATA_FIELD, entry_checksum, sealed, tensor_checksum
+from .shard_io import read_header
 from .summaries import TENSORS, UNREAD
 from .trace import TraceFileError, check_metadata, run_from_meta
 
@@ -203,10 +203,9 @@ def load(f, meta: dict, path):
 def _locate(path) -> dict[str, tuple[int, int]]:
     """Each tensor of a safetensors file: its (start, end) byte offsets in the file."""
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return {key: (8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1]) for key, e in header.items()}
+        found, data = read_header(fh)
+    found.pop("__metadata__", None)
+    return {key: (data + e["data_offsets"][0], data + e["data_offsets"][1]) for key, e in found.items()}
 
 
 class PackedLayer:
