@@ -120,3 +120,19 @@ def test_streamed_trace_with_bad_provenance_says_why(smollm, tmp_path):
     assert "no metadata written" in (tmp_path / "d" / MARK).read_text()
     with pytest.raises(trace_module.TraceFileError, match="not a complete"):
         attnscope.Trace.load(tmp_path / "d")
+
+
+def test_steer_edit_with_a_generator_of_heads_edits_as_the_list_does(smollm):
+    """An edit reads its selection at every install: a generator of heads was spent by the first read (its check),
+    and the steered model then edited no head at all."""
+    from attnscope.steer import steer
+    from attnscope.steer.edits import HeadScale
+
+    x = smollm.encode(TEXT)
+    with torch.no_grad():
+        base = smollm(**x).logits
+        with steer(smollm, HeadScale(0.0, layers=[0, 1], heads=[0, 1])):
+            want = smollm(**x).logits
+        with steer(smollm, HeadScale(0.0, layers=range(2), heads=(h for h in (0, 1)))):
+            got = smollm(**x).logits
+    assert not torch.equal(want, base) and torch.equal(got, want)

@@ -32,7 +32,7 @@ def _as_list(value, n: int, what: str) -> list[int]:
     return sorted(set(out))
 
 
-def _listed(value):
+def listed(value):
     """`value` with every iterable but a str or dict made a list, once (a tuple, range, set or generator): a generator
     would be spent by the first layer that reads it, and a trace file stores JSON, where only a list comes back as
     itself (`Selection.to_dict` is the trace's provenance). A set becomes a sorted list; a dict keeps its keys and has
@@ -40,7 +40,7 @@ def _listed(value):
     if value is None or isinstance(value, (str, int, slice, list)):
         return value
     if isinstance(value, Mapping):
-        return {k: _listed(v) for k, v in value.items()}
+        return {k: listed(v) for k, v in value.items()}
     if isinstance(value, (set, frozenset)):
         try:
             return sorted(value)
@@ -53,7 +53,7 @@ def _listed(value):
 
 @dataclass
 class Selection:
-    """What to capture (or edit). Tuples, ranges, sets and generators are kept as lists (`_listed`), so `to_dict` holds
+    """What to capture (or edit). Tuples, ranges, sets and generators are kept as lists (`listed`), so `to_dict` holds
     only what a trace file gives back as itself."""
 
     streams: str | list[str] | None = None
@@ -64,7 +64,7 @@ class Selection:
 
     def __post_init__(self) -> None:
         for name in ("streams", "layers", "heads", "queries", "keys"):
-            setattr(self, name, _listed(getattr(self, name)))
+            setattr(self, name, listed(getattr(self, name)))
 
     def sites(self, sites: dict) -> dict:
         """The selected subset of a module→Site map, validating every part of the selection."""
