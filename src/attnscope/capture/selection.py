@@ -1,7 +1,7 @@
 """What to capture: streams, layers, heads, and query/key positions by index or token role."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..core.sites import Site
@@ -32,13 +32,39 @@ def _as_list(value, n: int, what: str) -> list[int]:
     return sorted(set(out))
 
 
+def listed(value):
+    """`value` with every iterable but a str or dict made a list, once (a tuple, range, set or generator): a generator
+    would be spent by the first layer that reads it, and a trace file stores JSON, where only a list comes back as
+    itself (`Selection.to_dict` is the trace's provenance). A set becomes a sorted list; a dict keeps its keys and has
+    its values listed; anything else is left for the checks to name."""
+    if value is None or isinstance(value, (str, int, slice, list)):
+        return value
+    if isinstance(value, Mapping):
+        return {k: listed(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        try:
+            return sorted(value)
+        except TypeError:
+            return list(value)
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray)):
+        return list(value)
+    return value
+
+
 @dataclass
 class Selection:
+    """What to capture (or edit). Tuples, ranges, sets and generators are kept as lists (`listed`), so `to_dict` holds
+    only what a trace file gives back as itself."""
+
     streams: str | list[str] | None = None
     layers: int | list[int] | slice | dict | None = None
     heads: int | list[int] | slice | None = None
     queries: Positions = None
     keys: Positions = None
+
+    def __post_init__(self) -> None:
+        for name in ("streams", "layers", "heads", "queries", "keys"):
+            setattr(self, name, listed(getattr(self, name)))
 
     def sites(self, sites: dict) -> dict:
         """The selected subset of a module→Site map, validating every part of the selection."""
@@ -49,6 +75,15 @@ class Selection:
         unknown = [s for s in wanted if s not in streams]
         if unknown:
             raise ValueError(f"unknown stream(s) {unknown}; this model has {sorted(streams)}")
+        if isinstance(self.layers, dict):  # {stream: layers}: another key would select nothing, without a word
+            unknown = [s for s in self.layers if s not in streams]
+            if unknown:
+                per_layer = any(isinstance(s, int) for s in unknown)  # {layer: heads} is not a form capture takes
+                raise ValueError(f"layers= as a dict maps a stream name to its layers ({{stream: layers}}); "
+                                 f"{unknown} {'is not a stream' if len(unknown) == 1 else 'are not streams'} of this "
+                                 f"model, which has {sorted(streams)}" + (
+                                     ". heads= applies to every selected layer: capture the layers that need other "
+                                     "heads in another block" if per_layer else ""))
         layers = {}
         for stream in wanted:
             spec = self.layers.get(stream) if isinstance(self.layers, dict) else self.layers

@@ -280,7 +280,11 @@ class TraceWriter:
         if self._error is not None and error is None:
             self._mark(f"writing failed: {self._error!r}")
             self._raise()
-        meta = trace.metadata(lambda key, rec: self.entries.get(key, {"missing": True}))
+        try:
+            meta = trace.metadata(lambda key, rec: self.entries.get(key, {"missing": True}))
+        except ValueError as err:  # provenance a file cannot store as itself (`trace.check_plain`): no metadata
+            self._mark(f"no metadata written: {err}\n")
+            raise
         for run_meta in meta["runs"]:  # records never written (the writer failed) are left out
             run_meta["records"] = [r for r in run_meta["records"] if not r.get("missing")]
         if error is not None or self._error is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,7 @@ class Trace:
             runs.append({"tokens": {s: [t.to_dict() for t in maps] for s, maps in run.tokens.items()},
                          "records": records, "steps": run.steps, "prefix": run.prefix, "lengths": run.lengths,
                          "eras": [[last, {s: [t.to_dict() for t in maps] for s, maps in m.items()}] for last, m in run.eras]})
+        check_plain(self.provenance, "provenance")
         return {"format": FORMAT, "provenance": self.provenance, "runs": runs}
 
     @classmethod
@@ -338,6 +340,29 @@ class Trace:
             if isinstance(err, FileNotFoundError):
                 raise
             raise TraceFileError(f"{path} is not a readable attnscope trace: {err}") from err
+
+
+def check_plain(value, where: str) -> None:
+    """`value` is what JSON gives back as itself (None, bool, int, finite float, str, list, dict with str keys), so a
+    trace loaded from a file has the provenance it was saved with (`loaded.provenance == trace.provenance`); anything
+    else (a tuple comes back a list, an int key a str, NaN unequal to itself, other objects not at all) is a
+    ValueError naming where it is, raised before anything is written. A capture's own provenance always is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has the key {key!r} ({type(key).__name__}); a trace file stores JSON, whose "
+                                 f"keys are strings, so it would load as {str(key)!r}: use string keys")
+            check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}, which a trace file cannot store as itself (it loads unequal to "
+                         "itself, or not at all): store a string or None")
+    elif value is not None and not isinstance(value, (str, int, float)):  # bool is an int
+        hint = "a list" if isinstance(value, (tuple, set, frozenset, range)) else "plain JSON values"
+        raise ValueError(f"{where} is a {type(value).__name__} ({value!r:.80}), which a trace file (JSON) does not give "
+                         f"back as itself: store {hint} instead")
 
 
 def record_key(run: int, stream: str, layer: int, index: int) -> str:

@@ -19,9 +19,11 @@ embedding dimension); a write of a few elements through `.data` may go unseen:
 forwards and swaps in new meta tensors at each forward; buffers only with `offload_buffers`, non-persistent ones never)
 are keyed by name, shape and dtype and by what tells their stored bytes changed without reading them
 (`placement.stamp`: an offload file's inode, size and times; a tensor accelerate holds in memory by identity, write
-counter and address): their bytes are read from the weights map (`placement.stored`) only when hashing. An edit of an
-offload file (or of a tensor the weights map holds) after the placement changes the fingerprint; one within the file
-system's timestamp granularity of the last read, or through `.data`, needs `Model.refresh_fingerprint()`.
+counter and address): their bytes are read from the weights map (`placement.stored`) only when hashing. Where a
+weights map is of a kind `placement` does not know (or holds an inference tensor, which has no write counter), the
+stamp is a digest of that tensor's bytes, read at every fingerprint read. An edit of an offload file (or of a
+tensor the weights map holds) after the placement changes the fingerprint; one within the file system's timestamp
+granularity of the last read, or through `.data`, needs `Model.refresh_fingerprint()`.
 
 Building the key walks `weights` and samples every tensor (about 10 ms of host time on a 7B model, a fifth of a
 GPU prefill), so the key is compared through a plan kept with it (`fingerprint_plan.py`): the same structure, the
@@ -136,9 +138,10 @@ def weights_key(state: dict) -> tuple | None:
 
 
 def _stamped(key: tuple | None, hf: nn.Module, state: dict) -> tuple | None:
-    """`key` with, for every offloaded (meta) tensor, what tells its stored bytes changed without reading them
-    (`placement.stamp`: its offload file's inode, size and times; a tensor the weights map holds, by identity, write
-    counter and address): the meta tensor itself holds no bytes, and accelerate swaps in new ones at each forward."""
+    """`key` with, for every offloaded (meta) tensor, what tells its stored bytes changed (`placement.stamp`: its
+    offload file's inode, size and times; a tensor the weights map holds, by identity, write counter and address; the
+    digest of its bytes where neither can be told: a weights map of a kind not known there, an inference tensor): the
+    meta tensor itself holds no bytes, and accelerate swaps in new ones at each forward."""
     if key is None:
         return None
     offloaded = [name for name, t in state.items() if t.device.type == "meta"]

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+import xxhash
 from torch import nn
 
 KEYWORDS = ("device_map", "max_memory", "offload_folder")
@@ -221,27 +222,48 @@ def _source(weights, key: str):
 
 
 def stamp(model: nn.Module, name: str, modules: dict | None = None) -> tuple | None:
-    """What tells, without reading them, that the stored bytes behind offloaded `name` changed: a tensor the weights map
-    holds in memory (accelerate's CPU offload) by identity, write counter and address; a file (an offload folder's
-    `.dat`, a checkpoint's safetensors file) by its inode, size and modification and change times. Not seen: a write
-    PyTorch does not count (through `.data`) to a tensor held in memory, a file rewritten within the file system's
-    timestamp granularity of the last read (`Model.refresh_fingerprint()` reads the bytes again). None where no weights
-    map holds it or the map is of a kind not known here. `modules`: as `_holders` takes it."""
+    """What tells that the stored bytes behind offloaded `name` changed: without reading them, a tensor the weights map
+    holds in memory (accelerate's CPU offload) by identity, write counter and address, and a file (an offload folder's
+    `.dat`, a checkpoint's safetensors file) by its inode, size and modification and change times. Where neither can
+    be told (a weights map of a kind not known here, or a held tensor PyTorch counts no writes of: an inference
+    tensor), a digest of the bytes themselves, read from the map as `stored` reads them (XXH3-128, every time the
+    fingerprint is read, so an edit there is always seen; the cost is that tensor's bytes per read, not the whole
+    model's). Not seen: a write PyTorch does not count (through `.data`) to a tensor held in memory, a file rewritten
+    within the file system's timestamp granularity of the last read (`Model.refresh_fingerprint()` reads the bytes
+    again). None where no weights map holds it (the fingerprint then says its weights are unavailable). `modules`:
+    as `_holders` takes it."""
     for weights, key in _holders(model, name, modules):
         source = _source(weights, key)
         if source is None:
             continue
-        if source == "unknown" or not isinstance(source[1], (torch.Tensor, str, Path)):
-            return None
+        if source == "unknown":
+            try:
+                source = "read", weights[key]
+            except KeyError:  # as `stored` goes on to the next map out
+                continue
         kind, where = source
-        if kind == "memory":
-            return ("memory", id(where), where._version, where.data_ptr())
+        if kind != "file" and isinstance(where, torch.Tensor):
+            try:
+                return ("memory", id(where), where._version, where.data_ptr()) if kind == "memory" else _read(where)
+            except RuntimeError:  # an inference tensor: no write counter
+                return _read(where)
+        if kind != "file" or not isinstance(where, (str, Path)):
+            return ("unreadable", type(where).__name__)  # the hash fails on what `stored` gives: nothing is kept
         try:
             status = os.stat(where)
         except OSError:
             return ("file", str(where))
         return ("file", str(where), status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
     return None
+
+
+def _read(tensor: torch.Tensor) -> tuple:
+    """A stamp read from the bytes: dtype, shape and their XXH3-128 digest."""
+    t = tensor.detach().cpu().contiguous()
+    digest = xxhash.xxh3_128()
+    if t.numel():
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return ("bytes", str(t.dtype), tuple(t.shape), digest.hexdigest())
 
 
 def resident(module: nn.Module, name: str, device: torch.device) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..capture.selection import Selection
+from ..capture.selection import Selection, listed
 from ..core.tokens import ROLES
 
 LM_STREAMS = ("language", "text")
@@ -117,7 +117,8 @@ class SiteEdit(Edit):
     """An edit on attention sites chosen by stream, layers and heads (validated like a capture selection)."""
 
     def __init__(self, stream=None, layers=None, heads=None):
-        self.stream, self.layers, self.heads = stream, layers, heads
+        # a generator (or range, tuple, set) made a list once: each `selection` reads it again
+        self.stream, self.layers, self.heads = stream, listed(layers), listed(heads)
 
     def selection(self, model) -> Selection:
         """The sites: `stream` None means the language stream, "*" every stream (layers may then be a dict)."""
