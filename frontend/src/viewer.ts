@@ -270,6 +270,7 @@ export class Viewer {
     });
     const H = s.heads.length;
     this.keys = new GridKeys(this.cells.map((row, li) => [...row, this.meanCells[li]]), (li, c) => this.setHead(li, c < H ? c : -1));
+    this.keys.current(this.li, this.hi < 0 ? H : this.hi); // the tab key reaches the picked head first
     if (!s.layers.length) grid.append(el("div", { class: "as-note", text: "no attention rows in this document" }));
     gridPanel.append(grid);
 
