@@ -505,7 +505,7 @@ export class Viewer {
     const floor = this.method !== "raw" && this.expl ? this.expl.floor ?? 0 : 0;
     const values = floor ? v.map((x) => x + floor) : v;
     const what = this.method === "raw"
-      ? `raw attention of query ${this.tokLabel(this.q)}, layer ${this.s.layers[this.li]}, ${this.hi < 0 ? "mean of heads" : `head ${this.s.heads[this.hi]}`}`
+      ? `raw attention of query ${this.tokLabel(this.q)}${this.isPad(this.q) ? " (pad: not a token's attention)" : ""}, layer ${this.s.layers[this.li]}, ${this.hi < 0 ? "mean of heads" : `head ${this.s.heads[this.hi]}`}`
       : `${this.method} explaining ${this.expl?.explains ?? "the default target"}`;
     return { stream: this.s.name, method: this.method, q: this.q, layer: this.s.layers[this.li] ?? 0, head: this.hi < 0 ? -1 : this.s.heads[this.hi], values, what };
   }

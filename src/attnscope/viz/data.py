@@ -31,7 +31,7 @@ FORMAT = "attnscope.view/1"
 FOCUS_ROLES = ("cls", "register", "special", "generated")
 DEFAULT_BUDGET = 32_000_000  # stored values (bytes) per run: layers x heads x queries x keys
 PATTERN = 32  # side of the pooled query x key thumbnails
-ENTROPY = "entropy (nats)"  # -sum p ln p of a row, averaged over the stored rows: the head table's unit too
+ENTROPY = "entropy (nats)"  # -sum p ln p of a row, averaged over the stored tokens' rows: the head table's unit too
 
 
 def b64(array: np.ndarray, deflate: bool = False) -> str:

@@ -8,7 +8,10 @@ bit for bit. A summaries capture keeps no rows, so there is nothing to pool or s
 block is [layers, heads] per summary plus [layers, heads, k] keys, made when the server is asked for it
 (`/api/runs/{rid}/{stream}/summary/{step}/{query}`) or embedded in an exported page for every row that fits a budget
 (`export_rows`). Where a grid has no number (a head not captured at that layer, a layer without that row) it holds
-NaN (index -1), drawn as "–"."""
+NaN (index -1), drawn as "–". Where a summary's number is no measurement (the lookback ratio of a row that sees no
+generated key: 1 by definition) the block names it in `undefined` and the page draws "n/a" with the reason; a stream
+where that holds at every row does not offer the summary and says why (`notes`). Padding rows are labelled from the
+token map's "pad" role by the page."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
