@@ -117,7 +117,8 @@ def test_the_rows_viewers_head_grid_by_keyboard(chromium, padded, tmp_path):
     page.keyboard.press("ArrowLeft")
     focused = page.locator(".as-grid :focus")
     expect(focused).to_have_attribute("data-h", "8")
-    expect(focused).to_have_attribute("aria-label", "layer 29, head 8, entropy (nats) " + focused.get_attribute("title").split(" ")[-1])
+    value = focused.get_attribute("title").split(" ")[-1]  # the metric as the tooltip shows it
+    expect(focused).to_have_attribute("aria-label", f"layer 29, head 8, entropy (nats) {value}")
     page.keyboard.press("Enter")
     expect(view).to_have_attribute("data-head", "8")
     expect(focused).to_have_attribute("aria-selected", "true")
@@ -176,7 +177,8 @@ def test_summaries_of_a_generation_mark_the_prefills_lookback_and_take_the_keybo
     expect(cell).to_have_text("n/a")
     expect(cell).to_have_class(re.compile(r"\bas-na\b"))
     assert float(cell.get_attribute("data-value")) == s.lookback("text", 15, step=0)[0, 3, 0].item() == 1
-    expect(cell).to_have_attribute("aria-label", "layer 15, head 3: lookback ratio n/a (1 by definition: no generated key)")
+    expect(cell).to_have_attribute("aria-label",
+                                   "layer 15, head 3: lookback ratio n/a (1 by definition: no generated key)")
     expect(page.locator(".as-rownote")).to_contain_text(summary_view.NO_GENERATED_ROW)
     expect(page.locator(".as-mlegend")).to_contain_text("n/a")
 

@@ -145,7 +145,8 @@ def test_numbers_in_paths_and_bodies_get_a_400_naming_the_range(smollm, tmp_path
     for path, says in ((f"summary/1.5/{last_q}", "step must be a whole number in 0..2; got '1.5'"),
                        (f"summary/x/{last_q}", "step must be a whole number in 0..2; got 'x'"),
                        (f"summary/{last_step}/7.0", f"query must be a whole number (query rows at step 2: {last_q})"),
-                       ("summary/9/abc", "query must be a whole number (step 9 is not one of this stream's steps 0..2)")):
+                       ("summary/9/abc",
+                        "query must be a whole number (step 9 is not one of this stream's steps 0..2)")):
         r = client.get(f"/api/runs/{rid}/text/{path}")
         assert r.status_code == 400 and list(r.json()) == ["error"] and says in r.json()["error"], (path, r.json())
     rows = upload(t, "t.safetensors")

@@ -388,7 +388,8 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         model_id = str(form.get("model") or "")
         text = str(form.get("text") or "") or None
         photo = str(form.get("photo") or "") or None
-        new_tokens = whole_number(form.get("max_new_tokens") or 0, "max_new_tokens", f"between 0 and {lim.max_new_tokens}")
+        new_tokens = whole_number(form.get("max_new_tokens") or 0, "max_new_tokens",
+                                  f"between 0 and {lim.max_new_tokens}")
         if not 0 <= new_tokens <= lim.max_new_tokens:
             raise ApiError(400, f"max_new_tokens must be between 0 and {lim.max_new_tokens}")
         if text is not None and len(text) > lim.max_text:

@@ -103,7 +103,9 @@ class SummaryStreamView:
                 n = idx.shape[-1]
                 index[li, hidx, :n] = idx[self.row, :, qi].numpy()
                 value[li, hidx, :n] = _finite(val[self.row, :, qi], "top-k", layer)
-        undefined = {LOOKBACK: NO_GENERATED_ROW} if LOOKBACK in self.metrics and not self.lookback_defined(query) else {}
+        undefined = {}
+        if LOOKBACK in self.metrics and not self.lookback_defined(query):
+            undefined[LOOKBACK] = NO_GENERATED_ROW
         return SummaryBlock(step, query, metrics, index, value, undefined)
 
     def values_per_row(self) -> int:
