@@ -7,7 +7,7 @@ import { bytes, floats, inflate, ints } from "./util";
 function summaryBlock(j: SummaryBlockJson): SummaryBlock {
   const metrics: Record<string, Float32Array> = {};
   for (const [name, b64] of Object.entries(j.metrics)) metrics[name] = floats(b64);
-  return { step: j.step, q: j.q, k: j.k, metrics, index: ints(j.topk_index), value: floats(j.topk_value) };
+  return { step: j.step, q: j.q, k: j.k, metrics, index: ints(j.topk_index), value: floats(j.topk_value), undefined: j.undefined ?? {} };
 }
 
 /** Summaries embedded in an exported page: the rows it carries, decoded when first shown. */

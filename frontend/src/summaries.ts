@@ -2,7 +2,7 @@
 // layers x heads heat map of one summary, and the top-k keys of the clicked head as tokens. The numbers are the
 // Python side's (attnscope/viz/summary_view.py); this file only draws them.
 import type { SummaryBlock, SummarySource, SummaryStreamMeta, ViewDoc } from "./types";
-import { VIRIDIS, el, fmt, rgb } from "./util";
+import { GridKeys, PAD_ROW, VIRIDIS, el, fmt, rgb } from "./util";
 
 export class SummaryViewer {
   readonly root: HTMLElement;
@@ -37,7 +37,12 @@ export class SummaryViewer {
   }
 
   private tok(p: number, step: number): string {
-    return `‘${this.tokensAt(step)[p] ?? "?"}’ #${p}`;
+    return `‘${this.tokensAt(step)[p] ?? "?"}’ #${p}${this.isPad(p) ? " (pad)" : ""}`;
+  }
+
+  /** Whether position `p` is padding: its row's summaries are no token's attention. */
+  private isPad(p: number): boolean {
+    return this.doc.roles[this.s.roles[p]] === "pad";
   }
 
   async setStream(i: number): Promise<void> {
@@ -57,8 +62,10 @@ export class SummaryViewer {
     await this.show(last, this.lastRow(last));
   }
 
+  /** The step's last row of a token (a right-padded sequence ends in padding), else its last row. */
   private lastRow(step: number): number {
     const qs = this.rowsOf.get(step) ?? [0];
+    for (let i = qs.length - 1; i >= 0; i--) if (!this.isPad(qs[i])) return qs[i];
     return qs[qs.length - 1];
   }
 
@@ -102,8 +109,10 @@ export class SummaryViewer {
     const note = el("div", { class: "as-note", text: s.rows.length < s.all_rows
       ? `this page holds ${s.rows.length} of the ${s.all_rows} (step, query) rows of the summaries`
       : "summaries reduced in the attention call: no attention rows are stored, so there is no token heat map" });
-    this.root.append(bar, note, el("div", { class: "as-gridhead" }, caption, legend), el("div", { class: "as-main" }, grid, detail));
-    this.els = { slider, stepLabel, query, queryRow, caption, legend, grid, detailTitle, stats, topLabel, top };
+    const said = (s.notes ?? []).map((n) => el("div", { class: "as-note as-streamnote", role: "note", text: n }));
+    const rowNote = el("div", { class: "as-padnote as-rownote", role: "status" });
+    this.root.append(bar, note, ...said, el("div", { class: "as-gridhead" }, caption, legend), rowNote, el("div", { class: "as-main" }, grid, detail));
+    this.els = { slider, stepLabel, query, queryRow, caption, legend, rowNote, grid, detailTitle, stats, topLabel, top };
   }
 
   /** Ask for (step, q)'s numbers; only the latest request's answer is drawn (a slider dragged fast asks many). */
@@ -122,8 +131,9 @@ export class SummaryViewer {
       this.els.caption.textContent = `could not load the summaries of step ${step}, query ${q}: ${(err as Error).message}`;
       this.els.caption.classList.add("as-error");
       // nothing of another row stays beside the error: the grid, its scale and the picked head's numbers go
-      const { grid, legend, detailTitle, stats, topLabel, top } = this.els;
+      const { grid, legend, detailTitle, stats, topLabel, top, rowNote } = this.els;
       grid.replaceChildren();
+      rowNote.textContent = "";
       legend.replaceChildren();
       stats.replaceChildren();
       top.replaceChildren();
@@ -145,7 +155,7 @@ export class SummaryViewer {
     slider.value = String(this.steps.indexOf(this.step));
     stepLabel.textContent = `${this.step === 0 ? "prefill" : `decode step ${this.step}`} (${this.steps.indexOf(this.step) + 1} of ${this.steps.length})`;
     const qs = this.rowsOf.get(this.step) ?? [];
-    query.replaceChildren(...qs.map((p) => el("option", { value: String(p), text: this.tok(p, this.step) })));
+    query.replaceChildren(...qs.map((p) => el("option", { value: String(p), text: this.tok(p, this.step), class: this.isPad(p) ? "as-pad" : "" })));
     query.value = String(this.q);
     query.disabled = qs.length < 2;
     queryRow.title = qs.length < 2 ? "this step holds one query row" : `${qs.length} query rows at this step`;
@@ -157,38 +167,62 @@ export class SummaryViewer {
     const values = b.metrics[this.metric];
     const meta = s.metrics.find((m) => m.name === this.metric);
     const H = s.heads.length;
+    // a summary that says nothing at this row (lookback without a generated key: 1 by definition) is drawn "n/a"
+    const none = b.undefined[this.metric];
     let lo = Infinity, hi = -Infinity;
     for (const v of values ?? []) if (isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
     if (meta?.range) [lo, hi] = meta.range;
     const span = hi - lo || 1;
-    this.els.caption.textContent = `${this.metric} of query ${this.tok(b.q, b.step)} at ${b.step === 0 ? "the prefill" : `decode step ${b.step}`}, per layer (rows) and head (columns); click a head for its top keys`;
-    this.els.legend.replaceChildren(` ${fmt(lo)} `, el("span", { class: "as-mbar" }), ` ${fmt(hi)}`);
-    const table = el("table", { class: "as-htable as-sumgrid", role: "grid", "data-layers": String(s.layers.length), "data-heads": String(H) });
+    this.els.caption.textContent = `${this.metric} of query ${this.tok(b.q, b.step)} at ${b.step === 0 ? "the prefill" : `decode step ${b.step}`}, per layer (rows) and head (columns); click a head (or Enter on it) for its top keys`;
+    if (none) this.els.legend.replaceChildren(`n/a: ${this.metric} is 1 by definition here`);
+    else this.els.legend.replaceChildren(` ${fmt(lo)} `, el("span", { class: "as-mbar" }), ` ${fmt(hi)}`);
+    const pad = this.isPad(b.q);
+    this.els.rowNote.textContent = [pad ? `query ${this.tok(b.q, b.step)}: ${PAD_ROW}` : "", none ? `${this.metric}: ${none}` : ""].filter((x) => x).join(" · ");
+    this.root.classList.toggle("as-padrow", pad);
+    const refocus = this.els.grid.contains(document.activeElement) ? (document.activeElement as HTMLElement).dataset : null;
+    const table = el("table", { class: "as-htable as-sumgrid", role: "grid", "aria-label": `${this.metric} per layer and head`,
+      "data-layers": String(s.layers.length), "data-heads": String(H) });
     const head = el("tr", {}, el("th", { text: "" }));
-    for (const h of s.heads) head.append(el("th", { text: `H${h}` }));
+    for (const h of s.heads) head.append(el("th", { text: `H${h}`, scope: "col" }));
     table.append(head);
+    const cells: HTMLElement[][] = [];
     s.layers.forEach((layer, li) => {
-      const tr = el("tr", {}, el("th", { text: `L${layer}` }));
+      const tr = el("tr", {}, el("th", { text: `L${layer}`, scope: "row" }));
+      cells.push([]);
       s.heads.forEach((h, hi) => {
         const v = values ? values[li * H + hi] : NaN;
         const known = isFinite(v);
+        const said = !known ? "not captured at this row" : none ? `${this.metric} n/a (1 by definition: no generated key)` : `${this.metric} ${fmt(v)}`;
+        const picked = li === this.li && hi === this.hi;
         const td = el("td", { class: "as-sumcell", role: "gridcell", "data-l": String(layer), "data-h": String(h),
-          "data-value": known ? String(v) : "", text: known ? fmt(v, 2) : "–",
-          title: known ? `layer ${layer} head ${h}: ${this.metric} ${v}` : `layer ${layer} head ${h}: not captured at this row` });
-        if (known) {
+          "data-value": known ? String(v) : "", text: !known ? "–" : none ? "n/a" : fmt(v, 2),
+          title: known && !none ? `layer ${layer} head ${h}: ${this.metric} ${v}` : `layer ${layer} head ${h}: ${said}`,
+          "aria-label": `layer ${layer}, head ${h}: ${said}`, "aria-selected": String(picked) });
+        if (known && !none) {
           const x = Math.max(0, Math.min(1, (v - lo) / span));
           td.style.background = rgb(VIRIDIS, x);
           td.style.color = x > 0.6 ? "#000" : "#fff";
-          td.onclick = () => { this.li = li; this.hi = hi; this.render(); };
-        }
-        td.classList.toggle("as-selected", li === this.li && hi === this.hi);
+        } else if (none) td.classList.add("as-na");
+        if (known) td.onclick = () => this.pick(li, hi);
+        td.classList.toggle("as-selected", picked);
         tr.append(td);
+        cells[li].push(td);
       });
       table.append(tr);
     });
     this.els.grid.replaceChildren(table);
+    // Enter or Space picks a head as a click does; the focus stays on that head after the grid is redrawn
+    const keys = new GridKeys(cells, (li, hi) => { if (isFinite(values?.[li * H + hi] ?? NaN)) this.pick(li, hi); });
+    if (this.li >= 0) keys.current(this.li, this.hi);
+    if (refocus?.l !== undefined) keys.focus(s.layers.indexOf(Number(refocus.l)), s.heads.indexOf(Number(refocus.h)));
     this.renderDetail();
     Object.assign(this.root.dataset, { stream: s.name, step: String(b.step), q: String(b.q), metric: this.metric, ready: "1" });
+  }
+
+  private pick(li: number, hi: number): void {
+    this.li = li;
+    this.hi = hi;
+    this.render();
   }
 
   private renderDetail(): void {
@@ -204,7 +238,7 @@ export class SummaryViewer {
     const layer = s.layers[this.li], h = s.heads[this.hi], cell = this.li * s.heads.length + this.hi;
     const tokens = this.tokensAt(b.step);
     detailTitle.textContent = `layer ${layer} · head ${h} · query ${this.tok(b.q, b.step)}`;
-    for (const m of s.metrics) stats.append(el("span", { text: `${m.name} ${fmt(b.metrics[m.name][cell])}` }));
+    for (const m of s.metrics) stats.append(el("span", { text: `${m.name} ${b.undefined[m.name] ? "n/a" : fmt(b.metrics[m.name][cell])}` }));
     topLabel.textContent = b.k ? `top ${b.k} keys (attention weight; keys given none are left out)` : "top-k keys were not summarised (capture with summaries including \"topk\")";
     for (let j = 0; j < b.k; j++) {
       const p = b.index[cell * b.k + j], v = b.value[cell * b.k + j];

@@ -87,6 +87,7 @@ export interface SummaryStreamMeta {
   all_rows: number; // rows the summaries hold (more than `rows` when an exported page thinned them)
   token_eras?: [number, number, string[]][]; // beam search: (last step, first, tail): the row's tokens up to that step are tokens[:first] + tail
   blocks?: Record<string, SummaryBlockJson>; // "step:query" -> numbers, in an exported page
+  notes?: string[]; // what the view says about this stream (a summary not offered, and why)
 }
 
 export interface SummaryBlockJson {
@@ -96,6 +97,7 @@ export interface SummaryBlockJson {
   metrics: Record<string, string>; // float32 [layers, heads], NaN where not captured
   topk_index: string; // int32 [layers, heads, k], -1 where none
   topk_value: string; // float32 [layers, heads, k]
+  undefined?: Record<string, string>; // summary -> why its grid says nothing at this row (lookback without generated keys)
 }
 
 /** The numbers of one (step, query row): each summary per layer and head, and each head's top-k keys. */
@@ -106,6 +108,7 @@ export interface SummaryBlock {
   metrics: Record<string, Float32Array>;
   index: Int32Array;
   value: Float32Array;
+  undefined: Record<string, string>;
 }
 
 export interface SummarySource {

@@ -56,6 +56,10 @@ export const ROLE_COLOURS: Record<string, string> = {
   text: "#1f77b4", generated: "#e377c2", pad: "#c7c7c7", unknown: "#bcbd22",
 };
 
+/** Said wherever a padding position's row is shown: the model computes one, but no token attends there. */
+export const PAD_ROW = "padding: this position holds no token, so its row is not a token's attention (the model "
+  + "fills padded query rows with an arbitrary or uniform row)";
+
 export const HEAD_COLOURS = [
   "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
   "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
@@ -112,4 +116,60 @@ export function drawHeat(
   sctx.putImageData(img, 0, 0);
   ctx.imageSmoothingEnabled = opts.smooth ?? true;
   ctx.drawImage(small, x, y, w, h);
+}
+
+/** Keyboard access to a grid of cells (`cells[row][col]`; null: no cell there): one cell is in the tab order (the
+ * picked one, else the first), arrow keys, Home and End move the focus, Enter or Space picks the focused cell (WAI-ARIA
+ * grid pattern). Each cell keeps its own accessible name (its aria-label). */
+export class GridKeys {
+  private at: [number, number] = [-1, -1];
+
+  constructor(private readonly cells: (HTMLElement | null)[][], private readonly pick: (row: number, col: number) => void) {
+    cells.forEach((row, r) => row.forEach((cell, c) => {
+      if (!cell) return;
+      cell.tabIndex = -1;
+      cell.addEventListener("keydown", (ev) => this.key(ev, r, c));
+      cell.addEventListener("focus", () => this.current(r, c));
+    }));
+    const first = cells.findIndex((row) => row.some((x) => x));
+    if (first >= 0) this.current(first, cells[first].findIndex((x) => x));
+  }
+
+  /** Make (row, col) the cell the tab key reaches (the picked one, after a mouse click too). */
+  current(r: number, c: number): void {
+    const cell = this.cells[r]?.[c];
+    if (!cell) return;
+    const [pr, pc] = this.at;
+    const prev = this.cells[pr]?.[pc];
+    if (prev) prev.tabIndex = -1;
+    cell.tabIndex = 0;
+    this.at = [r, c];
+  }
+
+  focus(r: number, c: number): void {
+    this.current(r, c);
+    this.cells[r]?.[c]?.focus();
+  }
+
+  private key(ev: KeyboardEvent, r: number, c: number): void {
+    if (ev.key === "Enter" || ev.key === " ") {
+      ev.preventDefault();
+      this.pick(r, c);
+      return;
+    }
+    const move: Record<string, [number, number]> = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
+    let to: [number, number] | null = null;
+    if (ev.key in move) {
+      const [dr, dc] = move[ev.key];
+      for (let i = r + dr, j = c + dc; this.cells[i]?.[j] !== undefined; i += dr, j += dc) {
+        if (this.cells[i][j]) { to = [i, j]; break; }
+      }
+    } else if (ev.key === "Home" || ev.key === "End") {
+      const row = this.cells[r];
+      const j = ev.key === "Home" ? row.findIndex((x) => x) : row.length - 1 - [...row].reverse().findIndex((x) => x);
+      to = [r, j];
+    } else return;
+    ev.preventDefault();
+    if (to) this.focus(to[0], to[1]);
+  }
 }

@@ -1,7 +1,7 @@
 // The viewer of one run: token strip, image overlay, layers x heads grid and one head's detail.
 import type { Block, ExplEntry, LayerBlock, Source, StreamMeta, ViewDoc } from "./types";
 import {
-  HEAD_COLOURS, INFERNO, ROLE_COLOURS, VIRIDIS, bytes, drawHeat, el, fmt, normalize, rgb,
+  GridKeys, HEAD_COLOURS, INFERNO, PAD_ROW, ROLE_COLOURS, VIRIDIS, bytes, drawHeat, el, fmt, normalize, rgb,
 } from "./util";
 
 export interface Selection {
@@ -60,6 +60,7 @@ export class Viewer {
   private overlays: Overlay[] = [];
   private cells: HTMLElement[][] = [];
   private meanCells: HTMLElement[] = [];
+  private keys: GridKeys | null = null;
   private els!: Record<string, HTMLElement>;
   private layerCache: LayerBlock | null = null;
   private ticket = 0;
@@ -81,6 +82,11 @@ export class Viewer {
 
   role(i: number): string {
     return this.doc.roles[this.s.roles[i]] ?? "unknown";
+  }
+
+  /** Whether position `i` is padding (its row, if stored, is no token's attention). */
+  isPad(i: number): boolean {
+    return i < this.s.length && this.role(i) === "pad";
   }
 
   get selection(): Selection {
@@ -115,6 +121,8 @@ export class Viewer {
     if (cls >= 0 && s.queries.includes(cls)) return cls;
     const g = this.doc.generation;
     if (g && s.name === g.stream && g.prompt_length > 0) return this.nearest(g.prompt_length - 1);
+    // the last stored row of a token (a right-padded sequence ends in padding, whose rows are no token's)
+    for (let i = s.queries.length - 1; i >= 0; i--) if (!this.isPad(s.queries[i])) return s.queries[i];
     return s.queries[s.queries.length - 1];
   }
 
@@ -163,9 +171,9 @@ export class Viewer {
     const frag = document.createDocumentFragment();
     for (let i = 0; i < s.length; i++) {
       const role = this.role(i);
-      const t = el("span", { class: this.patchOf[i] ? "as-tok as-patch" : "as-tok", "data-i": String(i) });
+      const t = el("span", { class: (this.patchOf[i] ? "as-tok as-patch" : "as-tok") + (role === "pad" ? " as-pad" : ""), "data-i": String(i) });
       if (!this.patchOf[i]) t.textContent = s.tokens[i] || "\u00a0";
-      t.title = `#${i} ${role}${this.patchOf[i] ? ` (${this.patchOf[i]!.slice(1).join(",")})` : ""}: ${s.tokens[i]}`;
+      t.title = `#${i} ${role}${this.patchOf[i] ? ` (${this.patchOf[i]!.slice(1).join(",")})` : ""}: ${s.tokens[i]}${role === "pad" ? ` (${PAD_ROW})` : ""}`;
       t.style.borderBottomColor = ROLE_COLOURS[role] ?? "#999";
       if (s.sinks.includes(i)) t.classList.add("as-sink");
       this.tokenEls.push(t);
@@ -226,37 +234,43 @@ export class Viewer {
       el("div", { class: "as-gridhead" }, el("label", {}, "cell border: ", metricSel), metricLegend));
     const grid = el("div", { class: "as-grid", role: "grid", "data-layers": String(s.layers.length), "data-heads": String(s.heads.length) });
     grid.style.gridTemplateColumns = `2.4em repeat(${s.heads.length}, var(--cell)) 6px var(--cell)`;
-    grid.append(el("span", {}));
-    for (const h of s.heads) grid.append(el("span", { class: "as-hlabel", text: `H${h}` }));
-    grid.append(el("span", {}), el("span", { class: "as-hlabel", text: "mean" }));
+    // rows as ARIA rows that take no box (display: contents), so the cells stay items of the CSS grid
+    const header = el("div", { class: "as-grow", role: "row" }, el("span", {}));
+    for (const h of s.heads) header.append(el("span", { class: "as-hlabel", role: "columnheader", text: `H${h}` }));
+    header.append(el("span", {}), el("span", { class: "as-hlabel", role: "columnheader", text: "mean" }));
+    grid.append(header);
     this.cells = [];
     this.meanCells = [];
     this.patternDrawn = "";
     const thumb = this.thumbSize();
     s.layers.forEach((layer, li) => {
-      grid.append(el("span", { class: "as-llabel", text: `L${layer}` }));
+      const line = el("div", { class: "as-grow", role: "row" }, el("span", { class: "as-llabel", role: "rowheader", text: `L${layer}` }));
       const row: HTMLElement[] = [];
       s.heads.forEach((head, hi) => {
-        const cell = el("div", { class: "as-cell", role: "gridcell", "data-l": String(layer), "data-h": String(head) });
+        const cell = el("div", { class: "as-cell", role: "gridcell", "data-l": String(layer), "data-h": String(head), "aria-label": `layer ${layer}, head ${head}` });
         const c = el("canvas");
         c.width = thumb[1];
         c.height = thumb[0];
         cell.append(c);
         cell.onclick = () => this.setHead(li, hi);
         row.push(cell);
-        grid.append(cell);
+        line.append(cell);
       });
-      grid.append(el("span", {}));
-      const mean = el("div", { class: "as-cell-mean", "data-l": String(layer), title: `layer ${layer}: mean of heads` });
+      line.append(el("span", {}));
+      const mean = el("div", { class: "as-cell-mean", role: "gridcell", "data-l": String(layer), title: `layer ${layer}: mean of heads`, "aria-label": `layer ${layer}, mean of heads` });
       const mc = el("canvas");
       mc.width = thumb[1];
       mc.height = thumb[0];
       mean.append(mc);
       mean.onclick = () => this.setHead(li, -1);
       this.meanCells.push(mean);
-      grid.append(mean);
+      line.append(mean);
+      grid.append(line);
       this.cells.push(row);
     });
+    const H = s.heads.length;
+    this.keys = new GridKeys(this.cells.map((row, li) => [...row, this.meanCells[li]]), (li, c) => this.setHead(li, c < H ? c : -1));
+    this.keys.current(this.li, this.hi < 0 ? H : this.hi); // the tab key reaches the picked head first
     if (!s.layers.length) grid.append(el("div", { class: "as-note", text: "no attention rows in this document" }));
     gridPanel.append(grid);
 
@@ -349,6 +363,7 @@ export class Viewer {
   setHead(li: number, hi: number, notify = true): void {
     this.li = li;
     this.hi = hi;
+    this.keys?.current(li, hi < 0 ? this.s.heads.length : hi);
     this.layerCache = null;
     this.render();
     if (notify) this.opts.onSelect?.(this.selection);
@@ -473,6 +488,10 @@ export class Viewer {
     this.renderDetail(values);
     this.renderCaption();
     this.root.dataset.q = String(this.q);
+    // a padding row is drawn greyed, and said so in the caption, the detail title and the token's tooltip
+    const pad = this.s.queries.length > 0 && this.method === "raw" && this.isPad(this.q);
+    this.root.classList.toggle("as-padrow", pad);
+    this.root.dataset.pad = pad ? "1" : "0";
     this.root.dataset.layer = String(this.s.layers[this.li] ?? "");
     this.root.dataset.head = String(this.hi < 0 ? "mean" : this.s.heads[this.hi]);
     this.root.dataset.drawMs = (performance.now() - t0).toFixed(1);
@@ -486,7 +505,7 @@ export class Viewer {
     const floor = this.method !== "raw" && this.expl ? this.expl.floor ?? 0 : 0;
     const values = floor ? v.map((x) => x + floor) : v;
     const what = this.method === "raw"
-      ? `raw attention of query ${this.tokLabel(this.q)}, layer ${this.s.layers[this.li]}, ${this.hi < 0 ? "mean of heads" : `head ${this.s.heads[this.hi]}`}`
+      ? `raw attention of query ${this.tokLabel(this.q)}${this.isPad(this.q) ? " (pad: not a token's attention)" : ""}, layer ${this.s.layers[this.li]}, ${this.hi < 0 ? "mean of heads" : `head ${this.s.heads[this.hi]}`}`
       : `${this.method} explaining ${this.expl?.explains ?? "the default target"}`;
     return { stream: this.s.name, method: this.method, q: this.q, layer: this.s.layers[this.li] ?? 0, head: this.hi < 0 ? -1 : this.s.heads[this.hi], values, what };
   }
@@ -531,6 +550,7 @@ export class Viewer {
     }
     if (s.queries.length < s.length) text += ` · rows stored for ${s.queries.length} of ${s.length} positions`;
     caption.textContent = text;
+    if (this.isPad(this.q)) caption.append(el("span", { class: "as-padnote", text: ` · ${PAD_ROW}` }));
     units.textContent = "attention weights: the row's share of attention on each key (rows sum to 1)";
   }
 
@@ -619,10 +639,14 @@ export class Viewer {
         const known = typeof v === "number" && isFinite(v);
         cell.style.borderColor = known ? rgb(VIRIDIS, (v - lo) / span) : "#ccc";
         cell.title = `layer ${layer} head ${head}${known ? ` · ${this.metric} ${fmt(v)}` : ""}`;
-        cell.classList.toggle("as-selected", li === this.li && hi === this.hi);
+        cell.setAttribute("aria-label", `layer ${layer}, head ${head}${known ? `, ${this.metric} ${fmt(v)}` : ""}`);
+        const picked = li === this.li && hi === this.hi;
+        cell.classList.toggle("as-selected", picked);
+        cell.setAttribute("aria-selected", String(picked));
       });
       if (redraw) draw(this.meanCells[li], li, -1);
       this.meanCells[li].classList.toggle("as-selected", li === this.li && this.hi < 0);
+      this.meanCells[li].setAttribute("aria-selected", String(li === this.li && this.hi < 0));
     });
   }
 
@@ -632,7 +656,7 @@ export class Viewer {
     const explaining = this.method !== "raw";
     this.els.detailTitle.textContent = explaining
       ? `${this.method}: ${this.expl?.explains ?? "no map"}`
-      : s.layers.length ? `raw attention · layer ${layer} · ${headLabel} · query ${this.tokLabel(this.q)}` : this.method;
+      : s.layers.length ? `raw attention · layer ${layer} · ${headLabel} · query ${this.tokLabel(this.q)}${this.isPad(this.q) ? " (pad: not a token's attention)" : ""}` : this.method;
     this.els.topLabel.textContent = explaining ? `highest-scoring tokens (${this.method} scores)` : "most attended keys (attention weight)";
     const stats = this.els.stats;
     stats.replaceChildren();
@@ -705,12 +729,13 @@ export class Viewer {
       for (let qi = 0; qi < lb.queries.length; qi++) {
         const q = lb.queries[qi];
         const sel = q === this.q;
+        if (!sel && this.isPad(q)) continue; // a padding row is no token's attention: drawn only when picked (greyed)
         for (let k = 0; k < K; k++) {
           let w = 0;
           for (const h of heads) w += (lb.u8[(qi * H + h) * K + k] / 255) * lb.scale[qi * H + h];
           w /= heads.length;
           if (w < 0.02) continue;
-          ctx.strokeStyle = colour;
+          ctx.strokeStyle = this.isPad(q) ? "#999" : colour;
           ctx.globalAlpha = Math.min(1, w * (sel ? 1 : 0.35));
           ctx.lineWidth = sel ? 2 : 1;
           ctx.beginPath();
@@ -722,7 +747,7 @@ export class Viewer {
       ctx.globalAlpha = 1;
       for (let i = 0; i < n; i++) {
         const y = 5 + i * rowH + rowH / 2;
-        ctx.fillStyle = i === this.q ? "#000" : "#444";
+        ctx.fillStyle = this.isPad(i) ? "#aaa" : i === this.q ? "#000" : "#444";
         ctx.font = i === this.q ? "bold 11px sans-serif" : "11px sans-serif";
         ctx.textAlign = "right";
         ctx.fillText(label(i), x0 - 6, y);
@@ -758,9 +783,9 @@ export class Viewer {
       ctx.fillText(`${label(k)} #${k}`, x1 + 6, y);
     });
     ctx.textAlign = "right";
-    ctx.fillStyle = "#000";
+    ctx.fillStyle = this.isPad(this.q) ? "#999" : "#000";
     ctx.font = "bold 11px sans-serif";
-    ctx.fillText(`${label(this.q)} #${this.q}`, x0 - 6, yq);
+    ctx.fillText(`${label(this.q)} #${this.q}${this.isPad(this.q) ? " (pad)" : ""}`, x0 - 6, yq);
     canvas.dataset.mode = "top";
   }
 

@@ -221,12 +221,13 @@ class Trace:
 
     # --- figures and exports --------------------------------------------------------------------------------
     def plot(self, stream: str | None = None, layer: int = -1, head: int | str = "mean", query: int | str = "cls",
-             image=None, ax=None, step: int = 0, run: int = -1):
-        """Draw one captured head (or the mean/max over captured heads) over the image (vision or VLM streams, as
-        a heat map on the patch grid) or as a bar per token (text). See `attnscope.viz.figures.plot_trace`."""
+             image=None, ax=None, step: int = 0, run: int = -1, row: int = 0):
+        """Draw one captured head (or the mean/max over captured heads) of batch row `row` over the image (vision or
+        VLM streams, as a heat map on the patch grid) or as a bar per token (text); a padding query is drawn grey and
+        said so. See `attnscope.viz.figures.plot_trace`."""
         from ..viz.figures import plot_trace
 
-        return plot_trace(self, stream, layer, head, query, image=image, ax=ax, step=step, run=run)
+        return plot_trace(self, stream, layer, head, query, image=image, ax=ax, step=step, run=run, row=row)
 
     def to_bertviz(self, stream: str | None = None, run: int = -1, row: int = 0) -> dict:
         """`{"attention": [per layer [1, heads, N, N]], "tokens": [...]}` for BertViz:

@@ -31,7 +31,7 @@ FORMAT = "attnscope.view/1"
 FOCUS_ROLES = ("cls", "register", "special", "generated")
 DEFAULT_BUDGET = 32_000_000  # stored values (bytes) per run: layers x heads x queries x keys
 PATTERN = 32  # side of the pooled query x key thumbnails
-ENTROPY = "entropy (nats)"  # -sum p ln p of a row, averaged over the stored rows: the head table's unit too
+ENTROPY = "entropy (nats)"  # -sum p ln p of a row, averaged over the stored tokens' rows: the head table's unit too
 
 
 def b64(array: np.ndarray, deflate: bool = False) -> str:
@@ -286,14 +286,19 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
     return views
 
 
+def token_rows(view: StreamView) -> list[int]:
+    """Indices into `view.queries` of the rows of tokens: a padding position's row (uniform or arbitrary, as the model
+    fills it) is no token's attention, so head metrics and thumbnails leave it out."""
+    return [i for i, q in enumerate(view.queries) if q >= len(view.tokens) or view.tokens.roles[q] != "pad"]
+
+
 def _summaries(view: StreamView, full: np.ndarray, report=None) -> None:
-    """Head metrics, sinks and pooled thumbnails from the float rows [q, l, h, k]."""
+    """Head metrics, sinks and pooled thumbnails from the float rows [q, l, h, k] (metrics and thumbnails over the
+    tokens' rows, `token_rows`)."""
     from ..explain import sinks as sinklib
 
     if not len(view.queries):
         return
-    ent = -(np.where(full > 0, full * np.log(np.where(full > 0, full, 1)), 0)).sum(-1)  # nats
-    view.metrics[ENTROPY] = ent.mean(0)
     if report is None:  # a trace file: the one detector's attention-mass criterion on the stored rows
         probs = []
         for li in range(full.shape[1]):
@@ -306,15 +311,22 @@ def _summaries(view: StreamView, full: np.ndarray, report=None) -> None:
         view.sink_rule = sinklib.DEFINITION
     view.received = np.asarray(report.mass_ratio[: view.length], dtype=np.float32)
     view.sinks = [int(p) for p in report.positions if p < view.length]
+    keep = token_rows(view)
+    if not keep:  # only padding rows: no head metric or thumbnail to draw from them
+        return
+    queries = [view.queries[i] for i in keep]
+    full = full[keep] if len(keep) < len(view.queries) else full
+    ent = -(np.where(full > 0, full * np.log(np.where(full > 0, full, 1)), 0)).sum(-1)  # nats
+    view.metrics[ENTROPY] = ent.mean(0)
     if view.sinks:
         view.metrics["sink mass"] = full[..., view.sinks].sum(-1).mean(0)
     image = view.tokens.positions("image")
     if image:
         view.metrics["image ratio"] = full[..., image].sum(-1).mean(0)
-    view.metrics["self"] = np.stack([full[i, :, :, q] for i, q in enumerate(view.queries)]).mean(0)
+    view.metrics["self"] = np.stack([full[i, :, :, q] for i, q in enumerate(queries)]).mean(0)
     # thumbnails stay near 128 kB whatever the model: 32x32 for up to 128 heads, smaller for more
     size = int(np.clip(math.isqrt(131072 // max(1, full.shape[1] * full.shape[2])), 12, PATTERN))
-    view.pattern = _pattern(full, view.queries, view.length, size)
+    view.pattern = _pattern(full, queries, view.length, size)
 
 
 def _pattern(full: np.ndarray, queries: list[int], length: int, size: int = PATTERN) -> np.ndarray:

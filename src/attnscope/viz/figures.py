@@ -38,7 +38,8 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
     """One captured attention row over the whole sequence: (scores [N] with 0 at keys not captured, the TokenMap,
     a description), labelled with the tokens batch row `row` held at `step`. `head` is a captured head index or "mean"/"max" over the captured heads; `query` is an absolute
     position (negative counts from the end), or "cls" / "last" / any role (its first captured position; "last":
-    the last captured query). Raises KeyError naming what was captured when the head or query is missing."""
+    the last captured query that is not padding). The description's "pad" says the query is a padding position,
+    whose row is no token's attention. Raises KeyError naming what was captured when the head or query is missing."""
     streams = sorted({s for s, _ in trace.run(run).records})
     stream = stream or (streams[0] if len(streams) == 1 else None)
     if stream is None:
@@ -46,8 +47,8 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
     layer = trace.layer_index(stream, layer, run)
     rec = trace.record(stream, layer, step, 0, run)
     tmap = trace.tokens(stream, row, run, step=step)  # what the row held at that step (beam search changes it)
-    if query == "last":
-        q = rec.queries[-1]
+    if query == "last":  # a right-padded row ends in padding: its last token's row
+        q = next((p for p in reversed(rec.queries) if p >= len(tmap) or tmap.roles[p] != "pad"), rec.queries[-1])
     elif isinstance(query, str):
         wanted = [p for p in tmap.positions(query) if p in rec.queries]
         if not wanted:
@@ -67,20 +68,24 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
     full = np.zeros(len(tmap), dtype=np.float32)
     keys = list(range(values.shape[0])) if rec.keys is None else rec.keys
     full[keys] = values.cpu().numpy()
-    return full, tmap, {"stream": stream, "layer": layer, "head": head, "query": q, "step": step}
+    pad = q < len(tmap) and tmap.roles[q] == "pad"
+    return full, tmap, {"stream": stream, "layer": layer, "head": head, "query": q, "step": step, "pad": pad}
 
 
 def plot_trace(trace, stream: str | None = None, layer: int = -1, head: int | str = "mean", query: int | str = "cls",
-               image=None, ax=None, step: int = 0, run: int = -1, image_index: int = 0):
-    """Draw one captured attention row (`head_scores`): over the image's patch grid (a heat map on `image` if given:
-    a photo name, path, PIL image or array, stretched to the grid; else the grid alone) with a colour bar in
-    attention probability, or as a bar per token for streams without an image grid. Returns the figure."""
-    scores, tmap, info = head_scores(trace, stream, layer, head, query, step, run)
+               image=None, ax=None, step: int = 0, run: int = -1, image_index: int = 0, row: int = 0):
+    """Draw one captured attention row (`head_scores`) of batch row `row`: over the image's patch grid (a heat map on
+    `image` if given: a photo name, path, PIL image or array, stretched to the grid; else the grid alone) with a colour
+    bar in attention probability, or as a bar per token for streams without an image grid (padding keys greyed). A
+    padding query's row is drawn grey and its title says it is no token's attention. Returns the figure."""
+    scores, tmap, info = head_scores(trace, stream, layer, head, query, step, run, row)
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(4.6, 4.0) if tmap.grids else (max(6, 0.35 * len(tmap)), 3.2))
     label = (f"{info['stream']} layer {info['layer']}, head {info['head']}, from {_label(tmap.tokens[info['query']])} "
              f"(position {info['query']})")
+    if info["pad"]:
+        label += "\n" + PAD_ROW
     if tmap.grids:
         heat = grid_map(torch.from_numpy(scores), tmap, image_index)
         if image is not None:
@@ -88,20 +93,26 @@ def plot_trace(trace, stream: str | None = None, layer: int = -1, head: int | st
 
             photo = load_image(image)
             ax.imshow(photo)
-            im = ax.imshow(heat, cmap="inferno", alpha=0.55, extent=(0, photo.size[0], photo.size[1], 0),
-                           interpolation="bilinear")
+            im = ax.imshow(heat, cmap="Greys_r" if info["pad"] else "inferno", alpha=0.55,
+                           extent=(0, photo.size[0], photo.size[1], 0), interpolation="bilinear")
         else:
-            im = ax.imshow(heat, cmap="inferno")
+            im = ax.imshow(heat, cmap="Greys_r" if info["pad"] else "inferno")
         ax.axis("off")
         ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="attention probability")
     else:
-        ax.bar(range(len(scores)), scores, color="#48c")
+        pads = [r == "pad" for r in tmap.roles]
+        ax.bar(range(len(scores)), scores, color=["#bbb" if info["pad"] or p else "#48c" for p in pads])
         ax.set_xticks(range(len(scores)), [_label(t) for t in tmap.tokens], rotation=90, fontsize=7)
+        for tick, p in zip(ax.get_xticklabels(), pads):
+            tick.set_color("#999" if p else "#000")
         ax.set_ylabel("attention probability", fontsize=7)
     ax.set_title(label, fontsize=7)
     if fig is not None:
         fig.tight_layout()
     return ax.figure
+
+
+PAD_ROW = "padding query: its row is not a token's attention"
 
 
 def _label(token: str) -> str:

@@ -15,7 +15,7 @@ import torch
 from ..capture.trace import Trace
 from ..core.tokens import TokenMap
 from .data import (ENTROPY, PATTERN, StreamView, _pattern, beam_note, beam_sources, quantize, self_attention_streams,
-                   steps_seen)
+                   steps_seen, token_rows)
 
 
 def is_streamed(run) -> bool:
@@ -110,7 +110,7 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
 
 def summarize(view: LazyStreamView) -> None:
     """Head metrics, sinks (attention-mass criterion) and thumbnails, one layer in memory at a time; the same numbers
-    as `data._summaries` on the whole array."""
+    as `data._summaries` on the whole array (metrics and thumbnails over the tokens' rows, `data.token_rows`)."""
     from ..explain import sinks as sinklib
 
     if not view.queries:
@@ -120,17 +120,22 @@ def summarize(view: LazyStreamView) -> None:
     every = view.queries == list(range(length))
     size = int(np.clip(math.isqrt(131072 // max(1, n_layers * n_heads)), 12, PATTERN))
     ent, own, img, colmean, pattern = [], [], [], [], []
+    keep = token_rows(view)
+    queries = [view.queries[i] for i in keep]
 
     def layers():
         for li in range(n_layers):
             full = view.layer_rows(li)  # [q, h, k]
             t = torch.from_numpy(full)
-            ent.append(-torch.special.xlogy(t, t).sum(-1).mean(0).numpy())
-            own.append(np.stack([full[i, :, q] for i, q in enumerate(view.queries)]).mean(0))
-            if image:
-                img.append(full[..., image].sum(-1).mean(0))
-            colmean.append(full.mean(0))
-            pattern.append(_pattern(full[:, None], view.queries, length, size)[0])
+            if keep:
+                tok = full[keep]
+                tt = torch.from_numpy(tok)
+                ent.append(-torch.special.xlogy(tt, tt).sum(-1).mean(0).numpy())
+                own.append(np.stack([tok[i, :, q] for i, q in enumerate(queries)]).mean(0))
+                if image:
+                    img.append(tok[..., image].sum(-1).mean(0))
+                colmean.append(tok.mean(0))
+                pattern.append(_pattern(tok[:, None], queries, length, size)[0])
             if every:
                 yield t.permute(1, 0, 2)
             else:
@@ -140,9 +145,11 @@ def summarize(view: LazyStreamView) -> None:
 
     report = sinklib.from_tensors([], layers(), view.tokens, write=False)
     view.sink_rule = sinklib.MASS_ONLY
-    view.metrics[ENTROPY] = np.stack(ent).astype(np.float32)
     view.received = np.asarray(report.mass_ratio[:length], dtype=np.float32)
     view.sinks = [int(p) for p in report.positions if p < length]
+    if not keep:  # only padding rows: no head metric or thumbnail to draw from them
+        return
+    view.metrics[ENTROPY] = np.stack(ent).astype(np.float32)
     if view.sinks:
         view.metrics["sink mass"] = np.stack(colmean)[..., view.sinks].sum(-1)
     if image:

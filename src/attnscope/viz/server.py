@@ -30,12 +30,13 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from . import data, html, integrations, runner
+from . import data, html, integrations, runner, summary_view
 
 log = logging.getLogger("attnscope.serve")
 
@@ -224,6 +225,17 @@ class Viewer:
 
 
 # --- input checks (pure functions, tested directly) --------------------------------------------------------
+def whole_number(value, name: str, valid: str) -> int:
+    """`value` (a path segment, form field or JSON value) as an int, else a 400 naming `name` and the `valid` range.
+    Only whole numbers pass: "2.5", 2.5, true, "" and "two" are refused, never rounded or read as 1."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    if isinstance(text, str) and text.lstrip("-").isdigit() and text.lstrip("-").isascii():
+        return int(text)
+    raise ApiError(400, f"{name} must be a whole number {valid}; got {value!r}")
+
+
 def read_image(raw: bytes, max_pixels: int) -> Image.Image:
     """An RGB image from uploaded bytes, or ApiError 400/413/415 with a message that names the fix."""
     if not raw:
@@ -287,6 +299,12 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
         return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err: RequestValidationError):  # a parameter FastAPI itself parsed: the same shape
+        said = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', '')}"
+                         for e in err.errors())
+        return JSONResponse({"error": f"bad request: {said}"}, status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, err: Exception):
@@ -370,10 +388,8 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         model_id = str(form.get("model") or "")
         text = str(form.get("text") or "") or None
         photo = str(form.get("photo") or "") or None
-        try:
-            new_tokens = int(form.get("max_new_tokens") or 0)
-        except ValueError as err:
-            raise ApiError(400, "max_new_tokens must be an integer") from err
+        new_tokens = whole_number(form.get("max_new_tokens") or 0, "max_new_tokens",
+                                  f"between 0 and {lim.max_new_tokens}")
         if not 0 <= new_tokens <= lim.max_new_tokens:
             raise ApiError(400, f"max_new_tokens must be between 0 and {lim.max_new_tokens}")
         if text is not None and len(text) > lim.max_text:
@@ -457,19 +473,22 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         entry = state.entry(rid)
         return state.describe(rid, entry.result, entry.model_id)
 
+    # numbers in paths arrive as text and are parsed here, so a bad one gets a 400 naming the valid range
     @app.get("/api/runs/{rid}/{stream}/query/{query}")
-    def query_block(rid: str, stream: str, query: int):
+    def query_block(rid: str, stream: str, query: str):
         view = state.view(rid, stream)
         if not len(view.queries):
             raise ApiError(404, f"stream {stream!r} of run {rid!r} has no stored rows")
+        query = whole_number(query, "query", f"in 0..{view.length - 1}")
         if not 0 <= query < view.length:
             raise ApiError(400, f"query {query} is out of range 0..{view.length - 1}")
         q, u8, scale = view.block(query)
         return {"q": q, "b64": data.b64(u8), "scale": data.b64(scale)}
 
     @app.get("/api/runs/{rid}/{stream}/layer/{layer}")
-    def layer_block(rid: str, stream: str, layer: int):
+    def layer_block(rid: str, stream: str, layer: str):
         view = state.view(rid, stream)
+        layer = whole_number(layer, "layer", f"(captured layers: {view.layers})")
         if layer not in view.layers:
             raise ApiError(404, f"layer {layer} was not captured; layers: {view.layers}")
         li = view.layers.index(layer)
@@ -479,8 +498,13 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         return {"layer": layer, "queries": view.queries, "b64": data.b64(u8), "scale": data.b64(scale)}
 
     @app.get("/api/runs/{rid}/{stream}/summary/{step}/{query}")
-    def summary_block(rid: str, stream: str, step: int, query: int):
+    def summary_block(rid: str, stream: str, step: str, query: str):
         view = state.summary(rid, stream)
+        steps = sorted({s for s, _ in view.rows})
+        step = whole_number(step, "step", f"in {steps[0]}..{steps[-1]}" if steps else "(this stream has no steps)")
+        queries = [q for s, q in view.rows if s == step]
+        query = whole_number(query, "query", f"(query rows at step {step}: {summary_view.span(queries)})" if queries
+                             else f"(step {step} is not one of this stream's steps {steps[0]}..{steps[-1]})")
         try:
             return view.block(step, query).to_json()
         except KeyError as err:
@@ -492,10 +516,11 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
     async def explain(rid: str, request: Request):
         try:
             body = await request.json()
-            method, stream, query = str(body["method"]), str(body["stream"]), int(body["query"])
-            target = None if body.get("target") is None else int(body["target"])
+            method, stream, query, target = str(body["method"]), str(body["stream"]), body["query"], body.get("target")
         except Exception as err:
             raise ApiError(400, "send JSON {method, stream, query, target}") from err
+        query = whole_number(query, "query", "(a position of the stream)")
+        target = None if target is None else whole_number(target, "target", "(a position of the stream, or null)")
         entry = state.entry(rid)
         if entry.model_id is None:
             raise ApiError(400, "this run came from a trace file: explanations need the model; run it in the viewer")

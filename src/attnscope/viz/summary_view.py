@@ -8,7 +8,10 @@ bit for bit. A summaries capture keeps no rows, so there is nothing to pool or s
 block is [layers, heads] per summary plus [layers, heads, k] keys, made when the server is asked for it
 (`/api/runs/{rid}/{stream}/summary/{step}/{query}`) or embedded in an exported page for every row that fits a budget
 (`export_rows`). Where a grid has no number (a head not captured at that layer, a layer without that row) it holds
-NaN (index -1), drawn as "–"."""
+NaN (index -1), drawn as "–". Where a summary's number is no measurement (the lookback ratio of a row that sees no
+generated key: 1 by definition) the block names it in `undefined` and the page draws "n/a" with the reason; a stream
+where that holds at every row does not offer the summary and says why (`notes`). Padding rows are labelled from the
+token map's "pad" role by the page."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,6 +26,11 @@ LOOKBACK = "lookback ratio"
 MASS = "mass on "  # + a token role: `Summaries.role_mass(..., role)`
 TOP_WEIGHT = "top key weight"  # the weight of the row's most attended key: `Summaries.topk(...)[1][..., 0]`
 EXPORT_MAX_VALUES = 1_000_000  # float32 numbers embedded per exported page (about 5 MB of base64)
+# why a lookback grid holds no information: the ratio is 1 by definition without a generated key (`lookback_ratio`)
+NO_GENERATED_ROW = ("no generated key is visible to this row (the prefill, or a row before the first generated "
+                    "token), so its lookback ratio is 1 by definition, not a measurement")
+NO_GENERATED_STREAM = ("lookback ratio not offered: this stream has no generated keys (a single forward, an encoder or "
+                       "a vision tower), so it is 1 by definition at every row, not a measurement")
 
 
 @dataclass
@@ -35,11 +43,12 @@ class SummaryBlock:
     metrics: dict[str, np.ndarray]
     index: np.ndarray
     value: np.ndarray
+    undefined: dict[str, str] = field(default_factory=dict)  # {summary: why its grid says nothing at this row}
 
     def to_json(self) -> dict:
         return {"step": self.step, "q": self.query, "k": int(self.index.shape[-1]),
                 "metrics": {name: b64(grid) for name, grid in self.metrics.items()},
-                "topk_index": b64(self.index), "topk_value": b64(self.value)}
+                "topk_index": b64(self.index), "topk_value": b64(self.value), "undefined": dict(self.undefined)}
 
 
 @dataclass
@@ -60,9 +69,15 @@ class SummaryStreamView:
     # beam search: (last step, first position, tokens from there) of row `row` before each reorder (`Run.eras`), as
     # `Run.maps_at` labels a step; positions before `first` hold `tokens`' labels (the prompt is not repeated per step)
     token_eras: list[tuple[int, int, list[str]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the view says about this stream (a summary not offered)
 
     def __post_init__(self):
         self._rows = set(self.rows)
+
+    def lookback_defined(self, query: int) -> bool:
+        """Whether row `query` sees a generated key (the first generated position is at or before it): without one the
+        lookback ratio is 1 by definition (`capture.summaries.lookback_ratio`)."""
+        return lookback_defined(self.tokens, query)
 
     def block(self, step: int, query: int) -> SummaryBlock:
         """The grids of (step, query): each summary's value per layer and head, as the readers return it."""
@@ -88,7 +103,10 @@ class SummaryStreamView:
                 n = idx.shape[-1]
                 index[li, hidx, :n] = idx[self.row, :, qi].numpy()
                 value[li, hidx, :n] = _finite(val[self.row, :, qi], "top-k", layer)
-        return SummaryBlock(step, query, metrics, index, value)
+        undefined = {}
+        if LOOKBACK in self.metrics and not self.lookback_defined(query):
+            undefined[LOOKBACK] = NO_GENERATED_ROW
+        return SummaryBlock(step, query, metrics, index, value, undefined)
 
     def values_per_row(self) -> int:
         return max(1, len(self.layers) * len(self.heads) * (len(self.metrics) + 2 * self.k))
@@ -113,7 +131,8 @@ class SummaryStreamView:
                "tokens": [clean_token(x) for x in t.tokens], "roles": [ROLES.index(r) for r in t.roles],
                "metrics": [{"name": m, "range": None if m == ENTROPY else [0, 1]} for m in self.metrics],
                "k": self.k, "rows": [list(r) for r in (self.rows if rows is None else rows)],
-               "all_rows": len(self.rows), "token_eras": [list(era) for era in self.token_eras]}
+               "all_rows": len(self.rows), "token_eras": [list(era) for era in self.token_eras],
+               "notes": list(self.notes)}
         if rows is not None:
             out["blocks"] = {f"{step}:{q}": self.block(step, q).to_json() for step, q in rows}
         return out
@@ -123,6 +142,18 @@ def _era(last: int, held: list[str], final: list[str]) -> tuple[int, int, list[s
     """(last, first, tail): the tokens a beam row `held` up to step `last` are `final[:first] + tail`."""
     first = next((i for i, (a, b) in enumerate(zip(held, final)) if a != b), min(len(held), len(final)))
     return last, first, [clean_token(x) for x in held[first:]]
+
+
+def lookback_defined(tmap: TokenMap, query: int) -> bool:
+    """Whether position `query` of `tmap` sees a generated key: a generated position at or before it."""
+    return next((p for p, r in enumerate(tmap.roles) if r == "generated"), len(tmap)) <= query
+
+
+def span(positions: list[int]) -> str:
+    """Positions as a reader takes them in: "3..9" when consecutive, else a list (cut after 8)."""
+    if positions and positions == list(range(positions[0], positions[-1] + 1)) and len(positions) > 2:
+        return f"{positions[0]}..{positions[-1]}"
+    return ", ".join(map(str, positions[:8])) + (" ..." if len(positions) > 8 else "")
 
 
 def _spread(items: list, n: int) -> list:
@@ -186,14 +217,19 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
             present = set(tmap.roles)
             metrics += [IMAGE_RATIO] if "image" in present else []
             metrics += [MASS + r for r in ROLES if r in present]
-        metrics += [LOOKBACK] if _has(lambda: summaries.lookback(stream, layer, step, 0, run)) else []
+        said = []
+        if _has(lambda: summaries.lookback(stream, layer, step, 0, run)):
+            if any(lookback_defined(tmap, q) for _, q in rows):
+                metrics.append(LOOKBACK)
+            else:  # 1 at every row by definition: a grid of 1s would read as a measurement
+                said.append(NO_GENERATED_STREAM)
         metrics += [ENTROPY] if _has(lambda: summaries.entropy(stream, layer, step, 0, run)) else []
         if _has(lambda: summaries.topk(stream, layer, step, 0, run)):  # fewer keys than k early on: fewer kept
             k = max(summaries.topk(stream, la, rec.step, 0, run)[0].shape[-1] for la, rec in records)
             metrics += [TOP_WEIGHT]  # a grid even where top-k is all that was summarised (its heads are clicked)
         metrics.sort(key=lambda m: (m != IMAGE_RATIO, m != LOOKBACK, m != ENTROPY))  # the usual ones first
         eras = [_era(last, m[stream][row].tokens, tmap.tokens) for last, m in the_run.eras if m.get(stream)]
-        views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k, eras))
+        views.append(SummaryStreamView(stream, summaries, run, row, tmap, layers, heads, rows, metrics, k, eras, said))
     return views
 
 

@@ -1,0 +1,169 @@
+"""What the viewers' numbers are labelled as, on smollm2-135m and minilm: a padded batch's padding rows (the model
+fills a padding query's row with a uniform or arbitrary row) are left out of the head metrics and thumbnails of the
+rows viewer (a file and a streamed trace alike) and marked in the static figure; the lookback ratio (1 by definition
+without a generated key) is not offered for a stream that has none, and is marked at a row that sees none; numbers in
+the server's paths and bodies that are not whole numbers get the server's 400 {"error"} naming the valid range."""
+import numpy as np
+import pytest
+import torch
+
+import attnscope
+from attnscope.capture.trace import Trace
+from attnscope.viz import data, figures, lazy, summary_view
+
+PROMPTS = ["Hi there", "The cat sat on the mat today"]  # row 0 is padded
+
+
+@pytest.fixture(scope="module")
+def padded(smollm, tmp_path_factory):
+    """Two prompts of different length, left-padded (the model's default for a generating model), every query row of
+    layers 0 and 29: as a trace in memory and as a streamed trace directory."""
+    x = smollm.encode(PROMPTS)
+    assert x["attention_mask"][0].tolist().count(0) > 0  # row 0 holds padding
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, -1], queries=None) as trace:
+        smollm(**x)
+    out = tmp_path_factory.mktemp("padded") / "streamed"
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, -1], queries=None, out=out):
+        smollm(**x)
+    return trace, Trace.load(out), x
+
+
+def reference_metrics(trace, x) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy (nats) and self-attention per (layer, head), averaged over row 0's token rows only, straight from the
+    records' probabilities (an independent reading of what the viewer should show)."""
+    tokens = x["attention_mask"][0].bool().tolist()
+    ent, own = [], []
+    for layer in (0, 29):
+        p = trace.record("text", layer).probs[0].double()  # [h, q, k]
+        keep = [q for q, t in enumerate(tokens) if t]
+        rows = p[:, keep]
+        ent.append((-(rows * rows.clamp_min(1e-300).log()).sum(-1)).mean(-1).numpy())
+        own.append(torch.stack([p[:, q, q] for q in keep], -1).mean(-1).numpy())
+    return np.stack(ent), np.stack(own)
+
+
+def test_padding_rows_are_left_out_of_the_head_metrics(padded):
+    trace, streamed, x = padded
+    pads = [q for q, t in enumerate(x["attention_mask"][0].tolist()) if not t]
+    probs = trace.record("text", 0).probs[0]
+    # what makes them no token's rows: the model spreads a padding query evenly over every key, future ones included
+    assert torch.allclose(probs[:, pads], torch.full_like(probs[:, pads], 1 / probs.shape[-1]), atol=1e-6)
+    ent, own = reference_metrics(trace, x)
+    (view,) = data.stream_views(trace, row=0)
+    (lazy_view,) = lazy.stream_views(streamed, row=0)
+    assert [view.tokens.roles[q] for q in pads] == ["pad"] * len(pads) and view.queries == list(range(len(view.tokens)))
+    for v in (view, lazy_view):
+        np.testing.assert_allclose(v.metrics[data.ENTROPY], ent, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(v.metrics["self"], own, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(view.pattern, lazy_view.pattern)
+    (full,) = data.stream_views(trace, row=1)  # the longer prompt: no padding, every row counts
+    p = trace.record("text", 0).probs[1].double()
+    np.testing.assert_allclose(full.metrics[data.ENTROPY][0], (-(p * p.clamp_min(1e-300).log()).sum(-1)).mean(-1),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_the_static_figure_says_a_padding_row_is_no_tokens_attention(padded, smollm):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace, _, x = padded
+    scores, tmap, info = figures.head_scores(trace, layer=0, head=2, query=0, row=0)
+    assert info["pad"] and tmap.roles[0] == "pad"
+    fig = figures.plot_trace(trace, layer=0, head=2, query=0, row=0)
+    assert figures.PAD_ROW in fig.axes[0].get_title()
+    plt.close(fig)
+    fig = trace.plot(layer=0, head=2, query="last", row=0)
+    assert figures.PAD_ROW not in fig.axes[0].get_title()
+    plt.close(fig)
+
+    right = smollm.encode(PROMPTS, padding_side="right")
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries=None) as t:
+        smollm(**right)
+    n = int(right["attention_mask"][0].sum())
+    _, tmap, info = figures.head_scores(t, layer=0, query="last", row=0)  # "last": the last token's row, not padding's
+    assert info["query"] == n - 1 and not info["pad"] and tmap.roles[n] == "pad"
+
+
+def test_lookback_is_not_offered_without_generated_keys(smollm, minilm):
+    """A single forward (smollm2) and an encoder (minilm): the lookback ratio is 1 at every row by definition, so the
+    view leaves it out and says why; the other summaries stay."""
+    for model, text in ((smollm, "The capital of France is"), (minilm, "Attention is all you need")):
+        with torch.no_grad(), attnscope.capture(model, layers=[0], summaries="all") as s:
+            model(**model.encode(text))
+        (view,) = summary_view.stream_views(s)
+        assert torch.all(s.lookback(view.name, 0) == 1)  # what the grid would have shown
+        names = [m["name"] for m in view.meta()["metrics"]]
+        assert summary_view.LOOKBACK not in names and data.ENTROPY in names
+        assert view.meta()["notes"] == [summary_view.NO_GENERATED_STREAM]
+        assert not view.block(*view.rows[-1]).undefined
+
+
+def test_lookback_at_a_row_without_a_generated_key_is_marked(smollm):
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 29], queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode("The capital of France is"), max_new_tokens=3, do_sample=False)
+    (view,) = summary_view.stream_views(s)
+    assert view.metrics[0] == summary_view.LOOKBACK and view.meta()["notes"] == []
+    for step, q in view.rows:
+        block = view.block(step, q)
+        generated = [p for p, r in enumerate(view.tokens.roles) if r == "generated" and p <= q]
+        lookback = block.metrics[summary_view.LOOKBACK]
+        for li, layer in enumerate(view.layers):  # the reader's numbers still travel, bit for bit
+            np.testing.assert_array_equal(lookback[li], s.lookback("text", layer, step=step)[0, :, 0].numpy())
+        if generated:
+            assert block.undefined == {} and (lookback < 1).any()
+        else:  # the prefill: no generated key, 1 everywhere by definition
+            assert step == 0 and np.all(lookback == 1)
+            assert block.undefined == {summary_view.LOOKBACK: summary_view.NO_GENERATED_ROW}
+            assert block.to_json()["undefined"] == block.undefined
+
+
+def test_numbers_in_paths_and_bodies_get_a_400_naming_the_range(smollm, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from attnscope.viz.server import create_app
+
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 29], queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode("The capital of France is"), max_new_tokens=3, do_sample=False)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 29]) as t:
+        smollm(**smollm.encode("The capital of France is"))
+    app = create_app()
+
+    @app.get("/api/probe/{n}")  # a route whose number FastAPI parses itself: the same {"error"} shape, not a 422
+    def probe(n: int):
+        return {"n": n}
+
+    client = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    upload = lambda trace, name: client.post("/api/trace", files={  # noqa: E731
+        "trace": (name, trace.save(tmp_path / name).read_bytes(), "application/octet-stream")}).json()
+    rid = upload(s, "s.safetensors")["rid"]
+    (meta,) = upload(s, "s2.safetensors")["doc"]["summaries"]
+    last_step, last_q = meta["rows"][-1]
+    assert client.get(f"/api/runs/{rid}/text/summary/{last_step}/{last_q}").status_code == 200
+    for path, says in ((f"summary/1.5/{last_q}", "step must be a whole number in 0..2; got '1.5'"),
+                       (f"summary/x/{last_q}", "step must be a whole number in 0..2; got 'x'"),
+                       (f"summary/{last_step}/7.0", f"query must be a whole number (query rows at step 2: {last_q})"),
+                       ("summary/9/abc",
+                        "query must be a whole number (step 9 is not one of this stream's steps 0..2)")):
+        r = client.get(f"/api/runs/{rid}/text/{path}")
+        assert r.status_code == 400 and list(r.json()) == ["error"] and says in r.json()["error"], (path, r.json())
+    rows = upload(t, "t.safetensors")
+    rid, n = rows["rid"], rows["doc"]["streams"][0]["length"]
+    for path, says in (("query/2.5", f"query must be a whole number in 0..{n - 1}; got '2.5'"),
+                       ("query/%20", f"query must be a whole number in 0..{n - 1}"),
+                       ("layer/last", "layer must be a whole number (captured layers: [0, 29]); got 'last'")):
+        r = client.get(f"/api/runs/{rid}/text/{path}")
+        assert r.status_code == 400 and list(r.json()) == ["error"] and says in r.json()["error"], (path, r.json())
+    assert client.get(f"/api/runs/{rid}/text/query/3").status_code == 200
+    assert client.get(f"/api/runs/{rid}/text/layer/29").status_code == 200
+    for body, says in (({"method": "rollout", "stream": "text", "query": 2.5}, "query must be a whole number"),
+                       ({"method": "rollout", "stream": "text", "query": True}, "query must be a whole number"),
+                       ({"method": "rollout", "stream": "text", "query": 1, "target": "2.0"}, "target must be")):
+        r = client.post(f"/api/runs/{rid}/explain", json=body)
+        assert r.status_code == 400 and says in r.json()["error"], r.json()
+    r = client.post("/api/run", data={"model": "smollm2-135m", "text": "Hi", "max_new_tokens": "2.5"})
+    assert r.status_code == 400 and "max_new_tokens must be a whole number between 0 and 64" in r.json()["error"]
+    r = client.get("/api/probe/1.5")
+    assert r.status_code == 400 and list(r.json()) == ["error"] and "n:" in r.json()["error"]
