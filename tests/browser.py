@@ -40,6 +40,15 @@ def serve(models: dict):
         yield url
 
 
+def open_page(chromium, address: str):
+    """A new page at `address`. Returns (page, errors): the page's uncaught script errors, to assert empty."""
+    page = chromium.new_page(viewport=VIEWPORT)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(address)
+    return page, errors
+
+
 def open_run(chromium, url: str, model: str, text: str, *, image=None, max_new_tokens: int | None = None):
     """A new page on the served app that runs `model` on `text` (and `image`, a file path, for a VLM) from the
     form and waits for the viewer. Returns (page, errors): the page's uncaught script errors, to assert empty."""

@@ -9,7 +9,7 @@ import attnscope
 from attnscope.capture.trace import Trace
 from attnscope.cli import main
 from attnscope.viz.data import clean_token
-from browser import VIEWPORT, chromium, expect, needs_browser, serve  # noqa: F401 (chromium is a fixture)
+from browser import VIEWPORT, chromium, expect, needs_browser, open_page, serve  # noqa: F401 (chromium is a fixture)
 
 pytestmark = needs_browser
 
@@ -26,14 +26,6 @@ def summaries(smollm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def url():
     yield from serve({})
-
-
-def open_page(chromium, address: str):
-    page = chromium.new_page(viewport=VIEWPORT)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(address)
-    return page, errors
 
 
 def cell(page, layer: int, head: int):

@@ -10,7 +10,7 @@ import torch
 import attnscope
 from attnscope.cli import main
 from attnscope.viz import summary_view
-from browser import VIEWPORT, chromium, expect, needs_browser, serve  # noqa: F401 (chromium is a fixture)
+from browser import VIEWPORT, chromium, expect, needs_browser, open_page, serve  # noqa: F401 (chromium is a fixture)
 
 pytestmark = needs_browser
 
@@ -35,14 +35,6 @@ def padded(smollm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def url():
     yield from serve({})
-
-
-def open_page(chromium, address: str):
-    page = chromium.new_page(viewport=VIEWPORT)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(address)
-    return page, errors
 
 
 def upload(page, url: str, path) -> None:
