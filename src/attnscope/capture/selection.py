@@ -1,6 +1,7 @@
 """What to capture: streams, layers, heads, and query/key positions by index or token role."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -23,13 +24,31 @@ def _as_list(value, n: int, what: str) -> list[int]:
                            if isinstance(value, Mapping) else ""))
     if isinstance(value, slice):
         return list(range(n))[value]
+    if not isinstance(value, (int, Iterable)):
+        raise TypeError(f"{what}: expected an int, a list of ints, a slice, None or 'all'; got {value!r} "
+                        f"({type(value).__name__})")
     items = [value] if isinstance(value, int) else list(value)
     out = []
     for i in items:
-        if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n:
+        if not isinstance(i, int) or isinstance(i, bool):  # True is 1, np.int64(0) is no int: named, not "out of range"
+            other = hasattr(i, "__index__") and not isinstance(i, bool)  # a NumPy or torch integer
+            raise TypeError(f"{what} {i!r} is a {type(i).__name__}, not an int: give plain ints"
+                            + (" (int(i) of a NumPy or torch integer)" if other else ""))
+        if not -n <= i < n:
             raise IndexError(f"{what} {i!r} is out of range: there are {n} (use 0..{n - 1} or negative indices)")
         out.append(i % n)
     return sorted(set(out))
+
+
+def _index(bound):
+    """A slice bound as a plain int where it is an integer of another kind (np.int64, a 0-d integer tensor: indexing
+    takes them as Python's ints): the slice is recorded in the provenance, which a file must give back as itself."""
+    if bound is None or isinstance(bound, int) and not isinstance(bound, bool) or not hasattr(bound, "__index__"):
+        return bound
+    try:
+        return operator.index(bound)
+    except TypeError:
+        return bound
 
 
 def listed(value):
@@ -37,13 +56,15 @@ def listed(value):
     would be spent by the first layer that reads it, and a trace file stores JSON, where only a list comes back as
     itself (`Selection.to_dict` is the trace's provenance). A set becomes a sorted list; a dict keeps its keys and has
     its values listed; anything else is left for the checks to name."""
-    if value is None or isinstance(value, (str, int, slice, list)):
+    if isinstance(value, slice):
+        return slice(_index(value.start), _index(value.stop), _index(value.step))
+    if value is None or isinstance(value, (str, int, list)):
         return value
     if isinstance(value, Mapping):
         return {k: listed(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
+    if isinstance(value, (set, frozenset)):  # ints, then role names: one order in every process (str hashes vary)
         try:
-            return sorted(value)
+            return sorted(value, key=lambda v: (isinstance(v, str), v))
         except TypeError:
             return list(value)
     if isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray)):
@@ -92,7 +113,9 @@ class Selection:
             layers[stream] = set(_as_list(spec, streams[stream], f"layer of stream '{stream}'"))
         chosen = {m: s for m, s in sites.items() if s.stream in layers and s.layer in layers[s.stream]}
         for site in chosen.values():
-            self.head_indices(site)
+            if not self.head_indices(site):  # an empty list (or a spent generator) failed inside the forward
+                raise ValueError(f"heads={self.heads!r} selects no head of {site.stream} layer {site.layer}: name at "
+                                 "least one head, or leave heads=None for all")
         self._check_positions(self.queries, "queries")
         self._check_positions(self.keys, "keys")
         return chosen
@@ -102,12 +125,19 @@ class Selection:
 
     @staticmethod
     def _check_positions(value, what: str) -> None:
-        items = [value] if isinstance(value, (str, int)) else value if isinstance(value, list) else []
+        # a bool is an int (True would select position 1) and list() of a dict is its keys (taken as role names): both
+        # were captured as something else without a word
+        if isinstance(value, (bool, Mapping)) or not (value is None or isinstance(value, (str, int, slice, list, tuple))):
+            raise TypeError(f"{what}= takes None, an int, a role name, a slice or a list of ints and role names; got "
+                            f"{value!r:.80} ({type(value).__name__})"
+                            + (" (a dict is taken by layers= only, as {stream: layers})" if isinstance(value, Mapping)
+                               else ""))
+        items = [value] if isinstance(value, (str, int)) else value if isinstance(value, (list, tuple)) else []
         for item in items:
             if isinstance(item, str):
                 TokenMap.unknown(0).positions(item)  # raises on an unknown role
-            elif not isinstance(item, int):
-                raise TypeError(f"{what} entries must be ints or role names; got {item!r}")
+            elif not isinstance(item, int) or isinstance(item, bool):
+                raise TypeError(f"{what} entries must be ints or role names; got {item!r} ({type(item).__name__})")
 
     def to_dict(self) -> dict:
         def plain(v):

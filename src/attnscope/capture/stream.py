@@ -283,6 +283,9 @@ class TraceWriter:
         try:
             meta = trace.metadata(lambda key, rec: self.entries.get(key, {"missing": True}))
         except ValueError as err:  # provenance a file cannot store as itself (`trace.check_plain`): no metadata
+            if error is not None:  # the block's own error goes on (the caller re-raises it), not this one
+                self._mark(f"the capture block raised {error!r}; no metadata written: {err}\n")
+                return
             self._mark(f"no metadata written: {err}\n")
             raise
         for run_meta in meta["runs"]:  # records never written (the writer failed) are left out

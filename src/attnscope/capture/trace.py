@@ -343,20 +343,26 @@ class Trace:
             raise TraceFileError(f"{path} is not a readable attnscope trace: {err}") from err
 
 
-def check_plain(value, where: str) -> None:
+def check_plain(value, where: str, _inside: tuple = ()) -> None:
     """`value` is what JSON gives back as itself (None, bool, int, finite float, str, list, dict with str keys), so a
     trace loaded from a file has the provenance it was saved with (`loaded.provenance == trace.provenance`); anything
-    else (a tuple comes back a list, an int key a str, NaN unequal to itself, other objects not at all) is a
-    ValueError naming where it is, raised before anything is written. A capture's own provenance always is."""
+    else (a tuple comes back a list, an int key a str, NaN unequal to itself, other objects not at all, a dict or list
+    that holds itself) is a ValueError naming where it is, raised before anything is written. A capture's own
+    provenance always is."""
+    if isinstance(value, (dict, list)):
+        if id(value) in _inside:  # JSON has no references: it would recurse without end
+            raise ValueError(f"{where} holds itself (a {type(value).__name__} inside itself), which a trace file "
+                             "(JSON) cannot store: store a copy")
+        _inside = (*_inside, id(value))
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueError(f"{where} has the key {key!r} ({type(key).__name__}); a trace file stores JSON, whose "
                                  f"keys are strings, so it would load as {str(key)!r}: use string keys")
-            check_plain(item, f"{where}[{key!r}]")
+            check_plain(item, f"{where}[{key!r}]", _inside)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            check_plain(item, f"{where}[{i}]")
+            check_plain(item, f"{where}[{i}]", _inside)
     elif isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} is {value}, which a trace file cannot store as itself (it loads unequal to "
                          "itself, or not at all): store a string or None")

@@ -59,6 +59,8 @@ def _spec_roles(spec) -> set[str]:
 
 
 def _check_spec(spec, what: str) -> None:
+    if isinstance(spec, bool):  # an int in Python: True would select position 1
+        raise SteerError(f"{what} must be None, a role, 'last', ints, a slice or a callable; got {spec!r}")
     if spec is None or callable(spec) or isinstance(spec, (int, slice)):
         return
     items = [spec] if isinstance(spec, str) else spec if isinstance(spec, (list, tuple, range)) else None
@@ -67,7 +69,7 @@ def _check_spec(spec, what: str) -> None:
     for item in items:
         if isinstance(item, str) and item != "last" and item not in ROLES:
             raise SteerError(f"unknown role {item!r} in {what}; roles are {ROLES} (or 'last')")
-        if not isinstance(item, (str, int)):
+        if not isinstance(item, (str, int)) or isinstance(item, bool):
             raise SteerError(f"{what} entries must be role names or int positions; got {item!r}")
 
 

@@ -1,6 +1,8 @@
 """What every method shares: a name for the CLI, its hyper-parameters, and `edits(model)`."""
 from __future__ import annotations
 
+import operator
+
 from ..edits import SteerError, lm_stream
 
 
@@ -52,12 +54,17 @@ def default_layers(model, stream: str | None, layers, start: int = 0, end: int |
             raise SteerError(f"the default layers {start}..{stop - 1} do not exist in stream '{stream}' ({n} layers); "
                              "pass layers=... explicitly")
         return out
+    if isinstance(layers, bool):  # an int in Python: True would be layer 1
+        raise SteerError(f"layers must be ints, a range or a slice; got {layers!r}")
     if isinstance(layers, int):
         layers = [layers]
     if isinstance(layers, (slice, range)):
         layers = list(range(n))[layers] if isinstance(layers, slice) else list(layers)
     out = []
     for layer in layers:
+        if isinstance(layer, bool) or not hasattr(layer, "__index__"):  # int(20.7) would be layer 20, without a word
+            raise SteerError(f"layer {layer!r} is not an int (stream '{stream}' has layers 0..{n - 1})")
+        layer = operator.index(layer)
         if not -n <= int(layer) < n:
             raise SteerError(f"layer {layer} is out of range: stream '{stream}' has {n} layers (0..{n - 1})")
         out.append(int(layer) % n)

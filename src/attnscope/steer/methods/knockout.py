@@ -12,6 +12,7 @@ change; this class is one window."""
 from __future__ import annotations
 
 from ..edits import MaskKeys, SteerError, _check_spec, _plain, _spec_roles, lm_stream
+from ...capture.selection import listed
 from ._base import Method, default_layers
 
 
@@ -45,6 +46,7 @@ class Knockout(Method):
     paper = "Cross-modal Information Flow in Multimodal Large Language Models (Zhang et al., CVPR 2025)"
 
     def __init__(self, source, target, layers, stream=None):
+        layers = listed(layers)  # read at every use (`window`): a generator made a list once
         for name, spec in (("source", source), ("target", target)):
             if spec is None or (isinstance(spec, (list, tuple, range)) and len(spec) == 0):
                 raise SteerError(f"Knockout needs a non-empty {name} token set (a role such as 'image', 'last', or "

@@ -13,6 +13,7 @@ here. `keys` may be any key spec (a role, positions, a slice): on a text model P
 from __future__ import annotations
 
 from ..edits import ScaleKeys, lm_stream
+from ...capture.selection import listed
 from ._base import Method, default_layers
 
 
@@ -38,7 +39,9 @@ class PAI(Method):
     paper = "Paying More Attention to Image (Liu et al., ECCV 2024)"
 
     def __init__(self, alpha: float = 0.5, layers=None, heads=None, keys="image", queries="last", stream=None):
-        self.alpha, self.layers, self.heads, self.keys, self.queries, self.stream = alpha, layers, heads, keys, queries, stream
+        # a generator (or set, tuple) of layers or heads made a list once: `edits` reads them at every steer block
+        self.alpha, self.layers, self.heads, self.keys, self.queries, self.stream = \
+            alpha, listed(layers), listed(heads), keys, queries, stream
         ScaleKeys(alpha)  # validates alpha now, before any model is involved
 
     def edits(self, model):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..edits import Redistribute, SteerError, lm_stream
+from ...capture.selection import listed
 from ._base import Method, default_layers
 
 
@@ -76,7 +77,7 @@ class VAR(Method):
         if heads_at not in ("prefill", "step"):
             raise SteerError(f"heads_at must be 'prefill' or 'step'; got {heads_at!r}")
         self.p, self.rho, self.tau, self.layers, self.keys, self.queries, self.heads_at, self.stream = \
-            float(p), float(rho), float(tau), layers, keys, queries, heads_at, stream
+            float(p), float(rho), float(tau), listed(layers), keys, queries, heads_at, stream  # read at every use
 
     def edits(self, model):
         stream = self.stream or lm_stream(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..edits import HeadScale, Observe, SteerError, lm_stream
+from ...capture.selection import listed
 from ._base import Method, default_layers
 
 
@@ -75,7 +76,8 @@ class VHR(Method):
         HeadScale(alpha)  # alpha >= 0
         if not 0 < float(top) <= 1:
             raise SteerError(f"top is the fraction of heads reinforced, in (0, 1]; got {top}")
-        self.alpha, self.top, self.layers, self.drop, self.stream = float(alpha), float(top), layers, drop, stream
+        # layers read at every use: a generator made a list once
+        self.alpha, self.top, self.layers, self.drop, self.stream = float(alpha), float(top), listed(layers), drop, stream
 
     def edits(self, model):
         stream = self.stream or lm_stream(model)

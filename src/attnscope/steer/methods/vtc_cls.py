@@ -11,6 +11,7 @@ ensemble. Needs a tower with a CLS token (CLIP, DINOv2)."""
 from __future__ import annotations
 
 from ..edits import DropTokens
+from ...capture.selection import listed
 from ._base import Method
 
 
@@ -31,7 +32,7 @@ class VTCCLS(Method):
     paper = "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs (VTC-CLS, Wang et al., 2024)"
 
     def __init__(self, keep: float = 1 / 3, layers=None, role: str = "image"):
-        self.keep, self.layers, self.role = float(keep), layers, role
+        self.keep, self.layers, self.role = float(keep), listed(layers), role  # a generator made a list once
         DropTokens({0: self.keep}, role=role, rank="vision_cls")  # validates keep
 
     def edits(self, model):
