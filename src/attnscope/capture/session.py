@@ -90,6 +90,11 @@ class capture:
         if id(hf) in _open_captures:
             raise RuntimeError("a capture is already open on this model; nested captures on one model are not supported")
         chosen = self.selection.sites(self.model.sites)  # validates before anything is touched
+        if not chosen:  # streams=[], layers=[], layers={}, a spent generator: a trace with nothing in it
+            sel = self.selection
+            raise ValueError(f"streams={sel.streams!r}, layers={sel.layers!r} select no attention module, so capture "
+                             f"would return an empty trace; this model's streams are {self.model.streams}: name at "
+                             "least one layer, or leave streams= and layers= as None for all")
         self._head_list = {m: self.selection.head_indices(s) for m, s in chosen.items()}
         # every head in order needs no index (`_probs` passes None); index tensors are made when asked for
         self._all_heads = {m for m, h in self._head_list.items() if h == list(range(chosen[m].num_heads))}

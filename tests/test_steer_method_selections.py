@@ -1,4 +1,4 @@
-"""Review of b62c1d4's steer half: a steering method (PAI, VAR, VHR, Knockout, VTC-CLS) keeps a generator of layers or
+"""Steering methods (PAI, VAR, VHR, Knockout, VTC-CLS) take a generator of layers or
 heads as a list, as a SiteEdit does (its `edits` read them at every steer block, and a spent generator then refused or,
 for PAI's heads, edited no head and ran the model unsteered); a bool or a float is no layer or position there."""
 import pytest

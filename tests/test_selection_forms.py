@@ -1,5 +1,5 @@
-"""Review of the provenance round-trip (df7ebdc): selections that were taken silently as something else (a bool or a
-dict as positions), unclear errors (a NumPy int called out of range, no head failing inside the forward), a streamed
+"""Selection forms capture must refuse or record exactly: selections that were taken silently as something else (a
+bool or a dict as positions, an empty selection), unclear errors (a NumPy int called out of range, no head failing inside the forward), a streamed
 capture whose own error was replaced by a provenance refusal, and provenance a capture made itself that no file could
 hold (a slice with NumPy bounds, a set's order changing between processes)."""
 import json
@@ -83,4 +83,12 @@ def test_no_head_is_refused_up_front(smollm, kw):
     """heads=[] (or a spent generator) failed inside the forward with index_select()'s dtype error."""
     with pytest.raises(ValueError, match="selects no head"):
         with torch.no_grad(), attnscope.capture(smollm, layers=[0], **kw):
+            smollm(**smollm.encode(TEXT))
+
+
+@pytest.mark.parametrize("kw", [dict(layers=[]), dict(streams=[]), dict(layers={}), dict(layers=(i for i in []))])
+def test_a_selection_of_no_module_is_refused_up_front(smollm, kw):
+    """layers=[], streams=[], layers={} or a spent generator gave an empty trace without a word."""
+    with pytest.raises(ValueError, match="select no attention module"):
+        with torch.no_grad(), attnscope.capture(smollm, **kw):
             smollm(**smollm.encode(TEXT))
