@@ -54,7 +54,14 @@ def test_every_command_turns_bad_input_into_one_error_line(dinov2, minilm, smoll
         "missing image": (["capture", "--model", "dinov2-small", "--image", "nope.png", "--out", out], "no image file"),
         "unknown model": (["capture", "--model", "no-such-model", "--text", "hi", "--out", out], "zoo names"),
         "text to an image model": (["capture", "--model", "dinov2-small", "--text", "hi", "--out", out], "no tokenizer"),
-        "bad layer list": (["capture", "--model", "minilm", "--text", "hi", "--layers", "a,b", "--out", out], "invalid"),
+        "bad layer list": (["capture", "--model", "minilm", "--text", "hi", "--layers", "a,b", "--out", out],
+                           "'a' is not an integer"),
+        "slice among layers": (["capture", "--model", "minilm", "--text", "hi", "--layers", "0,1:3", "--out", out],
+                               "one slice"),
+        "bad slice bound": (["capture", "--model", "minilm", "--text", "hi", "--heads", "0:x", "--out", out],
+                            "bounds are integers"),
+        "unknown query role": (["capture", "--model", "minilm", "--text", "hi", "--queries", "0,nonsense", "--out",
+                                out], "nonsense"),
         "layer out of range": (["capture", "--model", "minilm", "--text", "hi", "--layers", "40", "--out", out], "40"),
         "unwritable out": (["capture", "--model", "minilm", "--text", "hi", "--out", str(tmp_path / "no" / "x.st")], ""),
         "explain bad image": (["explain", "--model", "dinov2-small", "--image", str(not_an_image), "--out",
@@ -183,3 +190,27 @@ def test_explain_png_has_a_colour_bar_and_labelled_sinks(dinov2, use, tmp_path, 
         legend = image_ax.get_legend()
         assert legend is not None and "attention sink" in legend.get_texts()[0].get_text()
     matplotlib.pyplot.close("all")
+
+
+def test_capture_takes_slices_positions_and_roles_as_the_library_does(smollm, use, capsys, tmp_path):
+    """--layers and --heads take a slice, --queries positions and roles together: the file holds what the library's
+    capture gives for the same selection (the slice 0:2 was "invalid literal for int()", a position "unknown role")."""
+    import torch
+
+    import attnscope
+    from attnscope.capture.trace import Trace
+
+    use("smollm2-135m", smollm)
+    out = tmp_path / "t.safetensors"
+    assert main(["capture", "--model", "smollm2-135m", "--text", "The cat sat on the mat", "--layers", "0:2",
+                 "--heads", "1,3", "--queries", "0,last", "--out", str(out)]) == 0
+    capsys.readouterr()
+    with torch.no_grad(), attnscope.capture(smollm, layers=slice(0, 2), heads=[1, 3], queries=[0, "last"]) as ref:
+        smollm(**smollm.encode("The cat sat on the mat"))
+    loaded = Trace.load(out)
+    got, want = loaded.run().records, ref.run().records
+    assert sorted(got) == sorted(want) == [("text", 0), ("text", 1)]
+    for key in want:
+        (a,), (b,) = got[key], want[key]
+        assert a.heads == b.heads == [1, 3] and a.queries == b.queries and len(a.queries) == 2
+        assert torch.equal(a.probs, b.probs)

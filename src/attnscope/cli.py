@@ -83,8 +83,31 @@ def placement_options(args) -> dict:
     return out
 
 
-def _ints(text: str | None):
-    return None if text is None else [int(t) for t in text.split(",") if t.strip()]
+def _spec(text: str | None, option: str, roles: bool = False):
+    """A selection from the command line: comma-separated integers (negative allowed), or one slice start:stop[:step];
+    with `roles`, role names too (one name alone stays a name)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    takes = "comma-separated integers (negative allowed)" + (" and role names" if roles else "") + \
+        ", or one slice start:stop[:step]"
+    if any(":" in t for t in items):
+        bounds = items[0].split(":")
+        if len(items) > 1 or len(bounds) > 3:
+            raise ValueError(f"{option} {text!r}: {option} takes {takes}")
+        try:
+            return slice(*(int(b) if b.strip() else None for b in bounds))
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: a slice's bounds are integers") from None
+    out = []
+    for t in items:
+        try:
+            out.append(int(t))
+        except ValueError:
+            if not roles:
+                raise ValueError(f"{option} {text!r}: {option} takes {takes}; {t!r} is not an integer") from None
+            out.append(t)
+    return out[0] if roles and len(out) == 1 and isinstance(out[0], str) else out
 
 
 def cmd_models(args) -> int:
@@ -127,8 +150,9 @@ def cmd_capture(args) -> int:
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
     streamed = {"out": args.out, "overwrite": args.overwrite} if args.to_dir else {}
     streamed["dtype"] = torch.float16 if args.fp16 else torch.float32  # a single file stores float16 too
-    with torch.no_grad(), capture(model, streams=args.stream, layers=_ints(args.layers), heads=_ints(args.heads),
-                                  queries=args.queries, **streamed, **reduced) as trace:
+    with torch.no_grad(), capture(model, streams=args.stream, layers=_spec(args.layers, "--layers"),
+                                  heads=_spec(args.heads, "--heads"), queries=_spec(args.queries, "--queries", roles=True),
+                                  **streamed, **reduced) as trace:
         model(**inputs)
     path = args.out if args.to_dir else trace.save(args.out)
     print(f"wrote {path}: {trace}")
@@ -200,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--text")
     cap.add_argument("--image", help="photo name (chelsea, astronaut, ...) or image path")
     cap.add_argument("--stream")
-    cap.add_argument("--layers", help="comma-separated, negative allowed: 0,-1")
-    cap.add_argument("--heads", help="comma-separated")
-    cap.add_argument("--queries", help="a role (last, cls, image, text, ...); default all")
+    cap.add_argument("--layers", help="comma-separated, negative allowed (0,-1), or a slice (0:3); default all")
+    cap.add_argument("--heads", help="comma-separated or a slice, as --layers; default all")
+    cap.add_argument("--queries", help="positions and roles (last, cls, image, text, ...), comma-separated (0,last), "
+                                       "or a slice of positions (2:5); default all")
     cap.add_argument("--out", required=True)
     cap.add_argument("--to-dir", action="store_true",
                      help="stream the trace to the directory --out while the model runs (for long inputs)")
