@@ -263,3 +263,25 @@ def test_lookback_not_offered_on_a_generation_says_no_row_sees_a_generated_key(s
     (view,) = summary_view.stream_views(s)
     assert "generated" in view.tokens.roles and summary_view.MASS + "generated" in view.metrics
     assert summary_view.LOOKBACK not in view.metrics and view.notes == [summary_view.NO_GENERATED_ROWS]
+
+
+def test_a_batch_row_out_of_range_is_named_not_a_bare_index_error(padded, tmp_path, capsys):
+    """`attnscope view t.safetensors --row 5`, `trace.to_html(row=5)` and `trace.plot(row=5)` (a parameter this change
+    added) said "list index out of range"; the summaries view already named the rows there are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnscope.cli import main
+
+    trace, streamed, _ = padded
+    says = re.escape("batch row 5 is out of range: the trace holds 2 batch rows (0..1)")
+    for call in (lambda: data.stream_views(trace, row=5), lambda: lazy.stream_views(streamed, row=5),
+                 lambda: trace.to_html(row=5), lambda: trace.plot(layer=0, query="last", row=5),
+                 lambda: data.stream_views(trace, row=-1)):
+        with pytest.raises(IndexError, match="batch row -?[0-9]+ is out of range: the trace holds 2 batch rows"):
+            call()
+    with pytest.raises(IndexError, match=says):
+        figures.head_scores(trace, layer=0, query="last", row=5)
+    path = trace.save(tmp_path / "t.safetensors")
+    assert main(["view", str(path), "--row", "5", "--out", str(tmp_path / "t.html")]) == 2
+    assert "batch row 5 is out of range: the trace holds 2 batch rows (0..1)" in capsys.readouterr().err

@@ -257,6 +257,7 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
                 keys = rec.keys if rec.keys is not None else range(rec.probs.shape[-1])
                 length = max(length, (max(keys) + 1) if len(keys) else 0, max(rec.queries) + 1)
                 heads = sorted(set(heads) | set(rec.heads))
+        check_row(row, len(maps) if maps else the_run.records[(stream, layers[0])][0].probs.shape[0])
         if maps:
             tmap = maps[row]
             tmap = TokenMap(list(tmap.roles), list(tmap.tokens), list(tmap.patch), list(tmap.grids))
@@ -290,6 +291,14 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
         _summaries(view, full, (sinks or {}).get(stream))
         views.append(view)
     return views
+
+
+def check_row(row: int, batch: int) -> None:
+    """IndexError naming the batch rows there are, where `row` is not one of them (not Python's bare "list index out
+    of range"; a negative row is refused, as the summaries view refuses it)."""
+    if not 0 <= row < batch:
+        raise IndexError(f"batch row {row} is out of range: the trace holds {batch} batch row{'s' * (batch != 1)} "
+                         f"({'0' if batch == 1 else f'0..{batch - 1}'})")
 
 
 def token_rows(view: StreamView) -> list[int]:
