@@ -194,3 +194,26 @@ def test_summaries_of_a_generation_mark_the_prefills_lookback_and_take_the_keybo
     expect(view).to_have_attribute("data-head", "0:4")
     assert not errors
     page.close()
+
+
+def test_a_row_whose_stored_rows_are_all_padding_says_why_its_grid_has_no_metric(chromium, smollm, tmp_path):
+    """queries="last" on a right-padded batch stores only a padding row for the shorter prompt: the head metrics leave
+    it out, so the grid had an empty "cell border" choice and blank cells without a word about why."""
+    x = smollm.encode(PROMPTS, padding_side="right")
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, -1], queries="last") as trace:
+        smollm(**x)
+    path = tmp_path / "lastpad.html"
+    trace.to_html(path, row=0)
+    page, errors = open_page(chromium, path.as_uri())
+    view = page.locator(".as-viewer")
+    expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
+    expect(view).to_have_attribute("data-pad", "1")
+    expect(page.locator(".as-mlegend")).to_contain_text("every stored row of this batch row is padding")
+    assert not errors
+    page.close()
+    trace.to_html(path, row=1)  # the longer prompt's last row is a token's: its metrics, no such note
+    page, errors = open_page(chromium, path.as_uri())
+    expect(page.locator(".as-viewer")).to_have_attribute("data-ready", "1", timeout=20_000)
+    expect(page.locator(".as-mlegend")).not_to_contain_text("padding")
+    assert page.locator("select.as-metric option").count() > 0 and not errors
+    page.close()

@@ -3,6 +3,8 @@ fills a padding query's row with a uniform or arbitrary row) are left out of the
 rows viewer (a file and a streamed trace alike) and marked in the static figure; the lookback ratio (1 by definition
 without a generated key) is not offered for a stream that has none, and is marked at a row that sees none; numbers in
 the server's paths and bodies that are not whole numbers get the server's 400 {"error"} naming the valid range."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,119 @@ def test_numbers_in_paths_and_bodies_get_a_400_naming_the_range(smollm, tmp_path
     assert r.status_code == 400 and "max_new_tokens must be a whole number between 0 and 64" in r.json()["error"]
     r = client.get("/api/probe/1.5")
     assert r.status_code == 400 and list(r.json()) == ["error"] and "n:" in r.json()["error"]
+
+
+def test_a_number_with_two_minus_signs_is_a_400_not_a_500(smollm, tmp_path):
+    """"--2" passed the digits check once its minus signs were stripped, then int() raised: a 500 "internal error"
+    on every numeric route (and the knockout panel's window/stride said Python's own int() message)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from attnscope.viz import knockout
+    from attnscope.viz.server import ApiError, create_app, whole_number
+
+    for bad in ("--2", "-", "--", "2-", "-+2", "- 2"):
+        with pytest.raises(ApiError) as err:
+            whole_number(bad, "query", "in 0..4")
+        assert err.value.status == 400 and f"query must be a whole number in 0..4; got {bad!r}" in err.value.message
+        with pytest.raises(ValueError, match=f"window must be a whole number; got {re.escape(repr(bad))}"):
+            knockout._int({"window": bad}, "window", 4)
+    assert whole_number("-3", "q", "") == -3 and whole_number(" 2", "q", "") == 2
+    assert knockout._int({"w": "-3"}, "w", 4) == -3
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 29], queries="last", summaries="all") as s:
+        smollm.generate(**smollm.encode("The capital of France is"), max_new_tokens=2, do_sample=False)
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0, 29]) as t:
+        smollm(**smollm.encode("The capital of France is"))
+    client = TestClient(create_app(), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    upload = lambda trace, name: client.post("/api/trace", files={  # noqa: E731
+        "trace": (name, trace.save(tmp_path / name).read_bytes(), "application/octet-stream")}).json()["rid"]
+    rows, sums = upload(t, "t.safetensors"), upload(s, "s.safetensors")
+    for path in (f"{rows}/text/query/--2", f"{rows}/text/layer/--2", f"{sums}/text/summary/--2/4",
+                 f"{sums}/text/summary/0/--2"):
+        r = client.get(f"/api/runs/{path}")
+        assert r.status_code == 400 and "must be a whole number" in r.json()["error"], (path, r.json())
+    r = client.post(f"/api/runs/{rows}/explain", json={"method": "rollout", "stream": "text", "query": "--2"})
+    assert r.status_code == 400 and "query must be a whole number" in r.json()["error"], r.json()
+    r = client.post("/api/run", data={"model": "smollm2-135m", "text": "Hi", "max_new_tokens": "--2"})
+    assert r.status_code == 400 and "max_new_tokens must be a whole number" in r.json()["error"], r.json()
+
+
+def test_a_negative_explain_target_is_refused_naming_the_range(smollm):
+    """A negative target was read from the end of a different sequence (the prompt, not the stream the viewer shows:
+    -1 explained the prompt's last token, not the run's last), or failed with Python's "list index out of range"."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from attnscope.viz.server import create_app
+
+    app = create_app()
+    app.state.viewer.slot("smollm2-135m").model = smollm
+    client = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    run = client.post("/api/run", data={"model": "smollm2-135m", "text": "The capital of France is",
+                                        "max_new_tokens": "2"}).json()
+    rid, n = run["rid"], run["doc"]["streams"][0]["length"]
+    for body, says in (({"query": 0, "target": -1}, "target -1 is out of range 0.."),
+                       ({"query": 0, "target": -7}, "target -7 is out of range 0.."),
+                       ({"query": -1}, f"query -1 is out of range 0..{n - 1}"),
+                       ({"query": n}, f"query {n} is out of range 0..{n - 1}")):
+        r = client.post(f"/api/runs/{rid}/explain", json={"method": "gradattn", "stream": "text"} | body)
+        assert r.status_code == 400 and says in r.json()["error"], (body, r.json())
+
+
+def test_a_thinned_export_keeps_the_last_tokens_row_before_padding_rows(smollm):
+    """A page that cannot hold every row (`export_queries`, `export_rows`) kept the last row, padding in a
+    right-padded row, and spread the rest over padding rows too: the last token's row was left out, so the page opened
+    on another token's row. It now keeps each step's last token row and spends its room on tokens' rows first."""
+    x = smollm.encode(["one two three four five six seven", " ".join(["alpha beta gamma delta"] * 8)],
+                      padding_side="right")
+    n, width = int(x["attention_mask"][0].sum()), x["input_ids"].shape[1]
+    assert width > 3 * n
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries=None) as trace:
+        smollm(**x)
+    (view,) = data.stream_views(trace, row=0)
+    per = len(view.layers) * len(view.heads) * view.length
+    for room in (4, n, n + 3):
+        kept = view.export_queries(per * room)
+        assert n - 1 in kept, (room, kept)
+        tokens = [q for q in kept if view.tokens.roles[q] != "pad"]
+        assert len(tokens) == min(len(kept), n), (room, kept)  # padding rows only where every token's row fits
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries=None, summaries="all") as s:
+        smollm(**x)
+    (sv,) = summary_view.stream_views(s, row=0)
+    for room in (1, 4, n, n + 3):
+        kept = sv.export_rows(sv.values_per_row() * room)
+        assert (0, n - 1) in kept and len(kept) == room, (room, kept)
+        tokens = [q for _, q in kept if sv.tokens.roles[q] != "pad"]
+        assert len(tokens) == min(room, n), (room, kept)
+
+
+def test_lookback_not_offered_on_a_generation_says_no_row_sees_a_generated_key(smollm):
+    """A generate run whose query selection holds only prompt rows: the stream has generated keys, so the note may not
+    say it has none ("a single forward, an encoder or a vision tower") beside a "mass on generated" grid."""
+    with torch.no_grad(), attnscope.capture(smollm, layers=[0], queries=[0, 1, 2], summaries="all") as s:
+        smollm.generate(**smollm.encode("The capital of France is"), max_new_tokens=3, do_sample=False)
+    (view,) = summary_view.stream_views(s)
+    assert "generated" in view.tokens.roles and summary_view.MASS + "generated" in view.metrics
+    assert summary_view.LOOKBACK not in view.metrics and view.notes == [summary_view.NO_GENERATED_ROWS]
+
+
+def test_a_batch_row_out_of_range_is_named_not_a_bare_index_error(padded, tmp_path, capsys):
+    """`attnscope view t.safetensors --row 5`, `trace.to_html(row=5)` and `trace.plot(row=5)` (a parameter this change
+    added) said "list index out of range"; the summaries view already named the rows there are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from attnscope.cli import main
+
+    trace, streamed, _ = padded
+    says = re.escape("batch row 5 is out of range: the trace holds 2 batch rows (0..1)")
+    for call in (lambda: data.stream_views(trace, row=5), lambda: lazy.stream_views(streamed, row=5),
+                 lambda: trace.to_html(row=5), lambda: trace.plot(layer=0, query="last", row=5),
+                 lambda: data.stream_views(trace, row=-1)):
+        with pytest.raises(IndexError, match="batch row -?[0-9]+ is out of range: the trace holds 2 batch rows"):
+            call()
+    with pytest.raises(IndexError, match=says):
+        figures.head_scores(trace, layer=0, query="last", row=5)
+    path = trace.save(tmp_path / "t.safetensors")
+    assert main(["view", str(path), "--row", "5", "--out", str(tmp_path / "t.html")]) == 2
+    assert "batch row 5 is out of range: the trace holds 2 batch rows (0..1)" in capsys.readouterr().err

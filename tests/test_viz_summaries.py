@@ -13,6 +13,7 @@ from PIL import Image
 import attnscope
 from attnscope.capture.trace import Trace
 from attnscope.cli import main
+from attnscope.core.tokens import TokenMap
 from attnscope.viz import data, runner, summary_view
 from attnscope.viz.html import html_of
 from attnscope.viz.testing import assert_self_contained
@@ -286,6 +287,7 @@ def test_an_exported_page_embeds_as_many_rows_as_fit_and_no_more(room):
     view = summary_view.SummaryStreamView.__new__(summary_view.SummaryStreamView)
     view.layers, view.heads, view.metrics, view.k = [0], [0], [data.ENTROPY], 0
     view.rows = [(0, q) for q in range(5)] + [(step, 4 + step) for step in range(1, 10)]  # a prefill of 5, 9 steps
+    view.tokens = TokenMap(["text"] * 5 + ["generated"] * 9, [str(i) for i in range(14)])  # no padding
     rows = view.export_rows(room * view.values_per_row())
     assert len(rows) == min(room, 14) and rows == sorted(set(rows)) and (9, 13) in rows
     last = [(0, 4)] + [(step, 4 + step) for step in range(1, 10)]

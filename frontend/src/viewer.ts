@@ -4,6 +4,9 @@ import {
   GridKeys, HEAD_COLOURS, INFERNO, PAD_ROW, ROLE_COLOURS, VIRIDIS, bytes, drawHeat, el, fmt, normalize, rgb,
 } from "./util";
 
+/** Said beside the empty head grid where every stored row is padding: the metrics leave padding rows out. */
+const ONLY_PAD = " none: every stored row of this batch row is padding, which the head metrics and thumbnails leave out";
+
 export interface Selection {
   stream: string;
   q: number; // the query row shown
@@ -604,7 +607,9 @@ export class Viewer {
     let lo = Infinity, hi = -Infinity;
     for (const r of metric ?? []) for (const v of r) if (typeof v === "number" && isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
     const span = hi - lo || 1;
-    this.els.metricLegend.textContent = metric ? ` ${fmt(lo)} ` : "";
+    // every stored row is padding (a right-padded row captured with queries="last"): no head metric or thumbnail
+    const onlyPad = !metric && s.queries.length > 0 && s.queries.every((q) => this.isPad(q));
+    this.els.metricLegend.textContent = metric ? ` ${fmt(lo)} ` : onlyPad ? ONLY_PAD : "";
     if (metric) {
       const bar = el("span", { class: "as-mbar" });
       this.els.metricLegend.append(bar, ` ${fmt(hi)}`);

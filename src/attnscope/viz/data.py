@@ -129,16 +129,22 @@ class StreamView:
 
     def export_queries(self, max_values: int) -> list[int]:
         """Stored rows to embed in a file within `max_values` values: all if they fit; else the focus roles,
-        sinks and last row, image patches on an even 2-D lattice and other positions at an even stride."""
+        sinks and the last token's row, image patches on an even 2-D lattice and other positions at an even stride,
+        padding rows (no token's attention) only where every other row fits."""
         per = len(self.layers) * len(self.heads) * self.length
         if per * len(self.queries) <= max_values:
             return list(self.queries)
         stored = set(self.queries)
         t = self.tokens
-        focus = {q for q in stored if t.roles[q] in FOCUS_ROLES} | (set(self.sinks) & stored) | {max(stored)}
+        pads = {q for q in stored if q < len(t) and t.roles[q] == "pad"}
+        last = max(stored - pads or stored)  # a right-padded row ends in padding: its last token's row is the default
+        focus = {q for q in stored if t.roles[q] in FOCUS_ROLES} | (set(self.sinks) & stored) | {last}
         room = max(1, max_values // per - len(focus))
         patches = [q for q in stored if t.patch[q] is not None and q not in focus]
-        other = sorted(q for q in stored if t.patch[q] is None and q not in focus)
+        other = sorted(q for q in stored if t.patch[q] is None and q not in focus and q not in pads)
+        if len(patches) + len(other) < room:  # room left after every token's row: padding rows, evenly
+            left = sorted(pads - focus)
+            other += left[:: max(1, math.ceil(len(left) / (room - len(patches) - len(other))))]
         share = len(patches) / max(1, len(patches) + len(other))
         keep_p, keep_o = int(room * share), room - int(room * share)
         chosen = set(focus)
@@ -251,6 +257,7 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
                 keys = rec.keys if rec.keys is not None else range(rec.probs.shape[-1])
                 length = max(length, (max(keys) + 1) if len(keys) else 0, max(rec.queries) + 1)
                 heads = sorted(set(heads) | set(rec.heads))
+        check_row(row, len(maps) if maps else the_run.records[(stream, layers[0])][0].probs.shape[0])
         if maps:
             tmap = maps[row]
             tmap = TokenMap(list(tmap.roles), list(tmap.tokens), list(tmap.patch), list(tmap.grids))
@@ -284,6 +291,14 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
         _summaries(view, full, (sinks or {}).get(stream))
         views.append(view)
     return views
+
+
+def check_row(row: int, batch: int) -> None:
+    """IndexError naming the batch rows there are, where `row` is not one of them (not Python's bare "list index out
+    of range"; a negative row is refused, as the summaries view refuses it)."""
+    if not 0 <= row < batch:
+        raise IndexError(f"batch row {row} is out of range: the trace holds {batch} batch row{'s' * (batch != 1)} "
+                         f"({'0' if batch == 1 else f'0..{batch - 1}'})")
 
 
 def token_rows(view: StreamView) -> list[int]:

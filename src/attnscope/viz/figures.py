@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..core.tokens import TokenMap  # noqa: E402
+from .data import check_row  # noqa: E402
 
 
 def grid_map(scores: torch.Tensor, tmap: TokenMap, image: int = 0, keys: list[int] | None = None) -> np.ndarray:
@@ -46,6 +47,7 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
         raise KeyError(f"the trace holds several streams {streams}; pass stream=")
     layer = trace.layer_index(stream, layer, run)
     rec = trace.record(stream, layer, step, 0, run)
+    check_row(row, rec.probs.shape[0])
     tmap = trace.tokens(stream, row, run, step=step)  # what the row held at that step (beam search changes it)
     if query == "last":  # a right-padded row ends in padding: its last token's row
         q = next((p for p in reversed(rec.queries) if p >= len(tmap) or tmap.roles[p] != "pad"), rec.queries[-1])

@@ -2,6 +2,9 @@
 `frontend/src/knockout.ts`). The curve runs on the unsteered model, over the prompt (the first answer token)."""
 from __future__ import annotations
 
+import re
+
+WHOLE = re.compile(r"-?[0-9]+")  # as the server's `whole_number`
 MAX_FORWARDS = 200  # one request may not run more forwards than this (windows x flows)
 
 
@@ -9,8 +12,8 @@ def _int(body: dict, key: str, default: int) -> int:
     value = body.get(key, default)
     if value is None or value == "":
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-        raise ValueError(f"{key} must be a whole number; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not WHOLE.fullmatch(str(value).strip()):
+        raise ValueError(f"{key} must be a whole number; got {value!r}")  # "--2" too, not int()'s own message
     return int(value)
 
 

@@ -14,8 +14,8 @@ import torch
 
 from ..capture.trace import Trace
 from ..core.tokens import TokenMap
-from .data import (ENTROPY, PATTERN, StreamView, _pattern, beam_note, beam_sources, quantize, self_attention_streams,
-                   steps_seen, token_rows)
+from .data import (ENTROPY, PATTERN, StreamView, _pattern, beam_note, beam_sources, check_row, quantize,
+                   self_attention_streams, steps_seen, token_rows)
 
 
 def is_streamed(run) -> bool:
@@ -87,6 +87,8 @@ def stream_views(trace: Trace, run: int = -1, row: int = 0, tail: list[str] | No
         seen = steps_seen(r for la in layers for r in the_run.records[(stream, la)])
         length = max(seen.values(), default=0)
         maps = the_run.tokens.get(stream)
+        if maps:
+            check_row(row, len(maps))
         tmap = maps[row].copy() if maps else TokenMap.unknown(length)
         for _ in range(length - len(tmap)):
             tmap.append("", "unknown")

@@ -16,6 +16,7 @@ import io
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import tempfile
 import threading
@@ -225,13 +226,16 @@ class Viewer:
 
 
 # --- input checks (pure functions, tested directly) --------------------------------------------------------
+WHOLE = re.compile(r"-?[0-9]+")
+
+
 def whole_number(value, name: str, valid: str) -> int:
     """`value` (a path segment, form field or JSON value) as an int, else a 400 naming `name` and the `valid` range.
     Only whole numbers pass: "2.5", 2.5, true, "" and "two" are refused, never rounded or read as 1."""
     text = value.strip() if isinstance(value, str) else value
     if isinstance(text, int) and not isinstance(text, bool):
         return text
-    if isinstance(text, str) and text.lstrip("-").isdigit() and text.lstrip("-").isascii():
+    if isinstance(text, str) and WHOLE.fullmatch(text):  # one optional minus, ASCII digits ("--2" is no number)
         return int(text)
     raise ApiError(400, f"{name} must be a whole number {valid}; got {value!r}")
 
@@ -524,6 +528,12 @@ def create_app(model_dirs=(), limits: Limits | None = None, allowed_hosts: list[
         entry = state.entry(rid)
         if entry.model_id is None:
             raise ApiError(400, "this run came from a trace file: explanations need the model; run it in the viewer")
+        view = state.view(rid, stream)
+        if not 0 <= query < view.length:
+            raise ApiError(400, f"query {query} is out of range 0..{view.length - 1}")
+        last = view.length + len(view.tail) - 1  # a generated token never fed back (the tail) can be clicked too
+        if target is not None and not 0 <= target <= last:  # a negative one was read from the end of the prompt
+            raise ApiError(400, f"target {target} is out of range 0..{last} (a position of stream {stream!r})")
         if method not in integrations.explain_methods() or method == integrations.RAW:
             raise ApiError(400, f"method {method!r} is not available here; methods: {integrations.explain_methods()}")
         slot = state.slot(entry.model_id)

@@ -31,6 +31,8 @@ NO_GENERATED_ROW = ("no generated key is visible to this row (the prefill, or a 
                     "token), so its lookback ratio is 1 by definition, not a measurement")
 NO_GENERATED_STREAM = ("lookback ratio not offered: this stream has no generated keys (a single forward, an encoder or "
                        "a vision tower), so it is 1 by definition at every row, not a measurement")
+NO_GENERATED_ROWS = ("lookback ratio not offered: no captured query row of this stream sees a generated key (the "
+                     "rows selected are the prompt's), so it is 1 by definition at every row, not a measurement")
 
 
 @dataclass
@@ -113,16 +115,26 @@ class SummaryStreamView:
 
     def export_rows(self, max_values: int) -> list[tuple[int, int]]:
         """Rows to embed within `max_values` numbers (at least one row): every row if they fit; else as many as fit,
-        each step's last row (the one a generate step adds) first, spread evenly over the steps with the last one
-        kept, then other rows spread evenly."""
+        each step's last token row (the one a generate step adds; a right-padded row ends in padding) first, spread
+        evenly over the steps with the last one kept, then other tokens' rows spread evenly, then padding rows (no
+        token's attention)."""
         room = max(1, max_values // self.values_per_row())
         if len(self.rows) <= room:
             return list(self.rows)
-        last = sorted({step: (step, q) for step, q in self.rows}.values())  # rows are in (step, query) order
+        pad = lambda q: q < len(self.tokens) and self.tokens.roles[q] == "pad"  # noqa: E731
+        last: dict[int, tuple[int, int]] = {}
+        for step, q in self.rows:  # rows are in (step, query) order: the last token row of each step stays
+            if step not in last or not pad(q) or pad(last[step][1]):
+                last[step] = (step, q)
+        last = sorted(last.values())
         if len(last) >= room:
             return _spread(last, room)
-        lasts = set(last)
-        return sorted(lasts | set(_spread([r for r in self.rows if r not in lasts], room - len(last))))
+        lasts, rest = set(last), room - len(last)
+        tokens = [r for r in self.rows if r not in lasts and not pad(r[1])]
+        if len(tokens) >= rest:
+            return sorted(lasts | set(_spread(tokens, rest)))
+        pads = [r for r in self.rows if r not in lasts and pad(r[1])]
+        return sorted(lasts | set(tokens) | set(_spread(pads, rest - len(tokens))))
 
     def meta(self, rows: list[tuple[int, int]] | None = None) -> dict:
         """The stream as the front end reads it; with `rows`, those rows' blocks embedded (an exported page)."""
@@ -222,7 +234,7 @@ def stream_views(summaries, run: int = -1, row: int = 0) -> list[SummaryStreamVi
             if any(lookback_defined(tmap, q) for _, q in rows):
                 metrics.append(LOOKBACK)
             else:  # 1 at every row by definition: a grid of 1s would read as a measurement
-                said.append(NO_GENERATED_STREAM)
+                said.append(NO_GENERATED_ROWS if "generated" in tmap.roles else NO_GENERATED_STREAM)
         metrics += [ENTROPY] if _has(lambda: summaries.entropy(stream, layer, step, 0, run)) else []
         if _has(lambda: summaries.topk(stream, layer, step, 0, run)):  # fewer keys than k early on: fewer kept
             k = max(summaries.topk(stream, la, rec.step, 0, run)[0].shape[-1] for la, rec in records)
