@@ -97,8 +97,7 @@ def test_unknown_role_in_a_tuple_is_refused_up_front(smollm):
             pass
 
 
-@pytest.mark.parametrize("bad, where", [({1: "a"}, "key 1"), ((1, 2), "tuple"), (float("nan"), "nan"),
-                                        (torch.tensor(1.0), "Tensor")])
+@pytest.mark.parametrize("bad, where", [({1: "a"}, "key 1"), ((1, 2), "tuple"), (torch.tensor(1.0), "Tensor")])
 def test_provenance_a_file_cannot_give_back_is_refused(smollm, tmp_path, bad, where):
     trace = _capture(smollm, layers=[0], queries="last")
     trace.provenance["note"] = {"x": bad}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,10 +343,10 @@ class Trace:
 
 
 def check_plain(value, where: str, _inside: tuple = ()) -> None:
-    """`value` is what JSON gives back as itself (None, bool, int, finite float, str, list, dict with str keys), so a
-    trace loaded from a file has the provenance it was saved with (`loaded.provenance == trace.provenance`); anything
-    else (a tuple comes back a list, an int key a str, NaN unequal to itself, other objects not at all, a dict or list
-    that holds itself) is a ValueError naming where it is, raised before anything is written. A capture's own
+    """`value` is what JSON gives back as itself (None, bool, int, float, str, list, dict with str keys), so a trace
+    loaded from a file has the provenance it was saved with (`loaded.provenance == trace.provenance`, but for a NaN,
+    which is unequal to itself: a file stores NaN and the infinities as Python's JSON writes them); anything else (a
+    tuple comes back a list, an int key a str, other objects not at all, a dict or list that holds itself) is a ValueError naming where it is, raised before anything is written. A capture's own
     provenance always is."""
     if isinstance(value, (dict, list)):
         if id(value) in _inside:  # JSON has no references: it would recurse without end
@@ -363,9 +362,6 @@ def check_plain(value, where: str, _inside: tuple = ()) -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             check_plain(item, f"{where}[{i}]", _inside)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} is {value}, which a trace file cannot store as itself (it loads unequal to "
-                         "itself, or not at all): store a string or None")
     elif value is not None and not isinstance(value, (str, int, float)):  # bool is an int
         hint = "a list" if isinstance(value, (tuple, set, frozenset, range)) else "plain JSON values"
         raise ValueError(f"{where} is a {type(value).__name__} ({value!r:.80}), which a trace file (JSON) does not give "
