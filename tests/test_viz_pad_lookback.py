@@ -285,3 +285,25 @@ def test_a_batch_row_out_of_range_is_named_not_a_bare_index_error(padded, tmp_pa
     path = trace.save(tmp_path / "t.safetensors")
     assert main(["view", str(path), "--row", "5", "--out", str(tmp_path / "t.html")]) == 2
     assert "batch row 5 is out of range: the trace holds 2 batch rows (0..1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["smollm", "minilm"])
+def test_a_click_on_a_padding_token_explains_the_default_target_and_says_why(name, request):
+    """A padding position is no token of the input: a click there gets the default target with a note (an encoder's
+    click explained the padding position's output embedding as if it were a word's)."""
+    from attnscope.viz import clicks, runner
+
+    model = request.getfixturevalue(name)
+    side = "left" if name == "smollm" else "right"
+    x = model.encode(PROMPTS, padding_side=side)
+    with torch.no_grad(), attnscope.capture(model, layers=[0], queries=None) as trace:
+        model(**x)
+    result = runner.from_trace(trace, row=0)
+    result.inputs = x
+    stream = result.views[0].name
+    mask = x["attention_mask"][0].tolist()
+    pad, word = mask.index(0), max(i for i, m in enumerate(mask) if m)
+    inputs, target, note = clicks.target_for(model, result, stream, pad)
+    assert target is None and "padding" in note
+    inputs, target, note = clicks.target_for(model, result, stream, word)
+    assert target is not None and note is None

@@ -5,8 +5,8 @@ One rule for the served app, `attnscope report` and exported files, so a click m
 - a word of a language model (prompt or generated) at position p >= 1: log p(token_p | tokens before p)
   (`TokenLogProb`), read at row p - 1;
 - a token of an encoder (a DINOv2 patch, a MiniLM word): that token's output embedding (`TokenEmbedding`);
-- anything else (an image token inside a language model, the first token, a VLM's tower): the default target,
-  and the label says why the click could not be followed."""
+- anything else (padding, an image token inside a language model, the first token, a VLM's tower): the default
+  target, and the label says why the click could not be followed."""
 from __future__ import annotations
 
 import torch
@@ -31,6 +31,8 @@ def target_for(model, result, stream: str, pos: int | None):
     generated = pos >= view.length or view.tokens.roles[pos] == "generated"
     role = "generated" if generated else view.tokens.roles[pos]
     explain = integrations._module("attnscope.explain")
+    if role == "pad":  # a batch's filler: no token of the input, whose target would explain nothing
+        return result.inputs, None, "a padding position is no token of the input; showing the default target"
     if stream in LM_STREAMS and _causal(model):
         if role not in WORD_ROLES:
             return result.inputs, None, f"a {role} token has no word to predict; showing the default target"
