@@ -310,3 +310,27 @@ def test_cli_fp16_applies_to_a_single_file_too(minilm, tmp_path):
     out = tmp_path / "one.safetensors"
     assert main(["capture", "--model", "minilm", "--text", "hello world", "--out", str(out), "--fp16"]) == 0
     assert Trace.load(out).attention("text", 0).dtype == torch.float16
+
+
+def test_cli_capture_to_a_file_keeps_a_file_that_is_not_a_trace(minilm, tmp_path, capsys):
+    """A single-file capture replaces an earlier trace or summaries file, but not another file (nor a directory) the
+    --out path names, unless --overwrite: the user's data is never replaced by a trace without being asked, as a
+    non-empty directory is not with --to-dir."""
+    from attnscope.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    args = ["capture", "--model", "minilm", "--text", "hello world", "--out", str(notes)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not an attnscope trace" in err and "--overwrite" in err
+    assert notes.read_text() == "my notes\n"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main([*args[:-1], str(folder)]) == 2
+    assert "--to-dir" in capsys.readouterr().err
+    trace = tmp_path / "t.safetensors"
+    assert main([*args[:-1], str(trace)]) == 0
+    assert main([*args[:-1], str(trace), "--text", "other words"]) == 0  # an earlier trace is replaced as before
+    assert main([*args, "--overwrite"]) == 0
+    assert Trace.load(notes).attention("text", 0).shape[-1] > 0
