@@ -334,3 +334,23 @@ def test_cli_capture_to_a_file_keeps_a_file_that_is_not_a_trace(minilm, tmp_path
     assert main([*args[:-1], str(trace), "--text", "other words"]) == 0  # an earlier trace is replaced as before
     assert main([*args, "--overwrite"]) == 0
     assert Trace.load(notes).attention("text", 0).shape[-1] > 0
+
+
+def test_page_of_a_streamed_trace_reads_a_layer_at_a_time(smol_pair, monkeypatch):
+    """`attnscope view DIR` / `Trace.load(dir).to_html()` draw a streamed trace from its shards one layer at a time
+    (`viz.lazy`, as `serve --trace DIR` does), never the whole trace's rows as one float array (with every head
+    metric's temporaries: about six times the trace on disk, out of memory for the long inputs a directory is for);
+    the page is the one the in-memory trace gives."""
+    from attnscope.viz import data, html
+
+    memory, _, out, _ = smol_pair
+    expected = [html.trace_html(memory, run=r) for r in (0, 1)]
+    whole = data.stream_views
+
+    def no_whole_rows(trace, *a, **k):
+        assert not any(rec.source is not None for run in trace.runs for v in run.records.values() for rec in v), \
+            "the whole streamed trace was read into one array"
+        return whole(trace, *a, **k)
+
+    monkeypatch.setattr(data, "stream_views", no_whole_rows)
+    assert [html.trace_html(Trace.load(out), run=r) for r in (0, 1)] == expected
