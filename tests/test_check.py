@@ -183,3 +183,15 @@ def test_cli_exit_codes(minilm, use, monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.startswith("error: unknown model 'no-such-model'")
     assert main(["check", "minilm", "--steps", "-1"]) == 2
     assert "error: --steps" in capsys.readouterr().err
+
+
+def test_cli_checks_a_model_split_with_disk_offload(monkeypatch, capsys, tmp_path):
+    """`attnscope check` takes the placement options `capture`, `generate`, `explain` and `eval` take, so the model
+    whose numbers are to be trusted (split over devices, the CPU and disk) is the one checked."""
+    loaded = []
+    original = zoo.load
+    monkeypatch.setattr(zoo, "load", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    assert main(["check", "smollm2-135m", "--steps", "1", "--device-map", "auto", "--max-memory", "cpu=200MB",
+                 "--offload-folder", str(tmp_path / "offload")]) == 0
+    assert "disk" in loaded[0].hf.hf_device_map.values()
+    assert "pass: " in capsys.readouterr().out

@@ -310,3 +310,47 @@ def test_cli_fp16_applies_to_a_single_file_too(minilm, tmp_path):
     out = tmp_path / "one.safetensors"
     assert main(["capture", "--model", "minilm", "--text", "hello world", "--out", str(out), "--fp16"]) == 0
     assert Trace.load(out).attention("text", 0).dtype == torch.float16
+
+
+def test_cli_capture_to_a_file_keeps_a_file_that_is_not_a_trace(minilm, tmp_path, capsys):
+    """A single-file capture replaces an earlier trace or summaries file, but not another file (nor a directory) the
+    --out path names, unless --overwrite: the user's data is never replaced by a trace without being asked, as a
+    non-empty directory is not with --to-dir."""
+    from attnscope.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    args = ["capture", "--model", "minilm", "--text", "hello world", "--out", str(notes)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not an attnscope trace" in err and "--overwrite" in err
+    assert notes.read_text() == "my notes\n"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert main([*args[:-1], str(folder)]) == 2
+    assert "--to-dir" in capsys.readouterr().err
+    trace = tmp_path / "t.safetensors"
+    assert main([*args[:-1], str(trace)]) == 0
+    assert main([*args[:-1], str(trace), "--text", "other words"]) == 0  # an earlier trace is replaced as before
+    assert main([*args, "--overwrite"]) == 0
+    assert Trace.load(notes).attention("text", 0).shape[-1] > 0
+
+
+def test_page_of_a_streamed_trace_reads_a_layer_at_a_time(smol_pair, monkeypatch):
+    """`attnscope view DIR` / `Trace.load(dir).to_html()` draw a streamed trace from its shards one layer at a time
+    (`viz.lazy`, as `serve --trace DIR` does), never the whole trace's rows as one float array (with every head
+    metric's temporaries: about six times the trace on disk, out of memory for the long inputs a directory is for);
+    the page is the one the in-memory trace gives."""
+    from attnscope.viz import data, html
+
+    memory, _, out, _ = smol_pair
+    expected = [html.trace_html(memory, run=r) for r in (0, 1)]
+    whole = data.stream_views
+
+    def no_whole_rows(trace, *a, **k):
+        assert not any(rec.source is not None for run in trace.runs for v in run.records.values() for rec in v), \
+            "the whole streamed trace was read into one array"
+        return whole(trace, *a, **k)
+
+    monkeypatch.setattr(data, "stream_views", no_whole_rows)
+    assert [html.trace_html(Trace.load(out), run=r) for r in (0, 1)] == expected

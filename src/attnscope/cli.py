@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,6 +147,9 @@ def cmd_capture(args) -> int:
     elif args.topk is not None:
         print("error: --topk is the number of keys of the topk summary; add --summaries", file=sys.stderr)
         return 2
+    if not args.to_dir and (why := _not_a_trace_file(Path(args.out))) and not args.overwrite:
+        print(f"error: --out {args.out} {why}", file=sys.stderr)
+        return 2
     model = load(args.model, **placement_options(args))
     inputs = model.encode(text=args.text, image=args.image, chat=prompt_chat(args))
     streamed = {"out": args.out, "overwrite": args.overwrite} if args.to_dir else {}
@@ -157,6 +161,24 @@ def cmd_capture(args) -> int:
     path = args.out if args.to_dir else trace.save(args.out)
     print(f"wrote {path}: {trace}")
     return 0
+
+
+def _not_a_trace_file(path: Path) -> str | None:
+    """Why a single-file capture must not replace `path` unasked (None: nothing there, or an attnscope trace or
+    summaries file, which a capture replaces as before)."""
+    if path.is_dir():
+        return "is a directory: give a file path, or stream the trace into the directory with --to-dir"
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if "attnscope" in (f.metadata() or {}):
+                return None
+    except Exception:  # not a safetensors file at all
+        pass
+    return "exists and is not an attnscope trace; pass --overwrite to replace it, or give another path"
 
 
 def cmd_demo(args) -> int:
@@ -232,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--to-dir", action="store_true",
                      help="stream the trace to the directory --out while the model runs (for long inputs)")
     cap.add_argument("--fp16", action="store_true", help="store float16 (half the disk), in a file or with --to-dir")
-    cap.add_argument("--overwrite", action="store_true", help="with --to-dir: replace a trace already in --out")
+    cap.add_argument("--overwrite", action="store_true", help="with --to-dir: replace a trace already in --out; "
+                     "without: replace an --out file that is not an attnscope trace")
     cap.add_argument("--summaries", nargs="?", const="all", metavar="NAMES",
                      help="keep per-row reductions instead of rows: all (the default with no value) or comma-separated "
                           "names from role_mass, lookback, entropy, topk; read back with Trace.load")

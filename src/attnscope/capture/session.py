@@ -100,6 +100,7 @@ class capture:
         self._all_heads = {m for m, h in self._head_list.items() if h == list(range(chosen[m].num_heads))}
         self._head_tensors = {}
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
+        self._images = None  # the last sequence's image inputs (pixel values, grid): see `_before_forward`
         self._parts, self._bases = {}, {}
         self._placed = {}  # call shape -> positions resolved in this forward (`record`)
         self._ledger = Ledger(on_reorder=self._reorder)
@@ -210,11 +211,22 @@ class capture:
         inputs = seam.without_cache(inputs)
         if self._pending is not None:  # the vision tower already ran for this sequence
             pixels = self._pending.get("pixel_values") if pixels is None else pixels
+            if pixels is not None:
+                self._images = {"pixel_values": pixels, "image_grid_thw": self._pending.get("image_grid_thw")}
             run = self.trace.runs[-1]
             run.tokens = self.model.token_maps({k: v for k, v in self._pending.items() if v is not None} |
                                                {k: v for k, v in inputs.items() if v is not None})
             self._pending = None
         else:
+            if pixels is not None:
+                self._images = {"pixel_values": pixels, "image_grid_thw": inputs.get("image_grid_thw")}
+            elif (self.model.spec.kind == "vlm" and inputs.get(seam.ENCODED_IMAGES) is not None
+                  and self._images is not None):
+                # generate without a cache re-feeds the image features it encoded once (`mm_encoder_outputs`), not
+                # the pixels: the image positions are labelled from the pixels that were encoded (as the steer
+                # session does), not read as text
+                pixels = self._images["pixel_values"]
+                inputs = inputs | {k: v for k, v in self._images.items() if v is not None}
             run = self._start_run(Run(tokens=self.model.token_maps(inputs)))
         if begin.prefix:  # a cache filled before this block: those positions exist, their roles are unknown
             run.prefix = begin.prefix

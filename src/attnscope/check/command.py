@@ -19,19 +19,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the Markdown table to this file")
+    from ..cli import add_placement_options
+
+    add_placement_options(p)  # the model to trust as it runs: split over devices, the CPU and disk
     p.set_defaults(fn=run)
     return p
 
 
 def run(args) -> int:
-    from ..models.zoo import load
+    from ..cli import placement_options
+    from ..models import zoo
     from .runner import check
 
     if args.steps < 0:
         raise ValueError(f"--steps must be 0 or more; got {args.steps}")
     if args.atol is not None and not args.atol > 0:
         raise ValueError(f"--atol must be a positive number; got {args.atol}")
-    result = check(load(args.model), steps=args.steps, atol=args.atol)
+    result = check(zoo.load(args.model, **placement_options(args)), steps=args.steps, atol=args.atol)
     if args.json:
         print(json.dumps(result.to_dict()))
     elif args.markdown:

@@ -83,7 +83,12 @@ def trace_html(trace, image: Image.Image | None = None, pixel_values=None, image
 
         name = title or f"attnscope summaries: {trace.provenance.get('model', 'trace')}"
         return result_html(from_trace(trace, run=run, row=row), title=name, max_values=max_values)
-    result_views = data.stream_views(trace, run=run, row=row)
+    from . import lazy
+
+    # a streamed trace (`Trace.load(dir)`): its summaries a layer at a time and only the exported rows read, as
+    # `serve --trace` does; `data.stream_views` would build every row of the trace as one float array
+    views_of = lazy.stream_views if lazy.is_streamed(trace.run(run)) else data.stream_views
+    result_views = views_of(trace, run=run, row=row)
     views = [v.subset(v.export_queries(max_values)) for v in result_views]
     entries = [_explanation_entry(e, result_views) for e in explanations or []]
     name = title or f"attnscope: {trace.provenance.get('model', 'trace')}"
