@@ -17,6 +17,7 @@ from .selection import Selection, resolve_positions
 from .stream import STREAMED_DTYPES, TraceWriter
 from .summaries import Reducer, Summaries
 from .checksums import tensor_checksum
+from .continuation import Continuation
 from .trace import Record, Run, Trace
 
 _open_captures: set[int] = set()
@@ -101,6 +102,7 @@ class capture:
         self._head_tensors = {}
         self._calls_this_forward, self._in_forward, self._pending = 0, False, None
         self._images = None  # the last sequence's image inputs (pixel values, grid): see `_before_forward`
+        self._continuation = Continuation()  # no-cache generation: each step a new run (`continuation.py`)
         self._parts, self._bases = {}, {}
         self._placed = {}  # call shape -> positions resolved in this forward (`record`)
         self._ledger = Ledger(on_reorder=self._reorder)
@@ -201,6 +203,7 @@ class capture:
         inputs = self.model.bind(args, kwargs)
         begin = self._ledger.begin(inputs, pruning=bool(kept_positions(self.model.hf, create=False)))
         if not begin.new and self.trace.runs:  # the next decode step of the sequence in flight
+            self._continuation.reset()  # a cached step: no chain of no-cache forwards
             run = self.trace.runs[-1]
             run.steps += 1
             self._calls_this_forward = 0
@@ -208,7 +211,7 @@ class capture:
             self._note_length(run)
             return None
         pixels = inputs.get("pixel_values")
-        inputs = seam.without_cache(inputs)
+        bound, inputs = inputs, seam.without_cache(inputs)
         if self._pending is not None:  # the vision tower already ran for this sequence
             pixels = self._pending.get("pixel_values") if pixels is None else pixels
             if pixels is not None:
@@ -228,6 +231,7 @@ class capture:
                 pixels = self._images["pixel_values"]
                 inputs = inputs | {k: v for k, v in self._images.items() if v is not None}
             run = self._start_run(Run(tokens=self.model.token_maps(inputs)))
+        self._continuation.label(run, bound, begin.prefix)
         if begin.prefix:  # a cache filled before this block: those positions exist, their roles are unknown
             run.prefix = begin.prefix
             for stream in CACHED_STREAMS:

@@ -71,6 +71,19 @@ def without_cache(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if v is not None and not isinstance(v, Cache)}
 
 
+def has_cache(inputs: dict) -> bool:
+    """Whether a forward's arguments pass a KV cache object (empty or not)."""
+    return any(isinstance(v, Cache) for v in inputs.values())
+
+
+def generating_without_cache(inputs: dict) -> bool:
+    """Whether a forward's arguments are those `generate(use_cache=False)` passes at each step: the image features it
+    encoded once (`mm_encoder_outputs`), or `use_cache=False` with `logits_to_keep` (which a hand-made call rarely
+    passes)."""
+    return inputs.get(ENCODED_IMAGES) is not None or (inputs.get("use_cache") is False
+                                                      and inputs.get("logits_to_keep") is not None)
+
+
 def cache_keyword(forward) -> str:
     """The keyword under which `forward` (a bound forward or a module) takes its cache."""
     fn = forward.forward if isinstance(forward, torch.nn.Module) else forward

@@ -1,0 +1,63 @@
+"""Generation without a KV cache (`generate(use_cache=False)`, which FastVRerank needs): every step runs the whole
+sequence again, so the capture sees a new run per step, whose input ids are the previous forward's plus one token per
+row (rows possibly reordered by beam search). Those runs' token maps are built from the ids by the text role builder,
+which cannot know that the tokens after the prompt were generated; `Continuation` tells them apart.
+
+Where the forward's own arguments say it is such a generation step (`seam.generating_without_cache`), the tokens after
+the chain's first forward (the prompt) are labelled "generated", so that per-run readers (lookback ratio, role masses)
+see them as a cached generation's steps would. Where they do not (the same ids fed by hand, a prefix scored a token at
+a time), the labels stay the prompt's and the capture warns once: a guess either way would be a plausible wrong label.
+Each step stays its own run (`steps == 0`), so `step=None` readers do not stack them."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..core import seam
+from ..core.tokens import CACHED_STREAMS
+
+
+class Continuation:
+    """The chain of no-cache forwards in one capture block: the last forward's ids and the prompt's length."""
+
+    def __init__(self):
+        self._last: tuple[torch.Tensor, int] | None = None
+        self._warned = False
+
+    def reset(self) -> None:
+        self._last = None
+
+    def _continues(self, ids: torch.Tensor) -> bool:
+        last = self._last
+        if last is None or ids.shape[0] != last[0].shape[0] or ids.shape[1] != last[0].shape[1] + 1:
+            return False
+        before = last[0].to(ids.device)
+        # every row is some row of the last forward plus one token (beam search reorders the rows)
+        return bool((ids[:, None, :-1] == before[None]).all(-1).any(1).all())
+
+    def label(self, run, inputs: dict, prefix: int) -> None:
+        """Label `run` (just started by a forward with `inputs`, a cache prefix of `prefix` positions) if it continues
+        the chain."""
+        ids = inputs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or prefix or seam.has_cache(inputs):
+            self._last = None
+            return
+        follows = self._continues(ids)
+        prompt = self._last[1] if follows else ids.shape[1]
+        self._last = (ids, prompt)
+        if not follows:
+            return
+        generated = ids.shape[1] - prompt
+        if seam.generating_without_cache(inputs):
+            for stream in CACHED_STREAMS:
+                for tmap in run.tokens.get(stream) or []:
+                    for i in range(len(tmap.roles) - generated, len(tmap.roles)):
+                        tmap.roles[i] = "generated"
+        elif not self._warned:
+            self._warned = True
+            warnings.warn(f"a forward without a KV cache continued the last one by one token per row ({generated} "
+                          "tokens after the first forward of the chain), but its arguments are not those of "
+                          "generate(use_cache=False): the tokens after the prompt are labelled as the prompt's "
+                          "(text), not 'generated', and each forward is its own run. Generate with the cache, or "
+                          "through generate(), to have them labelled as generated", stacklevel=4)
