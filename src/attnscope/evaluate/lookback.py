@@ -20,8 +20,8 @@ The attention is reduced inside each attention call during `generate` (`attnscop
 streams="language", queries="last", summaries=["role_mass"])`: mass and key count per token role, no rows kept),
 so a steering method can be active at the same time. Each call is one capture block, whose end reads the weights
 fingerprint; a loop over a dataset runs inside `with model.frozen_weights():`, so that read skips its sampled bytes
-(bench/summaries.py: the harness's captures cost 1.05x the uncaptured generation with the full check per item, less
-frozen; bench/results/summaries.md)."""
+(bench/summaries.py, on the CPU: the harness's captures cost 1.04-1.06x the uncaptured generation with the full check
+per item, 1.035-1.046x frozen; bench/results/summaries.md)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
