@@ -44,10 +44,11 @@ def test_beam_search_without_a_cache_labels_every_row(smollm):
 def test_the_same_ids_fed_by_hand_keep_the_prompts_labels_and_warn(smollm):
     ids = smollm.encode(PROMPT)["input_ids"]
     longer = torch.cat([ids, ids[:, -1:]], 1)
-    with pytest.warns(UserWarning, match="not those of generate"):
+    with pytest.warns(UserWarning, match="not those of generate") as caught:
         with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as trace:
             smollm(input_ids=ids)
             smollm(input_ids=longer)
+    assert caught[0].filename == __file__  # the user's call, not torch's module call that ran the hook
     assert "generated" not in trace.tokens("text", run=1).roles
     with warnings.catch_warnings():
         warnings.simplefilter("error")

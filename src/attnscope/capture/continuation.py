@@ -14,12 +14,26 @@ wrong label.
 Each step stays its own run (`steps == 0`), so `step=None` readers do not stack them."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
 
 from ..core import seam
 from ..core.tokens import CACHED_STREAMS
+
+
+_INSIDE = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__name__.split(".")[0]]))
+
+
+def _caller_level() -> int:
+    """The `stacklevel` of the first frame outside torch and attnscope, counted from the caller: the user's call of
+    the model, not torch's module call that runs the hook."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Continuation:
@@ -66,4 +80,4 @@ class Continuation:
                           "tokens after the first forward of the chain), but its arguments are not those of "
                           "generate(use_cache=False): the tokens after the prompt are labelled as the prompt's "
                           "(text), not 'generated', and each forward is its own run. Generate with the cache, or "
-                          "through generate(), to have them labelled as generated", stacklevel=4)
+                          "through generate(), to have them labelled as generated", stacklevel=_caller_level())
