@@ -44,13 +44,42 @@ def test_beam_search_without_a_cache_labels_every_row(smollm):
 def test_the_same_ids_fed_by_hand_keep_the_prompts_labels_and_warn(smollm):
     ids = smollm.encode(PROMPT)["input_ids"]
     longer = torch.cat([ids, ids[:, -1:]], 1)
-    with pytest.warns(UserWarning, match="not those of generate"):
+    with pytest.warns(UserWarning, match="not those of generate") as caught:
         with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as trace:
             smollm(input_ids=ids)
             smollm(input_ids=longer)
+    assert caught[0].filename == __file__  # the user's call, not torch's module call that ran the hook
     assert "generated" not in trace.tokens("text", run=1).roles
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]):  # a cached generation: no warning
             smollm.generate(**smollm.encode(PROMPT), max_new_tokens=2, do_sample=False)
             smollm(input_ids=longer)
+
+
+def test_a_chain_of_no_cache_forwards_does_not_cross_a_generate_call(smollm):
+    """The tokens after the prompt are generated only within one generate call: a prompt that happens to extend the
+    last forward of the block by one token (a prefix scored by hand, another generate call on a prefix, a call on
+    the last one's output) keeps its prompt labels, as the same call with a cache gives."""
+    ids = smollm.encode(PROMPT)["input_ids"]
+    n = ids.shape[1]
+    ones = torch.ones_like(ids)
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as trace:
+        smollm(input_ids=ids[:, :-1])  # the prefix, by hand
+        smollm.generate(input_ids=ids, attention_mask=ones, max_new_tokens=2, do_sample=False, use_cache=False)
+    assert trace.tokens("text", run=1).roles == ["text"] * n
+    assert trace.tokens("text", run=2).roles == ["text"] * n + ["generated"]
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as trace:
+        for end in (n - 2, n - 1, n):  # each prefix of the prompt, one token longer than the last
+            smollm.generate(input_ids=ids[:, :end], attention_mask=ones[:, :end], max_new_tokens=1, do_sample=False,
+                            use_cache=False)
+    assert [trace.tokens("text", run=k).roles for k in range(3)] == [["text"] * e for e in (n - 2, n - 1, n)]
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as trace:
+        out = smollm.generate(input_ids=ids, attention_mask=ones, max_new_tokens=2, do_sample=False, use_cache=False)
+        smollm.generate(input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=2, do_sample=False,
+                        use_cache=False)
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[0]) as cached:
+        smollm.generate(input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=2, do_sample=False)
+    assert len(trace.runs) == 4
+    assert trace.tokens("text", run=2).roles == cached.tokens("text").roles[:n + 2] == ["text"] * (n + 2)
+    assert trace.tokens("text", run=3).roles == cached.tokens("text").roles == ["text"] * (n + 2) + ["generated"]

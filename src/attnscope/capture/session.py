@@ -148,6 +148,8 @@ class capture:
             writer.finish(self.trace, error)
 
     def _close(self) -> None:
+        if getattr(self, "_continuation", None) is not None:
+            self._continuation.reset()  # drops the last generate call's frame
         if getattr(self, "_ledger", None) is not None:
             self._ledger.close()
         if self._attachment is not None:
@@ -231,7 +233,7 @@ class capture:
                 pixels = self._images["pixel_values"]
                 inputs = inputs | {k: v for k, v in self._images.items() if v is not None}
             run = self._start_run(Run(tokens=self.model.token_maps(inputs)))
-        self._continuation.label(run, bound, begin.prefix)
+        self._continuation.label(run, bound, begin.prefix, seam.generate_call())
         if begin.prefix:  # a cache filled before this block: those positions exist, their roles are unknown
             run.prefix = begin.prefix
             for stream in CACHED_STREAMS:

@@ -12,6 +12,7 @@ release, see docs/architecture.md, "The seam to transformers"):
 - beam search reorders the cache between steps through `cache.reorder_cache(beam_idx)`;
 - the generate output carries the cache under the same name as the forward's keyword;
 - generate without a cache re-feeds a VLM's image features it encoded once as `mm_encoder_outputs` (5.23+);
+- every forward of one `generate` call runs inside the frame of `GenerationMixin.generate` (its steps share it);
 - decoder blocks receive `attention_mask` (4-D, [B, 1|H, Q, K]), `position_ids` ([B, Q]),
   `position_embeddings` ((cos, sin), each [B, Q, D]) and, before 5.24, `cache_position` ([Q]).
 
@@ -19,10 +20,12 @@ No other module reads one of these keywords by name."""
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 import transformers
 from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerationMixin
 
 from .probs import index_on
 
@@ -82,6 +85,20 @@ def generating_without_cache(inputs: dict) -> bool:
     passes)."""
     return inputs.get(ENCODED_IMAGES) is not None or (inputs.get("use_cache") is False
                                                       and inputs.get("logits_to_keep") is not None)
+
+
+_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__
+
+
+def generate_call():
+    """The frame of the `generate` call the current forward runs in (the innermost `GenerationMixin.generate` on the
+    stack: every step of one call shares it, a second call has another), or None for a forward called by hand."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _GENERATE_CODE:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def cache_keyword(forward) -> str:
