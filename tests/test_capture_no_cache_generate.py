@@ -83,3 +83,21 @@ def test_a_chain_of_no_cache_forwards_does_not_cross_a_generate_call(smollm):
     assert len(trace.runs) == 4
     assert trace.tokens("text", run=2).roles == cached.tokens("text").roles[:n + 2] == ["text"] * (n + 2)
     assert trace.tokens("text", run=3).roles == cached.tokens("text").roles == ["text"] * (n + 2) + ["generated"]
+
+
+def test_the_generated_rows_are_selected_by_role_during_generate(smollm):
+    """queries="generated" raised at the prefill (no generated token yet) as if it selected nothing; now the decode
+    steps' rows are captured, equal to the last rows, and a forward with nothing generated still says so."""
+    x = smollm.encode(PROMPT)
+    with torch.no_grad(), attnscope.capture(smollm, queries="generated", layers=[2]) as picked:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    with torch.no_grad(), attnscope.capture(smollm, queries="last", layers=[2]) as last:
+        smollm.generate(**x, max_new_tokens=3, do_sample=False)
+    got = [r for r in picked.run().records[("text", 2)]]
+    assert [r.step for r in got] == [1, 2]
+    for rec in got:
+        ref = last.record("text", 2, step=rec.step)
+        assert rec.queries == ref.queries and torch.equal(rec.probs, ref.probs)
+    with pytest.raises(ValueError, match="empty trace"):
+        with torch.no_grad(), attnscope.capture(smollm, queries="generated", layers=[2]):
+            smollm(**x)

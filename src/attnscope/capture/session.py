@@ -137,9 +137,24 @@ class capture:
         if self.reducer is not None:
             self.reducer.flush()
             self.trace._reducer = None
+        if exc[0] is None and self.trace.runs and self._awaits_generated() and not any(
+                r.records for r in self.trace.runs):  # "generated" selected, and nothing was generated
+            error = self._selects_nothing(self.trace.runs[-1])
+            self._finish(error)
+            raise error
         if exc[0] is None and self.trace.runs:
             self.trace.provenance["weights"] = self.model.fingerprint
         self._finish(exc[1])
+
+    def _awaits_generated(self) -> bool:
+        """Whether the queries or keys name the generated tokens, which a prefill has none of (checked at the end)."""
+        return any(spec == "generated" or isinstance(spec, list) and "generated" in spec
+                   for spec in (self.selection.queries, self.selection.keys))
+
+    def _selects_nothing(self, run) -> ValueError:
+        roles = sorted({r for maps in run.tokens.values() for t in maps[:1] for r in t.roles})
+        return ValueError(f"the selection queries={self.selection.queries!r}, keys={self.selection.keys!r} selects "
+                          f"no position of this input (its roles: {roles}); capture would return an empty trace")
 
     def _finish(self, error) -> None:
         """A streamed trace gets its last shard and its metadata (partial, and marked, if the block raised)."""
@@ -267,10 +282,8 @@ class capture:
             return None
         run = self.trace.runs[-1]
         if run.steps == 0 and self._calls_this_forward and not run.records and (
-                self.selection.queries is not None or self.selection.keys is not None):
-            roles = sorted({r for maps in run.tokens.values() for t in maps[:1] for r in t.roles})
-            raise ValueError(f"the selection queries={self.selection.queries!r}, keys={self.selection.keys!r} selects "
-                             f"no position of this input (its roles: {roles}); capture would return an empty trace")
+                self.selection.queries is not None or self.selection.keys is not None) and not self._awaits_generated():
+            raise self._selects_nothing(run)
         if run.steps == 0 and self._calls_this_forward == 0 and self._head_list:
             raise NoAttentionError(
                 f"{type(module).__name__} ran without calling the attention function of any selected module; its "
