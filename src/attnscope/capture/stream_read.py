@@ -83,6 +83,18 @@ class ShardTensor:
         return torch.from_numpy(raw).view(self.dtype).reshape(self.shape), stamp
 
 
+def required_checksum(entry: dict, where: str) -> dict:
+    """The checksum of a metadata entry (a record's, a pack's): `TraceFileError` naming `where` if it is malformed,
+    of an unknown algorithm, or missing (the metadata was edited)."""
+    try:
+        found = entry_checksum(entry)
+    except ValueError as err:
+        raise TraceFileError(f"{where}: {err}") from err
+    if found is None:
+        raise TraceFileError(f"{where} has no checksum (the metadata was edited)")
+    return found
+
+
 def load_dir(cls, path: Path, partial: bool = False):
     """Open a streamed trace directory: metadata now, tensors on first access (see `ShardTensor`)."""
     meta_path = path / (PARTIAL if partial else META)
@@ -112,12 +124,7 @@ def load_dir(cls, path: Path, partial: bool = False):
                 if not shard.is_file():
                     raise TraceFileError(f"{meta_path}: record {rm['key']} lies in {rm['shard']}, which is missing from "
                                          f"{path} (a shard was deleted or not copied)")
-                try:
-                    summed = entry_checksum(rm)
-                except ValueError as err:
-                    raise TraceFileError(f"{meta_path}: record {rm['key']}: {err}") from err
-                if summed is None:
-                    raise TraceFileError(f"{meta_path}: record {rm['key']} has no checksum (the metadata was edited)")
+                summed = required_checksum(rm, f"{meta_path}: record {rm['key']}")
                 dtype = getattr(torch, rm["dtype"], None)
                 if dtype not in DTYPES:
                     raise TraceFileError(f"{meta_path}: record {rm['key']} has unsupported dtype {rm['dtype']!r}")

@@ -34,8 +34,9 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..core.tokens import ROLES
 from . import summaries_file_v1 as v1
-from .checksums import METADATA_FIELD, entry_checksum, sealed, tensor_checksum
+from .checksums import METADATA_FIELD, sealed, tensor_checksum
 from .shard_io import read_header
+from .stream_read import required_checksum
 from .summaries import TENSORS, UNREAD
 from .trace import TraceFileError, check_metadata, run_from_meta
 
@@ -230,7 +231,7 @@ class PackedLayer:
                 if end - start != numel * dtype.itemsize:
                     raise TraceFileError(f"{path}: pack {key} holds {end - start} bytes, its metadata says {numel} "
                                          f"{entry['dtype']}")
-                self.packs[key] = (name, dtype, numel, _checksum(entry, key, path), (start, end))
+                self.packs[key] = (name, dtype, numel, required_checksum(entry, f"{path}: pack {key}"), (start, end))
                 self.names[name] = key
         if "key_count" not in self.names or (("topk_index" in self.names) != ("topk_value" in self.names)):
             raise TraceFileError(f"{path}: {self.where} has no key counts, or top-k keys without their values")
@@ -319,13 +320,3 @@ class PackedLayer:
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             raise TraceFileError(f"{self.path}: pack {key} holds NaN or infinite values")
         return out
-
-
-def _checksum(entry: dict, key: str, path) -> dict:
-    try:
-        found = entry_checksum(entry)
-    except ValueError as err:
-        raise TraceFileError(f"{path}: pack {key}: {err}") from err
-    if found is None:
-        raise TraceFileError(f"{path}: pack {key} has no checksum (the metadata was edited)")
-    return found
