@@ -49,6 +49,12 @@ def open_page(chromium, address: str):
     return page, errors
 
 
+def upload(page, path) -> None:
+    """Open `path` through the served app's trace upload (the page is on the app)."""
+    page.wait_for_selector("input[name=trace]")
+    page.set_input_files("input[name=trace]", str(path))
+
+
 def open_run(chromium, url: str, model: str, text: str, *, image=None, max_new_tokens: int | None = None):
     """A new page on the served app that runs `model` on `text` (and `image`, a file path, for a VLM) from the
     form and waits for the viewer. Returns (page, errors): the page's uncaught script errors, to assert empty."""

@@ -9,7 +9,7 @@ import attnscope
 from attnscope.capture.trace import Trace
 from attnscope.cli import main
 from attnscope.viz.data import clean_token
-from browser import VIEWPORT, chromium, expect, needs_browser, open_page, serve  # noqa: F401 (chromium is a fixture)
+from browser import VIEWPORT, chromium, expect, needs_browser, open_page, serve, upload  # noqa: F401 (chromium is a fixture)
 
 pytestmark = needs_browser
 
@@ -39,8 +39,7 @@ def shown(page, layer: int, head: int) -> float:
 def test_served_upload_shows_the_readers_numbers_and_a_late_answer_is_not_drawn(chromium, url, summaries):
     s, path = summaries
     page, errors = open_page(chromium, url + "/")
-    page.wait_for_selector("input[name=trace]")
-    page.set_input_files("input[name=trace]", str(path))
+    upload(page, path)
     view = page.locator(".as-sumview")
     expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
     expect(page.locator(".as-status")).to_have_text("trace gen.safetensors")
@@ -102,8 +101,7 @@ def test_an_answer_that_fails_leaves_nothing_of_another_step_beside_its_error(ch
     before are gone with the grid (not left beside it as if they were this step's)."""
     s, path = summaries
     page, errors = open_page(chromium, url + "/")
-    page.wait_for_selector("input[name=trace]")
-    page.set_input_files("input[name=trace]", str(path))
+    upload(page, path)
     view = page.locator(".as-sumview")
     expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
     cell(page, 15, 3).click()
@@ -169,8 +167,7 @@ def test_switching_stream_while_its_answer_is_in_flight_draws_no_other_streams_n
         scene_vlm.generate(**x, max_new_tokens=2, do_sample=False)
     path = s.save(tmp_path / "vlm.safetensors")
     page, errors = open_page(chromium, url + "/")
-    page.wait_for_selector("input[name=trace]")
-    page.set_input_files("input[name=trace]", str(path))
+    upload(page, path)
     view = page.locator(".as-sumview")
     expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
     expect(view).to_have_attribute("data-stream", "language")

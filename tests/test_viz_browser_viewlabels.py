@@ -10,7 +10,7 @@ import torch
 import attnscope
 from attnscope.cli import main
 from attnscope.viz import summary_view
-from browser import VIEWPORT, chromium, expect, needs_browser, open_page, serve  # noqa: F401 (chromium is a fixture)
+from browser import VIEWPORT, chromium, expect, needs_browser, open_page, serve, upload  # noqa: F401 (chromium is a fixture)
 
 pytestmark = needs_browser
 
@@ -35,12 +35,6 @@ def padded(smollm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def url():
     yield from serve({})
-
-
-def upload(page, url: str, path) -> None:
-    page.goto(url + "/")
-    page.wait_for_selector("input[name=trace]")
-    page.set_input_files("input[name=trace]", str(path))
 
 
 def check_pad_rows(page, pads: list[int], length: int) -> None:
@@ -72,7 +66,8 @@ def test_padding_rows_are_marked_on_every_surface(chromium, url, padded, tmp_pat
     for address in (html.as_uri(), out.as_uri(), None):
         page, errors = open_page(chromium, "about:blank")
         if address is None:
-            upload(page, url, rows_file)  # the served app (batch row 0)
+            page.goto(url + "/")  # the served app (batch row 0)
+            upload(page, rows_file)
         else:
             page.goto(address)
         check_pad_rows(page, pads, length)
@@ -129,8 +124,8 @@ def test_summaries_mark_padding_and_say_lookback_is_not_measured(chromium, url, 
     """A single forward's summaries: no lookback ratio offered (and why), padding rows labelled in the query choice and
     greyed with a note when picked."""
     _, _, sums_file, pads = padded
-    page, errors = open_page(chromium, "about:blank")
-    upload(page, url, sums_file)
+    page, errors = open_page(chromium, url + "/")
+    upload(page, sums_file)
     view = page.locator(".as-sumview")
     expect(view).to_have_attribute("data-ready", "1", timeout=20_000)
     names = page.locator("select.as-summetric option").evaluate_all("os => os.map(o => o.value)")
