@@ -2,9 +2,8 @@
 `frontend/src/knockout.ts`). The curve runs on the unsteered model, over the prompt (the first answer token)."""
 from __future__ import annotations
 
-import re
+from .server import WHOLE  # the server's whole numbers: one optional minus, ASCII digits
 
-WHOLE = re.compile(r"-?[0-9]+")  # as the server's `whole_number`
 MAX_FORWARDS = 200  # one request may not run more forwards than this (windows x flows)
 
 
