@@ -65,9 +65,9 @@ def default_layers(model, stream: str | None, layers, start: int = 0, end: int |
         if isinstance(layer, bool) or not hasattr(layer, "__index__"):  # int(20.7) would be layer 20, without a word
             raise SteerError(f"layer {layer!r} is not an int (stream '{stream}' has layers 0..{n - 1})")
         layer = operator.index(layer)
-        if not -n <= int(layer) < n:
+        if not -n <= layer < n:
             raise SteerError(f"layer {layer} is out of range: stream '{stream}' has {n} layers (0..{n - 1})")
-        out.append(int(layer) % n)
+        out.append(layer % n)
     return sorted(set(out))
 
 
