@@ -136,7 +136,7 @@ class StreamView:
             return list(self.queries)
         stored = set(self.queries)
         t = self.tokens
-        pads = {q for q in stored if q < len(t) and t.roles[q] == "pad"}
+        pads = {q for q in stored if is_pad(t, q)}
         last = max(stored - pads or stored)  # a right-padded row ends in padding: its last token's row is the default
         focus = {q for q in stored if t.roles[q] in FOCUS_ROLES} | (set(self.sinks) & stored) | {last}
         room = max(1, max_values // per - len(focus))
@@ -301,10 +301,16 @@ def check_row(row: int, batch: int) -> None:
                          f"({'0' if batch == 1 else f'0..{batch - 1}'})")
 
 
+def is_pad(tmap: TokenMap, position: int) -> bool:
+    """Whether `position` is a padding position of `tmap` (one past its end, a generated token not labelled yet, is
+    not): its query row, uniform or arbitrary as the model fills it, is no token's attention."""
+    return position < len(tmap) and tmap.roles[position] == "pad"
+
+
 def token_rows(view: StreamView) -> list[int]:
-    """Indices into `view.queries` of the rows of tokens: a padding position's row (uniform or arbitrary, as the model
-    fills it) is no token's attention, so head metrics and thumbnails leave it out."""
-    return [i for i, q in enumerate(view.queries) if q >= len(view.tokens) or view.tokens.roles[q] != "pad"]
+    """Indices into `view.queries` of the rows of tokens (`is_pad` rows left out): head metrics and thumbnails are
+    over them."""
+    return [i for i, q in enumerate(view.queries) if not is_pad(view.tokens, q)]
 
 
 def _summaries(view: StreamView, full: np.ndarray, report=None) -> None:

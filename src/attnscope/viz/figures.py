@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..core.tokens import TokenMap  # noqa: E402
-from .data import check_row  # noqa: E402
+from .data import check_row, is_pad  # noqa: E402
 
 
 def grid_map(scores: torch.Tensor, tmap: TokenMap, image: int = 0, keys: list[int] | None = None) -> np.ndarray:
@@ -50,7 +50,7 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
     check_row(row, rec.probs.shape[0])
     tmap = trace.tokens(stream, row, run, step=step)  # what the row held at that step (beam search changes it)
     if query == "last":  # a right-padded row ends in padding: its last token's row
-        q = next((p for p in reversed(rec.queries) if p >= len(tmap) or tmap.roles[p] != "pad"), rec.queries[-1])
+        q = next((p for p in reversed(rec.queries) if not is_pad(tmap, p)), rec.queries[-1])
     elif isinstance(query, str):
         wanted = [p for p in tmap.positions(query) if p in rec.queries]
         if not wanted:
@@ -70,7 +70,7 @@ def head_scores(trace, stream: str | None = None, layer: int = -1, head: int | s
     full = np.zeros(len(tmap), dtype=np.float32)
     keys = list(range(values.shape[0])) if rec.keys is None else rec.keys
     full[keys] = values.cpu().numpy()
-    pad = q < len(tmap) and tmap.roles[q] == "pad"
+    pad = is_pad(tmap, q)
     return full, tmap, {"stream": stream, "layer": layer, "head": head, "query": q, "step": step, "pad": pad}
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.tokens import ROLES, TokenMap
-from .data import ENTROPY, b64, clean_token, self_attention_streams
+from .data import ENTROPY, b64, clean_token, is_pad, self_attention_streams
 
 IMAGE_RATIO = "image ratio"
 LOOKBACK = "lookback ratio"
@@ -121,19 +121,19 @@ class SummaryStreamView:
         room = max(1, max_values // self.values_per_row())
         if len(self.rows) <= room:
             return list(self.rows)
-        pad = lambda q: q < len(self.tokens) and self.tokens.roles[q] == "pad"  # noqa: E731
+        t = self.tokens
         last: dict[int, tuple[int, int]] = {}
         for step, q in self.rows:  # rows are in (step, query) order: the last token row of each step stays
-            if step not in last or not pad(q) or pad(last[step][1]):
+            if step not in last or not is_pad(t, q) or is_pad(t, last[step][1]):
                 last[step] = (step, q)
         last = sorted(last.values())
         if len(last) >= room:
             return _spread(last, room)
         lasts, rest = set(last), room - len(last)
-        tokens = [r for r in self.rows if r not in lasts and not pad(r[1])]
+        tokens = [r for r in self.rows if r not in lasts and not is_pad(t, r[1])]
         if len(tokens) >= rest:
             return sorted(lasts | set(_spread(tokens, rest)))
-        pads = [r for r in self.rows if r not in lasts and pad(r[1])]
+        pads = [r for r in self.rows if r not in lasts and is_pad(t, r[1])]
         return sorted(lasts | set(tokens) | set(_spread(pads, rest - len(tokens))))
 
     def meta(self, rows: list[tuple[int, int]] | None = None) -> dict:
